@@ -1,0 +1,1 @@
+"""Rooms: pure state machines for sessions, waiting rooms, consultations and chat, plus their stores."""

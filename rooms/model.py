@@ -1,0 +1,49 @@
+"""Typed ids and the reason enums shared by the event log, the wire protocol and metric labels."""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from typing import NewType
+
+SessionId = NewType("SessionId", str)
+ConnectionId = NewType("ConnectionId", str)
+StreamId = NewType("StreamId", str)
+SubscriptionId = NewType("SubscriptionId", str)
+NodeId = NewType("NodeId", str)
+
+
+def new_id(prefix: str) -> str:
+    """A url-safe random id with a short prefix that says what it names (``s_``, ``c_`` …)."""
+    return f"{prefix}_{secrets.token_urlsafe(12)}"
+
+
+class Role(StrEnum):
+    PATIENT = "patient"
+    CLINICIAN = "clinician"
+    SUPPORT = "support"
+    ADMIN = "admin"
+
+
+class DisconnectReason(StrEnum):
+    """Why a connection went away (also why its streams did)."""
+
+    CLIENT_DISCONNECTED = "clientDisconnected"
+    NETWORK_DISCONNECTED = "networkDisconnected"
+    FORCE_DISCONNECTED = "forceDisconnected"
+    SERVER_SHUTDOWN = "serverShutdown"
+
+
+class StreamDestroyedReason(StrEnum):
+    """Why a stream went away: every DisconnectReason plus the stream-only ones."""
+
+    CLIENT_DISCONNECTED = "clientDisconnected"
+    NETWORK_DISCONNECTED = "networkDisconnected"
+    FORCE_DISCONNECTED = "forceDisconnected"
+    SERVER_SHUTDOWN = "serverShutdown"
+    MEDIA_STOPPED = "mediaStopped"
+    FORCE_UNPUBLISHED = "forceUnpublished"
+
+    @classmethod
+    def from_disconnect(cls, reason: DisconnectReason) -> StreamDestroyedReason:
+        return cls(reason.value)
