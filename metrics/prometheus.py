@@ -1,0 +1,157 @@
+"""Prometheus metric definitions for the whole server, and the exposition renderer.
+
+All metrics are module-level, in namespace ``openconsult``, named ``<noun>_<verb>_<unit>``.
+Label values come from Enums and every combination is created up front, so a series exists
+(at 0) before the first event and dashboards never see gaps. Session, connection and
+participant ids are never labels: those belong in the event log.
+
+The media hot path never calls these per packet: it keeps plain integer counters and folds
+them in on a timer with ``.inc(n)``.
+
+``signalling`` serves :func:`render` at ``/metrics``::
+
+    body, content_type = render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from rooms.model import DisconnectReason, StreamDestroyedReason
+
+NAMESPACE: Final = "openconsult"
+
+# The ``*_created`` timestamp series double the series count and no dashboard reads them.
+disable_created_metrics()
+
+
+class MediaKind(StrEnum):
+    AUDIO = "audio"
+    VIDEO = "video"
+
+
+class TokenRejectCode(StrEnum):
+    """Why a join token was refused; the values are the wire error codes (signalling/errors.py)."""
+
+    UNAUTHORIZED = "unauthorized"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    ROOM_MISMATCH = "room_mismatch"
+
+
+class WsDirection(StrEnum):
+    INBOUND = "in"
+    OUTBOUND = "out"
+
+
+class WsResult(StrEnum):
+    """Inbound: ``ok`` handled, ``error`` answered with an error response.
+    Outbound: ``ok`` sent, ``dropped`` not sent because the client's queue was full."""
+
+    OK = "ok"
+    ERROR = "error"
+    DROPPED = "dropped"
+
+
+# --- Live objects -------------------------------------------------------------------------
+
+CONNECTIONS_ACTIVE: Final = Gauge(
+    "connections_active", "Signalling connections currently joined to a session", namespace=NAMESPACE
+)
+SESSIONS_ACTIVE: Final = Gauge("sessions_active", "Sessions with at least one connection", namespace=NAMESPACE)
+STREAMS_ACTIVE: Final = Gauge("streams_active", "Published streams currently live", namespace=NAMESPACE)
+SUBSCRIPTIONS_ACTIVE: Final = Gauge(
+    "subscriptions_active", "Subscriptions currently forwarding a stream", namespace=NAMESPACE
+)
+
+# --- Lifecycle ----------------------------------------------------------------------------
+
+CONNECTIONS_CLOSED: Final = Counter(
+    "connections_closed",
+    "Connections that left a session, by disconnect reason",
+    ["reason"],
+    namespace=NAMESPACE,
+)
+STREAMS_DESTROYED: Final = Counter(
+    "streams_destroyed",
+    "Streams that ended, by stream-destroyed reason",
+    ["reason"],
+    namespace=NAMESPACE,
+)
+TOKENS_REJECTED: Final = Counter(
+    "tokens_rejected", "Join tokens refused, by error code", ["code"], namespace=NAMESPACE
+)
+
+# --- Media forwarding ---------------------------------------------------------------------
+
+RTP_PACKETS_FORWARDED: Final = Counter(
+    "rtp_packets_forwarded", "RTP packets forwarded to subscribers", ["kind"], namespace=NAMESPACE
+)
+RTP_BYTES_FORWARDED: Final = Counter(
+    "rtp_bytes_forwarded", "RTP payload bytes forwarded to subscribers", ["kind"], namespace=NAMESPACE
+)
+KEYFRAMES_REQUESTED: Final = Counter(
+    "keyframes_requested", "Keyframe requests (PLI/FIR) sent to publishers", namespace=NAMESPACE
+)
+NACKS_ANSWERED: Final = Counter(
+    "nacks_answered", "NACKed packets retransmitted from the send buffer", namespace=NAMESPACE
+)
+
+# --- Event log ----------------------------------------------------------------------------
+
+EVENTLOG_ENTRIES_WRITTEN: Final = Counter(
+    "eventlog_entries_written", "Event-log entries committed to disk", namespace=NAMESPACE
+)
+EVENTLOG_ENTRIES_DROPPED: Final = Counter(
+    "eventlog_entries_dropped",
+    "Event-log entries lost because the writer fell behind, failed, or the log was closed",
+    namespace=NAMESPACE,
+)
+EVENTLOG_ENTRIES_QUEUED: Final = Gauge(
+    "eventlog_entries_queued", "Event-log entries waiting for the writer", namespace=NAMESPACE
+)
+
+# --- WebSocket ----------------------------------------------------------------------------
+
+WS_MESSAGES: Final = Counter(
+    "ws_messages",
+    "WebSocket messages by direction and outcome",
+    ["direction", "result"],
+    namespace=NAMESPACE,
+)
+
+
+def _precreate() -> None:
+    """Create every labelled series at 0 so it is exported before its first event."""
+    for reason in DisconnectReason:
+        CONNECTIONS_CLOSED.labels(reason=reason.value)
+    for stream_reason in StreamDestroyedReason:
+        STREAMS_DESTROYED.labels(reason=stream_reason.value)
+    for code in TokenRejectCode:
+        TOKENS_REJECTED.labels(code=code.value)
+    for kind in MediaKind:
+        RTP_PACKETS_FORWARDED.labels(kind=kind.value)
+        RTP_BYTES_FORWARDED.labels(kind=kind.value)
+    for direction in WsDirection:
+        for result in WsResult:
+            WS_MESSAGES.labels(direction=direction.value, result=result.value)
+
+
+_precreate()
+
+
+def render(registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:
+    """The Prometheus text exposition of ``registry`` and its Content-Type header value."""
+    return generate_latest(registry), CONTENT_TYPE_LATEST
