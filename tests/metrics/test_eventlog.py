@@ -1,0 +1,364 @@
+"""EventLog against a real SQLite file: ordering, batching, durability, flush/close, filters, drops."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from metrics import prometheus
+from metrics.eventlog import EventLog
+from metrics.events import (
+    NO_SESSION,
+    CandidateType,
+    Component,
+    EventKind,
+    LogEntry,
+    TransportProtocol,
+    candidate_pair,
+    room_session_id,
+    token_preview,
+    token_rejected,
+)
+from rooms.model import DisconnectReason
+
+
+def entry(
+    session_id: str = "s_1",
+    kind: EventKind = EventKind.CONNECT_ATTEMPT,
+    time_ms: int = 1_000,
+    text: str = "x",
+    **kwargs: Any,
+) -> LogEntry:
+    return LogEntry(time_ms=time_ms, session_id=session_id, kind=kind, text=text, **kwargs)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "events.db"
+
+
+@pytest.fixture
+def log(db_path: Path) -> Iterator[EventLog]:
+    event_log = EventLog(db_path)
+    yield event_log
+    event_log.close()
+
+
+def counter_value(name: str) -> float:
+    value = prometheus.REGISTRY.get_sample_value(name)
+    assert value is not None
+    return value
+
+
+def test_append_flush_query_order(log: EventLog) -> None:
+    # Out of time order on purpose; equal times keep insertion order.
+    log.append(entry(time_ms=30, text="c"))
+    log.append(entry(time_ms=10, text="a1"))
+    log.append(entry(time_ms=10, text="a2"))
+    log.append(entry(time_ms=20, text="b"))
+    log.append(entry(session_id="other", time_ms=15, text="elsewhere"))
+    assert log.flush_sync(timeout=10)
+    assert [e["text"] for e in log.events_sync("s_1")] == ["a1", "a2", "b", "c"]
+    assert [e["text"] for e in log.events_sync("other")] == ["elsewhere"]
+    assert log.events_sync("nobody") == []
+
+
+def test_entry_round_trip_with_json_payload(log: EventLog) -> None:
+    payload = {
+        "reason": DisconnectReason.NETWORK_DISCONNECTED,
+        "candidate_pair": candidate_pair(CandidateType.RELAY, CandidateType.SRFLX, TransportProtocol.TCP),
+        "nested": {"list": [1, 2.5, None, True, "é"]},
+    }
+    log.append(
+        entry(
+            kind=EventKind.DTLS_STATE_CHANGED,
+            time_ms=1234,
+            text="DTLS connected via relay/tcp",
+            component=Component.CLIENT,
+            connection_id="c_1",
+            stream_id="st_1",
+            payload=payload,
+        )
+    )
+    assert log.flush_sync(timeout=10)
+    [row] = log.events_sync("s_1")
+    assert row == {
+        "seq": row["seq"],
+        "time_ms": 1234,
+        "session_id": "s_1",
+        "connection_id": "c_1",
+        "stream_id": "st_1",
+        "kind": "dtlsStateChanged",
+        "component": "client",
+        "text": "DTLS connected via relay/tcp",
+        "payload": {
+            "reason": "networkDisconnected",
+            "candidate_pair": {"local_type": "relay", "remote_type": "srflx", "protocol": "tcp"},
+            "nested": {"list": [1, 2.5, None, True, "é"]},
+        },
+    }
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no")
+
+
+def test_unserialisable_payload_values_do_not_lose_entries(log: EventLog) -> None:
+    log.append(entry(payload={"path": Path("/x"), "kinds": {1}}))
+    log.append(entry(payload={"bad": Unprintable()}))
+    log.append(entry(payload={"ok": 1}))
+    assert log.flush_sync(timeout=10)
+    rows = log.events_sync("s_1")
+    assert [r["payload"] for r in rows] == [
+        {"path": "/x", "kinds": "{1}"},
+        {"payload_error": "not serialisable: RuntimeError"},
+        {"ok": 1},
+    ]
+    assert log.dropped == 0
+
+
+def test_many_entries_are_batched_and_all_queryable(db_path: Path) -> None:
+    batches: list[int] = []
+    event_log = EventLog(db_path, batch_max=1_000, before_write=lambda batch: batches.append(len(batch)))
+    written_before = counter_value("openconsult_eventlog_entries_written_total")
+    try:
+        for i in range(20_000):
+            event_log.append(entry(time_ms=i, text=f"e{i}", payload={"i": i}))
+        assert event_log.flush_sync(timeout=30)
+        rows = event_log.events_sync("s_1", limit=50_000)
+    finally:
+        event_log.close()
+    assert [r["payload"]["i"] for r in rows] == list(range(20_000))
+    assert sum(batches) == 20_000
+    assert max(batches) <= 1_000
+    assert len(batches) < 200  # batched, not one transaction per entry
+    assert event_log.written == 20_000
+    assert counter_value("openconsult_eventlog_entries_written_total") - written_before == 20_000
+
+
+def test_restart_durability(db_path: Path) -> None:
+    first = EventLog(db_path)
+    for i in range(100):
+        first.append(entry(time_ms=i, text=f"before-{i}"))
+    first.close()  # close flushes: no explicit flush here on purpose
+
+    second = EventLog(db_path)
+    try:
+        second.append(entry(time_ms=1_000, text="after"))
+        assert second.flush_sync(timeout=10)
+        texts = [e["text"] for e in second.events_sync("s_1")]
+    finally:
+        second.close()
+    assert texts == [f"before-{i}" for i in range(100)] + ["after"]
+
+
+def test_queries_work_after_close(db_path: Path) -> None:
+    event_log = EventLog(db_path)
+    event_log.append(entry())
+    event_log.close()
+    assert len(event_log.events_sync("s_1")) == 1
+
+
+def test_flush_waits_for_entries_appended_before_it(db_path: Path) -> None:
+    # A long batch interval: without the flush the entry would sit in memory for a minute.
+    event_log = EventLog(db_path, batch_interval_s=60.0)
+    try:
+        event_log.append(entry(text="one"))
+        assert event_log.flush_sync(timeout=10)
+        assert [e["text"] for e in event_log.events_sync("s_1")] == ["one"]
+        # Flushing with nothing queued returns promptly too.
+        assert event_log.flush_sync(timeout=10)
+    finally:
+        event_log.close()
+
+
+def test_entries_reach_disk_within_the_batch_interval_without_flush(log: EventLog) -> None:
+    log.append(entry(text="trickle"))
+    deadline = time.monotonic() + 10
+    while not log.events_sync("s_1"):
+        assert time.monotonic() < deadline, "entry never written"
+        time.sleep(0.01)
+
+
+async def test_async_flush_and_queries(log: EventLog) -> None:
+    log.append(entry(kind=EventKind.CONNECT_ATTEMPT, time_ms=1))
+    log.append(entry(kind=EventKind.SUCCESSFULLY_JOINED, time_ms=2))
+    assert await log.flush(timeout=10)
+    rows = await log.events("s_1", kinds=[EventKind.SUCCESSFULLY_JOINED])
+    assert [r["kind"] for r in rows] == ["successfullyJoined"]
+    found = await log.sessions(0, 10)
+    assert [s["session_id"] for s in found] == ["s_1"]
+
+
+def test_close_is_idempotent_and_later_appends_are_dropped(db_path: Path) -> None:
+    event_log = EventLog(db_path)
+    event_log.append(entry())
+    event_log.close()
+    event_log.close()
+    assert event_log.closed
+    event_log.append(entry())  # must not raise
+    assert event_log.dropped == 1
+    assert event_log.flush_sync(timeout=1)
+    assert len(event_log.events_sync("s_1")) == 1
+
+
+async def test_aclose(db_path: Path) -> None:
+    event_log = EventLog(db_path)
+    event_log.append(entry())
+    await event_log.aclose()
+    await event_log.aclose()
+    assert len(event_log.events_sync("s_1")) == 1
+
+
+def test_concurrent_appends_from_threads(log: EventLog) -> None:
+    threads_n, per_thread = 8, 2_000
+
+    def produce(n: int) -> None:
+        for i in range(per_thread):
+            log.append(entry(session_id=f"s_{n}", time_ms=i, text=f"{n}-{i}", payload={"i": i}))
+
+    threads = [threading.Thread(target=produce, args=(n,)) for n in range(threads_n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert log.flush_sync(timeout=30)
+    for n in range(threads_n):
+        rows = log.events_sync(f"s_{n}")
+        # Each producer's own entries keep their order.
+        assert [r["payload"]["i"] for r in rows] == list(range(per_thread))
+    assert log.dropped == 0
+
+
+def test_concurrent_flushes_from_threads(log: EventLog) -> None:
+    results: list[bool] = []
+
+    def produce_and_flush(n: int) -> None:
+        for i in range(200):
+            log.append(entry(session_id=f"s_{n}", time_ms=i))
+        results.append(log.flush_sync(timeout=30))
+        # Read-your-writes after this thread's own flush.
+        assert len(log.events_sync(f"s_{n}")) == 200
+
+    threads = [threading.Thread(target=produce_and_flush, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [True] * 6
+
+
+def test_event_filters(log: EventLog) -> None:
+    kinds = [EventKind.CONNECT_ATTEMPT, EventKind.PUBLISH_ATTEMPT, EventKind.PUBLISH_SUCCESS, EventKind.DISCONNECT]
+    for i, kind in enumerate(kinds):
+        log.append(entry(kind=kind, time_ms=100 + i * 10, text=str(kind)))
+    assert log.flush_sync(timeout=10)
+
+    def texts(rows: Sequence[dict[str, Any]]) -> list[str]:
+        return [r["text"] for r in rows]
+
+    assert texts(log.events_sync("s_1", kinds=[EventKind.PUBLISH_ATTEMPT, EventKind.DISCONNECT])) == [
+        "publishAttempt",
+        "disconnect",
+    ]
+    assert log.events_sync("s_1", kinds=[]) == []
+    assert texts(log.events_sync("s_1", since_ms=110)) == ["publishAttempt", "publishSuccess", "disconnect"]
+    assert texts(log.events_sync("s_1", since_ms=110, until_ms=130)) == ["publishAttempt", "publishSuccess"]
+    assert texts(log.events_sync("s_1", limit=2)) == ["connectAttempt", "publishAttempt"]
+
+
+def test_sessions_search(log: EventLog) -> None:
+    log.append(entry(session_id="s_a", time_ms=100, text="Server detected connect: Anna (patient)"))
+    log.append(entry(session_id="s_a", time_ms=300, text="Disconnect", connection_id="c_anna"))
+    log.append(entry(session_id="s_b", time_ms=200, text="Server detected connect: Bo (clinician)"))
+    log.append(entry(session_id="s_c", time_ms=5_000, text="later"))
+    log.append(entry(session_id="s_d", time_ms=150, text="100%_literal"))
+    assert log.flush_sync(timeout=10)
+
+    found = log.sessions_sync(0, 1_000)
+    assert found == [
+        {"session_id": "s_a", "first_ms": 100, "last_ms": 300, "count": 2},
+        {"session_id": "s_b", "first_ms": 200, "last_ms": 200, "count": 1},
+        {"session_id": "s_d", "first_ms": 150, "last_ms": 150, "count": 1},
+    ]
+    assert [s["session_id"] for s in log.sessions_sync(0, 1_000, text="anna")] == ["s_a"]
+    assert [s["session_id"] for s in log.sessions_sync(0, 1_000, text="c_ann")] == ["s_a"]
+    assert [s["session_id"] for s in log.sessions_sync(0, 1_000, text="s_b")] == ["s_b"]
+    # LIKE wildcards in the search text are literal.
+    assert [s["session_id"] for s in log.sessions_sync(0, 1_000, text="0%_")] == ["s_d"]
+    assert log.sessions_sync(0, 1_000, text="%") == [{"session_id": "s_d", "first_ms": 150, "last_ms": 150, "count": 1}]
+    assert [s["session_id"] for s in log.sessions_sync(1_000, 10_000)] == ["s_c"]
+    assert log.sessions_sync(0, 1_000, limit=1)[0]["session_id"] == "s_a"
+
+
+def test_append_never_blocks_when_writer_is_slow(db_path: Path) -> None:
+    release = threading.Event()
+    event_log = EventLog(db_path, max_queue=50, batch_max=10, before_write=lambda batch: release.wait(30))
+    dropped_before = counter_value("openconsult_eventlog_entries_dropped_total")
+    try:
+        started = time.perf_counter()
+        for i in range(2_000):
+            event_log.append(entry(time_ms=i))
+        elapsed = time.perf_counter() - started
+        assert elapsed < 1.0, f"append blocked: {elapsed:.3f}s for 2000 entries"
+        # The writer holds at most one batch; the queue holds at most max_queue.
+        assert 2_000 - 50 - 10 <= event_log.dropped <= 2_000 - 50
+        assert counter_value("openconsult_eventlog_entries_dropped_total") - dropped_before == event_log.dropped
+        release.set()
+        assert event_log.flush_sync(timeout=10)
+        assert len(event_log.events_sync("s_1", limit=5_000)) == 2_000 - event_log.dropped
+    finally:
+        release.set()
+        event_log.close()
+
+
+def test_writer_survives_a_failed_batch(db_path: Path) -> None:
+    fail = [True]
+
+    def flaky(batch: Sequence[LogEntry]) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise OSError("disk full")
+
+    event_log = EventLog(db_path, before_write=flaky)
+    try:
+        event_log.append(entry(text="lost"))
+        assert event_log.flush_sync(timeout=10)
+        event_log.append(entry(text="kept"))
+        assert event_log.flush_sync(timeout=10)
+        assert [e["text"] for e in event_log.events_sync("s_1")] == ["kept"]
+        assert event_log.dropped == 1
+    finally:
+        event_log.close()
+
+
+def test_bad_path_fails_the_constructor(tmp_path: Path) -> None:
+    with pytest.raises(Exception):
+        EventLog(tmp_path / "missing-dir" / "events.db")
+
+
+def test_token_rejected_entry() -> None:
+    e = token_rejected("eyJhbGciOiJIUzI1NiJ9.secret", "token expired", room="clinic-7", code="token_expired")
+    assert e.kind == EventKind.TOKEN_REJECTED
+    assert e.text == "Failed to get valid token for token: eyJh…(truncated): token expired"
+    assert e.session_id == "room:clinic-7"
+    assert "secret" not in str(e.payload)
+    assert token_rejected("abc", "malformed").session_id == NO_SESSION
+    assert room_session_id(None) == NO_SESSION
+    assert token_preview("ab") == "…(truncated)"
+
+
+def test_event_kinds_cover_the_inspector_vocabulary() -> None:
+    required = {
+        "connectAttempt", "serverDetectedConnect", "successfullyJoined", "publishAttempt", "publishSuccess",
+        "publishFailure", "streamCreated", "streamDestroyed", "subscribeAttempt", "subscribeSuccess",
+        "subscribeFailure", "iceStateChanged", "dtlsStateChanged", "dimensionsChanged", "keyframeRequested",
+        "qualityAlert", "tokenRejected", "disconnect", "Consultation", "Queue", "VideoSession", "Chat",
+    }  # fmt: skip
+    assert required <= {k.value for k in EventKind}
