@@ -1,0 +1,453 @@
+/*
+ * OpenConsult demo page logic (signalling/static/index.html), built on the SDK in openconsult.js.
+ *
+ * Join by display name + room + role (a token is fetched from POST /api/demo/token) or with a
+ * pasted token; preview and publish the camera; subscribe to every remote stream and show it in
+ * a labelled tile. Query parameters `?room=…&name=…&role=…&autojoin=1` pre-fill and auto-join.
+ *
+ * For tests and support staff the page exposes `window.demo`:
+ *   demo.state            'idle' | 'joining' | 'joined' | 'error'
+ *   demo.error            {code, message} of the last error, or null
+ *   demo.sessionId        the session id (also shown on screen)
+ *   demo.session          the OpenConsult Session
+ *   demo.join() / demo.leave()
+ *   await demo.inboundVideoStats()  → [{subscriptionId, streamId, framesDecoded, …}]
+ */
+(function () {
+  'use strict';
+
+  const $ = (id) => document.getElementById(id);
+  const form = $('join-form');
+  const joinButton = $('join');
+  const leaveButton = $('leave');
+  const statusLine = $('status');
+  const videos = $('videos');
+  const localTile = $('local-tile');
+  const localVideo = $('local-video');
+
+  const demo = {
+    state: 'idle',
+    error: null,
+    warning: null,
+    sessionId: null,
+    connectionId: null,
+    session: null,
+    publisher: null,
+    localStream: null,
+    subscriptions: new Map(), // stream id → Subscription
+    join: join,
+    leave: leave,
+    inboundVideoStats: inboundVideoStats,
+  };
+  window.demo = demo;
+
+  let leaving = false;
+  let mediaReady = Promise.resolve();
+
+  // ---- status line -------------------------------------------------------------------------
+
+  function setStatus(state, text) {
+    demo.state = state;
+    statusLine.dataset.state = state;
+    statusLine.textContent = text;
+  }
+
+  function describe(err) {
+    const code = (err && err.code) || (err && err.name) || 'error';
+    const message = (err && err.message) || String(err);
+    return { code: code, message: message };
+  }
+
+  function showError(err, context) {
+    const error = describe(err);
+    demo.error = error;
+    statusLine.dataset.code = error.code;
+    setStatus('error', (context ? context + ': ' : 'Error: ') + error.message + ' [' + error.code + ']');
+    console.error('OpenConsult demo:', error.code, error.message);
+  }
+
+  function joinedText() {
+    const session = demo.session;
+    const others = session.connections.size;
+    let text =
+      'Connected to room "' + session.room + '" as ' + session.name + ' (' + session.role + '). ' +
+      (others === 0 ? 'Nobody else is here yet.' : others + ' other participant' + (others === 1 ? '' : 's') + '.');
+    if (demo.warning) {
+      text += ' Warning: ' + demo.warning.message + ' [' + demo.warning.code + ']';
+    }
+    return text;
+  }
+
+  function refreshJoinedStatus() {
+    if (demo.state === 'joined' && demo.session) {
+      setStatus('joined', joinedText());
+    }
+  }
+
+  function warn(err, context) {
+    const error = describe(err);
+    demo.warning = { code: error.code, message: context + ': ' + error.message };
+    console.warn('OpenConsult demo:', error.code, context, error.message);
+    refreshJoinedStatus();
+  }
+
+  function setFormEnabled(enabled) {
+    for (const element of form.querySelectorAll('input, select, textarea')) {
+      element.disabled = !enabled;
+    }
+    joinButton.disabled = !enabled;
+    leaveButton.disabled = enabled;
+  }
+
+  // ---- tokens ------------------------------------------------------------------------------
+
+  async function fetchToken(room, name, role) {
+    let response;
+    try {
+      response = await fetch('/api/demo/token', {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ room: room, name: name, role: role }),
+      });
+    } catch (err) {
+      throw new OpenConsult.OpenConsultError('connection_failed', 'Cannot reach the server for a token');
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (err) {
+      body = null;
+    }
+    if (!response.ok || !body || !body.token) {
+      const error = (body && (body.error || body)) || {};
+      throw new OpenConsult.OpenConsultError(
+        error.code || 'http_' + response.status,
+        error.message || 'Token request failed with HTTP ' + response.status,
+      );
+    }
+    return body.token;
+  }
+
+  // ---- tiles -------------------------------------------------------------------------------
+
+  function tileId(streamId) {
+    return 'tile-' + streamId.replace(/[^A-Za-z0-9_-]/g, '_');
+  }
+
+  function streamLabel(stream) {
+    const connection = demo.session && demo.session.connections.get(stream.connection_id);
+    let label = (connection && connection.name) || stream.name || 'Guest';
+    if (connection && connection.role) {
+      label += ' (' + connection.role + ')';
+    }
+    if (stream.video_source === 'screen') {
+      label += ' — screen';
+    }
+    return label;
+  }
+
+  function addTile(stream, subscription) {
+    removeTile(stream.stream_id);
+    const label = streamLabel(stream);
+    const figure = document.createElement('figure');
+    figure.className = 'tile remote';
+    figure.id = tileId(stream.stream_id);
+    figure.dataset.streamId = stream.stream_id;
+
+    // Video is muted so autoplay is always allowed; sound plays through a separate element.
+    const video = document.createElement('video');
+    video.autoplay = true;
+    video.playsInline = true;
+    video.muted = true;
+    video.setAttribute('autoplay', '');
+    video.setAttribute('playsinline', '');
+    video.setAttribute('muted', '');
+    video.setAttribute('aria-label', 'Video from ' + label);
+    video.srcObject = subscription.mediaStream;
+    figure.appendChild(video);
+
+    const audio = document.createElement('audio');
+    audio.autoplay = true;
+    audio.srcObject = subscription.mediaStream;
+    figure.appendChild(audio);
+
+    const caption = document.createElement('figcaption');
+    caption.textContent = label;
+    figure.appendChild(caption);
+
+    videos.appendChild(figure);
+    video.play().catch(() => {});
+    audio.play().catch(() => offerSoundButton(figure, audio, label));
+  }
+
+  // Browsers block sound without a user gesture (e.g. after autojoin): offer a button.
+  function offerSoundButton(figure, audio, label) {
+    if (!figure.isConnected || figure.querySelector('.sound')) {
+      return;
+    }
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.className = 'sound';
+    button.textContent = 'Enable sound';
+    button.setAttribute('aria-label', 'Enable sound from ' + label);
+    button.addEventListener('click', () => {
+      audio.play().then(() => button.remove(), () => {});
+    });
+    figure.appendChild(button);
+  }
+
+  function removeTile(streamId) {
+    const figure = document.getElementById(tileId(streamId));
+    if (figure) {
+      for (const media of figure.querySelectorAll('video, audio')) {
+        media.srcObject = null;
+      }
+      figure.remove();
+    }
+  }
+
+  function removeAllTiles() {
+    for (const figure of Array.from(videos.querySelectorAll('.tile.remote'))) {
+      removeTile(figure.dataset.streamId);
+    }
+    localVideo.srcObject = null;
+    localTile.hidden = true;
+  }
+
+  // ---- subscriptions -----------------------------------------------------------------------
+
+  async function subscribeTo(stream) {
+    const session = demo.session;
+    if (demo.subscriptions.has(stream.stream_id)) {
+      return;
+    }
+    // Reserve the slot so an event racing the join response does not subscribe twice.
+    demo.subscriptions.set(stream.stream_id, null);
+    // Subscribe after camera access settles: the browser exposes its real host candidates
+    // (not mDNS names) only once media permission is granted.
+    await mediaReady;
+    if (session !== demo.session || !session.streams.has(stream.stream_id)) {
+      demo.subscriptions.delete(stream.stream_id);
+      return;
+    }
+    try {
+      const subscription = await session.subscribe(stream.stream_id);
+      if (session !== demo.session || !session.streams.has(stream.stream_id)) {
+        subscription.unsubscribe().catch(() => {});
+        demo.subscriptions.delete(stream.stream_id);
+        return;
+      }
+      demo.subscriptions.set(stream.stream_id, subscription);
+      subscription.on('ended', () => {
+        if (demo.subscriptions.get(stream.stream_id) === subscription) {
+          demo.subscriptions.delete(stream.stream_id);
+          removeTile(stream.stream_id);
+        }
+      });
+      addTile(stream, subscription);
+    } catch (err) {
+      demo.subscriptions.delete(stream.stream_id);
+      if (session === demo.session && session.state === 'connected') {
+        warn(err, 'Cannot receive ' + streamLabel(stream));
+      }
+    }
+  }
+
+  // ---- join / leave ------------------------------------------------------------------------
+
+  function readForm() {
+    return {
+      name: $('name').value.trim(),
+      room: $('room').value.trim(),
+      role: $('role').value,
+      token: $('token').value.trim(),
+    };
+  }
+
+  async function join() {
+    if (demo.state === 'joining' || demo.state === 'joined') {
+      return;
+    }
+    const input = readForm();
+    demo.error = null;
+    demo.warning = null;
+    delete statusLine.dataset.code;
+    leaving = false;
+    setFormEnabled(false);
+    setStatus('joining', 'Connecting…');
+    let session = null;
+    try {
+      let token = input.token;
+      let room;
+      if (!token) {
+        if (!input.room || !input.name) {
+          throw new OpenConsult.OpenConsultError('invalid_argument', 'Enter a display name and a room, or paste a token');
+        }
+        setStatus('joining', 'Getting a token…');
+        token = await fetchToken(input.room, input.name, input.role);
+        room = input.room;
+      }
+      setStatus('joining', 'Joining…');
+      session = await OpenConsult.connect({ token: token, room: room });
+      demo.session = session;
+      demo.sessionId = session.sessionId;
+      demo.connectionId = session.connectionId;
+      $('session-id').textContent = session.sessionId;
+      $('session-line').hidden = false;
+      wireSession(session);
+
+      // Camera and microphone; a failure leaves the user joined but receive-only.
+      let ready;
+      mediaReady = new Promise((resolve) => (ready = resolve));
+      for (const stream of session.streams.values()) {
+        subscribeTo(stream);
+      }
+      setStatus('joining', 'Starting camera…');
+      try {
+        demo.localStream = await navigator.mediaDevices.getUserMedia({
+          audio: true,
+          video: { width: 640, height: 480 },
+        });
+      } catch (err) {
+        demo.localStream = null;
+        warn({ code: 'media_unavailable', message: (err.name || 'Error') + ': ' + err.message }, 'No camera or microphone, receiving only');
+      } finally {
+        ready();
+      }
+      if (session !== demo.session) {
+        return; // Left while the camera was starting.
+      }
+      if (demo.localStream) {
+        localVideo.srcObject = demo.localStream;
+        $('local-label').textContent = 'You (' + session.name + ')';
+        localTile.hidden = false;
+        localVideo.play().catch(() => {});
+        try {
+          demo.publisher = await session.publish(demo.localStream, { name: session.name, videoSource: 'camera' });
+        } catch (err) {
+          if (session === demo.session) {
+            warn(err, 'Cannot send your video');
+          }
+        }
+      }
+      if (session === demo.session && session.state === 'connected') {
+        setStatus('joined', joinedText());
+      }
+    } catch (err) {
+      cleanup();
+      if (session) {
+        session.leave().catch(() => {});
+      }
+      showError(err, 'Cannot join');
+      setFormEnabled(true);
+    }
+  }
+
+  function wireSession(session) {
+    session.on('connectionCreated', refreshJoinedStatus);
+    session.on('connectionDestroyed', refreshJoinedStatus);
+    session.on('streamCreated', ({ stream }) => subscribeTo(stream));
+    session.on('streamDestroyed', ({ stream }) => {
+      const subscription = demo.subscriptions.get(stream.stream_id);
+      demo.subscriptions.delete(stream.stream_id);
+      if (subscription) {
+        subscription.unsubscribe().catch(() => {});
+      }
+      removeTile(stream.stream_id);
+    });
+    session.on('disconnected', ({ code, reason }) => {
+      if (session !== demo.session || leaving) {
+        return;
+      }
+      cleanup();
+      showError(
+        { code: 'connection_closed', message: 'Connection to the server was lost (close code ' + code + (reason ? ', ' + reason : '') + ')' },
+        'Disconnected',
+      );
+      setFormEnabled(true);
+    });
+    session.on('error', (err) => console.warn('OpenConsult session error', err.code, err.message));
+  }
+
+  function cleanup() {
+    if (demo.localStream) {
+      for (const track of demo.localStream.getTracks()) {
+        track.stop();
+      }
+    }
+    demo.localStream = null;
+    demo.publisher = null;
+    demo.subscriptions.clear();
+    demo.session = null;
+    removeAllTiles();
+  }
+
+  async function leave() {
+    const session = demo.session;
+    leaving = true;
+    cleanup();
+    if (session) {
+      await session.leave();
+    }
+    setStatus('idle', 'You left the session.');
+    setFormEnabled(true);
+  }
+
+  // ---- stats for tests and support -----------------------------------------------------------
+
+  async function inboundVideoStats() {
+    const result = [];
+    for (const [streamId, subscription] of demo.subscriptions) {
+      if (!subscription || !subscription.pc) {
+        continue;
+      }
+      const entry = {
+        subscriptionId: subscription.id,
+        streamId: streamId,
+        framesDecoded: 0,
+        bytesReceived: 0,
+        frameWidth: null,
+        frameHeight: null,
+        connectionState: subscription.pc.connectionState,
+      };
+      const report = await subscription.getStats();
+      report.forEach((stat) => {
+        if (stat.type === 'inbound-rtp' && (stat.kind || stat.mediaType) === 'video') {
+          entry.framesDecoded += stat.framesDecoded || 0;
+          entry.bytesReceived += stat.bytesReceived || 0;
+          entry.frameWidth = stat.frameWidth || entry.frameWidth;
+          entry.frameHeight = stat.frameHeight || entry.frameHeight;
+        }
+      });
+      result.push(entry);
+    }
+    return result;
+  }
+
+  // ---- wiring ------------------------------------------------------------------------------
+
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    join();
+  });
+  leaveButton.addEventListener('click', () => leave());
+  $('copy-session').addEventListener('click', () => {
+    if (demo.sessionId && navigator.clipboard) {
+      navigator.clipboard.writeText(demo.sessionId).catch(() => {});
+    }
+  });
+
+  const params = new URLSearchParams(location.search);
+  if (params.has('name')) {
+    $('name').value = params.get('name');
+  }
+  if (params.has('room')) {
+    $('room').value = params.get('room');
+  }
+  if (params.get('role') === 'patient' || params.get('role') === 'clinician') {
+    $('role').value = params.get('role');
+  }
+  if (params.get('autojoin') === '1') {
+    join();
+  }
+})();

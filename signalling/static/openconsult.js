@@ -1,0 +1,779 @@
+/*
+ * OpenConsult browser SDK: the client side of wire protocol v1 (docs/protocol.md).
+ *
+ * Plain modern JavaScript, no build step, no dependencies. Loaded with a classic
+ * <script src="/static/openconsult.js"> it defines the global `OpenConsult`; the same
+ * file also works with CommonJS-style loaders that provide `module.exports`.
+ *
+ *   const session = await OpenConsult.connect({ url, token });
+ *   session.on('streamCreated', ({ stream }) => session.subscribe(stream.stream_id));
+ *   const publisher = await session.publish(mediaStream, { name: 'Camera' });
+ *   const subscription = await session.subscribe(streamId);
+ *   video.srcObject = subscription.mediaStream;
+ *   await session.leave();
+ *
+ * Server design decides the shape of the media side: one RTCPeerConnection per published
+ * stream and one per subscription. The server puts all its candidates in its SDP; the client
+ * trickles its own with `ice` messages addressed by `peer_id` (stream id or subscription id).
+ */
+(function (root, factory) {
+  'use strict';
+  const api = factory();
+  if (typeof module === 'object' && module && module.exports) {
+    module.exports = api;
+  }
+  if (root) {
+    root.OpenConsult = api;
+  }
+})(typeof globalThis !== 'undefined' ? globalThis : this, function () {
+  'use strict';
+
+  const VERSION = '0.1.0';
+  const PROTOCOL = 'openconsult.v1';
+
+  // Events a session emits to `session.on(...)` listeners.
+  const SESSION_EVENTS = [
+    'streamCreated',
+    'streamDestroyed',
+    'connectionCreated',
+    'connectionDestroyed',
+    'subscriptionEnded',
+    'disconnected',
+    'error',
+  ];
+
+  /**
+   * An Error with a protocol error code (`unauthorized`, `not_found`, …) and, when the
+   * server sent one, the request type that failed. Client-side failures use their own
+   * codes: `connection_failed`, `connection_closed`, `timeout`, `media_error`.
+   */
+  class OpenConsultError extends Error {
+    constructor(code, message, details) {
+      super(message || code);
+      this.name = 'OpenConsultError';
+      this.code = code;
+      if (details) {
+        Object.assign(this, details);
+      }
+    }
+  }
+
+  /** Minimal event emitter: listener exceptions are reported, never allowed to break the SDK. */
+  class Emitter {
+    constructor() {
+      this._listeners = new Map();
+    }
+
+    /** Register `callback` for `event`; returns a function that removes it. */
+    on(event, callback) {
+      if (typeof callback !== 'function') {
+        throw new TypeError('callback must be a function');
+      }
+      if (!this._listeners.has(event)) {
+        this._listeners.set(event, new Set());
+      }
+      this._listeners.get(event).add(callback);
+      return () => this.off(event, callback);
+    }
+
+    off(event, callback) {
+      const set = this._listeners.get(event);
+      if (set) {
+        set.delete(callback);
+      }
+    }
+
+    once(event, callback) {
+      const remove = this.on(event, (...args) => {
+        remove();
+        callback(...args);
+      });
+      return remove;
+    }
+
+    _emit(event, ...args) {
+      const set = this._listeners.get(event);
+      if (!set) {
+        return;
+      }
+      for (const callback of Array.from(set)) {
+        try {
+          callback(...args);
+        } catch (err) {
+          // A broken listener must not stop the others or the message loop.
+          console.error('OpenConsult: "' + event + '" listener failed', err);
+        }
+      }
+    }
+  }
+
+  function defaultUrl() {
+    if (typeof location === 'undefined') {
+      throw new OpenConsultError('invalid_argument', 'url is required outside a browser page');
+    }
+    const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    return scheme + '//' + location.host + '/ws';
+  }
+
+  function candidateToJSON(candidate) {
+    if (!candidate) {
+      return null;
+    }
+    const init = typeof candidate.toJSON === 'function' ? candidate.toJSON() : candidate;
+    return {
+      candidate: init.candidate,
+      sdpMid: init.sdpMid === undefined ? null : init.sdpMid,
+      sdpMLineIndex: init.sdpMLineIndex === undefined ? null : init.sdpMLineIndex,
+    };
+  }
+
+  /**
+   * Put `mimeType` first in a transceiver's codec list and drop other media codecs, since the
+   * server accepts only VP8 video and Opus audio. Retransmission (rtx) stays. Browsers without
+   * setCodecPreferences, or without the codec, keep their default order.
+   */
+  function preferCodec(transceiver, kind, mimeType) {
+    if (typeof RTCRtpSender === 'undefined' || typeof RTCRtpSender.getCapabilities !== 'function') {
+      return false;
+    }
+    if (typeof transceiver.setCodecPreferences !== 'function') {
+      return false;
+    }
+    const capabilities = RTCRtpSender.getCapabilities(kind);
+    if (!capabilities || !capabilities.codecs) {
+      return false;
+    }
+    const wanted = mimeType.toLowerCase();
+    const preferred = capabilities.codecs.filter((c) => c.mimeType.toLowerCase() === wanted);
+    if (preferred.length === 0) {
+      return false;
+    }
+    const rtx = capabilities.codecs.filter((c) => c.mimeType.toLowerCase() === kind + '/rtx');
+    try {
+      transceiver.setCodecPreferences(preferred.concat(rtx));
+      return true;
+    } catch (err) {
+      console.warn('OpenConsult: setCodecPreferences(' + mimeType + ') failed, using defaults', err);
+      return false;
+    }
+  }
+
+  /**
+   * Trickles one peer connection's local ICE candidates as `ice` messages. Candidates found
+   * before the peer id is known (or before the server has the matching SDP) are buffered and
+   * flushed by `start(peerId)`. The end of gathering is sent as `candidate: null`.
+   */
+  class IceTrickler {
+    constructor(session, pc) {
+      this._session = session;
+      this._peerId = null;
+      this._buffer = [];
+      this._closed = false;
+      pc.addEventListener('icecandidate', (event) => {
+        // Chrome signals the end of gathering with a null candidate (and sometimes an empty one).
+        const candidate = event.candidate && event.candidate.candidate ? event.candidate : null;
+        this._push(candidateToJSON(candidate));
+      });
+    }
+
+    start(peerId) {
+      this._peerId = peerId;
+      const buffered = this._buffer;
+      this._buffer = [];
+      for (const candidate of buffered) {
+        this._send(candidate);
+      }
+    }
+
+    close() {
+      this._closed = true;
+      this._buffer = [];
+    }
+
+    _push(candidate) {
+      if (this._closed) {
+        return;
+      }
+      if (this._peerId === null) {
+        this._buffer.push(candidate);
+      } else {
+        this._send(candidate);
+      }
+    }
+
+    _send(candidate) {
+      if (this._closed || !this._session._isOpen()) {
+        return;
+      }
+      this._session
+        ._request('ice', { peer_id: this._peerId, candidate: candidate })
+        .catch((err) => {
+          if (this._closed || err.code === 'connection_closed') {
+            return;
+          }
+          this._session._emit('error', err);
+        });
+    }
+  }
+
+  /** One published stream: its own peer connection to the server. */
+  class Publisher extends Emitter {
+    constructor(session, pc, mediaStream, options) {
+      super();
+      this.session = session;
+      this.pc = pc;
+      this.mediaStream = mediaStream;
+      this.name = options.name || null;
+      this.videoSource = options.videoSource || 'camera';
+      this.streamId = null;
+      this.closed = false;
+    }
+
+    /** The raw RTCStatsReport of this stream's peer connection. */
+    getStats() {
+      return this.pc.getStats();
+    }
+
+    /** Stop publishing: tells the server, then closes the peer connection. Tracks are left running. */
+    unpublish() {
+      return this.session.unpublish(this);
+    }
+
+    _close() {
+      if (this.closed) {
+        return;
+      }
+      this.closed = true;
+      if (this._trickler) {
+        this._trickler.close();
+      }
+      try {
+        this.pc.close();
+      } catch (err) {
+        // Already closed: nothing to do.
+      }
+    }
+  }
+
+  /** One subscription to a remote stream: its own peer connection from the server. */
+  class Subscription extends Emitter {
+    constructor(session, subscriptionId, streamId) {
+      super();
+      this.session = session;
+      this.id = subscriptionId;
+      this.subscriptionId = subscriptionId;
+      this.streamId = streamId;
+      this.stream = session.streams.get(streamId) || null;
+      this.mediaStream = typeof MediaStream !== 'undefined' ? new MediaStream() : null;
+      this.pc = null;
+      this.closed = false;
+    }
+
+    /** The raw RTCStatsReport of this subscription's peer connection. */
+    getStats() {
+      if (!this.pc) {
+        return Promise.reject(new OpenConsultError('invalid_state', 'Subscription has no peer connection'));
+      }
+      return this.pc.getStats();
+    }
+
+    /** Stop receiving this stream. */
+    unsubscribe() {
+      return this.session.unsubscribe(this);
+    }
+
+    _close(reason) {
+      if (this.closed) {
+        return;
+      }
+      this.closed = true;
+      if (this._trickler) {
+        this._trickler.close();
+      }
+      if (this.pc) {
+        try {
+          this.pc.close();
+        } catch (err) {
+          // Already closed.
+        }
+      }
+      this._emit('ended', { reason: reason || null });
+    }
+  }
+
+  /**
+   * A joined session. Created by `OpenConsult.connect()`; not constructed directly.
+   *
+   * Properties: `sessionId`, `connectionId`, `room`, `role`, `name`, `state`
+   * ('connecting' | 'connected' | 'disconnected'), `streams` (Map of remote streams by id),
+   * `connections` (Map of other connections by id), `publishers`, `subscriptions`.
+   */
+  class Session extends Emitter {
+    constructor(options) {
+      super();
+      this.url = options.url || defaultUrl();
+      this.state = 'connecting';
+      this.sessionId = null;
+      this.connectionId = null;
+      this.room = null;
+      this.role = null;
+      this.name = null;
+      this.streams = new Map();
+      this.connections = new Map();
+      this.publishers = new Map();
+      this.subscriptions = new Map();
+      this._requestTimeout = options.requestTimeout === undefined ? 15000 : options.requestTimeout;
+      this._pingInterval = options.pingInterval === undefined ? 20000 : options.pingInterval;
+      this._WebSocket = options.WebSocket || (typeof WebSocket !== 'undefined' ? WebSocket : null);
+      this._nextId = 1;
+      this._pending = new Map();
+      this._ws = null;
+      this._pingTimer = null;
+      this._leaving = false;
+    }
+
+    /** Open the socket and send `join`; resolves with the join response data. */
+    _connect(token, options) {
+      if (!this._WebSocket) {
+        return Promise.reject(new OpenConsultError('connection_failed', 'WebSocket is not available'));
+      }
+      return new Promise((resolve, reject) => {
+        let ws;
+        try {
+          // No subprotocol is offered: JSON is the default, and a browser fails the handshake
+          // when it offers one the server does not echo.
+          ws = new this._WebSocket(this.url);
+        } catch (err) {
+          reject(new OpenConsultError('connection_failed', 'Cannot open ' + this.url + ': ' + err.message));
+          return;
+        }
+        this._ws = ws;
+        let opened = false;
+        ws.onopen = () => {
+          opened = true;
+          const join = { token: token };
+          if (options.room) {
+            join.room = options.room;
+          }
+          if (typeof navigator !== 'undefined' && navigator.userAgent) {
+            join.user_agent = navigator.userAgent;
+          }
+          this._request('join', join).then(resolve, reject);
+        };
+        ws.onmessage = (event) => this._onMessage(event.data);
+        ws.onerror = () => {
+          if (!opened) {
+            reject(new OpenConsultError('connection_failed', 'Cannot connect to ' + this.url));
+          }
+        };
+        ws.onclose = (event) => {
+          if (!opened) {
+            reject(new OpenConsultError('connection_failed', 'Cannot connect to ' + this.url));
+          }
+          this._onClose(event.code, event.reason);
+        };
+      }).then((data) => {
+        this._applyJoin(data);
+        return data;
+      });
+    }
+
+    _applyJoin(data) {
+      this.state = 'connected';
+      this.sessionId = data.session_id;
+      this.connectionId = data.connection_id;
+      this.room = data.room;
+      this.role = data.role;
+      this.name = data.name;
+      // Merge rather than replace: an event may have arrived before the join response.
+      for (const connection of data.connections || []) {
+        if (connection.connection_id !== this.connectionId) {
+          this.connections.set(connection.connection_id, connection);
+        }
+      }
+      for (const stream of data.streams || []) {
+        if (stream.connection_id !== this.connectionId && !this._isOwnStream(stream.stream_id)) {
+          this.streams.set(stream.stream_id, stream);
+        }
+      }
+      if (this._pingInterval > 0) {
+        this._pingTimer = setInterval(() => {
+          this._request('ping', {}).catch(() => {});
+        }, this._pingInterval);
+      }
+    }
+
+    _isOpen() {
+      return Boolean(this._ws) && this._ws.readyState === 1;
+    }
+
+    _isOwnStream(streamId) {
+      for (const publisher of this.publishers.values()) {
+        if (publisher.streamId === streamId) {
+          return true;
+        }
+      }
+      return false;
+    }
+
+    /**
+     * Send a request and resolve with its response `data`, or reject with an
+     * OpenConsultError carrying the server's error `code`.
+     */
+    _request(type, fields) {
+      if (!this._isOpen()) {
+        return Promise.reject(new OpenConsultError('connection_closed', 'Not connected (' + type + ')'));
+      }
+      const id = this._nextId++;
+      const message = Object.assign({ type: type, id: id }, fields || {});
+      return new Promise((resolve, reject) => {
+        const entry = { type: type, resolve: resolve, reject: reject, timer: null };
+        if (this._requestTimeout > 0) {
+          entry.timer = setTimeout(() => {
+            this._pending.delete(id);
+            reject(new OpenConsultError('timeout', 'No response to "' + type + '" after ' + this._requestTimeout + ' ms'));
+          }, this._requestTimeout);
+        }
+        this._pending.set(id, entry);
+        try {
+          this._ws.send(JSON.stringify(message));
+        } catch (err) {
+          this._settle(id);
+          reject(new OpenConsultError('connection_closed', 'Cannot send "' + type + '": ' + err.message));
+        }
+      });
+    }
+
+    /** Remove a pending request and stop its timer; returns the entry or undefined. */
+    _settle(id) {
+      const entry = this._pending.get(id);
+      if (entry) {
+        this._pending.delete(id);
+        if (entry.timer) {
+          clearTimeout(entry.timer);
+        }
+      }
+      return entry;
+    }
+
+    _onMessage(raw) {
+      if (typeof raw !== 'string') {
+        console.warn('OpenConsult: ignoring a binary frame (this SDK speaks JSON)');
+        return;
+      }
+      let message;
+      try {
+        message = JSON.parse(raw);
+      } catch (err) {
+        console.warn('OpenConsult: ignoring a frame that is not JSON', raw);
+        return;
+      }
+      if (!message || typeof message !== 'object') {
+        return;
+      }
+      if (message.type === 'response') {
+        this._onResponse(message);
+      } else if (message.type === 'event') {
+        this._onEvent(message.event, message.data || {});
+      }
+    }
+
+    _onResponse(message) {
+      if (message.id === null || message.id === undefined) {
+        // The server could not read a request id: report it, nothing to settle.
+        const error = message.error || {};
+        this._emit('error', new OpenConsultError(error.code || 'invalid_message', error.message));
+        return;
+      }
+      const entry = this._settle(message.id);
+      if (!entry) {
+        return; // A late response to a request that timed out.
+      }
+      if (message.ok) {
+        entry.resolve(message.data || {});
+      } else {
+        const error = message.error || {};
+        entry.reject(
+          new OpenConsultError(error.code || 'internal_error', error.message || entry.type + ' failed', {
+            request: entry.type,
+          }),
+        );
+      }
+    }
+
+    _onEvent(name, data) {
+      switch (name) {
+        case 'connectionCreated': {
+          const connection = data.connection;
+          if (!connection || connection.connection_id === this.connectionId) {
+            return;
+          }
+          this.connections.set(connection.connection_id, connection);
+          this._emit(name, data);
+          return;
+        }
+        case 'connectionDestroyed': {
+          const connection = data.connection;
+          if (!connection || !this.connections.has(connection.connection_id)) {
+            return;
+          }
+          this.connections.delete(connection.connection_id);
+          this._emit(name, data);
+          return;
+        }
+        case 'streamCreated': {
+          const stream = data.stream;
+          if (!stream || !stream.stream_id || this._isOwnStream(stream.stream_id)) {
+            return;
+          }
+          if (this.streams.has(stream.stream_id)) {
+            return; // Already known from the join response.
+          }
+          this.streams.set(stream.stream_id, stream);
+          this._emit(name, data);
+          return;
+        }
+        case 'streamDestroyed': {
+          const stream = data.stream;
+          if (!stream || !this.streams.has(stream.stream_id)) {
+            return;
+          }
+          this.streams.delete(stream.stream_id);
+          this._emit(name, data);
+          return;
+        }
+        case 'subscriptionEnded': {
+          const subscription = this.subscriptions.get(data.subscription_id);
+          if (!subscription) {
+            return;
+          }
+          this.subscriptions.delete(subscription.id);
+          subscription._close(data.reason);
+          this._emit(name, Object.assign({ subscription: subscription }, data));
+          return;
+        }
+        default:
+          // Unknown events come from a newer server: ignore them.
+          return;
+      }
+    }
+
+    _onClose(code, reason) {
+      if (this.state === 'disconnected') {
+        return;
+      }
+      const wasConnected = this.state === 'connected';
+      this.state = 'disconnected';
+      if (this._pingTimer) {
+        clearInterval(this._pingTimer);
+        this._pingTimer = null;
+      }
+      for (const id of Array.from(this._pending.keys())) {
+        const entry = this._settle(id);
+        entry.reject(
+          new OpenConsultError('connection_closed', 'Connection closed before "' + entry.type + '" was answered', {
+            closeCode: code,
+            closeReason: reason,
+          }),
+        );
+      }
+      this._closeMedia('networkDisconnected');
+      if (wasConnected) {
+        this._emit('disconnected', { code: code, reason: reason, left: this._leaving });
+      }
+    }
+
+    _closeMedia(reason) {
+      for (const publisher of this.publishers.values()) {
+        publisher._close();
+      }
+      this.publishers.clear();
+      for (const subscription of this.subscriptions.values()) {
+        subscription._close(reason);
+      }
+      this.subscriptions.clear();
+    }
+
+    /**
+     * Publish a MediaStream as one stream. Options: `name`, `videoSource` ('camera' | 'screen').
+     * Resolves with a Publisher (`.streamId`, `.pc`, `.getStats()`, `.unpublish()`).
+     */
+    async publish(mediaStream, options) {
+      options = options || {};
+      if (this.state !== 'connected') {
+        throw new OpenConsultError('invalid_state', 'Cannot publish in state "' + this.state + '"');
+      }
+      const tracks = mediaStream ? mediaStream.getTracks() : [];
+      if (tracks.length === 0) {
+        throw new OpenConsultError('invalid_argument', 'Cannot publish a MediaStream without tracks');
+      }
+      const pc = new RTCPeerConnection({ iceServers: [] });
+      const publisher = new Publisher(this, pc, mediaStream, options);
+      publisher._trickler = new IceTrickler(this, pc);
+      try {
+        for (const track of tracks) {
+          const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [mediaStream] });
+          if (track.kind === 'video') {
+            preferCodec(transceiver, 'video', 'video/VP8');
+          } else if (track.kind === 'audio') {
+            preferCodec(transceiver, 'audio', 'audio/opus');
+          }
+        }
+        const offer = await pc.createOffer();
+        await pc.setLocalDescription(offer);
+        const request = { offer: { type: 'offer', sdp: offer.sdp }, video_source: publisher.videoSource };
+        if (options.name) {
+          request.name = options.name;
+        }
+        const data = await this._request('publish', request);
+        publisher.streamId = data.stream_id;
+        this.publishers.set(data.stream_id, publisher);
+        await pc.setRemoteDescription(data.answer);
+        // The server now knows this peer and has its offer: send what was gathered so far.
+        publisher._trickler.start(data.stream_id);
+        return publisher;
+      } catch (err) {
+        publisher._close();
+        if (publisher.streamId) {
+          this.publishers.delete(publisher.streamId);
+          this._request('unpublish', { stream_id: publisher.streamId }).catch(() => {});
+        }
+        throw asError(err);
+      }
+    }
+
+    /** Stop a stream published by this session (a Publisher or its stream id). */
+    async unpublish(publisherOrStreamId) {
+      const streamId = typeof publisherOrStreamId === 'string' ? publisherOrStreamId : publisherOrStreamId.streamId;
+      const publisher = this.publishers.get(streamId);
+      if (publisher) {
+        this.publishers.delete(streamId);
+        publisher._close();
+      }
+      await this._request('unpublish', { stream_id: streamId });
+    }
+
+    /**
+     * Receive a remote stream. Resolves with a Subscription (`.mediaStream`, `.pc`,
+     * `.getStats()`, `.unsubscribe()`, `.on('ended', cb)`).
+     */
+    async subscribe(streamId) {
+      if (this.state !== 'connected') {
+        throw new OpenConsultError('invalid_state', 'Cannot subscribe in state "' + this.state + '"');
+      }
+      const data = await this._request('subscribe', { stream_id: streamId });
+      const subscription = new Subscription(this, data.subscription_id, streamId);
+      // Registered before any await so a subscriptionEnded event finds it.
+      this.subscriptions.set(subscription.id, subscription);
+      const pc = new RTCPeerConnection({ iceServers: [] });
+      subscription.pc = pc;
+      subscription._trickler = new IceTrickler(this, pc);
+      pc.addEventListener('track', (event) => {
+        if (subscription.mediaStream && !subscription.mediaStream.getTrackById(event.track.id)) {
+          subscription.mediaStream.addTrack(event.track);
+        }
+        subscription._emit('track', event.track);
+      });
+      try {
+        await pc.setRemoteDescription(data.offer);
+        const answer = await pc.createAnswer();
+        await pc.setLocalDescription(answer);
+        if (subscription.closed) {
+          throw new OpenConsultError('invalid_state', 'Subscription ended while it was being set up');
+        }
+        await this._request('answer', {
+          subscription_id: subscription.id,
+          answer: { type: 'answer', sdp: answer.sdp },
+        });
+        // Trickle only once the server has applied our answer.
+        subscription._trickler.start(subscription.id);
+        return subscription;
+      } catch (err) {
+        this.subscriptions.delete(subscription.id);
+        subscription._close('mediaStopped');
+        if (this._isOpen()) {
+          this._request('unsubscribe', { subscription_id: subscription.id }).catch(() => {});
+        }
+        throw asError(err);
+      }
+    }
+
+    /** Stop a subscription (a Subscription or its id). */
+    async unsubscribe(subscriptionOrId) {
+      const id = typeof subscriptionOrId === 'string' ? subscriptionOrId : subscriptionOrId.id;
+      const subscription = this.subscriptions.get(id);
+      if (subscription) {
+        this.subscriptions.delete(id);
+        subscription._close('clientDisconnected');
+      }
+      await this._request('unsubscribe', { subscription_id: id });
+    }
+
+    /** Round trip to the server; resolves with its clock (`{time}`, ms). */
+    ping() {
+      return this._request('ping', {});
+    }
+
+    /** Leave the session: say so, close every peer connection and the socket. Idempotent. */
+    async leave() {
+      if (this.state === 'disconnected') {
+        return;
+      }
+      this._leaving = true;
+      try {
+        await this._request('leave', {});
+      } catch (err) {
+        // Leaving anyway: the socket is closed below.
+      }
+      this._closeMedia('clientDisconnected');
+      if (this._ws && this._ws.readyState <= 1) {
+        this._ws.close(1000, 'leave');
+      }
+      this._onClose(1000, 'leave');
+    }
+  }
+
+  function asError(err) {
+    if (err instanceof OpenConsultError) {
+      return err;
+    }
+    // WebRTC failures (bad SDP, closed peer connection) surface as DOMExceptions.
+    return new OpenConsultError('media_error', (err && err.message) || String(err), { cause: err });
+  }
+
+  /**
+   * Connect and join. Options: `token` (required JWT), `url` (default `ws(s)://<this host>/ws`),
+   * `room` (optional check against the token), `requestTimeout` (ms, default 15000; 0 = none),
+   * `pingInterval` (ms, default 20000; 0 = no keepalive). Resolves with a joined Session;
+   * rejects with an OpenConsultError (`.code` e.g. `unauthorized`, `token_expired`).
+   */
+  async function connect(options) {
+    options = options || {};
+    if (!options.token) {
+      throw new OpenConsultError('unauthorized', 'A token is required');
+    }
+    const session = new Session(options);
+    try {
+      await session._connect(options.token, options);
+    } catch (err) {
+      session._leaving = true;
+      if (session._ws && session._ws.readyState <= 1) {
+        session._ws.close(1000, 'join failed');
+      }
+      session._onClose(1000, 'join failed');
+      throw asError(err);
+    }
+    return session;
+  }
+
+  return {
+    VERSION: VERSION,
+    PROTOCOL: PROTOCOL,
+    EVENTS: SESSION_EVENTS,
+    connect: connect,
+    OpenConsultError: OpenConsultError,
+    Session: Session,
+    Publisher: Publisher,
+    Subscription: Subscription,
+  };
+});
