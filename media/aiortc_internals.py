@@ -1,0 +1,187 @@
+"""Every use of aiortc/aioice private API lives here, and only here.
+
+The SFU needs to take RTP packets off a receiver before the jitter buffer and
+decoder, and to put rewritten RTP packets on a sender's transport without an
+encoder. aiortc has no public API for either, so this module hooks the
+instances of the pinned version (see pyproject.toml). tests/test_aiortc_internals.py
+checks each assumption below so an upgrade fails loudly instead of silently
+decoding, or sending nothing.
+
+Assumptions on aiortc 1.16.0 / aioice 0.13.0:
+- RTCDtlsTransport._handle_rtp_data parses SRTP-unprotected RTP and awaits
+  ``receiver._handle_rtp_packet(packet, arrival_time_ms=…)``; RTCP goes to
+  ``_handle_rtcp_packet`` of receivers and senders, routed by SSRC.
+- RTCRtpReceiver keeps its codecs, RTX map, per-SSRC StreamStatistics and its
+  NackGenerator in name-mangled attributes; its own _run_rtcp sends receiver
+  reports from those statistics. Its decoder thread builds a decoder only when a
+  frame is queued to it, which our hook never does.
+- RTCRtpSender.send(parameters) starts ``self._run_rtp(codec)`` and
+  ``self._run_rtcp()`` as tasks; stop() waits on name-mangled started/exited
+  events. Replacing both methods on the instance means no encoder is created.
+- RTCDtlsTransport._tx_srtp.protect/protect_rtcp, RTCIceTransport._connection
+  (an aioice Connection) whose ``_nominated[1]`` pair sends with
+  ``protocol.transport.sendto(data, remote_addr)``.
+- aioice.ice.get_host_addresses(use_ipv4, use_ipv6) lists the addresses
+  gathered as host candidates (loopback excluded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aioice.ice
+from aiortc import RTCRtpReceiver, RTCRtpSender
+from aiortc.codecs import is_rtx
+from aiortc.rtcdtlstransport import RTCDtlsTransport, State
+from aiortc.rtcrtpparameters import RTCRtpSendParameters
+from aiortc.rtcrtpreceiver import StreamStatistics
+from aiortc.rtp import RtpPacket, is_rtcp, unwrap_rtx
+
+RtpHandler = Callable[[RtpPacket, int], None]
+RtcpHandler = Callable[[Any], Awaitable[None]]
+
+_original_get_host_addresses = aioice.ice.get_host_addresses
+
+
+def configure_ice_addresses(addresses: tuple[str, ...]) -> None:
+    """Gather host candidates on exactly these addresses (empty: aioice's default,
+    every interface but loopback). Process-wide, set once at start-up."""
+    if not addresses:
+        aioice.ice.get_host_addresses = _original_get_host_addresses
+        return
+
+    def get_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in addresses if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = get_host_addresses
+
+
+def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHandler) -> None:
+    """Take RTP off ``receiver`` before its jitter buffer: keep its RTCP receiver
+    statistics and upstream NACKs, unwrap RTX, then hand the packet to ``on_rtp``.
+    Nothing is ever queued to the decoder thread, so no decoder is built."""
+    codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
+    rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
+    streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+    nack_generator = receiver._RTCRtpReceiver__nack_generator  # type: ignore[attr-defined]
+    original_rtcp = receiver._handle_rtcp_packet
+
+    async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+        codec = codecs.get(packet.payload_type)
+        if codec is None:
+            return
+        stats = streams.get(packet.ssrc)
+        if stats is None:
+            stats = streams[packet.ssrc] = StreamStatistics(codec.clockRate)
+        stats.add(packet)
+        if is_rtx(codec):
+            original = rtx_ssrc.get(packet.ssrc)
+            apt = codec.parameters.get("apt")
+            if original is None or len(packet.payload) < 2 or apt not in codecs:
+                return
+            packet = unwrap_rtx(packet, payload_type=apt, ssrc=original)
+        if nack_generator is not None and nack_generator.add(packet):
+            await receiver._send_rtcp_nack(packet.ssrc, sorted(nack_generator.missing))
+        on_rtp(packet, arrival_time_ms)
+
+    async def handle_rtcp_packet(packet: Any) -> None:
+        await original_rtcp(packet)
+        await on_rtcp(packet)
+
+    receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
+    receiver._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
+
+
+def receiver_statistics(receiver: RTCRtpReceiver) -> dict[int, StreamStatistics]:
+    """Per-SSRC receive statistics (packets, loss, jitter) the receiver keeps for its RRs."""
+    streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
+    return streams
+
+
+def hook_sender(
+    sender: RTCRtpSender,
+    on_started: Callable[[RTCRtpSendParameters], None],
+    run_rtcp: Callable[[], Awaitable[None]],
+    on_rtcp: RtcpHandler,
+) -> None:
+    """Turn ``sender`` into a bare RTP/RTCP endpoint: no track, no encoder.
+    ``on_started`` gets the negotiated parameters once DTLS is up; ``run_rtcp``
+    replaces its sender-report loop; ``on_rtcp`` gets the RTCP routed to it."""
+    original_send = sender.send
+    started_rtp: asyncio.Event = sender._RTCRtpSender__rtp_started  # type: ignore[attr-defined]
+    exited_rtp: asyncio.Event = sender._RTCRtpSender__rtp_exited  # type: ignore[attr-defined]
+    started_rtcp: asyncio.Event = sender._RTCRtpSender__rtcp_started  # type: ignore[attr-defined]
+    exited_rtcp: asyncio.Event = sender._RTCRtpSender__rtcp_exited  # type: ignore[attr-defined]
+
+    async def send(parameters: RTCRtpSendParameters) -> None:
+        await original_send(parameters)
+        on_started(parameters)
+
+    async def run_rtp(codec: Any) -> None:
+        started_rtp.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            exited_rtp.set()
+
+    async def run_rtcp_wrapper() -> None:
+        started_rtcp.set()
+        try:
+            await run_rtcp()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            exited_rtcp.set()
+
+    sender.send = send  # type: ignore[method-assign]
+    sender._run_rtp = run_rtp  # type: ignore[method-assign]
+    sender._run_rtcp = run_rtcp_wrapper  # type: ignore[method-assign]
+    sender._handle_rtcp_packet = on_rtcp  # type: ignore[method-assign]
+
+
+def local_ssrc(sender: RTCRtpSender) -> int:
+    """The SSRC a sender sends with (and its transceiver's receiver sends RTCP with)."""
+    ssrc: int = sender._ssrc
+    return ssrc
+
+
+def raw_sender(transport: RTCDtlsTransport) -> Callable[[bytes], bool]:
+    """A synchronous send for plain RTP/RTCP bytes on a connected DTLS transport:
+    SRTP-protect and hand the datagram to the nominated ICE pair's socket. No
+    coroutine per packet. Returns False when the transport cannot send (yet)."""
+    ice_connection = transport.transport._connection
+    nominated: dict[int, Any] = ice_connection._nominated
+
+    def send(data: bytes) -> bool:
+        if transport._state != State.CONNECTED:
+            return False
+        pair = nominated.get(1)
+        if pair is None:
+            return False
+        srtp = transport._tx_srtp
+        protected = srtp.protect_rtcp(data) if is_rtcp(data) else srtp.protect(data)
+        pair.protocol.transport.sendto(protected, pair.remote_addr)
+        return True
+
+    return send
+
+
+def selected_candidate_pair(transport: RTCDtlsTransport) -> dict[str, str] | None:
+    """The nominated ICE pair's candidate types and protocol, for the event log."""
+    try:
+        pair = transport.transport._connection._nominated.get(1)
+    except AttributeError:
+        return None
+    if pair is None:
+        return None
+    return {
+        "local_type": pair.local_candidate.type,
+        "remote_type": pair.remote_candidate.type,
+        "protocol": pair.local_candidate.transport.lower(),
+        "local_address": f"{pair.local_candidate.host}:{pair.local_candidate.port}",
+        "remote_address": f"{pair.remote_candidate.host}:{pair.remote_candidate.port}",
+    }

@@ -1,0 +1,659 @@
+"""The SFU: one aiortc peer connection per publish and per subscription, and RTP
+forwarding between them at the packet level.
+
+A publish's receivers hand every RTP packet to its ``PublishedTrack``, which
+forwards it to each ``ForwardingSender`` (one per subscriber track) with the
+subscriber's own SSRC, sequence numbers, timestamp offset, payload type and
+header extension ids. No decoder or encoder ever runs. The RTCP work a real SFU
+does is here too: keyframe requests (PLI) upstream for new subscribers and for
+subscribers' PLI/FIR, rate limited; subscribers' NACKs answered from a packet
+cache (unanswerable ones are NACKed upstream); sender reports per subscriber
+track whose RTP/NTP mapping follows the publisher's; REMB upstream as the
+lowest estimate of the subscribers.
+
+The hot path (``PublishedTrack.on_rtp`` → ``ForwardingSender.forward``) does no
+I/O but the datagram send, no logging and no awaits; counters are plain ints
+folded into ``QualitySample`` events by one timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aiortc import RTCConfiguration, RTCIceCandidate, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc.rtcrtpparameters import RTCRtpSendParameters
+from aiortc.rtp import (
+    RTCP_PSFB_APP,
+    RTCP_PSFB_FIR,
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    RtcpPsfbPacket,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+    RtcpSrPacket,
+    RtpPacket,
+    unpack_remb_fci,
+)
+from aiortc.sdp import SessionDescription, candidate_from_sdp
+
+from media import aiortc_internals as internals
+from media.errors import MediaError, PeerNotFound
+from media.events import (
+    DimensionsChanged,
+    KeyframeRequested,
+    MediaEvent,
+    Observer,
+    PeerFailed,
+    PeerStateChanged,
+    QualitySample,
+)
+from media.rtp import (
+    nack,
+    ntp_now,
+    pli,
+    remb,
+    rtp_header,
+    sender_report,
+    vp8_is_keyframe,
+    vp8_keyframe_size,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Codecs the SFU relays. Both legs of a forwarded track must use the same one.
+VIDEO_MIME = "video/VP8"
+AUDIO_MIME = "audio/opus"
+CACHE_SLOTS = 2048  # power of two; at 1 Mbps VP8 (~120 packets/s) this is >15 s
+URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
+URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+URI_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
+
+
+def _preferred_codecs(kind: str, with_rtx: bool) -> list[Any]:
+    caps = RTCRtpReceiver.getCapabilities(kind)
+    assert caps is not None
+    wanted = VIDEO_MIME if kind == "video" else AUDIO_MIME
+    return [c for c in caps.codecs if c.mimeType.lower() == wanted.lower() or (with_rtx and c.mimeType == "video/rtx")]
+
+
+class PublishedTrack:
+    """One incoming track of a publish and the subscribers it is forwarded to."""
+
+    def __init__(self, router: Router, publish: PublishPeer, kind: str, receiver: RTCRtpReceiver,
+                 rtcp_ssrc: int) -> None:
+        self.router = router
+        self.publish = publish
+        self.kind = kind
+        self.receiver = receiver
+        self.rtcp_ssrc = rtcp_ssrc
+        self.clock_rate = 90000 if kind == "video" else 48000
+        self.media_ssrc = 0
+        self.subscribers: tuple[ForwardingSender, ...] = ()
+        self.cache: list[RtpPacket | None] = [None] * CACHE_SLOTS if kind == "video" else []
+        # Publisher's last sender report: NTP ↔ RTP timestamp mapping.
+        self.sr_ntp = 0
+        self.sr_rtp = 0
+        self.last_pli = 0.0
+        self.pending_pli = False
+        self.size: tuple[int, int] | None = None
+        # Counters, folded into samples by the router's timer.
+        self.packets = 0
+        self.octets = 0
+        self.frames = 0
+        self.plis_sent = 0
+        self.nacks_sent = 0
+        self._sample_base = (0, 0, 0, 0, 0, 0)
+
+    # --- hot path -------------------------------------------------------------
+
+    def on_rtp(self, packet: RtpPacket, arrival_time_ms: int) -> None:
+        payload = packet.payload
+        self.packets += 1
+        self.octets += len(payload)
+        self.media_ssrc = packet.ssrc
+        keyframe = False
+        if self.kind == "video":
+            self.cache[packet.sequence_number & (CACHE_SLOTS - 1)] = packet
+            if packet.marker:
+                self.frames += 1
+            # Only a packet that starts partition 0 can start a keyframe (S=1, PID=0).
+            if payload and payload[0] & 0x17 == 0x10 and vp8_is_keyframe(payload):
+                keyframe = True
+                self.pending_pli = False
+                size = vp8_keyframe_size(payload)
+                if size is not None and size != self.size:
+                    self.size = size
+                    self.router.emit(DimensionsChanged(self.publish.stream_id, size[0], size[1]))
+        abs_send_time = ((ntp_now() >> 14) & 0x00FFFFFF).to_bytes(3, "big")
+        for sub in self.subscribers:
+            sub.forward(packet, keyframe, abs_send_time)
+
+    # --- RTCP towards the publisher -------------------------------------------
+
+    def request_keyframe(self, reason: str, subscription_id: str | None = None) -> None:
+        """Send a PLI upstream, at most once per ``pli_interval_s``."""
+        if self.kind != "video" or not self.media_ssrc:
+            self.pending_pli = True
+            return
+        now = time.monotonic()
+        if now - self.last_pli < self.router.pli_interval_s:
+            self.pending_pli = True
+            return
+        self.last_pli = now
+        self.pending_pli = False
+        if self.publish.send_rtcp(pli(self.rtcp_ssrc, self.media_ssrc)):
+            self.plis_sent += 1
+            self.router.emit(KeyframeRequested(self.publish.stream_id, reason, subscription_id))
+
+    def nack_upstream(self, lost: list[int]) -> None:
+        if self.media_ssrc and self.publish.send_rtcp(nack(self.rtcp_ssrc, self.media_ssrc, lost)):
+            self.nacks_sent += 1
+
+    def on_rtcp(self, packet: Any) -> None:
+        if isinstance(packet, RtcpSrPacket):
+            self.sr_ntp = packet.sender_info.ntp_timestamp
+            self.sr_rtp = packet.sender_info.rtp_timestamp
+
+    def tick(self) -> None:
+        """Once a second: retry a rate-limited PLI, send REMB as the subscribers' minimum."""
+        if self.pending_pli:
+            self.request_keyframe("retry")
+        if self.kind == "video" and self.media_ssrc:
+            estimates = [s.remb_bps for s in self.subscribers if s.remb_bps]
+            if estimates:
+                self.publish.send_rtcp(remb(self.rtcp_ssrc, min(estimates), [self.media_ssrc]))
+
+    def add_subscriber(self, sub: ForwardingSender) -> None:
+        self.subscribers = (*self.subscribers, sub)
+        if self.kind == "video":
+            self.request_keyframe("new subscriber", sub.subscription.peer_id)
+
+    def remove_subscriber(self, sub: ForwardingSender) -> None:
+        self.subscribers = tuple(s for s in self.subscribers if s is not sub)
+
+    def sample(self, now_ms: int, interval: float) -> QualitySample:
+        streams = internals.receiver_statistics(self.receiver)
+        stats = streams.get(self.media_ssrc)
+        expected = stats.packets_expected if stats else 0
+        lost = stats.packets_lost if stats else 0
+        jitter = stats.jitter / self.clock_rate * 1000 if stats else None
+        b_packets, b_octets, b_frames, b_expected, b_lost, b_plis = self._sample_base
+        d_expected = expected - b_expected
+        d_lost = max(0, lost - b_lost)
+        self._sample_base = (self.packets, self.octets, self.frames, expected, lost, self.plis_sent)
+        return QualitySample(
+            peer_id=self.publish.peer_id, stream_id=self.publish.stream_id, direction="in", kind=self.kind,
+            time_ms=now_ms, interval_s=interval,
+            bitrate_kbps=round((self.octets - b_octets) * 8 / interval / 1000, 1),
+            packets=self.packets - b_packets, packets_lost=d_lost,
+            loss_pct=round(100.0 * d_lost / d_expected, 2) if d_expected > 0 else 0.0,
+            jitter_ms=round(jitter, 2) if jitter is not None else None, rtt_ms=None,
+            frame_rate=round((self.frames - b_frames) / interval, 1) if self.kind == "video" else None,
+            width=self.size[0] if self.size else None, height=self.size[1] if self.size else None,
+            nacks=self.nacks_sent, plis=self.plis_sent - b_plis,
+        )
+
+
+class ForwardingSender:
+    """One subscriber's copy of a published track: rewrites and sends RTP, handles its RTCP."""
+
+    def __init__(self, subscription: SubscribePeer, track: PublishedTrack, sender: Any) -> None:
+        self.subscription = subscription
+        self.track = track
+        self.sender = sender
+        self.kind = track.kind
+        self.ssrc = internals.local_ssrc(sender)
+        self.clock_rate = track.clock_rate
+        self.send = _never_send
+        self.payload_type = 0
+        self.ext_head = b""
+        self.ext_tail = b""
+        self.ext_kind = ""  # "abs" (video), "level" (audio) or "" (none)
+        self.ready = False
+        self.waiting_keyframe = track.kind == "video"
+        self.seq_offset = 0
+        self.ts_offset = 0
+        self.next_seq = random.randint(0, 32767)
+        self.ts_base = random.randint(0, 0xFFFFFFFF)
+        self.last_ts = 0
+        self.last_time = 0.0
+        self.packets = 0
+        self.octets = 0
+        self.frames = 0
+        self.nacks_received = 0
+        self.retransmitted = 0
+        self.plis_received = 0
+        self.remb_bps = 0
+        self.rtt_ms: float | None = None
+        self.loss_fraction: float | None = None
+        self.jitter_ms: float | None = None
+        self.lsr = 0
+        self.lsr_time = 0.0
+        self._sample_base = (0, 0, 0, 0, 0)
+
+    def start(self, parameters: RTCRtpSendParameters) -> None:
+        """DTLS is up and the sender's parameters are negotiated: start forwarding."""
+        self.payload_type = parameters.codecs[0].payloadType
+        ids = {ext.uri: ext.id for ext in parameters.headerExtensions}
+        elements: list[tuple[int, bytes]] = []
+        mid = parameters.muxId
+        if URI_MID in ids and mid:
+            elements.append((ids[URI_MID], mid.encode()))
+        variable_id = ids.get(URI_ABS_SEND_TIME if self.kind == "video" else URI_AUDIO_LEVEL)
+        body = b"".join(bytes([(i << 4) | (len(v) - 1)]) + v for i, v in elements)
+        var_len = 0
+        if variable_id:
+            var_len = 3 if self.kind == "video" else 1
+            body += bytes([(variable_id << 4) | (var_len - 1)])
+            self.ext_kind = "abs" if self.kind == "video" else "level"
+        total = len(body) + var_len
+        pad = -total % 4
+        if total:
+            self.ext_head = (0xBEDE).to_bytes(2, "big") + ((total + pad) // 4).to_bytes(2, "big") + body
+            self.ext_tail = b"\x00" * pad
+        self.send = internals.raw_sender(self.sender.transport)
+        self.ready = True
+        self.track.add_subscriber(self)
+
+    def _extensions(self, packet: RtpPacket, abs_send_time: bytes) -> bytes:
+        if self.ext_kind == "abs":
+            return self.ext_head + abs_send_time + self.ext_tail
+        if self.ext_kind == "level":
+            level = packet.extensions.audio_level
+            value = ((0x80 if level[0] else 0) | (level[1] & 0x7F)) if level is not None else 0x7F
+            return self.ext_head + bytes([value]) + self.ext_tail
+        return self.ext_head + self.ext_tail
+
+    def forward(self, packet: RtpPacket, keyframe: bool, abs_send_time: bytes) -> None:
+        if not self.ready:
+            return
+        if self.waiting_keyframe:
+            # No delta frame before the first keyframe: the decoder could not use it.
+            if not keyframe:
+                self.track.request_keyframe("new subscriber", self.subscription.peer_id)
+                return
+            self.waiting_keyframe = False
+            self.seq_offset = (self.next_seq - packet.sequence_number) & 0xFFFF
+            self.ts_offset = (self.ts_base - packet.timestamp) & 0xFFFFFFFF
+        elif not self.packets:
+            self.seq_offset = (self.next_seq - packet.sequence_number) & 0xFFFF
+            self.ts_offset = (self.ts_base - packet.timestamp) & 0xFFFFFFFF
+        ts = (packet.timestamp + self.ts_offset) & 0xFFFFFFFF
+        data = rtp_header(packet.marker, self.payload_type, (packet.sequence_number + self.seq_offset) & 0xFFFF,
+                          ts, self.ssrc, self._extensions(packet, abs_send_time)) + packet.payload
+        if self.send(data):
+            self.packets += 1
+            self.octets += len(packet.payload)
+            self.frames += packet.marker
+            self.last_ts = ts
+            self.last_time = time.time()
+
+    # --- RTCP from the subscriber ---------------------------------------------
+
+    async def on_rtcp(self, packet: Any) -> None:
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            for report in packet.reports:
+                if report.ssrc != self.ssrc:
+                    continue
+                self.loss_fraction = report.fraction_lost / 256
+                self.jitter_ms = report.jitter / self.clock_rate * 1000
+                if report.lsr and report.lsr == self.lsr:
+                    rtt = time.time() - self.lsr_time - report.dlsr / 65536
+                    if rtt >= 0:
+                        self.rtt_ms = rtt * 1000
+        elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
+            self.nacks_received += 1
+            self._answer_nack(packet.lost)
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR):
+            self.plis_received += 1
+            self.track.request_keyframe("subscriber PLI", self.subscription.peer_id)
+        elif isinstance(packet, RtcpPsfbPacket) and packet.fmt == RTCP_PSFB_APP:
+            try:
+                bitrate, ssrcs = unpack_remb_fci(packet.fci)
+            except ValueError:
+                return
+            if self.ssrc in ssrcs:
+                self.remb_bps = bitrate
+
+    def _answer_nack(self, lost: Iterable[int]) -> None:
+        cache = self.track.cache
+        missing = []
+        for seq in lost:
+            in_seq = (seq - self.seq_offset) & 0xFFFF
+            packet = cache[in_seq & (CACHE_SLOTS - 1)] if cache else None
+            if packet is not None and packet.sequence_number == in_seq:
+                data = rtp_header(packet.marker, self.payload_type, seq, (packet.timestamp + self.ts_offset) & 0xFFFFFFFF,
+                                  self.ssrc, self._extensions(packet, b"\x00\x00\x00")) + packet.payload
+                if self.send(data):
+                    self.retransmitted += 1
+            else:
+                missing.append(in_seq)
+        if missing:
+            self.track.nack_upstream(missing)
+
+    async def run_rtcp(self) -> None:
+        """Sender reports every 0.5-1.5 s. The RTP time follows the publisher's
+        NTP mapping when known, so audio and video stay in sync downstream."""
+        while True:
+            await asyncio.sleep(0.5 + random.random())
+            if not self.ready or not self.packets:
+                continue
+            ntp = ntp_now()
+            track = self.track
+            if track.sr_ntp:
+                elapsed = (ntp - track.sr_ntp) / 4294967296.0
+                rtp_ts = track.sr_rtp + int(elapsed * self.clock_rate) + self.ts_offset
+            else:
+                rtp_ts = self.last_ts + int((time.time() - self.last_time) * self.clock_rate)
+            self.lsr = (ntp >> 16) & 0xFFFFFFFF
+            self.lsr_time = time.time()
+            self.send(sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets))
+
+    def close(self) -> None:
+        self.ready = False
+        self.track.remove_subscriber(self)
+
+    def sample(self, now_ms: int, interval: float) -> QualitySample:
+        b_packets, b_octets, b_frames, b_nacks, b_plis = self._sample_base
+        self._sample_base = (self.packets, self.octets, self.frames, self.nacks_received, self.plis_received)
+        size = self.track.size
+        return QualitySample(
+            peer_id=self.subscription.peer_id, stream_id=self.track.publish.stream_id, direction="out",
+            kind=self.kind, time_ms=now_ms, interval_s=interval,
+            bitrate_kbps=round((self.octets - b_octets) * 8 / interval / 1000, 1),
+            packets=self.packets - b_packets, packets_lost=0,
+            loss_pct=round(100.0 * self.loss_fraction, 2) if self.loss_fraction is not None else 0.0,
+            jitter_ms=round(self.jitter_ms, 2) if self.jitter_ms is not None else None,
+            rtt_ms=round(self.rtt_ms, 1) if self.rtt_ms is not None else None,
+            frame_rate=round((self.frames - b_frames) / interval, 1) if self.kind == "video" else None,
+            width=size[0] if size and self.kind == "video" else None,
+            height=size[1] if size and self.kind == "video" else None,
+            nacks=self.nacks_received - b_nacks, plis=self.plis_received - b_plis,
+            remb_kbps=round(self.remb_bps / 1000, 1) if self.remb_bps else None,
+        )
+
+
+def _never_send(data: bytes) -> bool:
+    return False
+
+
+class Peer:
+    """One server-side RTCPeerConnection (a publish or a subscription)."""
+
+    def __init__(self, router: Router, peer_id: str, stream_id: str) -> None:
+        self.router = router
+        self.peer_id = peer_id
+        self.stream_id = stream_id
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.closed = False
+        self.connected = asyncio.Event()
+        self._last_state: dict[str, str] = {}
+
+        @self.pc.on("iceconnectionstatechange")
+        def _ice() -> None:
+            self._state("ice", self.pc.iceConnectionState)
+
+        @self.pc.on("connectionstatechange")
+        def _conn() -> None:
+            state = self.pc.connectionState
+            self._state("connection", state)
+            if state == "connected":
+                self.connected.set()
+            if state in ("failed", "closed") and not self.closed:
+                router.emit(PeerFailed(peer_id, stream_id, state))
+
+    def _state(self, layer: str, state: str) -> None:
+        if self._last_state.get(layer) == state:
+            return
+        self._last_state[layer] = state
+        pair = None
+        if state in ("completed", "connected"):
+            transport = self._dtls_transport()
+            if transport is not None:
+                pair = internals.selected_candidate_pair(transport)
+        self.router.emit(PeerStateChanged(self.peer_id, self.stream_id, layer, state, pair))
+
+    def _dtls_transport(self) -> Any:
+        for t in self.pc.getTransceivers():
+            return t.receiver.transport
+        return None
+
+    def send_rtcp(self, data: bytes) -> bool:
+        transport = self._dtls_transport()
+        if transport is None:
+            return False
+        return internals.raw_sender(transport)(data)
+
+    async def add_ice_candidate(self, candidate: dict[str, Any] | None) -> None:
+        if candidate is None or not candidate.get("candidate"):
+            await self.pc.addIceCandidate(None)  # type: ignore[arg-type]
+            return
+        text = str(candidate["candidate"])
+        try:
+            parsed: RTCIceCandidate = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
+        except (AssertionError, ValueError, IndexError):
+            raise MediaError(f'"{text[:80]}" is not an ICE candidate') from None
+        parsed.sdpMid = candidate.get("sdpMid")
+        parsed.sdpMLineIndex = candidate.get("sdpMLineIndex")
+        if parsed.sdpMid is None and parsed.sdpMLineIndex is None:
+            parsed.sdpMLineIndex = 0
+        await self.pc.addIceCandidate(parsed)
+
+    def local_sdp(self) -> str:
+        sdp = self.pc.localDescription.sdp
+        return announce_ip(sdp, self.router.announced_ip) if self.router.announced_ip else sdp
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.pc.close()
+
+
+class PublishPeer(Peer):
+    """The server end of one publish: receives a stream's audio and/or video."""
+
+    def __init__(self, router: Router, stream_id: str) -> None:
+        super().__init__(router, stream_id, stream_id)
+        self.tracks: dict[str, PublishedTrack] = {}
+
+    async def negotiate(self, offer_sdp: str) -> str:
+        kinds = _offer_kinds(offer_sdp)
+        for kind in kinds:
+            transceiver = self.pc.addTransceiver(kind, direction="recvonly")
+            transceiver.setCodecPreferences(_preferred_codecs(kind, with_rtx=True))
+            track = PublishedTrack(self.router, self, kind, transceiver.receiver,
+                                   internals.local_ssrc(transceiver.sender))
+            internals.hook_receiver(transceiver.receiver, track.on_rtp, _async(track.on_rtcp))
+            self.tracks[kind] = track
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            await self.pc.setLocalDescription(await self.pc.createAnswer())
+        except Exception as exc:  # aiortc raises ValueError/OperationError/InvalidStateError
+            raise MediaError(f"cannot apply the offer: {exc}") from None
+        return self.local_sdp()
+
+    async def close(self) -> None:
+        for track in self.tracks.values():
+            for sub in track.subscribers:
+                sub.close()
+        await super().close()
+
+
+class SubscribePeer(Peer):
+    """The server end of one subscription: sends one published stream's tracks."""
+
+    def __init__(self, router: Router, subscription_id: str, publish: PublishPeer) -> None:
+        super().__init__(router, subscription_id, publish.stream_id)
+        self.publish = publish
+        self.senders: list[ForwardingSender] = []
+        self.answered = False
+
+    async def make_offer(self) -> str:
+        for kind, track in self.publish.tracks.items():
+            transceiver = self.pc.addTransceiver(kind, direction="sendonly")
+            transceiver.setCodecPreferences(_preferred_codecs(kind, with_rtx=False))
+            fwd = ForwardingSender(self, track, transceiver.sender)
+            internals.hook_sender(transceiver.sender, fwd.start, fwd.run_rtcp, fwd.on_rtcp)
+            self.senders.append(fwd)
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        return self.local_sdp()
+
+    async def accept_answer(self, answer_sdp: str) -> None:
+        if self.answered:
+            raise MediaError("this subscription already has an answer")
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
+        except Exception as exc:
+            raise MediaError(f"cannot apply the answer: {exc}") from None
+        self.answered = True
+
+    async def close(self) -> None:
+        for fwd in self.senders:
+            fwd.close()
+        await super().close()
+
+
+def _async(fn: Any) -> Any:
+    async def wrapper(packet: Any) -> None:
+        fn(packet)
+
+    return wrapper
+
+
+def _offer_kinds(offer_sdp: str) -> list[str]:
+    """Validate a publish offer: at most one audio and one video section, VP8/Opus offered."""
+    try:
+        description = SessionDescription.parse(offer_sdp)
+    except Exception:
+        raise MediaError("the offer is not valid SDP") from None
+    kinds = [m.kind for m in description.media]
+    if not kinds:
+        raise MediaError("the offer has no media sections")
+    for kind in kinds:
+        if kind not in ("audio", "video"):
+            raise MediaError(f'the offer has a "{kind}" section; only audio and video can be published')
+        if kinds.count(kind) > 1:
+            raise MediaError(f"the offer has more than one {kind} section")
+    for media in description.media:
+        wanted = VIDEO_MIME if media.kind == "video" else AUDIO_MIME
+        if not any(c.mimeType.lower() == wanted.lower() for c in media.rtp.codecs):
+            raise MediaError(f"the offer's {media.kind} section has no {wanted.split('/')[1]} codec")
+        if media.direction not in (None, "sendonly", "sendrecv"):
+            raise MediaError(f"the offer's {media.kind} section is {media.direction}, it must send")
+    return kinds
+
+
+_CANDIDATE_RE = re.compile(r"^(a=candidate:\S+ \d+ \S+ \d+ )(\S+)( \d+ typ host)", re.M)
+
+
+def announce_ip(sdp: str, ip: str) -> str:
+    """Replace the address of host candidates with the announced (1:1 NAT) address."""
+    return _CANDIDATE_RE.sub(lambda m: m.group(1) + ip + m.group(3), sdp)
+
+
+class Router:
+    """All publishes and subscriptions of this node, by peer id."""
+
+    def __init__(self, observer: Observer | None = None, pli_interval_s: float = 0.5, sample_interval_s: float = 2.0,
+                 announced_ip: str = "") -> None:
+        self.observer = observer
+        self.pli_interval_s = pli_interval_s
+        self.sample_interval_s = sample_interval_s
+        self.announced_ip = announced_ip
+        self.publishes: dict[str, PublishPeer] = {}
+        self.subscriptions: dict[str, SubscribePeer] = {}
+        self._timer: asyncio.Task[None] | None = None
+
+    def emit(self, event: MediaEvent) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer(event)
+        except Exception:
+            logger.exception("media observer failed on %r", event)
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().create_task(self._run_timer())
+
+    async def publish(self, stream_id: str, offer_sdp: str) -> str:
+        """Accept a publish offer; returns the answer SDP (with all our candidates)."""
+        self.start()
+        peer = PublishPeer(self, stream_id)
+        self.publishes[stream_id] = peer
+        try:
+            return await peer.negotiate(offer_sdp)
+        except BaseException:
+            self.publishes.pop(stream_id, None)
+            await peer.close()
+            raise
+
+    async def subscribe(self, subscription_id: str, stream_id: str) -> str:
+        """Start a subscription to a published stream; returns the server's offer SDP."""
+        publish = self.publishes.get(stream_id)
+        if publish is None:
+            raise PeerNotFound(f'No published stream "{stream_id}" on this node')
+        peer = SubscribePeer(self, subscription_id, publish)
+        self.subscriptions[subscription_id] = peer
+        try:
+            return await peer.make_offer()
+        except BaseException:
+            self.subscriptions.pop(subscription_id, None)
+            await peer.close()
+            raise
+
+    async def answer(self, subscription_id: str, answer_sdp: str) -> None:
+        peer = self.subscriptions.get(subscription_id)
+        if peer is None:
+            raise PeerNotFound(f'No subscription "{subscription_id}"')
+        await peer.accept_answer(answer_sdp)
+
+    def peer(self, peer_id: str) -> Peer:
+        peer: Peer | None = self.publishes.get(peer_id) or self.subscriptions.get(peer_id)
+        if peer is None:
+            raise PeerNotFound(f'No peer "{peer_id}"')
+        return peer
+
+    async def add_ice_candidate(self, peer_id: str, candidate: dict[str, Any] | None) -> None:
+        await self.peer(peer_id).add_ice_candidate(candidate)
+
+    async def close_peer(self, peer_id: str) -> None:
+        peer: Peer | None = self.publishes.pop(peer_id, None) or self.subscriptions.pop(peer_id, None)
+        if peer is not None:
+            await peer.close()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        peers: list[Peer] = [*self.subscriptions.values(), *self.publishes.values()]
+        self.subscriptions.clear()
+        self.publishes.clear()
+        await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)
+
+    async def _run_timer(self) -> None:
+        last_sample = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            tracks = [t for p in list(self.publishes.values()) for t in p.tracks.values()]
+            for track in tracks:
+                track.tick()
+            now = time.monotonic()
+            if now - last_sample >= self.sample_interval_s:
+                interval, last_sample = now - last_sample, now
+                now_ms = int(time.time() * 1000)
+                for track in tracks:
+                    if track.packets:
+                        self.emit(track.sample(now_ms, interval))
+                for sub in list(self.subscriptions.values()):
+                    for fwd in sub.senders:
+                        if fwd.ready:
+                            self.emit(fwd.sample(now_ms, interval))
+

@@ -1,0 +1,139 @@
+"""JWT tokens: minting (CLI, demo endpoint) and verification at join, with the access window enforced."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from rooms.model import Role
+from signalling.config import Config, ConfigError
+from signalling.errors import RoomMismatch, TokenExpired, TokenNotYetValid, Unauthorized
+
+ROOM_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+NAME_MAX = 80
+
+
+@dataclass(frozen=True)
+class Claims:
+    room: str
+    role: Role
+    name: str
+    sub: str
+    nbf: int
+    exp: int
+
+
+class TokenAuthority:
+    """Signs and verifies tokens with the configured key (HS256 secret or RS256 key pair)."""
+
+    def __init__(self, algorithm: str, verify_key: str | bytes, sign_key: str | bytes | None, leeway_s: int) -> None:
+        self.algorithm = algorithm
+        self._verify_key = verify_key
+        self._sign_key = sign_key
+        self.leeway_s = leeway_s
+
+    @classmethod
+    def from_config(cls, config: Config, create_secret: bool = True) -> TokenAuthority:
+        auth = config.auth
+        if auth.algorithm == "RS256":
+            try:
+                public = Path(auth.public_key_file).read_bytes()
+                private = Path(auth.private_key_file).read_bytes() if auth.private_key_file else None
+            except OSError as exc:
+                raise ConfigError(f"auth: cannot read key file: {exc}") from None
+            return cls("RS256", public, private, auth.leeway_s)
+        secret = auth.secret or load_or_create_secret(config.data_path, create=create_secret)
+        return cls("HS256", secret, secret, auth.leeway_s)
+
+    def mint(
+        self, room: str, role: Role, name: str, sub: str | None = None, not_before: int | None = None,
+        expires: int | None = None, ttl_s: int = 3600,
+    ) -> str:
+        if self._sign_key is None:
+            raise ConfigError("auth.private_key_file is needed to sign RS256 tokens")
+        if not ROOM_PATTERN.match(room):
+            raise ValueError(f'room "{room}" must be 1-64 characters of A-Z a-z 0-9 _ . : -')
+        if not name or len(name) > NAME_MAX:
+            raise ValueError(f"name must be 1-{NAME_MAX} characters")
+        now = int(time.time())
+        nbf = now if not_before is None else not_before
+        exp = (nbf if not_before is not None else now) + ttl_s if expires is None else expires
+        if exp <= nbf:
+            raise ValueError("the token's expiry must be after its start")
+        claims = {"room": room, "role": str(role), "name": name, "sub": sub or name, "nbf": nbf, "exp": exp,
+                  "iat": now}
+        return jwt.encode(claims, self._sign_key, algorithm=self.algorithm)
+
+    def verify(self, token: str, room: str | None = None, now: float | None = None) -> Claims:
+        """Check signature, window and claims; raise a coded error naming what was wrong."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.DecodeError:
+            raise Unauthorized("token is not a JWT") from None
+        if header.get("alg") != self.algorithm:
+            raise Unauthorized(f'token algorithm "{header.get("alg")}" is not the configured {self.algorithm}')
+        try:
+            data: dict[str, Any] = jwt.decode(
+                token, self._verify_key, algorithms=[self.algorithm],
+                options={"require": ["exp", "nbf", "room", "role", "name"], "verify_exp": False, "verify_nbf": False},
+            )
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("token signature is invalid") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f'token lacks the "{exc.claim}" claim') from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"token is invalid: {exc}") from None
+        # The window is checked here rather than by PyJWT so the error names which end failed.
+        t = time.time() if now is None else now
+        nbf, exp = data["nbf"], data["exp"]
+        if not isinstance(nbf, int) or not isinstance(exp, int):
+            raise Unauthorized("token nbf and exp must be integers")
+        if t < nbf - self.leeway_s:
+            raise TokenNotYetValid(f"token is valid from {_iso(nbf)}, it is now {_iso(int(t))}: too early")
+        if t > exp + self.leeway_s:
+            raise TokenExpired(f"token expired at {_iso(exp)}, it is now {_iso(int(t))}: too late")
+        try:
+            role = Role(data["role"])
+        except ValueError:
+            raise Unauthorized(f'token role "{data["role"]}" is not one of {", ".join(Role)}') from None
+        if not isinstance(data["room"], str) or not ROOM_PATTERN.match(data["room"]):
+            raise Unauthorized("token room claim is malformed")
+        if not isinstance(data["name"], str) or not 0 < len(data["name"]) <= NAME_MAX:
+            raise Unauthorized("token name claim is malformed")
+        if room is not None and room != data["room"]:
+            raise RoomMismatch(f'token is for room "{data["room"]}", not "{room}"')
+        return Claims(room=data["room"], role=role, name=data["name"], sub=str(data.get("sub") or data["name"]),
+                      nbf=nbf, exp=exp)
+
+
+def _iso(t: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def load_or_create_secret(data_dir: Path, create: bool = True) -> str:
+    """The HS256 secret kept in <data_dir>/jwt-secret, generated (0600) on first start."""
+    path = data_dir / "jwt-secret"
+    if path.exists():
+        secret = path.read_text().strip()
+        if len(secret) < 32:
+            raise ConfigError(f"{path} holds a secret shorter than 32 characters")
+        return secret
+    if not create:
+        raise ConfigError(f"no auth.secret configured and {path} does not exist yet: start the server once first")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    # O_EXCL: two processes starting at once must not each write their own secret.
+    try:
+        fd = path.open("x")
+    except FileExistsError:
+        return load_or_create_secret(data_dir, create=False)
+    with fd:
+        path.chmod(0o600)
+        fd.write(secret + "\n")
+    return secret

@@ -1,0 +1,207 @@
+"""Configuration: one frozen dataclass tree. Defaults in code, then a TOML file
+(unknown keys rejected), then OPENCONSULT_* environment variables, then validate()."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the key and what was wrong."""
+
+    code = "invalid_config"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: str = "./data"
+    #: Largest WebSocket frame accepted, in bytes (an SDP offer is ~5-10 KiB).
+    max_message_bytes: int = 65536
+    #: Invalid messages tolerated per connection before it is closed as abusive.
+    max_invalid_messages: int = 50
+    #: Seconds without any frame (pings count) before a connection is dropped
+    #: as networkDisconnected.
+    heartbeat_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    #: HS256 (shared secret) or RS256 (public key file; tokens signed elsewhere).
+    algorithm: str = "HS256"
+    #: HS256 secret. Empty: generated into <data_dir>/jwt-secret on first start.
+    secret: str = ""
+    #: RS256: path to the PEM public key used to verify tokens.
+    public_key_file: str = ""
+    #: RS256: path to the PEM private key `openconsult token` signs with (optional).
+    private_key_file: str = ""
+    #: Seconds of clock skew tolerated at both ends of a token's window.
+    leeway_s: int = 30
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    #: Local addresses ICE gathers host candidates on. Empty: every interface
+    #: except loopback (aioice's default). Tests use ["127.0.0.1"].
+    ice_addresses: tuple[str, ...] = ()
+    #: 1:1 NAT: the public address put in our candidates instead of the local one.
+    announced_ip: str = ""
+    #: Keyframe requests sent upstream for one stream at most this often.
+    pli_interval_s: float = 0.5
+    #: Seconds of video kept per stream to answer subscribers' NACKs.
+    nack_cache_s: float = 2.0
+    #: Interval of quality samples (bitrate, loss, jitter, RTT) per track.
+    sample_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    #: Serve POST /api/demo/token, which mints patient/clinician tokens for any
+    #: room. Convenient on a laptop; turn it off on a real deployment.
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    #: Redis URL for running several nodes; empty: one node, no Redis.
+    redis_url: str = ""
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.server.data_dir)
+
+    def validate(self) -> Config:
+        s, a, m = self.server, self.auth, self.media
+        if not 0 < s.port < 65536:
+            raise ConfigError(f"server.port must be 1-65535, got {s.port}")
+        if s.max_message_bytes < 1024:
+            raise ConfigError(f"server.max_message_bytes must be >= 1024, got {s.max_message_bytes}")
+        if s.max_invalid_messages < 1:
+            raise ConfigError("server.max_invalid_messages must be >= 1")
+        if s.heartbeat_s <= 0:
+            raise ConfigError("server.heartbeat_s must be > 0")
+        if a.algorithm not in ("HS256", "RS256"):
+            raise ConfigError(f'auth.algorithm must be "HS256" or "RS256", got "{a.algorithm}"')
+        if a.algorithm == "RS256" and not a.public_key_file:
+            raise ConfigError("auth.public_key_file is required when auth.algorithm is RS256")
+        if a.algorithm == "HS256" and a.secret and len(a.secret) < 32:
+            raise ConfigError("auth.secret must be at least 32 characters")
+        if not 0 <= a.leeway_s <= 600:
+            raise ConfigError(f"auth.leeway_s must be 0-600, got {a.leeway_s}")
+        for addr in (*m.ice_addresses, *([m.announced_ip] if m.announced_ip else [])):
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ConfigError(f'media: "{addr}" is not an IP address') from None
+        if m.pli_interval_s <= 0 or m.nack_cache_s <= 0 or m.sample_interval_s <= 0:
+            raise ConfigError("media intervals must be > 0")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f'redis_url must start with redis://, rediss:// or unix://, got "{self.redis_url}"')
+        return self
+
+
+def _coerce(path: str, value: Any, typ: Any) -> Any:
+    """Check/convert one value against its annotated type; name the key on error."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{path} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        try:
+            return int(value) if isinstance(value, (int, str)) else _bad(path, "an integer", value)
+        except ValueError:
+            raise ConfigError(f"{path} must be an integer, got {value!r}") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        try:
+            return float(value) if isinstance(value, (int, float, str)) else _bad(path, "a number", value)
+        except ValueError:
+            raise ConfigError(f"{path} must be a number, got {value!r}") from None
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    if typ == tuple[str, ...]:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path} must be a list of strings, got {value!r}")
+        return tuple(value)
+    raise ConfigError(f"{path}: unsupported type")  # pragma: no cover
+
+
+def _bad(path: str, what: str, value: Any) -> Any:
+    raise ConfigError(f"{path} must be {what}, got {value!r}")
+
+
+def _merge(obj: Any, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f'unknown config key "{prefix}{key}"')
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            changes[key] = _merge(current, value, f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(f"{prefix}{key}", value, hints[key])
+    return replace(obj, **changes)
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """OPENCONSULT_SERVER__PORT=9000 → {"server": {"port": "9000"}}; OPENCONSULT_REDIS_URL → redis_url."""
+    out: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith("OPENCONSULT_") or name == "OPENCONSULT_CONFIG":
+            continue
+        parts = name[len("OPENCONSULT_") :].lower().split("__")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the config: defaults, then the TOML file, then the environment, then
+    command-line overrides (``{"server": {"port": 9000}}``), then validate()."""
+    config = Config()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        config = _merge(config, data, "")
+    config = _merge(config, _env_overrides(os.environ if env is None else env), "")
+    if overrides:
+        config = _merge(config, overrides, "")
+    return config.validate()
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,98 @@
+"""Real aiortc client peers for media tests: a publisher with synthetic camera and
+microphone, and a subscriber that decodes and records what it gets."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
+from av import VideoFrame
+
+
+class MovingVideoTrack(VideoStreamTrack):
+    """640x480 frames at 30 fps whose content changes every frame."""
+
+    def __init__(self, width: int = 640, height: int = 480) -> None:
+        super().__init__()
+        self.width, self.height = width, height
+        self.counter = 0
+
+    async def recv(self) -> VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        image = numpy.zeros((self.height, self.width, 3), numpy.uint8)
+        x = (self.counter * 8) % self.width
+        image[:, x : x + 32, 1] = 255
+        image[:, :, 2] = self.counter % 256
+        self.counter += 1
+        frame = VideoFrame.from_ndarray(image, format="bgr24")
+        frame.pts = pts
+        frame.time_base = time_base
+        return frame
+
+
+def client_pc() -> RTCPeerConnection:
+    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+
+
+async def publisher_offer(video: bool = True, audio: bool = True) -> RTCPeerConnection:
+    pc = client_pc()
+    if audio:
+        pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
+    if video:
+        pc.addTransceiver(MovingVideoTrack(), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc
+
+
+@dataclass
+class Received:
+    frames: list[tuple[float, int, int, bool]] = field(default_factory=list)  # (time, w, h, keyframe)
+    audio_frames: int = 0
+    first_frame_at: float | None = None
+
+    def video_frames_since(self, t: float) -> list[tuple[float, int, int, bool]]:
+        return [f for f in self.frames if f[0] >= t]
+
+
+class Subscriber:
+    """Answers a server offer and decodes every track it receives."""
+
+    def __init__(self) -> None:
+        self.pc = client_pc()
+        self.received = Received()
+        self.tasks: list[asyncio.Task[None]] = []
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self.tasks.append(asyncio.ensure_future(self._consume(track)))
+
+    async def answer(self, offer_sdp: str) -> str:
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        await self.pc.setLocalDescription(await self.pc.createAnswer())
+        return self.pc.localDescription.sdp
+
+    async def _consume(self, track: MediaStreamTrack) -> None:
+        try:
+            while True:
+                frame: Any = await track.recv()
+                now = time.monotonic()
+                if track.kind == "video":
+                    if self.received.first_frame_at is None:
+                        self.received.first_frame_at = now
+                    key = bool(getattr(frame, "key_frame", False))
+                    self.received.frames.append((now, frame.width, frame.height, key))
+                else:
+                    self.received.audio_frames += 1
+        except Exception:
+            return
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await self.pc.close()
