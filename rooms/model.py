@@ -19,10 +19,16 @@ def new_id(prefix: str) -> str:
 
 
 class Role(StrEnum):
+    """Who an actor is. ``ADMIN`` is the generic admin of the first skeleton; rooms/ treats it as an
+    organisation admin. ``DEPARTMENT_ADMIN`` and ``ORGANISATION_ADMIN`` come from the clinical
+    workflow (strict department separation)."""
+
     PATIENT = "patient"
     CLINICIAN = "clinician"
     SUPPORT = "support"
     ADMIN = "admin"
+    DEPARTMENT_ADMIN = "department_admin"
+    ORGANISATION_ADMIN = "organisation_admin"
 
 
 class DisconnectReason(StrEnum):

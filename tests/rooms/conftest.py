@@ -1,0 +1,45 @@
+"""Fixtures for rooms/ tests: a real redis-server (one per test session) and each store kind."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from rooms.redis_store import RedisStore
+from rooms.sqlite_store import SqliteStore
+from rooms.store import MemoryStore, Store
+from tests.redis_server import RedisServer, redis_server
+
+_namespaces = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_srv() -> Iterator[RedisServer]:
+    """A real redis-server shared by the session; tests isolate themselves by namespace."""
+    with redis_server() as server:
+        yield server
+
+
+def fresh_namespace() -> str:
+    return f"test{next(_namespaces)}:"
+
+
+STORE_KINDS = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """One fresh store of each kind: the same contract tests run against all three."""
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore()
+    elif request.param == "sqlite":
+        s = SqliteStore(tmp_path / "rooms.db")
+    else:
+        server: RedisServer = request.getfixturevalue("redis_srv")
+        s = RedisStore(server.url, namespace=fresh_namespace())
+    yield s
+    await s.close()
