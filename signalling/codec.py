@@ -1,0 +1,389 @@
+"""Wire codec of protocol v1: frames to validated request dicts, and reply dicts to frames.
+
+Two encodings with the same message structure (docs/protocol.md): JSON in text frames
+(:class:`JsonCodec`, the default) and msgpack in binary frames (:class:`MsgpackCodec`, chosen by
+the ``openconsult.v1.msgpack`` subprotocol). ``decode`` enforces the size limit, parses, checks
+the envelope and validates the message against its JSON schema in ``signalling/schemas/``;
+anything wrong raises a :class:`~signalling.errors.ProtocolError` whose message names the field
+and the problem (``"offer.sdp" must be a string``) and which carries the request ``id``
+whenever it could be read. ``decode`` raises nothing else, whatever the input.
+
+Schemas are loaded and their validators compiled once, at import.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Final
+
+import msgpack
+from jsonschema import Draft202012Validator, ValidationError
+from jsonschema.exceptions import best_match
+
+from signalling.errors import (
+    ErrorCode,
+    InvalidMessage,
+    MessageTooLarge,
+    OpenConsultError,
+    ProtocolError,
+    RequestId,
+)
+
+SUBPROTOCOL_JSON: Final = "openconsult.v1"
+SUBPROTOCOL_MSGPACK: Final = "openconsult.v1.msgpack"
+SUBPROTOCOLS: Final = (SUBPROTOCOL_MSGPACK, SUBPROTOCOL_JSON)
+
+#: Default frame limit; the server passes ``server.max_message_bytes``.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 65_536
+
+SCHEMA_DIR: Final = Path(__file__).parent / "schemas"
+
+# Integers beyond 2**53 do not survive a JavaScript client, so they are not valid ids.
+_MAX_SAFE_INT: Final = 2**53 - 1
+_MAX_ID_CHARS: Final = 64
+_MAX_ECHOED_TYPE_CHARS: Final = 40
+
+
+class MessageType(StrEnum):
+    """Every inbound request type; each has ``signalling/schemas/<type>.json``."""
+
+    JOIN = "join"
+    PUBLISH = "publish"
+    UNPUBLISH = "unpublish"
+    SUBSCRIBE = "subscribe"
+    ANSWER = "answer"
+    UNSUBSCRIBE = "unsubscribe"
+    ICE = "ice"
+    LEAVE = "leave"
+    PING = "ping"
+
+
+class EventName(StrEnum):
+    """Every server-pushed event name (``{"type": "event", "event": ...}``)."""
+
+    CONNECTION_CREATED = "connectionCreated"
+    CONNECTION_DESTROYED = "connectionDestroyed"
+    STREAM_CREATED = "streamCreated"
+    STREAM_DESTROYED = "streamDestroyed"
+    SUBSCRIPTION_ENDED = "subscriptionEnded"
+
+
+def _load(name: str) -> Draft202012Validator:
+    schema = json.loads((SCHEMA_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+#: Compiled validator per inbound message type.
+VALIDATORS: Final[Mapping[str, Draft202012Validator]] = {t.value: _load(t.value) for t in MessageType}
+#: Compiled validators for what the server sends: ``"response"`` and ``"event"``.
+OUTBOUND_VALIDATORS: Final[Mapping[str, Draft202012Validator]] = {
+    "response": _load("_response"),
+    "event": _load("_event"),
+}
+
+_KNOWN_TYPES: Final = ", ".join(f'"{t}"' for t in MessageType)
+
+
+# --- reply constructors -----------------------------------------------------------------------
+
+
+def response_ok(request_id: RequestId | None, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``{"type": "response", "id": …, "ok": true, "data": {…}}``."""
+    return {"type": "response", "id": request_id, "ok": True, "data": dict(data) if data is not None else {}}
+
+
+def response_error(request_id: RequestId | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
+    """``{"type": "response", "id": …, "ok": false, "error": {"code", "message"}}``."""
+    return {
+        "type": "response",
+        "id": request_id,
+        "ok": False,
+        "error": {"code": str(code), "message": message},
+    }
+
+
+def error_response(request_id: RequestId | None, error: OpenConsultError) -> dict[str, Any]:
+    """The error response for a coded error; a :class:`ProtocolError` supplies its own id if it has one."""
+    if isinstance(error, ProtocolError) and error.request_id is not None:
+        request_id = error.request_id
+    return response_error(request_id, error.code, error.message)
+
+
+def event(name: EventName | str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"type": "event", "event": name, "data": {…}}``."""
+    return {"type": "event", "event": str(name), "data": dict(data)}
+
+
+def check_outbound(message: Mapping[str, Any]) -> None:
+    """Validate a server→client message against ``_response.json`` / ``_event.json``.
+
+    For tests and debugging (the server does not pay for this on every send). Raises
+    :class:`InvalidMessage` naming the field.
+    """
+    validator = OUTBOUND_VALIDATORS.get(message.get("type"))  # type: ignore[arg-type]
+    if validator is None:
+        raise InvalidMessage(f'"type" must be "response" or "event", not {_show(message.get("type"))}')
+    error = best_match(validator.iter_errors(message))
+    if error is not None:
+        raise InvalidMessage(_describe(error))
+
+
+# --- codecs -----------------------------------------------------------------------------------
+
+
+class Codec(ABC):
+    """Frame ⇄ message for one WebSocket; pick one with :meth:`for_subprotocol`."""
+
+    #: True if frames are binary (``ws.send_bytes``), False for text (``ws.send_str``).
+    binary: ClassVar[bool]
+    subprotocol: ClassVar[str]
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
+
+    @staticmethod
+    def for_subprotocol(subprotocol: str | None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Codec:
+        """The codec for the negotiated subprotocol: msgpack for ``openconsult.v1.msgpack``, else JSON."""
+        if subprotocol == SUBPROTOCOL_MSGPACK:
+            return MsgpackCodec(max_message_bytes)
+        return JsonCodec(max_message_bytes)
+
+    def decode(self, frame: str | bytes) -> dict[str, Any]:
+        """Parse and validate one inbound frame into a request dict.
+
+        Raises :class:`MessageTooLarge` for a frame over the limit (without parsing it) and
+        :class:`InvalidMessage` for anything else wrong; never any other exception.
+        """
+        try:
+            return self._decode(frame)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a parser or validator corner we did not foresee
+            raise InvalidMessage(f"message could not be read ({type(exc).__name__})") from None
+
+    def _decode(self, frame: str | bytes) -> dict[str, Any]:
+        size = _frame_size(frame, self.max_message_bytes)
+        if size > self.max_message_bytes:
+            raise MessageTooLarge(f"message is {size} bytes, more than the limit of {self.max_message_bytes}")
+        message = self._parse(frame)
+        if not isinstance(message, dict):
+            raise InvalidMessage(f"message must be an object, not {_type_name(message)}")
+        request_id = _readable_id(message)
+        if request_id is not None:
+            message["id"] = request_id  # 7.0 → 7
+        message_type = message.get("type")
+        if "type" not in message:
+            raise InvalidMessage('"type" is required', request_id)
+        if not isinstance(message_type, str):
+            raise InvalidMessage(f'"type" must be a string, not {_type_name(message_type)}', request_id)
+        validator = VALIDATORS.get(message_type)
+        if validator is None:
+            shown = message_type[:_MAX_ECHOED_TYPE_CHARS]
+            raise InvalidMessage(f'unknown message type "{shown}"; expected one of {_KNOWN_TYPES}', request_id)
+        error = best_match(validator.iter_errors(message))
+        if error is not None:
+            raise InvalidMessage(_describe(error), request_id)
+        bad_path = _lone_surrogate_path(message)
+        if bad_path is not None:
+            raise InvalidMessage(f'"{bad_path}" is not valid Unicode (lone surrogate)', request_id)
+        return message
+
+    @abstractmethod
+    def _parse(self, frame: str | bytes) -> object:
+        """Frame to Python object; raises InvalidMessage or any parser exception."""
+
+    @abstractmethod
+    def encode(self, message: Mapping[str, Any]) -> str | bytes:
+        """One outbound frame for ``message`` (str for a text frame, bytes for a binary one)."""
+
+
+class JsonCodec(Codec):
+    """JSON in text frames. A binary frame holding UTF-8 JSON is accepted too."""
+
+    binary: ClassVar[bool] = False
+    subprotocol: ClassVar[str] = SUBPROTOCOL_JSON
+
+    def _parse(self, frame: str | bytes) -> object:
+        try:
+            return json.loads(frame, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidMessage(f"message is not valid JSON: {_json_reason(exc)}") from None
+
+    def encode(self, message: Mapping[str, Any]) -> str:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class MsgpackCodec(Codec):
+    """msgpack in binary frames (subprotocol ``openconsult.v1.msgpack``)."""
+
+    binary: ClassVar[bool] = True
+    subprotocol: ClassVar[str] = SUBPROTOCOL_MSGPACK
+
+    def _parse(self, frame: str | bytes) -> object:
+        if isinstance(frame, str):
+            raise InvalidMessage("expected a binary msgpack frame, got a text frame")
+        try:
+            return msgpack.unpackb(frame, raw=False, strict_map_key=True, timestamp=0)
+        except Exception as exc:
+            raise InvalidMessage(f"message is not valid msgpack ({type(exc).__name__})") from None
+
+    def encode(self, message: Mapping[str, Any]) -> bytes:
+        packed = msgpack.packb(message, use_bin_type=True)
+        assert isinstance(packed, bytes)
+        return packed
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def _frame_size(frame: str | bytes, limit: int) -> int:
+    if isinstance(frame, bytes | bytearray | memoryview):
+        return len(frame)
+    # UTF-8 is 1-4 bytes per character: only count exactly when it could matter.
+    if len(frame) > limit or len(frame) * 4 <= limit:
+        return len(frame)
+    return len(frame.encode("utf-8", "surrogatepass"))
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _json_reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8"
+    return str(exc)[:100]
+
+
+def _readable_id(message: Mapping[Any, Any]) -> RequestId | None:
+    """The request id if it is a valid one (echoing anything else back would be unsafe)."""
+    raw = message.get("id")
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw if -_MAX_SAFE_INT <= raw <= _MAX_SAFE_INT else None
+    if isinstance(raw, float):
+        return int(raw) if raw.is_integer() and -_MAX_SAFE_INT <= raw <= _MAX_SAFE_INT else None
+    if isinstance(raw, str):
+        return raw if 0 < len(raw) <= _MAX_ID_CHARS and _lone_surrogate_path(raw) is None else None
+    return None
+
+
+_SURROGATE: Final = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate_path(value: object, path: str = "") -> str | None:
+    """Path of the first string holding a lone surrogate (legal in JSON escapes, not in UTF-8).
+
+    Such a string could not be re-encoded for a msgpack peer or a text frame, so it is refused
+    here rather than failing later in someone else's send.
+    """
+    stack: list[tuple[str, object]] = [(path, value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return where or "message"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str) and _SURROGATE.search(key):
+                    return _join(where, key)
+                stack.append((_join(where, key), child))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", child) for i, child in enumerate(item))
+    return None
+
+
+def _join(path: str, key: object) -> str:
+    name = key if isinstance(key, str) else repr(key)
+    return f"{path}.{name}" if path else name
+
+
+def _path(parts: Iterable[Any]) -> str:
+    out = ""
+    for part in parts:
+        out = f"{out}[{part}]" if isinstance(part, int) else _join(out, part)
+    return out
+
+
+_TYPE_WORDS: Final = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "object": "an object",
+    "array": "an array",
+    "boolean": "a boolean",
+    "null": "null",
+}
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, bytes):
+        return "binary data"
+    return "an unsupported value"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):
+        return json.dumps(value[:_MAX_ECHOED_TYPE_CHARS])
+    return _type_name(value)
+
+
+def _describe(error: ValidationError) -> str:
+    """A one-line message naming the field and what is wrong with it."""
+    path = _path(deque(error.absolute_path))
+    field = f'"{path}"' if path else "message"
+    validator = error.validator
+    expected = error.validator_value
+    instance = error.instance
+    if validator == "required" and isinstance(instance, dict):
+        missing = [name for name in expected if name not in instance]
+        return f'"{_join(path, missing[0] if missing else "?")}" is required'
+    if validator == "additionalProperties" and isinstance(instance, dict):
+        allowed = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        extra = sorted(str(key) for key in instance if key not in allowed)
+        return f'"{_join(path, extra[0] if extra else "?")}" is not allowed'
+    if validator == "type":
+        types = [expected] if isinstance(expected, str) else list(expected)
+        words = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+        return f"{field} must be {words}, not {_type_name(instance)}"
+    if validator == "const":
+        return f"{field} must be {json.dumps(expected)}"
+    if validator == "enum":
+        return f"{field} must be one of {', '.join(json.dumps(v) for v in expected)}"
+    if validator == "maxLength":
+        return f"{field} must be at most {expected} characters"
+    if validator == "minLength":
+        return f"{field} must not be empty" if expected == 1 else f"{field} must be at least {expected} characters"
+    if validator == "pattern":
+        return f"{field} contains characters that are not allowed (expected {expected})"
+    if validator == "minimum":
+        return f"{field} must be at least {expected}"
+    if validator == "maximum":
+        return f"{field} must be at most {expected}"
+    return f"{field} is invalid ({validator})"
