@@ -355,8 +355,10 @@
           if (options.room) {
             join.room = options.room;
           }
-          if (typeof navigator !== 'undefined' && navigator.userAgent) {
-            join.user_agent = navigator.userAgent;
+          const userAgent = options.userAgent || (typeof navigator !== 'undefined' && navigator.userAgent);
+          if (userAgent) {
+            // The schema caps it at 512 characters; the SDK version is appended for support staff.
+            join.user_agent = (userAgent + ' OpenConsultJS/' + VERSION).slice(-512);
           }
           this._request('join', join).then(resolve, reject);
         };
@@ -623,7 +625,7 @@
         await pc.setLocalDescription(offer);
         const request = { offer: { type: 'offer', sdp: offer.sdp }, video_source: publisher.videoSource };
         if (options.name) {
-          request.name = options.name;
+          request.name = String(options.name).slice(0, 80); // the schema's limit
         }
         const data = await this._request('publish', request);
         publisher.streamId = data.stream_id;
@@ -744,8 +746,8 @@
   /**
    * Connect and join. Options: `token` (required JWT), `url` (default `ws(s)://<this host>/ws`),
    * `room` (optional check against the token), `requestTimeout` (ms, default 15000; 0 = none),
-   * `pingInterval` (ms, default 20000; 0 = no keepalive). Resolves with a joined Session;
-   * rejects with an OpenConsultError (`.code` e.g. `unauthorized`, `token_expired`).
+   * `pingInterval` (ms, default 20000; 0 = no keepalive), `userAgent` (default navigator.userAgent).
+   * Resolves with a joined Session; rejects with an OpenConsultError (`.code` e.g. `unauthorized`, `token_expired`).
    */
   async function connect(options) {
     options = options || {};
