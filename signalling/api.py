@@ -1,0 +1,140 @@
+"""HTTP endpoints: health, the inspector API (support/admin tokens), the demo
+token endpoint, Prometheus metrics and the static pages."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from metrics import prometheus as prom
+from rooms.model import Role
+from signalling import __version__
+from signalling.auth import ROOM_PATTERN, Claims
+from signalling.errors import Forbidden, InvalidMessage, OpenConsultError, Unauthorized
+from signalling.keys import CONFIG_KEY, EVENTLOG_KEY, HUB_KEY, STARTED_KEY, TOKENS_KEY
+
+STATIC_DIR = Path(__file__).parent / "static"
+INSPECTOR_ROLES = (Role.SUPPORT, Role.ADMIN)
+
+STATUS = {
+    "invalid_message": 400, "unauthorized": 401, "token_expired": 401, "token_not_yet_valid": 401,
+    "room_mismatch": 403, "forbidden": 403, "not_found": 404, "invalid_state": 409,
+    "message_too_large": 413,
+}
+
+
+def error_json(exc: OpenConsultError) -> web.Response:
+    """The one place a coded error becomes an HTTP status."""
+    return web.json_response({"error": {"code": str(exc.code), "message": exc.message}},
+                             status=STATUS.get(str(exc.code), 500))
+
+
+@web.middleware
+async def coded_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except OpenConsultError as exc:
+        return error_json(exc)
+
+
+def bearer_claims(request: web.Request, roles: tuple[Role, ...]) -> Claims:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise Unauthorized("an Authorization: Bearer <token> header is required")
+    claims = request.app[TOKENS_KEY].verify(header[len("Bearer "):].strip())
+    if claims.role not in roles:
+        raise Forbidden(f'role "{claims.role}" may not read this; it needs {" or ".join(roles)}')
+    return claims
+
+
+async def healthz(request: web.Request) -> web.Response:
+    hub = request.app[HUB_KEY]
+    return web.json_response({
+        "status": "ok", "version": __version__,
+        "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 1),
+        "rooms": len(hub.registry.sessions), "connections": hub.registry.connection_count,
+    })
+
+
+async def session_events(request: web.Request) -> web.Response:
+    bearer_claims(request, INSPECTOR_ROLES)
+    session_id = request.match_info["session_id"]
+    since = _int_query(request, "since_ms")
+    limit = _int_query(request, "limit") or 10_000
+    events = await request.app[EVENTLOG_KEY].events(session_id, since_ms=since, limit=limit)
+    return web.json_response({"session_id": session_id, "events": events})
+
+
+async def session_quality(request: web.Request) -> web.Response:
+    bearer_claims(request, INSPECTOR_ROLES)
+    session_id = request.match_info["session_id"]
+    return web.json_response({"session_id": session_id,
+                              "samples": request.app[HUB_KEY].quality.get(session_id, [])})
+
+
+async def sessions(request: web.Request) -> web.Response:
+    bearer_claims(request, INSPECTOR_ROLES)
+    now = int(time.time() * 1000)
+    since = _int_query(request, "since_ms") or now - 7 * 86_400_000
+    until = _int_query(request, "until_ms") or now + 60_000
+    text = request.query.get("q") or None
+    found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text)
+    return web.json_response({"sessions": found})
+
+
+def _int_query(request: web.Request, name: str) -> int | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidMessage(f'query parameter "{name}" must be an integer, got "{value[:40]}"') from None
+
+
+async def demo_token(request: web.Request) -> web.Response:
+    """Mint a patient or clinician token for the demo page (off when demo.enabled is false)."""
+    if not request.app[CONFIG_KEY].demo.enabled:
+        raise web.HTTPNotFound()
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidMessage("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidMessage("the body must be a JSON object")
+    room, name, role = body.get("room"), body.get("name"), body.get("role", "patient")
+    if not isinstance(room, str) or not ROOM_PATTERN.match(room):
+        raise InvalidMessage('"room" must be 1-64 characters of A-Z a-z 0-9 _ . : -')
+    if not isinstance(name, str) or not 0 < len(name.strip()) <= 80:
+        raise InvalidMessage('"name" must be 1-80 characters')
+    if role not in (Role.PATIENT, Role.CLINICIAN):
+        raise InvalidMessage('"role" must be "patient" or "clinician"')
+    token = request.app[TOKENS_KEY].mint(room, Role(role), name.strip(), ttl_s=4 * 3600)
+    return web.json_response({"token": token})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = prom.render()
+    response = web.Response(body=body)
+    response.content_type = content_type.split(";")[0]
+    return response
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/sessions", sessions)
+    app.router.add_get("/api/sessions/{session_id}/events", session_events)
+    app.router.add_get("/api/sessions/{session_id}/quality", session_quality)
+    app.router.add_post("/api/demo/token", demo_token)
+    app.router.add_static("/static/", STATIC_DIR)

@@ -1,0 +1,75 @@
+"""The aiohttp application: wires config, token authority, event log, media router
+and hub, each with its own lifetime (cleanup_ctx), and serves the routes."""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import WSCloseCode, web
+
+from media import aiortc_internals
+from media.router import Router
+from metrics.eventlog import EventLog
+from signalling.api import add_routes, coded_errors
+from signalling.auth import TokenAuthority
+from signalling.config import Config
+from signalling.hub import Hub
+from signalling.keys import (
+    CONFIG_KEY,
+    EVENTLOG_KEY,
+    HUB_KEY,
+    ROUTER_KEY,
+    SHUTTING_DOWN_KEY,
+    SOCKETS_KEY,
+    STARTED_KEY,
+    TOKENS_KEY,
+)
+from signalling.ws import websocket_handler
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[coded_errors], client_max_size=1024 * 1024)
+    config.data_path.mkdir(parents=True, exist_ok=True)
+    app[CONFIG_KEY] = config
+    app[TOKENS_KEY] = TokenAuthority.from_config(config)
+    app[SOCKETS_KEY] = weakref.WeakSet()
+    app[STARTED_KEY] = time.monotonic()
+    app.cleanup_ctx.append(_eventlog_ctx)
+    app.cleanup_ctx.append(_media_ctx)
+    app.on_shutdown.append(_close_sockets)
+    add_routes(app)
+    app.router.add_get("/ws", websocket_handler)
+    return app
+
+
+async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
+    eventlog = EventLog(app[CONFIG_KEY].data_path / "events.sqlite3")
+    app[EVENTLOG_KEY] = eventlog
+    yield
+    await eventlog.aclose()
+
+
+async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
+    media = app[CONFIG_KEY].media
+    aiortc_internals.configure_ice_addresses(media.ice_addresses)
+    router = Router(pli_interval_s=media.pli_interval_s, sample_interval_s=media.sample_interval_s,
+                    announced_ip=media.announced_ip)
+    app[ROUTER_KEY] = router
+    app[HUB_KEY] = Hub(app[TOKENS_KEY], router, app[EVENTLOG_KEY])
+    router.start()
+    yield
+    await app[HUB_KEY].shutdown()
+    await router.close()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """On shutdown every connection leaves with reason serverShutdown, then sockets close."""
+    app[SHUTTING_DOWN_KEY] = True
+    await app[HUB_KEY].shutdown()
+    for ws in list(app[SOCKETS_KEY]):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")

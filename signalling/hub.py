@@ -1,0 +1,351 @@
+"""The signalling core of one node: joins, publishes, subscriptions and leaves for
+every live session, wired to the media router and the event log.
+
+Each WebSocket connection is a ``Client`` (a send queue plus its joined state);
+the ``Hub`` turns validated requests into session changes, media negotiation,
+pushed events and event-log entries. Nothing here parses frames or knows HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from media.errors import MediaError as MediaPlaneError
+from media.errors import PeerNotFound
+from media.events import DimensionsChanged, KeyframeRequested, MediaEvent, PeerFailed, PeerStateChanged, QualitySample
+from media.router import Router
+from metrics import prometheus as prom
+from metrics.eventlog import EventLog
+from metrics.events import EventKind, LogEntry, token_rejected
+from rooms.live import LiveConnection, LiveRegistry, LiveSession, LiveStream, LiveSubscription
+from rooms.model import (
+    ConnectionId,
+    DisconnectReason,
+    StreamDestroyedReason,
+    StreamId,
+    SubscriptionId,
+    new_id,
+)
+from signalling.auth import Claims, TokenAuthority
+from signalling.errors import InvalidState, MediaError, NotFound, OpenConsultError, Unauthorized
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PeerOwner:
+    """Who a media peer connection belongs to, for routing media events."""
+
+    session_id: str
+    connection_id: str
+    stream_id: str
+    is_publish: bool
+
+
+class Client:
+    """One signalling connection: its outbound queue and, once joined, its identity."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None], remote_ip: str = "", user_agent: str = "") -> None:
+        self.send = send
+        self.remote_ip = remote_ip
+        self.user_agent = user_agent
+        self.claims: Claims | None = None
+        self.session: LiveSession | None = None
+        self.connection: LiveConnection | None = None
+        self.left = False
+
+
+class Hub:
+    def __init__(self, tokens: TokenAuthority, router: Router, eventlog: EventLog) -> None:
+        self.tokens = tokens
+        self.router = router
+        self.eventlog = eventlog
+        self.registry = LiveRegistry()
+        self.clients: dict[ConnectionId, Client] = {}
+        self.peers: dict[str, PeerOwner] = {}
+        self.quality: dict[str, list[dict[str, Any]]] = {}
+        router.observer = self.on_media_event
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def log(self, session_id: str, kind: EventKind, text: str, *, connection_id: str | None = None,
+            stream_id: str | None = None, **payload: Any) -> None:
+        self.eventlog.append(LogEntry.now(session_id, kind, text, connection_id=connection_id,
+                                          stream_id=stream_id, payload=payload))
+
+    def broadcast(self, session: LiveSession, name: str, data: dict[str, Any],
+                  exclude: ConnectionId | None = None) -> None:
+        message = {"type": "event", "event": name, "data": data}
+        for connection_id in list(session.connections):
+            if connection_id == exclude:
+                continue
+            client = self.clients.get(connection_id)
+            if client is not None:
+                client.send(message)
+
+    @staticmethod
+    def joined(client: Client) -> tuple[LiveSession, LiveConnection]:
+        if client.session is None or client.connection is None:
+            raise Unauthorized("join the session first")
+        return client.session, client.connection
+
+    # --- requests ---------------------------------------------------------------------
+
+    async def join(self, client: Client, token: str, room: str | None, user_agent: str | None) -> dict[str, Any]:
+        if client.session is not None:
+            raise InvalidState("this connection has already joined")
+        try:
+            claims = self.tokens.verify(token, room=room)
+        except OpenConsultError as exc:
+            prom.TOKENS_REJECTED.labels(code=str(exc.code)).inc()
+            self.eventlog.append(token_rejected(token, exc.message, room, code=str(exc.code)))
+            raise
+        session, created = self.registry.session_for_room(claims.room)
+        connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
+                                    user_agent=user_agent or client.user_agent, ip=client.remote_ip)
+        sid = session.session_id
+        if created:
+            prom.SESSIONS_ACTIVE.inc()
+            self.log(sid, EventKind.VIDEO_SESSION,
+                     f'Video session id ({sid}) has been created for room "{claims.room}"', room=claims.room)
+        self.log(sid, EventKind.CONNECT_ATTEMPT, f"Connect attempt: {claims.name} ({claims.role})",
+                 connection_id=connection.connection_id, user_agent=connection.user_agent, ip=connection.ip)
+        client.claims, client.session, client.connection = claims, session, connection
+        session.connections[connection.connection_id] = connection
+        self.clients[connection.connection_id] = client
+        prom.CONNECTIONS_ACTIVE.inc()
+        self.log(sid, EventKind.SERVER_DETECTED_CONNECT, f"Server detected connect: {claims.name} ({claims.role})",
+                 connection_id=connection.connection_id, role=str(claims.role), name=claims.name, user=claims.sub,
+                 user_agent=connection.user_agent, ip=connection.ip)
+        self.broadcast(session, "connectionCreated", {"connection": connection.public()},
+                       exclude=connection.connection_id)
+        self.log(sid, EventKind.SUCCESSFULLY_JOINED, f"Successfully joined the session: {claims.name}",
+                 connection_id=connection.connection_id)
+        return {
+            "session_id": sid, "connection_id": connection.connection_id, "room": claims.room,
+            "role": str(claims.role), "name": claims.name,
+            "connections": [c.public() for c in session.connections.values()
+                            if c.connection_id != connection.connection_id],
+            "streams": [s.public() for s in session.streams.values()],
+        }
+
+    async def publish(self, client: Client, offer: dict[str, Any], name: str | None,
+                      video_source: str | None) -> dict[str, Any]:
+        session, connection = self.joined(client)
+        stream_id = StreamId(new_id("st"))
+        sid = session.session_id
+        self.log(sid, EventKind.PUBLISH_ATTEMPT, f"Publish attempt: {connection.name}",
+                 connection_id=connection.connection_id, stream_id=stream_id)
+        self.peers[stream_id] = PeerOwner(sid, connection.connection_id, stream_id, True)
+        try:
+            answer = await self.router.publish(stream_id, offer["sdp"])
+        except MediaPlaneError as exc:
+            self.peers.pop(stream_id, None)
+            self.log(sid, EventKind.PUBLISH_FAILURE, f"Publish failed: {connection.name}: {exc}",
+                     connection_id=connection.connection_id, stream_id=stream_id, error=str(exc))
+            raise MediaError(str(exc)) from None
+        if client.session is not session or connection.connection_id not in session.connections:
+            # The client left while we negotiated.
+            self.peers.pop(stream_id, None)
+            await self.router.close_peer(stream_id)
+            raise InvalidState("the connection left during publish")
+        kinds = self.router.publishes[stream_id].tracks.keys()
+        stream = LiveStream(stream_id, connection.connection_id, name or connection.name, video_source or "camera",
+                            has_audio="audio" in kinds, has_video="video" in kinds)
+        session.streams[stream_id] = stream
+        prom.STREAMS_ACTIVE.inc()
+        self.log(sid, EventKind.PUBLISH_SUCCESS, f"Publish succeeded: {connection.name}",
+                 connection_id=connection.connection_id, stream_id=stream_id)
+        self.log(sid, EventKind.STREAM_CREATED,
+                 f"Stream created: {stream.name} ({'audio' if stream.has_audio else ''}"
+                 f"{'+' if stream.has_audio and stream.has_video else ''}{'video' if stream.has_video else ''})",
+                 connection_id=connection.connection_id, stream_id=stream_id, **stream.public())
+        self.broadcast(session, "streamCreated", {"stream": stream.public()}, exclude=connection.connection_id)
+        return {"stream_id": stream_id, "answer": {"type": "answer", "sdp": answer}}
+
+    async def unpublish(self, client: Client, stream_id: str) -> dict[str, Any]:
+        session, connection = self.joined(client)
+        stream = session.streams.get(StreamId(stream_id))
+        if stream is None or stream.connection_id != connection.connection_id:
+            raise NotFound(f'No stream "{stream_id}" published by this connection')
+        await self.destroy_stream(session, stream, StreamDestroyedReason.CLIENT_DISCONNECTED)
+        return {}
+
+    async def subscribe(self, client: Client, stream_id: str) -> dict[str, Any]:
+        session, connection = self.joined(client)
+        stream = session.streams.get(StreamId(stream_id))
+        sid = session.session_id
+        if stream is None:
+            self.log(sid, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: no stream {stream_id}",
+                     connection_id=connection.connection_id, stream_id=stream_id)
+            raise NotFound(f'No stream "{stream_id}" in session "{sid}"')
+        subscription_id = SubscriptionId(new_id("sub"))
+        self.log(sid, EventKind.SUBSCRIBE_ATTEMPT, f"Subscribe attempt: {connection.name} to {stream.name}",
+                 connection_id=connection.connection_id, stream_id=stream_id, subscription_id=subscription_id)
+        self.peers[subscription_id] = PeerOwner(sid, connection.connection_id, stream_id, False)
+        try:
+            offer = await self.router.subscribe(subscription_id, stream_id)
+        except MediaPlaneError as exc:
+            self.peers.pop(subscription_id, None)
+            self.log(sid, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: {exc}",
+                     connection_id=connection.connection_id, stream_id=stream_id)
+            raise MediaError(str(exc)) from None
+        if stream.stream_id not in session.streams or client.connection is not connection:
+            self.peers.pop(subscription_id, None)
+            await self.router.close_peer(subscription_id)
+            raise NotFound(f'Stream "{stream_id}" ended during subscribe')
+        session.subscriptions[subscription_id] = LiveSubscription(subscription_id, connection.connection_id,
+                                                                  stream.stream_id)
+        prom.SUBSCRIPTIONS_ACTIVE.inc()
+        return {"subscription_id": subscription_id, "offer": {"type": "offer", "sdp": offer}}
+
+    async def answer(self, client: Client, subscription_id: str, answer: dict[str, Any]) -> dict[str, Any]:
+        session, connection = self.joined(client)
+        subscription = self._own_subscription(session, connection, subscription_id)
+        try:
+            await self.router.answer(subscription_id, answer["sdp"])
+        except PeerNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except MediaPlaneError as exc:
+            self.log(session.session_id, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: {exc}",
+                     connection_id=connection.connection_id, stream_id=subscription.stream_id)
+            raise MediaError(str(exc)) from None
+        self.log(session.session_id, EventKind.SUBSCRIBE_SUCCESS, f"Subscribe succeeded: {connection.name}",
+                 connection_id=connection.connection_id, stream_id=subscription.stream_id,
+                 subscription_id=subscription_id)
+        return {}
+
+    async def unsubscribe(self, client: Client, subscription_id: str) -> dict[str, Any]:
+        session, connection = self.joined(client)
+        subscription = self._own_subscription(session, connection, subscription_id)
+        await self._end_subscription(session, subscription, "unsubscribed", notify=False)
+        return {}
+
+    async def ice(self, client: Client, peer_id: str, candidate: dict[str, Any] | None) -> dict[str, Any]:
+        session, connection = self.joined(client)
+        owner = self.peers.get(peer_id)
+        if owner is None or owner.connection_id != connection.connection_id:
+            raise NotFound(f'No peer "{peer_id}" of this connection')
+        try:
+            await self.router.add_ice_candidate(peer_id, candidate)
+        except PeerNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except MediaPlaneError as exc:
+            raise MediaError(str(exc)) from None
+        return {}
+
+    def _own_subscription(self, session: LiveSession, connection: LiveConnection,
+                          subscription_id: str) -> LiveSubscription:
+        subscription = session.subscriptions.get(SubscriptionId(subscription_id))
+        if subscription is None or subscription.connection_id != connection.connection_id:
+            raise NotFound(f'No subscription "{subscription_id}" of this connection')
+        return subscription
+
+    # --- teardown ---------------------------------------------------------------------
+
+    async def _end_subscription(self, session: LiveSession, subscription: LiveSubscription, reason: str,
+                                notify: bool) -> None:
+        if session.subscriptions.pop(subscription.subscription_id, None) is None:
+            return
+        self.peers.pop(subscription.subscription_id, None)
+        prom.SUBSCRIPTIONS_ACTIVE.dec()
+        await self.router.close_peer(subscription.subscription_id)
+        self.log(session.session_id, EventKind.UNSUBSCRIBED, f"Subscription ended: {reason}",
+                 connection_id=subscription.connection_id, stream_id=subscription.stream_id,
+                 subscription_id=subscription.subscription_id, reason=reason)
+        client = self.clients.get(subscription.connection_id)
+        if notify and client is not None:
+            client.send({"type": "event", "event": "subscriptionEnded",
+                         "data": {"subscription_id": subscription.subscription_id,
+                                  "stream_id": subscription.stream_id, "reason": reason}})
+
+    async def destroy_stream(self, session: LiveSession, stream: LiveStream, reason: StreamDestroyedReason) -> None:
+        if session.streams.pop(stream.stream_id, None) is None:
+            return
+        prom.STREAMS_ACTIVE.dec()
+        prom.STREAMS_DESTROYED.labels(reason=str(reason)).inc()
+        for subscription in session.subscriptions_to(stream.stream_id):
+            await self._end_subscription(session, subscription, str(reason), notify=True)
+        self.peers.pop(stream.stream_id, None)
+        await self.router.close_peer(stream.stream_id)
+        self.log(session.session_id, EventKind.STREAM_DESTROYED, f"Stream destroyed: {stream.name}. Reason: {reason}",
+                 connection_id=stream.connection_id, stream_id=stream.stream_id, reason=str(reason))
+        self.broadcast(session, "streamDestroyed", {"stream": stream.public(), "reason": str(reason)},
+                       exclude=stream.connection_id)
+
+    async def disconnect(self, client: Client, reason: DisconnectReason) -> None:
+        """Remove a joined client: its subscriptions, streams and connection. Idempotent."""
+        session, connection = client.session, client.connection
+        if session is None or connection is None or client.left:
+            return
+        client.left = True
+        for subscription in session.subscriptions_of(connection.connection_id):
+            await self._end_subscription(session, subscription, str(reason), notify=False)
+        for stream in session.streams_of(connection.connection_id):
+            await self.destroy_stream(session, stream, StreamDestroyedReason.from_disconnect(reason))
+        session.connections.pop(connection.connection_id, None)
+        self.clients.pop(connection.connection_id, None)
+        prom.CONNECTIONS_ACTIVE.dec()
+        prom.CONNECTIONS_CLOSED.labels(reason=str(reason)).inc()
+        self.log(session.session_id, EventKind.DISCONNECT,
+                 f"Server detected disconnect: {connection.name}. Reason: {reason}",
+                 connection_id=connection.connection_id, reason=str(reason))
+        self.broadcast(session, "connectionDestroyed", {"connection": connection.public(), "reason": str(reason)})
+        if self.registry.end_if_empty(session):
+            prom.SESSIONS_ACTIVE.dec()
+
+    async def shutdown(self) -> None:
+        for client in list(self.clients.values()):
+            await self.disconnect(client, DisconnectReason.SERVER_SHUTDOWN)
+
+    # --- media events -----------------------------------------------------------------
+
+    def on_media_event(self, event: MediaEvent) -> None:
+        if isinstance(event, QualitySample):
+            owner = self.peers.get(event.peer_id)
+            if owner is not None:
+                samples = self.quality.setdefault(owner.session_id, [])
+                samples.append({"connection_id": owner.connection_id, **event.__dict__})
+                del samples[:-2000]
+            return
+        owner = self.peers.get(event.peer_id if not isinstance(event, (KeyframeRequested, DimensionsChanged))
+                               else event.stream_id)
+        if owner is None:
+            return
+        sid, cid = owner.session_id, owner.connection_id
+        if isinstance(event, PeerStateChanged):
+            what = "Publisher" if owner.is_publish else "Subscriber"
+            pair = event.pair
+            pair_text = (f" via {pair['local_type']}/{pair['remote_type']} {pair['protocol']}" if pair else "")
+            kind = EventKind.ICE_STATE_CHANGED if event.layer == "ice" else EventKind.DTLS_STATE_CHANGED
+            self.log(sid, kind, f"{what} {event.layer} state: {event.state}{pair_text}", connection_id=cid,
+                     stream_id=event.stream_id, peer_id=event.peer_id, layer=event.layer, state=event.state,
+                     candidate_pair=pair)
+        elif isinstance(event, KeyframeRequested):
+            prom.KEYFRAMES_REQUESTED.inc()
+            self.log(sid, EventKind.KEYFRAME_REQUESTED, f"Keyframe requested ({event.reason})", connection_id=cid,
+                     stream_id=event.stream_id, method="pli", by=event.subscription_id, reason=event.reason)
+        elif isinstance(event, DimensionsChanged):
+            self.log(sid, EventKind.DIMENSIONS_CHANGED, f"Dimensions changed: {event.width}x{event.height}",
+                     connection_id=cid, stream_id=event.stream_id, width=event.width, height=event.height)
+        elif isinstance(event, PeerFailed):
+            asyncio.get_running_loop().create_task(self._peer_failed(owner, event))
+
+    async def _peer_failed(self, owner: PeerOwner, event: PeerFailed) -> None:
+        session = self.registry.sessions.get(owner.session_id)  # type: ignore[call-overload]
+        if session is None:
+            return
+        reason = StreamDestroyedReason.NETWORK_DISCONNECTED if event.state == "failed" \
+            else StreamDestroyedReason.MEDIA_STOPPED
+        if owner.is_publish:
+            stream = session.streams.get(StreamId(owner.stream_id))
+            if stream is not None:
+                await self.destroy_stream(session, stream, reason)
+        else:
+            subscription = session.subscriptions.get(SubscriptionId(event.peer_id))
+            if subscription is not None:
+                await self._end_subscription(session, subscription, str(reason), notify=True)

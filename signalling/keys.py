@@ -1,0 +1,22 @@
+"""Typed keys for what the aiohttp application holds."""
+
+from __future__ import annotations
+
+import weakref
+
+from aiohttp import web
+
+from media.router import Router
+from metrics.eventlog import EventLog
+from signalling.auth import TokenAuthority
+from signalling.config import Config
+from signalling.hub import Hub
+
+CONFIG_KEY = web.AppKey("config", Config)
+TOKENS_KEY = web.AppKey("tokens", TokenAuthority)
+EVENTLOG_KEY = web.AppKey("eventlog", EventLog)
+ROUTER_KEY = web.AppKey("router", Router)
+HUB_KEY = web.AppKey("hub", Hub)
+SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+SHUTTING_DOWN_KEY = web.AppKey("shutting_down", bool)
+STARTED_KEY = web.AppKey("started_at", float)
