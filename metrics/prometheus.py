@@ -57,10 +57,12 @@ class WsDirection(StrEnum):
 
 
 class WsResult(StrEnum):
-    """Inbound: ``ok`` handled, ``error`` answered with an error response.
-    Outbound: ``ok`` sent, ``dropped`` not sent because the client's queue was full."""
+    """Inbound: ``ok`` decoded, ``invalid`` refused by the codec (error frame sent), ``error``
+    decoded but answered with an error. Outbound: ``ok`` sent, ``dropped`` not sent because the
+    client's queue was full."""
 
     OK = "ok"
+    INVALID = "invalid"
     ERROR = "error"
     DROPPED = "dropped"
 
