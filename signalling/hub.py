@@ -163,7 +163,8 @@ class Hub:
         self.log(sid, EventKind.STREAM_CREATED,
                  f"Stream created: {stream.name} ({'audio' if stream.has_audio else ''}"
                  f"{'+' if stream.has_audio and stream.has_video else ''}{'video' if stream.has_video else ''})",
-                 connection_id=connection.connection_id, stream_id=stream_id, **stream.public())
+                 connection_id=connection.connection_id, stream_id=stream_id, name=stream.name,
+                 video_source=stream.video_source, has_audio=stream.has_audio, has_video=stream.has_video)
         self.broadcast(session, "streamCreated", {"stream": stream.public()}, exclude=connection.connection_id)
         return {"stream_id": stream_id, "answer": {"type": "answer", "sdp": answer}}
 
