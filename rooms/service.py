@@ -125,6 +125,11 @@ class WorkflowService:
         self.store = store
         self.config = config or WorkflowConfig()
 
+    def authorize(self, actor: Actor, action: Action, department: str, patient_ref: str | None = None) -> None:
+        """Raise ``forbidden`` unless the table allows it: for checks the edge makes itself
+        (e.g. :attr:`Action.VIEW_INSPECTOR` before serving inspector data)."""
+        self._check(actor, action, department, patient_ref)
+
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _retry(self, attempt: Callable[[], Awaitable[T]]) -> T:
