@@ -43,3 +43,22 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         s = RedisStore(server.url, namespace=fresh_namespace())
     yield s
     await s.close()
+
+
+@pytest.fixture(params=STORE_KINDS)
+async def store_pair(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[Store, Store]]:
+    """Two clients of one backing store (two connections to one file, two to one Redis)."""
+    a: Store
+    b: Store
+    if request.param == "memory":
+        a = b = MemoryStore()
+    elif request.param == "sqlite":
+        a, b = SqliteStore(tmp_path / "rooms.db"), SqliteStore(tmp_path / "rooms.db")
+    else:
+        server: RedisServer = request.getfixturevalue("redis_srv")
+        ns = fresh_namespace()
+        a, b = RedisStore(server.url, namespace=ns), RedisStore(server.url, namespace=ns)
+    yield a, b
+    await a.close()
+    if b is not a:
+        await b.close()
