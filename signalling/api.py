@@ -66,7 +66,9 @@ async def session_events(request: web.Request) -> web.Response:
     session_id = request.match_info["session_id"]
     since = _int_query(request, "since_ms")
     limit = _int_query(request, "limit") or 10_000
-    events = await request.app[EVENTLOG_KEY].events(session_id, since_ms=since, limit=limit)
+    eventlog = request.app[EVENTLOG_KEY]
+    await eventlog.flush(timeout=5)  # read what was logged up to this request
+    events = await eventlog.events(session_id, since_ms=since, limit=limit)
     return web.json_response({"session_id": session_id, "events": events})
 
 
@@ -83,6 +85,7 @@ async def sessions(request: web.Request) -> web.Response:
     since = _int_query(request, "since_ms") or now - 7 * 86_400_000
     until = _int_query(request, "until_ms") or now + 60_000
     text = request.query.get("q") or None
+    await request.app[EVENTLOG_KEY].flush(timeout=5)
     found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text)
     return web.json_response({"sessions": found})
 

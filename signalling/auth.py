@@ -112,6 +112,16 @@ class TokenAuthority:
                       nbf=nbf, exp=exp)
 
 
+def unverified_room(token: str) -> str | None:
+    """The room a token claims, signature unchecked: only to file a rejected token
+    under the room support staff will look in."""
+    try:
+        room = jwt.decode(token, options={"verify_signature": False}).get("room")
+    except jwt.PyJWTError:
+        return None
+    return room if isinstance(room, str) and ROOM_PATTERN.match(room) else None
+
+
 def _iso(t: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 

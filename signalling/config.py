@@ -24,7 +24,7 @@ class ServerConfig:
     port: int = 8080
     data_dir: str = "./data"
     #: Largest WebSocket frame accepted, in bytes (an SDP offer is ~5-10 KiB).
-    max_message_bytes: int = 65536
+    max_message_bytes: int = 131072
     #: Invalid messages tolerated per connection before it is closed as abusive.
     max_invalid_messages: int = 50
     #: Seconds without any frame (pings count) before a connection is dropped
@@ -55,8 +55,6 @@ class MediaConfig:
     announced_ip: str = ""
     #: Keyframe requests sent upstream for one stream at most this often.
     pli_interval_s: float = 0.5
-    #: Seconds of video kept per stream to answer subscribers' NACKs.
-    nack_cache_s: float = 2.0
     #: Interval of quality samples (bitrate, loss, jitter, RTT) per track.
     sample_interval_s: float = 2.0
 
@@ -104,7 +102,7 @@ class Config:
                 ipaddress.ip_address(addr)
             except ValueError:
                 raise ConfigError(f'media: "{addr}" is not an IP address') from None
-        if m.pli_interval_s <= 0 or m.nack_cache_s <= 0 or m.sample_interval_s <= 0:
+        if m.pli_interval_s <= 0 or m.sample_interval_s <= 0:
             raise ConfigError("media intervals must be > 0")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f'redis_url must start with redis://, rediss:// or unix://, got "{self.redis_url}"')

@@ -30,8 +30,8 @@ from rooms.model import (
     SubscriptionId,
     new_id,
 )
-from signalling.auth import Claims, TokenAuthority
-from signalling.errors import InvalidState, MediaError, NotFound, OpenConsultError, Unauthorized
+from signalling.auth import Claims, TokenAuthority, unverified_room
+from signalling.errors import InvalidState, MediaError, NotFound, OpenConsultError
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class Hub:
     @staticmethod
     def joined(client: Client) -> tuple[LiveSession, LiveConnection]:
         if client.session is None or client.connection is None:
-            raise Unauthorized("join the session first")
+            raise InvalidState("join the session first")
         return client.session, client.connection
 
     # --- requests ---------------------------------------------------------------------
@@ -102,7 +102,7 @@ class Hub:
             claims = self.tokens.verify(token, room=room)
         except OpenConsultError as exc:
             prom.TOKENS_REJECTED.labels(code=str(exc.code)).inc()
-            self.eventlog.append(token_rejected(token, exc.message, room, code=str(exc.code)))
+            self.eventlog.append(token_rejected(token, exc.message, room or unverified_room(token), code=str(exc.code)))
             raise
         session, created = self.registry.session_for_room(claims.room)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,

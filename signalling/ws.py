@@ -51,7 +51,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     sockets = request.app[SOCKETS_KEY]
     sockets.add(ws)
     reason = DisconnectReason.NETWORK_DISCONNECTED
-    invalid = 0
+    invalid = oversized = 0
     try:
         async for msg in ws:
             if msg.type == WSMsgType.CLOSE:
@@ -64,7 +64,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                 invalid += 1
                 prom.WS_MESSAGES.labels(direction="in", result="invalid").inc()
                 send(error_response(exc.request_id, exc))
-                if exc.code == "message_too_large" and invalid >= 3:
+                oversized += exc.code == "message_too_large"
+                if oversized >= 3:
                     await _close_after(queue, writer, ws, WSCloseCode.MESSAGE_TOO_BIG, b"messages too large")
                     break
                 if invalid >= config.server.max_invalid_messages:

@@ -1,0 +1,51 @@
+"""`openconsult serve` restarted on the same data dir still serves earlier sessions'
+event logs, and keeps its generated token secret."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.client import SignallingClient
+from rooms.model import Role
+from tests.call_helpers import authority
+from tests.server import start_server
+
+
+def get_json(url: str, token: str) -> Any:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_event_log_survives_restart(tmp_path: Path, stop_signal: int) -> None:
+    server = start_server(tmp_path)
+    tokens = authority(server.data_dir)
+    room = f"r-{uuid.uuid4().hex[:8]}"
+    client = await SignallingClient(server.ws_url).connect()
+    joined = await client.join(tokens.mint(room, Role.PATIENT, "Anna"))
+    await client.request("leave")
+    await client.closed.wait()
+    await client.close()
+    session_id = joined["session_id"]
+    support = tokens.mint("support", Role.SUPPORT, "Support")
+    before = get_json(f"{server.url}/api/sessions/{session_id}/events", support)["events"]
+    assert [e["kind"] for e in before] == ["VideoSession", "connectAttempt", "serverDetectedConnect",
+                                           "successfullyJoined", "disconnect"]
+    assert before[-1]["payload"]["reason"] == "clientDisconnected"
+    server.stop(stop_signal)
+
+    restarted = start_server(tmp_path, data_dir=server.data_dir)
+    try:
+        # The same secret: the support token minted before the restart is still valid.
+        after = get_json(f"{restarted.url}/api/sessions/{session_id}/events", support)["events"]
+        assert after == before
+    finally:
+        restarted.stop()
