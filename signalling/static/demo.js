@@ -413,7 +413,7 @@
       const report = await subscription.getStats();
       report.forEach((stat) => {
         if (stat.type === 'inbound-rtp' && (stat.kind || stat.mediaType) === 'video') {
-          entry.framesDecoded += 0;
+          entry.framesDecoded += stat.framesDecoded || 0;
           entry.bytesReceived += stat.bytesReceived || 0;
           entry.frameWidth = stat.frameWidth || entry.frameWidth;
           entry.frameHeight = stat.frameHeight || entry.frameHeight;
