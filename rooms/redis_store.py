@@ -20,7 +20,18 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
-from rooms.store import Append, Body, Check, Doc, Op, Put, StoreConflict, pack, unpack, validate_ops
+from rooms.store import (
+    Append,
+    Body,
+    Check,
+    Doc,
+    Op,
+    Put,
+    StoreConflict,
+    pack,
+    unpack,
+    validate_ops,
+)
 
 # ARGV[1] = n; then per op 4 values: type ('p' put, 'c' check, 'a' append), expected, data, member.
 # KEYS[i] = the op's doc or log key; KEYS[n+i] = the kind's key set (used by puts only).

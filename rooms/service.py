@@ -34,7 +34,17 @@ from rooms.backoffice import BackofficeEntry, LogKind, entry, format_time, secon
 from rooms.chat import ChannelKind, ChatChannel, ChatMessage, Retention, RetentionKind
 from rooms.consultation import Consultation
 from rooms.consultation import State as CState
-from rooms.errors import Conflict, Forbidden, RoomsError, InvalidInput, InvalidToken, InvalidTransition, NotFound, TooEarly, TooLate
+from rooms.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    InvalidToken,
+    InvalidTransition,
+    NotFound,
+    RoomsError,
+    TooEarly,
+    TooLate,
+)
 from rooms.model import Role, SessionId, new_id
 from rooms.permissions import Action, Actor, Resource, check
 from rooms.store import Append, Check, Doc, Op, Put, Store, StoreConflict
@@ -411,7 +421,8 @@ class WorkflowService:
             if arrival is waiting_room.Arrival.WALK_IN:
                 text = f"Patient was added to {queue_word} by {who} (walk-in)."
             else:
-                text = f"Patient was added to {queue_word} by {who}. Booked consultation ({arrival.value.replace('_', ' ')})."
+                when = arrival.value.replace("_", " ")
+                text = f"Patient was added to {queue_word} by {who}. Booked consultation ({when})."
             return Result(qe, (entry(LogKind.QUEUE, text, session_id, now_ms, room_id=room_id,
                                      arrival=arrival.value, position=room.position(session_id),
                                      by=actor.user_id),))

@@ -16,7 +16,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from rooms.store import Append, Body, Check, Doc, Op, Put, StoreConflict, pack, unpack, validate_ops
+from rooms.store import (
+    Append,
+    Body,
+    Check,
+    Doc,
+    Op,
+    Put,
+    StoreConflict,
+    pack,
+    unpack,
+    validate_ops,
+)
 
 T = TypeVar("T")
 
@@ -78,7 +89,10 @@ class SqliteStore:
 
     async def commit(self, ops: Sequence[Op]) -> None:
         validate_ops(ops)
-        packed = [(op, pack(op.body) if isinstance(op, Put) else pack(op.item) if isinstance(op, Append) else b"") for op in ops]
+        packed = [
+            (op, pack(op.body) if isinstance(op, Put) else pack(op.item) if isinstance(op, Append) else b"")
+            for op in ops
+        ]
 
         def tx(c: sqlite3.Connection) -> None:
             c.execute("BEGIN IMMEDIATE")

@@ -110,7 +110,7 @@ def pack(body: Mapping[str, Any]) -> bytes:
 def unpack(data: bytes) -> Body:
     value = msgpack.unpackb(data, raw=False)
     if not isinstance(value, dict):
-        raise ValueError("stored value is not a map")
+        raise TypeError("stored value is not a map")
     return value
 
 
@@ -120,7 +120,7 @@ def validate_ops(ops: Sequence[Op]) -> None:
     for op in ops:
         if isinstance(op, Append):
             if not isinstance(op.item.get("time_ms"), int):
-                raise ValueError(f"log item for {op.log}/{op.key} needs an int time_ms")
+                raise ValueError(f"log item for {op.log}/{op.key} needs an int time_ms")  # noqa: TRY004
             continue
         if op.expected_version < 0:
             raise ValueError("expected_version must be >= 0")

@@ -1,8 +1,9 @@
 """A real ``redis-server`` for tests: started on a free port in a temp dir, stopped afterwards.
 
 Use :func:`redis_server` (a context manager yielding a :class:`RedisServer`) from any test folder,
-or :func:`require_redis_server` to get the binary. If ``redis-server`` is missing, tests skip
-with a clear reason — except with ``CI=true``, where they fail: in CI a Redis test that cannot
+or the session fixture :func:`redis_srv` (``from tests.redis_server import redis_srv`` in a
+conftest.py makes it available there), or :func:`require_redis_server` to get the binary.
+If ``redis-server`` is missing, tests skip with a clear reason — except with ``CI=true``, where they fail: in CI a Redis test that cannot
 run must not pass silently.
 """
 
@@ -87,3 +88,10 @@ def redis_server(timeout: float = 10.0) -> Iterator[RedisServer]:
                 process.wait()
             if process.stderr:
                 process.stderr.close()
+
+
+@pytest.fixture(scope="session")
+def redis_srv() -> Iterator[RedisServer]:
+    """A real redis-server shared by the test session; tests isolate themselves by key namespace."""
+    with redis_server() as server:
+        yield server

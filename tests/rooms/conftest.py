@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -11,16 +11,11 @@ import pytest
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import MemoryStore, Store
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer, redis_srv
+
+__all__ = ["redis_srv", "store", "store_pair"]
 
 _namespaces = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def redis_srv() -> Iterator[RedisServer]:
-    """A real redis-server shared by the session; tests isolate themselves by namespace."""
-    with redis_server() as server:
-        yield server
 
 
 def fresh_namespace() -> str:

@@ -17,7 +17,16 @@ from rooms.model import Role, SessionId
 from rooms.permissions import PERMISSIONS, Action, Actor, Resource, Scope, allowed
 from rooms.service import WorkflowConfig, WorkflowService
 from rooms.store import MemoryStore
-from tests.rooms.scenario import CARDIO, CLIN, DERMA, MIN, ORG_ADMIN, T0, ready, rooms, waiting
+from tests.rooms.scenario import (
+    CARDIO,
+    CLIN,
+    DERMA,
+    MIN,
+    T0,
+    ready,
+    rooms,
+    waiting,
+)
 
 P, CL, DA, OA, SU = "patient", "clinician", "department_admin", "organisation_admin", "support"
 SPEC: dict[Action, set[str]] = {

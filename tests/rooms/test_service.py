@@ -15,7 +15,19 @@ from rooms.service import WorkflowConfig, WorkflowService
 from rooms.store import MemoryStore
 from rooms.waiting_room import Arrival, Outcome
 from rooms.waiting_room import State as Q
-from tests.rooms.scenario import CARDIO, CLIN, CLIN2, MIN, ORG_ADMIN, PAT, PAT2, SUPPORT, T0, rooms, waiting
+from tests.rooms.scenario import (
+    CARDIO,
+    CLIN,
+    CLIN2,
+    MIN,
+    ORG_ADMIN,
+    PAT,
+    PAT2,
+    SUPPORT,
+    T0,
+    rooms,
+    waiting,
+)
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ from rooms import chat
 from rooms.consultation import State as C
 from rooms.model import Role
 from rooms.permissions import Actor
-from rooms.sqlite_store import SqliteStore
 from rooms.service import WorkflowService
+from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
 from rooms.waiting_room import Outcome
 from tests.rooms.scenario import CLIN, MIN, ORG_ADMIN, PAT, SUPPORT, T0, rooms, waiting
