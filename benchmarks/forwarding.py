@@ -1,0 +1,363 @@
+"""Forwarding benchmark: how many RTP packets the SFU sends per second of its own CPU.
+
+For each K: start a real ``python -m signalling.cli serve`` (temp data dir, free
+port, ICE on 127.0.0.1 only), one publisher process sending pre-encoded VP8
+(~1 Mbps, 30 fps) + Opus, and K counting subscribers (no decoding) spread over
+``ceil(K / subs_per_process)`` client processes. Once every subscriber receives
+audio and video and a warm-up has passed, measure over a window: the server's
+CPU seconds (utime + stime from /proc/<pid>/stat, all threads), the packets the
+subscribers received, the client processes' CPU and the whole host's busy CPU.
+
+Speed figures are only comparable within one run on these shared machines, so
+every row also measures, in this process, right after its window, a reference:
+a Python loop doing the irreducible work of a packet out of a Python SFU (build
+a 12-byte RTP header, SRTP-protect with libsrtp, ``sendto`` on loopback), and
+the plain ``sendto`` loop alone. The ratio is server packets per CPU-second over
+the SRTP reference's packets per CPU-second.
+
+    .venv/bin/python benchmarks/forwarding.py [--k 1,4,16,32] [--seconds 10]
+
+Client processes are this file run as ``python -m benchmarks.forwarding worker``;
+they read one JSON config line on stdin, then answer ``counts``/``stop`` lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+TICKS = os.sysconf("SC_CLK_TCK")
+TARGET_K32 = 20_000  # packets out per server CPU-second at K = 32 (this issue)
+
+
+# --- measuring ------------------------------------------------------------------
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads) in seconds, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def host_cpu() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole host, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return float(sum(values) - idle), float(sum(values))
+
+
+@dataclass(frozen=True)
+class Reference:
+    srtp_sendto_per_cpu_s: float
+    sendto_per_cpu_s: float
+
+
+def reference(cpu_seconds: float = 0.5, size: int = 1100) -> Reference:
+    """Packets per CPU-second of two trivial loops on loopback, in this process.
+    The receiving socket is never read: the kernel still delivers each datagram
+    in the sender's context and drops it when the buffer is full, as for an idle
+    client."""
+    from pylibsrtp import Policy, Session
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    address = sink.getsockname()
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    policy = Policy(key=os.urandom(30), ssrc_type=Policy.SSRC_ANY_OUTBOUND,
+                    srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80)
+    session = Session(policy=policy)
+    payload = os.urandom(size)
+    pack = struct.Struct("!BBHII").pack
+
+    def srtp_loop(n: int, seq: int) -> None:
+        for i in range(seq, seq + n):
+            data = pack(0x80, 96, i & 0xFFFF, i * 3000 & 0xFFFFFFFF, 0x1234) + payload
+            out.sendto(session.protect(data), address)
+
+    def plain_loop(n: int, seq: int) -> None:
+        packet = pack(0x80, 96, 1, 1, 0x1234) + payload
+        for _ in range(n):
+            out.sendto(packet, address)
+
+    rates = []
+    try:
+        for loop in (srtp_loop, plain_loop):
+            done, start = 0, time.thread_time()
+            while (elapsed := time.thread_time() - start) < cpu_seconds:
+                loop(1000, done)
+                done += 1000
+            rates.append(done / elapsed)
+    finally:
+        sink.close()
+        out.close()
+    return Reference(rates[0], rates[1])
+
+
+@dataclass(frozen=True)
+class Result:
+    k: int
+    client_processes: int
+    window_s: float
+    packets: int
+    packets_per_s: float
+    server_cpu_s: float
+    server_cpu_pct: float
+    packets_per_server_cpu_s: float
+    clients_cpu_pct: float
+    host_busy_pct: float
+    reference: Reference
+    ratio: float
+    keyframe_requests: int
+
+
+# --- the orchestrator ------------------------------------------------------------
+
+
+class Worker:
+    """A client process speaking JSON lines on stdin/stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+
+    @classmethod
+    async def start(cls, config: dict[str, Any]) -> Worker:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.forwarding", "worker", cwd=REPO_ROOT,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        worker = cls(proc)
+        await worker.send(config)
+        return worker
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def reply(self, timeout: float = 60.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"worker {self.pid} exited ({await self.proc.wait()}) without answering")
+        data: dict[str, Any] = json.loads(line)
+        if "error" in data:
+            raise RuntimeError(f"worker {self.pid}: {data['error']}")
+        return data
+
+    async def ask(self, command: str, timeout: float = 10.0) -> dict[str, Any]:
+        await self.send({"command": command})
+        return await self.reply(timeout)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                await self.send({"command": "stop"})
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except (OSError, asyncio.TimeoutError):
+                self.proc.kill()
+                await self.proc.wait()
+
+
+async def run_forwarding(k: int, seconds: float = 10.0, workdir: Path | None = None, subs_per_process: int = 16,
+                         media_seconds: float = 10.0, warmup_s: float = 2.0, media_file: Path | None = None,
+                         connect_timeout: float = 90.0) -> Result:
+    """One benchmark row: a fresh server, 1 publisher, ``k`` counting subscribers."""
+    from loadtest.media import encode_media, save_media
+    from rooms.model import Role
+    from signalling.auth import TokenAuthority, load_or_create_secret
+    from tests.server import start_server
+
+    with tempfile.TemporaryDirectory(prefix="forwarding-") as tmp:
+        base = workdir or Path(tmp)
+        if media_file is None:
+            media_file = base / "media.bin"
+            save_media(encode_media(media_seconds), media_file)
+        server = await asyncio.to_thread(start_server, base / f"server-k{k}")
+        workers: list[Worker] = []
+        try:
+            secret = load_or_create_secret(server.data_dir, create=False)
+            tokens = TokenAuthority("HS256", secret, secret, 30)
+            room = f"bench-{uuid.uuid4().hex[:8]}"
+            publisher = await Worker.start({"role": "publisher", "ws_url": server.ws_url,
+                                            "token": tokens.mint(room, Role.PATIENT, "publisher"),
+                                            "media_file": str(media_file)})
+            workers.append(publisher)
+            stream_id = (await publisher.reply(connect_timeout))["stream_id"]
+            processes = max(1, math.ceil(k / subs_per_process))
+            for p in range(processes):
+                names = [f"sub-{i}" for i in range(k) if i % processes == p]
+                workers.append(await Worker.start({
+                    "role": "subscribers", "ws_url": server.ws_url, "stream_id": stream_id,
+                    "tokens": [tokens.mint(room, Role.PATIENT, name) for name in names]}))
+            subscribers = workers[1:]
+            for worker in subscribers:
+                await worker.reply(connect_timeout)
+            deadline = time.monotonic() + connect_timeout
+            while not all([(await w.ask("counts"))["receiving"] for w in subscribers]):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"not every subscriber received audio and video within {connect_timeout}s")
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(warmup_s)
+
+            async def snapshot() -> tuple[float, int, float, float, tuple[float, float]]:
+                counts = await asyncio.gather(*(w.ask("counts") for w in subscribers))
+                return (time.monotonic(), sum(c["packets"] for c in counts), process_cpu_s(server.proc.pid),
+                        sum(process_cpu_s(w.pid) for w in workers), host_cpu())
+
+            t0, packets0, server0, clients0, host0 = await snapshot()
+            await asyncio.sleep(seconds)
+            t1, packets1, server1, clients1, host1 = await snapshot()
+            keyframe_requests = int((await publisher.ask("counts"))["keyframe_requests"])
+            ref = reference()
+        finally:
+            await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+            await asyncio.to_thread(server.stop)
+    window = t1 - t0
+    packets = packets1 - packets0
+    server_cpu = server1 - server0
+    per_cpu = packets / server_cpu if server_cpu > 0 else math.inf
+    return Result(
+        k=k, client_processes=len(workers), window_s=window, packets=packets, packets_per_s=packets / window,
+        server_cpu_s=server_cpu, server_cpu_pct=100 * server_cpu / window, packets_per_server_cpu_s=per_cpu,
+        clients_cpu_pct=100 * (clients1 - clients0) / window,
+        host_busy_pct=100 * (host1[0] - host0[0]) / max(1.0, host1[1] - host0[1]) * (os.cpu_count() or 1),
+        reference=ref, ratio=per_cpu / ref.srtp_sendto_per_cpu_s, keyframe_requests=keyframe_requests)
+
+
+HEADER = (f"{'K':>3} {'procs':>5} {'window s':>8} {'pkts out':>9} {'pkts/s':>8} {'server CPU %':>12} "
+          f"{'pkts/server CPU-s':>17} {'clients CPU %':>13} {'host busy %':>11} "
+          f"{'ref srtp+sendto/CPU-s':>21} {'ref sendto/CPU-s':>16} {'ratio':>6} {'PLIs':>4}")
+
+
+def format_row(r: Result) -> str:
+    return (f"{r.k:>3} {r.client_processes:>5} {r.window_s:>8.1f} {r.packets:>9} {r.packets_per_s:>8.0f} "
+            f"{r.server_cpu_pct:>12.1f} {r.packets_per_server_cpu_s:>17.0f} {r.clients_cpu_pct:>13.1f} "
+            f"{r.host_busy_pct:>11.1f} {r.reference.srtp_sendto_per_cpu_s:>21.0f} "
+            f"{r.reference.sendto_per_cpu_s:>16.0f} {r.ratio:>6.3f} {r.keyframe_requests:>4}")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    from loadtest.media import encode_media, save_media
+
+    ks = [int(k) for k in args.k.split(",")]
+    with tempfile.TemporaryDirectory(prefix="forwarding-") as tmp:
+        media_file = Path(tmp) / "media.bin"
+        media = encode_media(args.media_seconds)
+        save_media(media, media_file)
+        print(f"media: {len(media.video)} VP8 frames ({media.video_bitrate / 1000:.0f} kbps, "
+              f"{sum(f.keyframe for f in media.video)} keyframes), {len(media.audio)} Opus frames; "
+              f"host: {os.cpu_count()} CPUs", flush=True)
+        print(HEADER, flush=True)
+        results = []
+        for k in ks:
+            result = await run_forwarding(k, args.seconds, Path(tmp), args.subs_per_process,
+                                          warmup_s=args.warmup, media_file=media_file)
+            results.append(result)
+            print(format_row(result), flush=True)
+    print("pkts out = RTP packets received by all subscribers in the window; the ratio is "
+          "pkts/server CPU-s over the SRTP+sendto reference measured in this run.")
+    if args.json:
+        print(json.dumps([asdict(r) for r in results]))
+    for r in results:
+        if r.k == 32:
+            verdict = "meets" if r.packets_per_server_cpu_s >= TARGET_K32 else "MISSES"
+            print(f"K=32: {r.packets_per_server_cpu_s:.0f} packets out per server CPU-second "
+                  f"{verdict} the target of {TARGET_K32}")
+    return 0
+
+
+# --- the client processes ----------------------------------------------------------
+
+
+async def worker_main() -> None:
+    """A client process: a publisher or a group of counting subscribers."""
+    from loadtest.media import load_media
+    from loadtest.peers import CountingSubscriber, PreEncodedPublisher
+    from media.aiortc_internals import configure_ice_addresses
+
+    configure_ice_addresses(("127.0.0.1",))
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def reply(message: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    config = json.loads(await reader.readline())
+    publisher: PreEncodedPublisher | None = None
+    subscribers: list[CountingSubscriber] = []
+    try:
+        if config["role"] == "publisher":
+            publisher = PreEncodedPublisher(config["ws_url"], load_media(Path(config["media_file"])))
+            await publisher.join(config["token"])
+            reply({"stream_id": await publisher.publish()})
+        else:
+            subscribers = [CountingSubscriber(config["ws_url"]) for _ in config["tokens"]]
+
+            async def start(sub: CountingSubscriber, token: str) -> None:
+                await sub.join(token)
+                await sub.subscribe(config["stream_id"])
+
+            await asyncio.gather(*(start(s, t) for s, t in zip(subscribers, config["tokens"])))
+            reply({"subscribed": len(subscribers)})
+        while line := await reader.readline():
+            command = json.loads(line)["command"]
+            if command == "stop":
+                break
+            if command == "counts":
+                reply({"packets": sum(s.packets for s in subscribers), "octets": sum(s.octets for s in subscribers),
+                       "receiving": all(s.receiving() for s in subscribers),
+                       "keyframe_requests": publisher.keyframe_requests if publisher else 0})
+    except Exception as exc:
+        reply({"error": f"{type(exc).__name__}: {exc}"})
+    finally:
+        await asyncio.gather(*(s.close() for s in subscribers), return_exceptions=True)
+        if publisher is not None:
+            await publisher.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator stops us
+        try:
+            import uvloop
+
+            uvloop.install()
+        except ImportError:  # pragma: no cover
+            pass
+        asyncio.run(worker_main())
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--k", default="1,4,16,32", help="comma-separated subscriber counts")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measurement window per K")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds after every subscriber receives")
+    parser.add_argument("--subs-per-process", type=int, default=16, help="counting subscribers per client process")
+    parser.add_argument("--media-seconds", type=float, default=10.0, help="seconds of media encoded once and looped")
+    parser.add_argument("--json", action="store_true", help="also print the results as JSON")
+    return asyncio.run(main_async(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
