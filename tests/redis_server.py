@@ -3,8 +3,8 @@
 Use :func:`redis_server` (a context manager yielding a :class:`RedisServer`) from any test folder,
 or the session fixture :func:`redis_srv` (``from tests.redis_server import redis_srv`` in a
 conftest.py makes it available there), or :func:`require_redis_server` to get the binary.
-If ``redis-server`` is missing, tests skip with a clear reason — except with ``CI=true``, where they fail: in CI a Redis test that cannot
-run must not pass silently.
+If ``redis-server`` is missing, tests skip with a clear reason — except with ``CI=true``, where
+they fail: in CI a Redis test that cannot run must not pass silently.
 """
 
 from __future__ import annotations
