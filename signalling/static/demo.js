@@ -10,6 +10,7 @@
  *   demo.error            {code, message} of the last error, or null
  *   demo.sessionId        the session id (also shown on screen)
  *   demo.session          the OpenConsult Session
+ *   demo.sessionErrors    [{code, message}] of background failures (e.g. a rejected `ice`)
  *   demo.join() / demo.leave()
  *   await demo.inboundVideoStats()  → [{subscriptionId, streamId, framesDecoded, …}]
  */
@@ -35,6 +36,7 @@
     publisher: null,
     localStream: null,
     subscriptions: new Map(), // stream id → Subscription
+    sessionErrors: [], // background request failures, e.g. a rejected ICE candidate
     join: join,
     leave: leave,
     inboundVideoStats: inboundVideoStats,
@@ -271,6 +273,7 @@
     const input = readForm();
     demo.error = null;
     demo.warning = null;
+    demo.sessionErrors = [];
     delete statusLine.dataset.code;
     leaving = false;
     setFormEnabled(false);
@@ -366,7 +369,11 @@
       );
       setFormEnabled(true);
     });
-    session.on('error', (err) => console.warn('OpenConsult session error', err.code, err.message));
+    session.on('error', (err) => {
+      // Failures outside a user action (e.g. a rejected ICE candidate): kept for tests and support.
+      demo.sessionErrors.push({ code: err.code, message: err.message });
+      console.warn('OpenConsult session error', err.code, err.message);
+    });
   }
 
   function cleanup() {

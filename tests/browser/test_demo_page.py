@@ -31,6 +31,7 @@ return {
   state: demo.state,
   error: demo.error,
   warning: demo.warning,
+  sessionErrors: demo.sessionErrors,
   sessionId: demo.sessionId,
   status: status ? status.textContent : null,
 };
@@ -134,8 +135,10 @@ def test_two_pages_join_and_decode_each_others_video(
     assert len(stats_a) == 1 and len(stats_b) == 1, (stats_a, stats_b)
     assert remote_tile_captions(clinician) == ["B (patient)"]
     assert remote_tile_captions(patient) == ["A (clinician)"]
+    # Nothing failed in the background either (every trickled ICE candidate was accepted).
     for state in (page_state(clinician), page_state(patient)):
         assert state["warning"] is None, state
+        assert state["sessionErrors"] == [], state
 
     screenshot = tmp_path / "demo-joined.png"
     assert clinician.save_screenshot(str(screenshot))
