@@ -37,6 +37,9 @@ class ServerProcess:
         self._log_file.flush()
         return self.log_path.read_text(errors="replace")
 
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         """Send ``sig`` (SIGTERM: graceful; SIGKILL: crash), wait, kill if needed. Idempotent."""
         if self.proc.poll() is None:

@@ -1,9 +1,7 @@
 """Fixtures for the real-Chromium tests: a real server subprocess and headless Chromium pages.
 
-``start_server()`` is written to be copied or imported by other test folders: it starts
-``python -m signalling.cli serve`` on a free loopback port with its own data dir and config
-file, waits for ``GET /healthz`` and returns a handle whose ``stop()`` sends SIGTERM, then
-kills. The browser fixtures need Debian's ``chromium`` and ``chromium-driver``; without them
+The server is ``tests/server.py``'s real ``openconsult serve`` subprocess (free loopback
+port, own data dir and config, ready at ``GET /healthz``). The browser fixtures need Debian's ``chromium`` and ``chromium-driver``; without them
 the tests are skipped, or fail when ``CI=true`` so a broken CI image cannot pass silently.
 """
 
@@ -11,22 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, wait_until_sync
+from tests.server import ServerProcess as ServerHandle
+from tests.server import start_server
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("OPENCONSULT_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("OPENCONSULT_CHROMEDRIVER", "/usr/bin/chromedriver")
 
@@ -40,114 +31,6 @@ CHROMIUM_ARGUMENTS = (
     "--disable-background-networking",
     "--disable-dev-shm-usage",
 )
-
-SERVER_START_TIMEOUT = 60.0
-
-BASE_CONFIG = """\
-[media]
-ice_addresses = ["127.0.0.1"]
-"""
-
-
-@dataclass
-class ServerHandle:
-    """A running ``signalling.cli serve`` subprocess."""
-
-    url: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    data_dir: Path
-    config_path: Path
-    log_path: Path
-    _log_file: IO[bytes] = field(repr=False)
-
-    @property
-    def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://", 1) + "/ws"
-
-    def log_text(self) -> str:
-        """Everything the server wrote to stdout and stderr so far."""
-        self._log_file.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, wait, then SIGKILL. Idempotent; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout)
-        if not self._log_file.closed:
-            self._log_file.close()
-        return self.proc.returncode
-
-
-def _healthy(handle: ServerHandle) -> bool:
-    if handle.proc.poll() is not None:
-        raise AssertionError(
-            f"server exited with code {handle.proc.returncode} before /healthz answered; log:\n{handle.log_tail()}"
-        )
-    try:
-        with urllib.request.urlopen(handle.url + "/healthz", timeout=2) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
-def start_server(
-    tmp_path: Path, extra_config: str = "", timeout: float = SERVER_START_TIMEOUT
-) -> ServerHandle:
-    """Start a real server on a free loopback port and wait until ``GET /healthz`` is 200.
-
-    ``extra_config`` is appended to the TOML config file after the base ``[media]`` table
-    (which sets ``ice_addresses = ["127.0.0.1"]``), so it must not repeat ``[media]``.
-    The caller must call ``stop()``; server output goes to ``<tmp_path>/server.log``.
-    """
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    data_dir = tmp_path / "data"
-    data_dir.mkdir(exist_ok=True)
-    config_path = tmp_path / "openconsult.toml"
-    config_path.write_text(BASE_CONFIG + ("\n" + extra_config if extra_config else ""))
-    log_path = tmp_path / "server.log"
-    log_file = log_path.open("wb")
-    port = free_port()
-    command = [
-        sys.executable, "-m", "signalling.cli", "serve",
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--data-dir", str(data_dir),
-        "--config", str(config_path),
-    ]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
-    )
-    handle = ServerHandle(
-        url=f"http://127.0.0.1:{port}",
-        port=port,
-        proc=proc,
-        data_dir=data_dir,
-        config_path=config_path,
-        log_path=log_path,
-        _log_file=log_file,
-    )
-    try:
-        wait_until_sync(
-            lambda: _healthy(handle),
-            timeout=timeout,
-            interval=0.2,
-            message=f"{handle.url}/healthz",
-        )
-    except BaseException:
-        handle.stop()
-        raise
-    return handle
-
 
 def require_chromium() -> None:
     """Skip when Chromium or chromedriver is missing; fail instead when CI=true."""

@@ -67,6 +67,7 @@ class Subscriber:
         self.pc = client_pc()
         self.received = Received()
         self.tasks: list[asyncio.Task[None]] = []
+        self.first_payload: dict[str, bytes] = {}
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -74,8 +75,20 @@ class Subscriber:
 
     async def answer(self, offer_sdp: str) -> str:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+        for receiver in self.pc.getReceivers():
+            self._record_first_packet(receiver)
         await self.pc.setLocalDescription(await self.pc.createAnswer())
         return self.pc.localDescription.sdp
+
+    def _record_first_packet(self, receiver: Any) -> None:
+        """Keep the first RTP payload of each kind (to check what the SFU started with)."""
+        original = receiver._handle_rtp_packet
+
+        async def handle(packet: Any, arrival_time_ms: int) -> None:
+            self.first_payload.setdefault(receiver.track.kind, packet.payload)
+            await original(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = handle
 
     async def _consume(self, track: MediaStreamTrack) -> None:
         try:

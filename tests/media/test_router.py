@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from aiortc import RTCSessionDescription
+from aiortc.rtp import RTCP_RTPFB_NACK, RtcpRtpfbPacket
 
 from media import aiortc_internals
-from media.events import MediaEvent, QualitySample
-from media.router import Router
+from media.events import KeyframeRequested, MediaEvent, QualitySample
+from media.router import ForwardingSender, Router
+from media.rtp import vp8_is_keyframe
 from tests.helpers import wait_until
 from tests.media.peers import Subscriber, publisher_offer
 
@@ -43,3 +46,93 @@ async def test_forwards_vp8_and_opus_without_transcoding() -> None:
         await sub.close()
         await pub.close()
         await router.close()
+
+
+class Call:
+    """One publisher and one subscriber through an in-process Router."""
+
+    def __init__(self) -> None:
+        self.events: list[MediaEvent] = []
+        self.router = Router(observer=self.events.append, sample_interval_s=1.0, pli_interval_s=0.5)
+        self.sub = Subscriber()
+
+    async def start(self) -> Call:
+        self.pub = await publisher_offer()
+        answer = await self.router.publish("st1", self.pub.localDescription.sdp)
+        await self.pub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        offer = await self.router.subscribe("sub1", "st1")
+        await self.router.answer("sub1", await self.sub.answer(offer))
+        await wait_until(lambda: len(self.sub.received.frames) >= 3, timeout=30, message="video frames")
+        return self
+
+    def forwarder(self, kind: str) -> ForwardingSender:
+        return next(f for f in self.router.subscriptions["sub1"].senders if f.kind == kind)
+
+    async def close(self) -> None:
+        await self.sub.close()
+        await self.pub.close()
+        await self.router.close()
+
+
+@pytest.fixture
+async def call() -> AsyncIterator[Call]:
+    c = await Call().start()
+    yield c
+    await c.close()
+
+
+async def test_late_subscriber_gets_a_pli_and_starts_on_a_keyframe(call: Call) -> None:
+    late = Subscriber()
+    try:
+        offer = await call.router.subscribe("sub2", "st1")
+        await call.router.answer("sub2", await late.answer(offer))
+        await wait_until(lambda: late.received.frames, timeout=10, message="the late subscriber's first frame")
+        # The first video packet it got starts a VP8 keyframe, obtained with a PLI upstream.
+        assert vp8_is_keyframe(late.first_payload["video"])
+        requested = [e for e in call.events if isinstance(e, KeyframeRequested)]
+        assert [e.reason for e in requested][:1] == ["new subscriber"] and requested[0].subscription_id == "sub2"
+    finally:
+        await late.close()
+
+
+async def test_nacks_are_answered_from_the_cache_or_sent_upstream(call: Call) -> None:
+    fwd = call.forwarder("video")
+    await wait_until(lambda: fwd.packets > 20, timeout=10)
+    track = fwd.track
+    recent = [p for p in track.cache if p is not None][-5:]
+    out_seqs = [(p.sequence_number + fwd.seq_offset) & 0xFFFF for p in recent]
+    nack = RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1234, media_ssrc=fwd.ssrc)
+    nack.lost = out_seqs
+    await fwd.on_rtcp(nack)
+    assert fwd.retransmitted == len(out_seqs)
+    # A sequence number long gone from the cache goes upstream as a NACK.
+    before = track.nacks_sent
+    gone = RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1234, media_ssrc=fwd.ssrc)
+    gone.lost = [(out_seqs[-1] + 30000) & 0xFFFF]
+    await fwd.on_rtcp(gone)
+    assert fwd.retransmitted == len(out_seqs) and track.nacks_sent == before + 1
+
+
+async def test_keyframe_requests_are_rate_limited(call: Call) -> None:
+    track = call.forwarder("video").track
+    await wait_until(lambda: time.monotonic() - track.last_pli > 0.6, timeout=5)
+    sent = track.plis_sent
+    track.request_keyframe("test")
+    track.request_keyframe("test")
+    track.request_keyframe("test")
+    assert track.plis_sent == sent + 1 and track.pending_pli
+    # A held-back request goes out on the router's next tick once the interval has passed
+    # (unless a keyframe arrived meanwhile, which clears it).
+    track.pending_pli = True
+    track.last_pli -= 1.0
+    track.tick()
+    assert track.plis_sent == sent + 2 and not track.pending_pli
+
+
+async def test_subscriber_gets_sender_reports_and_rtt(call: Call) -> None:
+    fwd = call.forwarder("video")
+    await wait_until(lambda: fwd.rtt_ms is not None, timeout=15, message="RTT from the subscriber's RR")
+    assert fwd.rtt_ms is not None and 0 <= fwd.rtt_ms < 1000
+    stats = await call.sub.pc.getStats()
+    remote_out = [s for s in stats.values() if s.type == "remote-outbound-rtp" and s.kind == "video"]
+    assert remote_out and 0 < remote_out[0].packetsSent <= fwd.packets
