@@ -11,8 +11,8 @@ subscribers received, the client processes' CPU and the whole host's busy CPU.
 Speed figures are only comparable within one run on these shared machines, so
 every row also measures, in this process, right after its window, a reference:
 a Python loop doing the irreducible work of a packet out of a Python SFU (build
-a 12-byte RTP header, SRTP-protect with libsrtp, ``sendto`` on loopback), and
-the plain ``sendto`` loop alone. The ratio is server packets per CPU-second over
+a 12-byte RTP header, SRTP-protect with libsrtp, ``sendto`` on loopback to a
+socket another process drains), and the plain ``sendto`` loop alone. The ratio is server packets per CPU-second over
 the SRTP reference's packets per CPU-second.
 
     .venv/bin/python benchmarks/forwarding.py [--k 1,4,16,32] [--seconds 10]
@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -71,16 +72,31 @@ class Reference:
     sendto_per_cpu_s: float
 
 
+_DRAIN = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+s.settimeout(5)
+print(s.getsockname()[1], flush=True)
+buffer = bytearray(2048)
+try:
+    while True:
+        s.recv_into(buffer)
+except OSError:
+    pass
+"""
+
+
 def reference(cpu_seconds: float = 0.5, size: int = 1100) -> Reference:
-    """Packets per CPU-second of two trivial loops on loopback, in this process.
-    The receiving socket is never read: the kernel still delivers each datagram
-    in the sender's context and drops it when the buffer is full, as for an idle
-    client."""
+    """Packets per CPU-second (this thread's CPU) of two trivial loops sending to a
+    loopback socket that another process drains, as a client does: the kernel
+    delivers each datagram and wakes the reader in the sender's context, the
+    same cost the server's ``sendto`` pays for a subscriber on loopback."""
     from pylibsrtp import Policy, Session
 
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink.bind(("127.0.0.1", 0))
-    address = sink.getsockname()
+    drain = subprocess.Popen([sys.executable, "-c", _DRAIN], stdout=subprocess.PIPE)
+    assert drain.stdout is not None
+    address = ("127.0.0.1", int(drain.stdout.readline()))
     out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     policy = Policy(key=os.urandom(30), ssrc_type=Policy.SSRC_ANY_OUTBOUND,
                     srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80)
@@ -103,12 +119,13 @@ def reference(cpu_seconds: float = 0.5, size: int = 1100) -> Reference:
         for loop in (srtp_loop, plain_loop):
             done, start = 0, time.thread_time()
             while (elapsed := time.thread_time() - start) < cpu_seconds:
-                loop(1000, done)
-                done += 1000
+                loop(500, done)
+                done += 500
             rates.append(done / elapsed)
     finally:
-        sink.close()
         out.close()
+        drain.kill()
+        drain.wait()
     return Reference(rates[0], rates[1])
 
 
@@ -180,8 +197,10 @@ class Worker:
 
 async def run_forwarding(k: int, seconds: float = 10.0, workdir: Path | None = None, subs_per_process: int = 16,
                          media_seconds: float = 10.0, warmup_s: float = 2.0, media_file: Path | None = None,
-                         connect_timeout: float = 90.0) -> Result:
-    """One benchmark row: a fresh server, 1 publisher, ``k`` counting subscribers."""
+                         connect_timeout: float = 90.0, profile: Path | None = None) -> Result:
+    """One benchmark row: a fresh server, 1 publisher, ``k`` counting subscribers.
+    With ``profile``, py-spy samples the server during the window into that file
+    (collapsed stacks); the profiler's own cost then inflates the CPU figures."""
     from loadtest.media import encode_media, save_media
     from rooms.model import Role
     from signalling.auth import TokenAuthority, load_or_create_secret
@@ -224,9 +243,17 @@ async def run_forwarding(k: int, seconds: float = 10.0, workdir: Path | None = N
                 return (time.monotonic(), sum(c["packets"] for c in counts), process_cpu_s(server.proc.pid),
                         sum(process_cpu_s(w.pid) for w in workers), host_cpu())
 
+            spy = None
+            if profile is not None:
+                spy = await asyncio.create_subprocess_exec(
+                    str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(server.proc.pid),
+                    "--duration", str(max(1, round(seconds))), "--rate", "200", "--native", "--format", "raw",
+                    "--output", str(profile), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
             t0, packets0, server0, clients0, host0 = await snapshot()
             await asyncio.sleep(seconds)
             t1, packets1, server1, clients1, host1 = await snapshot()
+            if spy is not None:
+                await asyncio.wait_for(spy.wait(), 30)
             keyframe_requests = int((await publisher.ask("counts"))["keyframe_requests"])
             ref = reference()
         finally:
@@ -256,6 +283,39 @@ def format_row(r: Result) -> str:
             f"{r.reference.sendto_per_cpu_s:>16.0f} {r.ratio:>6.3f} {r.keyframe_requests:>4}")
 
 
+_IDLE_LEAVES = ("epoll_pwait", "epoll_wait", "select", "poll")
+
+
+def summarize_profile(path: Path, top: int = 30) -> str:
+    """The server's busy event-loop samples from py-spy's collapsed stacks
+    ("frame;frame;… count" lines, native frames included): per function, the
+    share of samples it is on the stack (inclusive) and innermost (self).
+    Samples of other threads (all idle waiting here) and of the loop waiting in
+    epoll are left out, so 100 % is the event loop's CPU time."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        names = [frame.split(" (")[0] for frame in stack.split(";")]
+        if "run_forever" not in names or names[-1] in _IDLE_LEAVES:
+            continue
+        count = int(count_text)
+        total += count
+        for name in set(names):
+            inclusive[name] = inclusive.get(name, 0) + count
+        own[names[-1]] = own.get(names[-1], 0) + count
+    if not total:
+        return f"profile {path}: no busy samples"
+    lines = [f"profile {path}: {total} busy event-loop samples (200 Hz)", f"{'incl %':>7} {'self %':>7}  function"]
+    shown = [kv for kv in sorted(inclusive.items(), key=lambda kv: -kv[1]) if kv[1] < 0.99 * total]
+    for name, count in shown[:top]:
+        lines.append(f"{100 * count / total:>7.1f} {100 * own.get(name, 0) / total:>7.1f}  {name}")
+    return "\n".join(lines)
+
+
 async def main_async(args: argparse.Namespace) -> int:
     from loadtest.media import encode_media, save_media
 
@@ -270,10 +330,13 @@ async def main_async(args: argparse.Namespace) -> int:
         print(HEADER, flush=True)
         results = []
         for k in ks:
+            profile = Path(f"{args.profile}-k{k}.txt") if args.profile else None
             result = await run_forwarding(k, args.seconds, Path(tmp), args.subs_per_process,
-                                          warmup_s=args.warmup, media_file=media_file)
+                                          warmup_s=args.warmup, media_file=media_file, profile=profile)
             results.append(result)
             print(format_row(result), flush=True)
+            if profile is not None:
+                print(summarize_profile(profile), flush=True)
     print("pkts out = RTP packets received by all subscribers in the window; the ratio is "
           "pkts/server CPU-s over the SRTP+sendto reference measured in this run.")
     if args.json:
@@ -355,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds after every subscriber receives")
     parser.add_argument("--subs-per-process", type=int, default=16, help="counting subscribers per client process")
     parser.add_argument("--media-seconds", type=float, default=10.0, help="seconds of media encoded once and looped")
+    parser.add_argument("--profile", default="",
+                        help="py-spy the server during each window into <PROFILE>-k<K>.txt and print a summary "
+                             "(the profiler's cost inflates that run's CPU figures)")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     return asyncio.run(main_async(parser.parse_args(argv)))
 
