@@ -40,12 +40,20 @@ async def test_event_log_survives_restart(tmp_path: Path, stop_signal: int) -> N
     assert [e["kind"] for e in before] == ["VideoSession", "connectAttempt", "serverDetectedConnect",
                                            "successfullyJoined", "disconnect"]
     assert before[-1]["payload"]["reason"] == "clientDisconnected"
+    # Someone is still in a call when the server stops.
+    staying = await SignallingClient(server.ws_url).connect()
+    second = (await staying.join(tokens.mint(room, Role.CLINICIAN, "Dr Berg")))["session_id"]
     server.stop(stop_signal)
+    await staying.closed.wait()
+    await staying.close()
 
     restarted = start_server(tmp_path, data_dir=server.data_dir)
     try:
         # The same secret: the support token minted before the restart is still valid.
         after = get_json(f"{restarted.url}/api/sessions/{session_id}/events", support)["events"]
         assert after == before
+        if stop_signal == signal.SIGTERM:
+            last = get_json(f"{restarted.url}/api/sessions/{second}/events", support)["events"][-1]
+            assert (last["kind"], last["payload"]["reason"]) == ("disconnect", "serverShutdown")
     finally:
         restarted.stop()
