@@ -145,9 +145,10 @@ class SignallingClient:
             await self.session.close()
 
 
-def _get(data: dict[str, Any], dotted: str) -> Any:
+def _get(data: Any, dotted: str) -> Any:
+    """``_get(d, "stream__stream_id")`` is ``d["stream"]["stream_id"]``, or None."""
     for part in dotted.split("__"):
         if not isinstance(data, dict):
             return None
-        data = data.get(part)  # type: ignore[assignment]
+        data = data.get(part)
     return data

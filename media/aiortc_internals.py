@@ -140,7 +140,7 @@ def hook_sender(
     sender.send = send  # type: ignore[method-assign]
     sender._run_rtp = run_rtp  # type: ignore[method-assign]
     sender._run_rtcp = run_rtcp_wrapper  # type: ignore[method-assign]
-    sender._handle_rtcp_packet = on_rtcp  # type: ignore[method-assign]
+    sender._handle_rtcp_packet = on_rtcp  # type: ignore[method-assign, assignment]
 
 
 def local_ssrc(sender: RTCRtpSender) -> int:

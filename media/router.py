@@ -23,7 +23,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiortc import RTCConfiguration, RTCIceCandidate, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
@@ -210,7 +210,7 @@ class ForwardingSender:
         self.kind = track.kind
         self.ssrc = internals.local_ssrc(sender)
         self.clock_rate = track.clock_rate
-        self.send = _never_send
+        self.send: Callable[[bytes], bool] = _never_send
         self.payload_type = 0
         self.ext_head = b""
         self.ext_tail = b""
@@ -239,7 +239,7 @@ class ForwardingSender:
 
     def start(self, parameters: RTCRtpSendParameters) -> None:
         """DTLS is up and the sender's parameters are negotiated: start forwarding."""
-        self.payload_type = parameters.codecs[0].payloadType
+        self.payload_type = parameters.codecs[0].payloadType or 0
         ids = {ext.uri: ext.id for ext in parameters.headerExtensions}
         elements: list[tuple[int, bytes]] = []
         mid = parameters.muxId

@@ -114,7 +114,7 @@ async def test_rejected_tokens_close_with_policy_and_are_logged(
         "other_room": (secret_tokens.mint("another-room", Role.PATIENT, "Lost"), "room_mismatch", {"room": r}),
         "garbage": ("not-a-jwt", "unauthorized", {"room": r}),
         "bad_role": (jwt.encode({"room": r, "role": "janitor", "name": "X", "nbf": now, "exp": now + 60},
-                                secret_tokens._sign_key, algorithm="HS256"), "unauthorized", {}),
+                                str(secret_tokens._sign_key), algorithm="HS256"), "unauthorized", {}),
     }[case]
     client = await SignallingClient(server.ws_url).connect()
     try:

@@ -86,7 +86,7 @@ async def test_late_subscriber_gets_a_pli_and_starts_on_a_keyframe(call: Call) -
     try:
         offer = await call.router.subscribe("sub2", "st1")
         await call.router.answer("sub2", await late.answer(offer))
-        await wait_until(lambda: late.received.frames, timeout=10, message="the late subscriber's first frame")
+        await wait_until(lambda: bool(late.received.frames), timeout=10, message="the late subscriber's first frame")
         # The first video packet it got starts a VP8 keyframe, obtained with a PLI upstream.
         assert vp8_is_keyframe(late.first_payload["video"])
         requested = [e for e in call.events if isinstance(e, KeyframeRequested)]
