@@ -132,8 +132,13 @@ async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
 
+async def inspector(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "inspector.html")
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
+    app.router.add_get("/inspector", inspector)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/sessions", sessions)
