@@ -11,24 +11,32 @@ from typing import Any
 from aiohttp import web
 
 from metrics import prometheus as prom
+from rooms.errors import RoomsError
 from rooms.model import Role
 from signalling import __version__
 from signalling.auth import ROOM_PATTERN, Claims
-from signalling.errors import Forbidden, InvalidMessage, OpenConsultError, Unauthorized
+from signalling.errors import (
+    Forbidden,
+    InvalidMessage,
+    OpenConsultError,
+    Unauthorized,
+    coded,
+)
 from signalling.keys import CONFIG_KEY, EVENTLOG_KEY, HUB_KEY, STARTED_KEY, TOKENS_KEY
 
 STATIC_DIR = Path(__file__).parent / "static"
 INSPECTOR_ROLES = (Role.SUPPORT, Role.ADMIN)
 
 STATUS = {
-    "invalid_message": 400, "unauthorized": 401, "token_expired": 401, "token_not_yet_valid": 401,
-    "room_mismatch": 403, "forbidden": 403, "not_found": 404, "invalid_state": 409,
-    "message_too_large": 413,
+    "invalid_message": 400, "invalid_input": 400, "unauthorized": 401, "token_expired": 401,
+    "token_not_yet_valid": 401, "room_mismatch": 403, "forbidden": 403, "not_found": 404, "invalid_state": 409,
+    "conflict": 409, "too_early": 409, "too_late": 409, "message_too_large": 413,
 }
 
 
-def error_json(exc: OpenConsultError) -> web.Response:
-    """The one place a coded error becomes an HTTP status."""
+def error_json(error: OpenConsultError | RoomsError) -> web.Response:
+    """The one place a coded error (the edge's or a rooms/ domain error) becomes an HTTP status."""
+    exc = coded(error)
     return web.json_response({"error": {"code": str(exc.code), "message": exc.message}},
                              status=STATUS.get(str(exc.code), 500))
 
@@ -38,7 +46,7 @@ async def coded_errors(request: web.Request, handler: Any) -> web.StreamResponse
     try:
         response: web.StreamResponse = await handler(request)
         return response
-    except OpenConsultError as exc:
+    except (OpenConsultError, RoomsError) as exc:
         return error_json(exc)
 
 

@@ -13,6 +13,9 @@ from aiohttp import WSCloseCode, web
 from media import aiortc_internals
 from media.router import Router
 from metrics.eventlog import EventLog
+from rooms.redis_store import RedisStore
+from rooms.sqlite_store import SqliteStore
+from rooms.store import Store
 from signalling.api import add_routes, coded_errors
 from signalling.auth import TokenAuthority
 from signalling.config import Config
@@ -26,7 +29,10 @@ from signalling.keys import (
     SOCKETS_KEY,
     STARTED_KEY,
     TOKENS_KEY,
+    WORKFLOW_KEY,
 )
+from signalling.staff_api import add_staff_routes
+from signalling.workflow import Workflow
 from signalling.ws import websocket_handler
 
 logger = logging.getLogger(__name__)
@@ -41,8 +47,10 @@ def create_app(config: Config) -> web.Application:
     app[STARTED_KEY] = time.monotonic()
     app.cleanup_ctx.append(_eventlog_ctx)
     app.cleanup_ctx.append(_media_ctx)
+    app.cleanup_ctx.append(_workflow_ctx)
     app.on_shutdown.append(_close_sockets)
     add_routes(app)
+    add_staff_routes(app)
     app.router.add_get("/ws", websocket_handler)
     return app
 
@@ -65,6 +73,18 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[HUB_KEY].shutdown()
     await router.close()
+
+
+async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The workflow store: SQLite in the data dir (commits are synchronous, so a crash loses
+    nothing acknowledged), or Redis when several nodes share ``redis_url``."""
+    config = app[CONFIG_KEY]
+    store: Store = (RedisStore(config.redis_url) if config.redis_url
+                    else SqliteStore(config.data_path / "workflow.sqlite3"))
+    app[WORKFLOW_KEY] = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[EVENTLOG_KEY],
+                                               app[TOKENS_KEY])
+    yield
+    await store.close()
 
 
 async def _close_sockets(app: web.Application) -> None:

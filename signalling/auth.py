@@ -17,6 +17,9 @@ from signalling.errors import RoomMismatch, TokenExpired, TokenNotYetValid, Unau
 
 ROOM_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 NAME_MAX = 80
+DEPARTMENTS_MAX = 64
+#: Optional string claims of consultation join links (see signalling.workflow).
+LINK_CLAIMS = ("consultation", "waiting_room", "link")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,13 @@ class Claims:
     sub: str
     nbf: int
     exp: int
+    #: Staff: the departments the user belongs to (strict department separation).
+    departments: tuple[str, ...] = ()
+    #: A consultation join link: the consultation's session id (also the token's room).
+    consultation: str | None = None
+    #: A patient's join link: the waiting room to queue in, and the link token issued by ``invite``.
+    waiting_room: str | None = None
+    link: str | None = None
 
 
 class TokenAuthority:
@@ -53,8 +63,11 @@ class TokenAuthority:
 
     def mint(
         self, room: str, role: Role, name: str, sub: str | None = None, not_before: int | None = None,
-        expires: int | None = None, ttl_s: int = 3600,
+        expires: int | None = None, ttl_s: int = 3600, departments: tuple[str, ...] | list[str] = (),
+        **link_claims: str,
     ) -> str:
+        """A signed token. ``departments`` and ``link_claims`` (``consultation``, ``waiting_room``,
+        ``link``) are optional claims; they are only written when given."""
         if self._sign_key is None:
             raise ConfigError("auth.private_key_file is needed to sign RS256 tokens")
         if not ROOM_PATTERN.match(room):
@@ -68,6 +81,12 @@ class TokenAuthority:
             raise ValueError("the token's expiry must be after its start")
         claims = {"room": room, "role": str(role), "name": name, "sub": sub or name, "nbf": nbf, "exp": exp,
                   "iat": now}
+        if departments:
+            claims["departments"] = _departments(list(departments), ValueError)
+        for key, value in link_claims.items():
+            if key not in LINK_CLAIMS or not isinstance(value, str) or not 0 < len(value) <= 256:
+                raise ValueError(f'claim "{key}" is not a known link claim or not a 1-256 character string')
+            claims[key] = value
         return jwt.encode(claims, self._sign_key, algorithm=self.algorithm)
 
     def verify(self, token: str, room: str | None = None, now: float | None = None) -> Claims:
@@ -108,8 +127,23 @@ class TokenAuthority:
             raise Unauthorized("token name claim is malformed")
         if room is not None and room != data["room"]:
             raise RoomMismatch(f'token is for room "{data["room"]}", not "{room}"')
+        departments = _departments(data.get("departments", []), Unauthorized)
+        extra: dict[str, str | None] = {}
+        for key in LINK_CLAIMS:
+            value = data.get(key)
+            if value is not None and (not isinstance(value, str) or not 0 < len(value) <= 256):
+                raise Unauthorized(f"token {key} claim is malformed")
+            extra[key] = value
         return Claims(room=data["room"], role=role, name=data["name"], sub=str(data.get("sub") or data["name"]),
-                      nbf=nbf, exp=exp)
+                      nbf=nbf, exp=exp, departments=departments, **extra)
+
+
+def _departments(value: Any, error: type[Exception]) -> tuple[str, ...]:
+    """The ``departments`` claim: a list of at most 64 strings of 1-64 characters."""
+    if (not isinstance(value, list) or len(value) > DEPARTMENTS_MAX
+            or not all(isinstance(d, str) and 0 < len(d) <= 64 for d in value)):
+        raise error(f"token departments claim must be a list of at most {DEPARTMENTS_MAX} strings of 1-64 characters")
+    return tuple(value)
 
 
 def unverified_room(token: str) -> str | None:

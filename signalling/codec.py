@@ -62,6 +62,19 @@ class MessageType(StrEnum):
     ICE = "ice"
     LEAVE = "leave"
     PING = "ping"
+    # The clinical workflow (signalling.workflow).
+    WAITING_ROOM_ENTER = "waiting_room.enter"
+    WAITING_ROOM_LEAVE = "waiting_room.leave"
+    QUEUE_WATCH = "queue.watch"
+    QUEUE_UNWATCH = "queue.unwatch"
+    CONSULTATION_ADMIT = "consultation.admit"
+    CONSULTATION_TRANSFER = "consultation.transfer"
+    CONSULTATION_END = "consultation.end"
+    CONSULTATION_COMPLETE = "consultation.complete"
+    CONSULTATION_PHONE_FALLBACK = "consultation.phone_fallback"
+    CHAT_SEND = "chat.send"
+    CHAT_HISTORY = "chat.history"
+    ANNOUNCEMENT_POST = "announcement.post"
 
 
 class EventName(StrEnum):
@@ -72,6 +85,13 @@ class EventName(StrEnum):
     STREAM_CREATED = "streamCreated"
     STREAM_DESTROYED = "streamDestroyed"
     SUBSCRIPTION_ENDED = "subscriptionEnded"
+    # The clinical workflow (signalling.workflow).
+    QUEUE_UPDATED = "queueUpdated"
+    POSITION_CHANGED = "positionChanged"
+    ADMITTED = "admitted"
+    CONSULTATION_CHANGED = "consultationChanged"
+    CHAT_MESSAGE = "chatMessage"
+    ANNOUNCEMENT = "announcement"
 
 
 def _load(name: str) -> Draft202012Validator:
@@ -88,7 +108,16 @@ OUTBOUND_VALIDATORS: Final[Mapping[str, Draft202012Validator]] = {
     "event": _load("_event"),
 }
 
-_KNOWN_TYPES: Final = ", ".join(f'"{t}"' for t in MessageType)
+
+
+def _known_types() -> str:
+    """The type names for error messages; dotted families as ``chat.*`` to keep it short."""
+    plain = [f'"{t}"' for t in MessageType if "." not in t]
+    families = dict.fromkeys(f"{t.split('.')[0]}.*" for t in MessageType if "." in t)
+    return f"{', '.join(plain)} or a workflow type ({', '.join(families)})"
+
+
+_KNOWN_TYPES: Final = _known_types()
 
 
 # --- reply constructors -----------------------------------------------------------------------

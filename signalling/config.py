@@ -66,12 +66,38 @@ class DemoConfig:
     enabled: bool = True
 
 
+CHAT_RETENTIONS = ("keep", "delete_on_call_end", "delete_after_days")
+
+
+@dataclass(frozen=True)
+class WorkflowSettings:
+    """The clinical workflow (waiting rooms, consultations, chat): organisation settings."""
+
+    #: Staff see only their departments' consultations and queues (organisation admins see all).
+    strict_departments: bool = True
+    #: A booked patient not arrived by the appointment plus this many minutes may be marked no-show.
+    no_show_grace_min: int = 15
+    #: Arrival within this many minutes either side of the appointment counts as on time.
+    on_time_window_min: int = 5
+    #: Join links work from this many minutes before to this many after the appointment.
+    link_valid_before_min: int = 60
+    link_valid_after_min: int = 60
+    #: Largest chat message, in bytes of UTF-8.
+    chat_max_bytes: int = 4096
+    #: "keep", "delete_on_call_end" or "delete_after_days" (with chat_retention_days).
+    chat_retention: str = "keep"
+    chat_retention_days: int = 0
+    #: Base URL written into join links (e.g. https://video.example.org); empty: the request's origin.
+    public_url: str = ""
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
     #: Redis URL for running several nodes; empty: one node, no Redis.
     redis_url: str = ""
 
@@ -104,9 +130,30 @@ class Config:
                 raise ConfigError(f'media: "{addr}" is not an IP address') from None
         if m.pli_interval_s <= 0 or m.sample_interval_s <= 0:
             raise ConfigError("media intervals must be > 0")
+        self._validate_workflow()
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f'redis_url must start with redis://, rediss:// or unix://, got "{self.redis_url}"')
         return self
+
+    def _validate_workflow(self) -> None:
+        w = self.workflow
+        for name in ("no_show_grace_min", "on_time_window_min", "link_valid_before_min", "link_valid_after_min"):
+            value = getattr(w, name)
+            if not 0 <= value <= 7 * 24 * 60:
+                raise ConfigError(f"workflow.{name} must be 0-10080 minutes, got {value}")
+        if w.link_valid_before_min + w.link_valid_after_min < 1:
+            raise ConfigError("workflow.link_valid_before_min + link_valid_after_min must be at least 1 minute")
+        if not 1 <= w.chat_max_bytes <= 65536:
+            raise ConfigError(f"workflow.chat_max_bytes must be 1-65536, got {w.chat_max_bytes}")
+        if w.chat_retention not in CHAT_RETENTIONS:
+            raise ConfigError(f'workflow.chat_retention must be one of {", ".join(CHAT_RETENTIONS)}, '
+                              f'got "{w.chat_retention}"')
+        if w.chat_retention == "delete_after_days" and w.chat_retention_days < 1:
+            raise ConfigError("workflow.chat_retention_days must be >= 1 with chat_retention = delete_after_days")
+        if w.chat_retention_days < 0:
+            raise ConfigError("workflow.chat_retention_days must be >= 0")
+        if w.public_url and not w.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f'workflow.public_url must start with http:// or https://, got "{w.public_url}"')
 
 
 def _coerce(path: str, value: Any, typ: Any) -> Any:

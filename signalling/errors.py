@@ -10,6 +10,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import ClassVar, Final
 
+from rooms.errors import RoomsError
+
 #: A request id as the client sent it: an integer or a short string (see the schemas).
 RequestId = int | str
 
@@ -26,6 +28,10 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     NOT_FOUND = "not_found"
     INVALID_STATE = "invalid_state"
+    INVALID_INPUT = "invalid_input"
+    CONFLICT = "conflict"
+    TOO_EARLY = "too_early"
+    TOO_LATE = "too_late"
     MEDIA_ERROR = "media_error"
     INTERNAL_ERROR = "internal_error"
 
@@ -110,6 +116,30 @@ class InvalidState(OpenConsultError):
     code: ClassVar[ErrorCode] = ErrorCode.INVALID_STATE
 
 
+class InvalidInput(OpenConsultError):
+    """A well-formed request whose values the workflow refuses (empty or oversized chat text, …)."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.INVALID_INPUT
+
+
+class Conflict(OpenConsultError):
+    """Already exists, already waiting elsewhere, or lost a race to a concurrent writer."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.CONFLICT
+
+
+class TooEarly(OpenConsultError):
+    """Before a time window opened (a join link, a no-show before the grace period ran out)."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.TOO_EARLY
+
+
+class TooLate(OpenConsultError):
+    """After a time window closed (a join link)."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.TOO_LATE
+
+
 class MediaError(OpenConsultError):
     """The SDP or ICE candidate could not be applied."""
 
@@ -135,7 +165,26 @@ ERRORS_BY_CODE: Final[dict[ErrorCode, type[OpenConsultError]]] = {
         Forbidden,
         NotFound,
         InvalidState,
+        InvalidInput,
+        Conflict,
+        TooEarly,
+        TooLate,
         MediaError,
         InternalError,
     )
 }
+
+# rooms/ codes that have no class of their own on the wire.
+_ROOMS_ALIASES: Final[dict[str, ErrorCode]] = {"invalid_token": ErrorCode.UNAUTHORIZED}
+
+
+def coded(error: OpenConsultError | RoomsError) -> OpenConsultError:
+    """A rooms/ domain error as the wire error with the same code (the message is kept);
+    wire errors are returned as they are. The WebSocket and HTTP error paths both call this."""
+    if isinstance(error, OpenConsultError):
+        return error
+    try:
+        code = _ROOMS_ALIASES.get(error.code) or ErrorCode(error.code)
+    except ValueError:
+        return InternalError(error.message)
+    return ERRORS_BY_CODE[code](error.message)

@@ -25,6 +25,7 @@ from rooms.live import LiveConnection, LiveRegistry, LiveSession, LiveStream, Li
 from rooms.model import (
     ConnectionId,
     DisconnectReason,
+    SessionId,
     StreamDestroyedReason,
     StreamId,
     SubscriptionId,
@@ -87,6 +88,18 @@ class Hub:
             if client is not None:
                 client.send(message)
 
+    def _session_for(self, claims: Claims) -> tuple[LiveSession, bool]:
+        """The live session for the token's room. A consultation's room runs under the
+        consultation's own session id, so its workflow and media entries share one log (the id
+        support staff paste); any other room gets a fresh session id per instance."""
+        room = claims.room
+        if claims.consultation is None or claims.consultation != room or room in self.registry.by_room:
+            return self.registry.session_for_room(room)
+        session = LiveSession(SessionId(room), room)
+        self.registry.sessions[session.session_id] = session
+        self.registry.by_room[room] = session.session_id
+        return session, True
+
     @staticmethod
     def joined(client: Client) -> tuple[LiveSession, LiveConnection]:
         if client.session is None or client.connection is None:
@@ -104,7 +117,7 @@ class Hub:
             prom.TOKENS_REJECTED.labels(code=str(exc.code)).inc()
             self.eventlog.append(token_rejected(token, exc.message, room or unverified_room(token), code=str(exc.code)))
             raise
-        session, created = self.registry.session_for_room(claims.room)
+        session, created = self._session_for(claims)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
         sid = session.session_id

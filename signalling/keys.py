@@ -11,6 +11,7 @@ from metrics.eventlog import EventLog
 from signalling.auth import TokenAuthority
 from signalling.config import Config
 from signalling.hub import Hub
+from signalling.workflow import Workflow
 
 CONFIG_KEY = web.AppKey("config", Config)
 TOKENS_KEY = web.AppKey("tokens", TokenAuthority)
@@ -20,3 +21,4 @@ HUB_KEY = web.AppKey("hub", Hub)
 SOCKETS_KEY = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
 SHUTTING_DOWN_KEY = web.AppKey("shutting_down", bool)
 STARTED_KEY = web.AppKey("started_at", float)
+WORKFLOW_KEY = web.AppKey("workflow", Workflow)

@@ -17,11 +17,19 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from metrics import prometheus as prom
+from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
 from signalling.codec import SUBPROTOCOLS, Codec, error_response, response_ok
-from signalling.errors import InternalError, OpenConsultError, ProtocolError
+from signalling.errors import InternalError, OpenConsultError, ProtocolError, coded
 from signalling.hub import Client, Hub
-from signalling.keys import CONFIG_KEY, HUB_KEY, SHUTTING_DOWN_KEY, SOCKETS_KEY
+from signalling.keys import (
+    CONFIG_KEY,
+    HUB_KEY,
+    SHUTTING_DOWN_KEY,
+    SOCKETS_KEY,
+    WORKFLOW_KEY,
+)
+from signalling.workflow import Workflow
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +41,7 @@ JOIN_ERRORS = ("unauthorized", "token_expired", "token_not_yet_valid", "room_mis
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     config = request.app[CONFIG_KEY]
     hub = request.app[HUB_KEY]
+    workflow = request.app[WORKFLOW_KEY]
     ws = web.WebSocketResponse(protocols=SUBPROTOCOLS, heartbeat=config.server.heartbeat_s,
                                max_msg_size=0)
     await ws.prepare(request)
@@ -75,10 +84,11 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             prom.WS_MESSAGES.labels(direction="in", result="ok").inc()
             request_id = request_msg.get("id")
             try:
-                data = await _dispatch(hub, client, request_msg)
-            except OpenConsultError as exc:
-                send(error_response(request_id, exc))
-                if request_msg["type"] == "join" and exc.code in JOIN_ERRORS:
+                data = await _dispatch(hub, workflow, client, request_msg)
+            except (OpenConsultError, RoomsError) as exc:
+                error = coded(exc)  # the one place domain errors become wire errors
+                send(error_response(request_id, error))
+                if request_msg["type"] == "join" and error.code in JOIN_ERRORS:
                     await _close_after(queue, writer, ws, CLOSE_POLICY, b"join refused")
                     break
                 continue
@@ -105,6 +115,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         if request.app.get(SHUTTING_DOWN_KEY):
             reason = DisconnectReason.SERVER_SHUTDOWN
         sockets.discard(ws)
+        workflow.forget(client)
         await hub.disconnect(client, reason)
         queue.put_nowait(None) if not queue.full() else None
         writer.cancel()
@@ -145,8 +156,10 @@ async def _write_loop(ws: web.WebSocketResponse, codec: Codec, queue: asyncio.Qu
         prom.WS_MESSAGES.labels(direction="out", result="ok").inc()
 
 
-async def _dispatch(hub: Hub, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+async def _dispatch(hub: Hub, workflow: Workflow, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
     kind = msg["type"]
+    if kind in workflow.handlers:
+        return await workflow.handle(client, msg)
     if kind == "join":
         return await hub.join(client, msg["token"], msg.get("room"), msg.get("user_agent"))
     if kind == "ping":

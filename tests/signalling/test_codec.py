@@ -75,6 +75,19 @@ VALID: dict[str, dict[str, Any]] = {
     },
     "leave": {"type": "leave", "id": 8},
     "ping": {"type": "ping", "id": 9},
+    "waiting_room.enter": {"type": "waiting_room.enter", "id": 10, "device_check_passed": True},
+    "waiting_room.leave": {"type": "waiting_room.leave", "id": 11},
+    "queue.watch": {"type": "queue.watch", "id": 12, "room_id": "wr-cardio"},
+    "queue.unwatch": {"type": "queue.unwatch", "id": 13, "room_id": "wr-cardio"},
+    "consultation.admit": {"type": "consultation.admit", "id": 14, "session_id": "s_AbC-12_x"},
+    "consultation.transfer": {"type": "consultation.transfer", "id": 15, "session_id": "s_1", "to_room_id": "wr-2"},
+    "consultation.end": {"type": "consultation.end", "id": 16, "session_id": "s_1"},
+    "consultation.complete": {"type": "consultation.complete", "id": 17, "session_id": "s_1"},
+    "consultation.phone_fallback": {"type": "consultation.phone_fallback", "id": 18, "session_id": "s_1"},
+    "chat.send": {"type": "chat.send", "id": 19, "channel_id": "consultation:s_1", "text": "<b>hi</b>"},
+    "chat.history": {"type": "chat.history", "id": 20, "channel_id": "pair:p1:dr-2"},
+    "announcement.post": {"type": "announcement.post", "id": 21, "room_id": "wr-1", "text": "Running late",
+                          "expires_in_s": 600},
 }
 
 # Minimal forms: only the required fields.

@@ -1,0 +1,244 @@
+"""The staff HTTP API (JSON) for people and integrations: waiting rooms, booking and cancelling
+consultations with their join links, a department's consultations and queues.
+
+Every request carries ``Authorization: Bearer <JWT>`` with a staff role (clinician, department
+admin, organisation admin, support, admin) and, for department-scoped roles, a ``departments``
+claim. The permission table in :mod:`rooms.permissions` decides; a refused request gets 403
+``forbidden`` and changes nothing. Errors are mapped to statuses by ``signalling.api.coded_errors``.
+Described in ``docs/openapi.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Final
+
+from aiohttp import web
+
+from rooms.consultation import Consultation
+from rooms.model import Role, SessionId
+from rooms.permissions import Action, Actor
+from rooms.service import CONSULTATION, ROOM
+from rooms.waiting_room import WaitingRoom
+from signalling.api import bearer_claims
+from signalling.auth import NAME_MAX, ROOM_PATTERN
+from signalling.errors import InvalidInput, InvalidMessage
+from signalling.keys import CONFIG_KEY, TOKENS_KEY, WORKFLOW_KEY
+from signalling.workflow import (
+    SYSTEM,
+    actor_of,
+    announcement_json,
+    consultation_json,
+    now_ms,
+    queue_entry_json,
+    queued_json,
+)
+
+STAFF_ROLES: Final = (Role.CLINICIAN, Role.DEPARTMENT_ADMIN, Role.ORGANISATION_ADMIN, Role.SUPPORT, Role.ADMIN)
+REF_MAX: Final = 128
+
+
+def staff(request: web.Request) -> Actor:
+    return actor_of(bearer_claims(request, STAFF_ROLES))
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidMessage("the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidMessage("the body must be a JSON object")
+    return body
+
+
+def _text(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = REF_MAX,
+          pattern: bool = False) -> str | None:
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not 0 < len(value.strip()) <= max_len:
+        raise InvalidMessage(f'"{key}" must be a string of 1-{max_len} characters')
+    if pattern and not ROOM_PATTERN.match(value):
+        raise InvalidMessage(f'"{key}" must be 1-64 characters of A-Z a-z 0-9 _ . : -')
+    return value
+
+
+def _appointment_ms(body: dict[str, Any]) -> int:
+    """``appointment`` (ISO 8601 with a time zone) or ``appointment_ms`` (UTC ms)."""
+    if ("appointment" in body) == ("appointment_ms" in body):
+        raise InvalidMessage('give exactly one of "appointment" (ISO 8601) and "appointment_ms"')
+    if "appointment_ms" in body:
+        value = body["appointment_ms"]
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**53:
+            raise InvalidMessage('"appointment_ms" must be a non-negative integer')
+        return value
+    raw = body["appointment"]
+    try:
+        when = datetime.fromisoformat(raw.replace("Z", "+00:00")) if isinstance(raw, str) else None
+    except ValueError:
+        when = None
+    if when is None or when.tzinfo is None:
+        raise InvalidMessage('"appointment" must be an ISO 8601 time with a time zone, e.g. 2026-11-21T09:15:00Z')
+    return int(when.timestamp() * 1000)
+
+
+def _room_json(room: WaitingRoom) -> dict[str, Any]:
+    return {"room_id": room.room_id, "name": room.name, "department": room.department,
+            "clinician": room.clinician, "waiting": len(room.waiting)}
+
+
+# --- waiting rooms ----------------------------------------------------------------------------
+
+
+async def create_waiting_room(request: web.Request) -> web.Response:
+    actor = staff(request)
+    body = await _body(request)
+    room_id = _text(body, "room_id", pattern=True)
+    name = _text(body, "name", max_len=NAME_MAX)
+    department = _text(body, "department", pattern=True)
+    clinician = _text(body, "clinician", required=False)
+    assert room_id and name and department
+    workflow = request.app[WORKFLOW_KEY]
+    room = await workflow.record(await workflow.service.create_waiting_room(
+        actor, room_id=room_id, name=name, department=department, clinician=clinician, now_ms=now_ms()))
+    return web.json_response({"waiting_room": _room_json(room)}, status=201)
+
+
+async def room_queue(request: web.Request) -> web.Response:
+    actor = staff(request)
+    workflow = request.app[WORKFLOW_KEY]
+    room_id = request.match_info["room_id"]
+    room = await workflow.service.waiting_room(actor, room_id)
+    queue = await workflow.service.queue(actor, room_id, now_ms=now_ms())
+    return web.json_response({"waiting_room": _room_json(room), "queue": [queued_json(q) for q in queue]})
+
+
+async def post_announcement(request: web.Request) -> web.Response:
+    actor = staff(request)
+    body = await _body(request)
+    text = _text(body, "text", max_len=500)
+    expires_in_s = body.get("expires_in_s", 3600)
+    if not isinstance(expires_in_s, int) or isinstance(expires_in_s, bool) or not 1 <= expires_in_s <= 2_592_000:
+        raise InvalidMessage('"expires_in_s" must be an integer of 1-2592000 seconds')
+    assert text
+    ann = await request.app[WORKFLOW_KEY].announce(actor, request.match_info["room_id"], text, expires_in_s)
+    return web.json_response({"announcement": announcement_json(ann)}, status=201)
+
+
+# --- consultations ----------------------------------------------------------------------------
+
+
+async def create_consultation(request: web.Request) -> web.Response:
+    """Book and invite: returns the consultation and the patient's and clinician's join links."""
+    actor = staff(request)
+    body = await _body(request)
+    department = _text(body, "department", pattern=True)
+    room_id = _text(body, "waiting_room", pattern=True)
+    patient_ref = _text(body, "patient_ref")
+    patient_name = _text(body, "patient_name", required=False, max_len=NAME_MAX) or "Patient"
+    clinician = _text(body, "clinician", required=False)
+    clinician_name = _text(body, "clinician_name", required=False, max_len=NAME_MAX) or (clinician or "")[:NAME_MAX]
+    appointment = _appointment_ms(body)
+    assert department and room_id and patient_ref
+    workflow = request.app[WORKFLOW_KEY]
+    service = workflow.service
+    # Check the waiting room before anything is written: a refused booking changes nothing.
+    room = await service.waiting_room(actor, room_id)
+    if room.department != department:
+        raise InvalidInput(f'waiting room "{room_id}" belongs to department "{room.department}", not "{department}"')
+    now = now_ms()
+    booked = await workflow.record(await service.book(actor, department=department, clinician=clinician,
+                                                      patient_ref=patient_ref, appointment_ms=appointment, now_ms=now))
+    c = await workflow.record(await service.invite(actor, booked.session_id, now_ms=now))
+    settings = request.app[CONFIG_KEY].workflow
+    nbf = (appointment - settings.link_valid_before_min * 60_000) // 1000
+    exp = (appointment + settings.link_valid_after_min * 60_000) // 1000
+    tokens = request.app[TOKENS_KEY]
+    base = settings.public_url.rstrip("/") or str(request.url.origin())
+    sid = c.session_id
+    patient_token = tokens.mint(sid, Role.PATIENT, patient_name, sub=patient_ref, not_before=nbf, expires=exp,
+                                consultation=sid, waiting_room=room_id, link=c.link_token or "")
+    out: dict[str, Any] = {
+        "consultation": consultation_json(c), "waiting_room": room_id,
+        "links_valid_from_ms": nbf * 1000, "links_valid_until_ms": exp * 1000,
+        "patient_link": f"{base}/?token={patient_token}", "patient_token": patient_token,
+        "clinician_link": None, "clinician_token": None,
+    }
+    if clinician is not None:
+        clinician_token = tokens.mint(sid, Role.CLINICIAN, clinician_name, sub=clinician, not_before=nbf,
+                                      expires=exp, departments=(department,), consultation=sid)
+        out.update(clinician_link=f"{base}/?token={clinician_token}", clinician_token=clinician_token)
+    return web.json_response(out, status=201)
+
+
+async def get_consultation(request: web.Request) -> web.Response:
+    actor = staff(request)
+    service = request.app[WORKFLOW_KEY].service
+    sid = SessionId(request.match_info["session_id"])
+    c = await service.consultation(actor, sid)
+    qe = await service.queue_entry(actor, sid)
+    return web.json_response({"consultation": consultation_json(c), "queue_entry": queue_entry_json(qe)})
+
+
+async def cancel_consultation(request: web.Request) -> web.Response:
+    c = await request.app[WORKFLOW_KEY].stop(staff(request), request.match_info["session_id"], "cancel")
+    return web.json_response({"consultation": consultation_json(c)})
+
+
+async def no_show(request: web.Request) -> web.Response:
+    c = await request.app[WORKFLOW_KEY].stop(staff(request), request.match_info["session_id"], "no_show")
+    return web.json_response({"consultation": consultation_json(c)})
+
+
+# --- a department's view ----------------------------------------------------------------------
+
+
+async def department_consultations(request: web.Request) -> web.Response:
+    """The department's consultations, by appointment time; ``?state=`` filters."""
+    actor = staff(request)
+    department = request.match_info["department"]
+    service = request.app[WORKFLOW_KEY].service
+    service.authorize(actor, Action.VIEW_CONSULTATION, department)
+    state = request.query.get("state")
+    found: list[Consultation] = []
+    for key in await service.store.keys(CONSULTATION):
+        doc = await service.store.get(CONSULTATION, key)
+        if doc is None or doc.body.get("department") != department:
+            continue
+        c = Consultation.from_doc(doc.body)
+        if state is None or c.state.value == state:
+            found.append(c)
+    found.sort(key=lambda c: (c.appointment_ms is None, c.appointment_ms or c.booked_ms, c.session_id))
+    return web.json_response({"department": department, "consultations": [consultation_json(c) for c in found]})
+
+
+async def department_queue(request: web.Request) -> web.Response:
+    """Every waiting room of the department with its live queue."""
+    actor = staff(request)
+    department = request.match_info["department"]
+    service = request.app[WORKFLOW_KEY].service
+    service.authorize(actor, Action.VIEW_QUEUE, department)
+    now = now_ms()
+    rooms = []
+    for key in sorted(await service.store.keys(ROOM)):
+        doc = await service.store.get(ROOM, key)
+        if doc is None or doc.body.get("department") != department:
+            continue
+        room = WaitingRoom.from_doc(doc.body)
+        queue = await service.queue(SYSTEM, room.room_id, now_ms=now)
+        rooms.append({"waiting_room": _room_json(room), "queue": [queued_json(q) for q in queue]})
+    return web.json_response({"department": department, "waiting_rooms": rooms})
+
+
+def add_staff_routes(app: web.Application) -> None:
+    app.router.add_post("/api/waiting-rooms", create_waiting_room)
+    app.router.add_get("/api/waiting-rooms/{room_id}/queue", room_queue)
+    app.router.add_post("/api/waiting-rooms/{room_id}/announcements", post_announcement)
+    app.router.add_post("/api/consultations", create_consultation)
+    app.router.add_get("/api/consultations/{session_id}", get_consultation)
+    app.router.add_post("/api/consultations/{session_id}/cancel", cancel_consultation)
+    app.router.add_post("/api/consultations/{session_id}/no-show", no_show)
+    app.router.add_get("/api/departments/{department}/consultations", department_consultations)
+    app.router.add_get("/api/departments/{department}/queue", department_queue)

@@ -1,0 +1,379 @@
+"""The clinical workflow at the edge: wire messages for its live parts, pushed events, and the
+back-office entries of every transition written to the session's event log.
+
+``rooms.service.WorkflowService`` decides; this module only wires it:
+
+- the actor comes from the connection's verified token (role, ``sub``, ``departments``; a
+  patient's consultation, waiting room and link token come from their join link's claims);
+- time is read here (the service never reads a clock);
+- every command's :class:`~rooms.backoffice.BackofficeEntry` items are written to the event log,
+  under the consultation's session id (or ``room:<waiting room>`` for entries about a room);
+- after a change, the people concerned are told: clinicians watching a waiting room get
+  ``queueUpdated``, waiting patients ``positionChanged`` / ``announcement`` / ``admitted``,
+  everyone in a consultation's media room ``consultationChanged``, a chat's members ``chatMessage``.
+
+A consultation's session id doubles as the name of its media room: the patient's link token is
+for that room, so the patient joins it at once and waits there (nobody else is in it); on admit the
+clinician gets a token for the same room. The HTTP API (``signalling.staff_api``) calls the same
+methods, so a change made over HTTP is pushed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Final, TypeVar
+
+from metrics.eventlog import EventLog
+from metrics.events import LogEntry, room_session_id
+from rooms.announcement import Announcement
+from rooms.backoffice import BackofficeEntry
+from rooms.chat import (
+    ChannelKind,
+    ChatChannel,
+    ChatMessage,
+    Retention,
+    RetentionKind,
+    consultation_channel_id,
+)
+from rooms.consultation import Consultation
+from rooms.consultation import State as CState
+from rooms.errors import NotFound
+from rooms.model import Role, SessionId
+from rooms.permissions import Actor
+from rooms.service import (
+    CHANNEL,
+    MINUTE_MS,
+    QueuedPatient,
+    Result,
+    WorkflowConfig,
+    WorkflowService,
+)
+from rooms.store import Store
+from rooms.waiting_room import QueueEntry
+from rooms.waiting_room import State as QState
+from signalling.auth import Claims, TokenAuthority
+from signalling.codec import event
+from signalling.config import WorkflowSettings
+from signalling.errors import Forbidden, InvalidState
+from signalling.hub import Client, Hub
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: The edge's own reads (queue pushes) act as an organisation admin: they see every room.
+SYSTEM: Final = Actor(Role.ORGANISATION_ADMIN, "system")
+#: How long the media-room token handed to an admitting clinician is valid.
+MEDIA_TOKEN_TTL_S: Final = 4 * 3600
+
+Handler = Callable[[Client, dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def workflow_config(settings: WorkflowSettings) -> WorkflowConfig:
+    """The service's config from the ``[workflow]`` table."""
+    kind = RetentionKind(settings.chat_retention)
+    return WorkflowConfig(
+        strict_departments=settings.strict_departments,
+        no_show_grace_ms=settings.no_show_grace_min * MINUTE_MS,
+        on_time_window_ms=settings.on_time_window_min * MINUTE_MS,
+        link_valid_before_ms=settings.link_valid_before_min * MINUTE_MS,
+        link_valid_after_ms=settings.link_valid_after_min * MINUTE_MS,
+        chat_max_bytes=settings.chat_max_bytes,
+        retention=Retention(kind, settings.chat_retention_days if kind is RetentionKind.DELETE_AFTER_DAYS else 0),
+    )
+
+
+def actor_of(claims: Claims) -> Actor:
+    return Actor(claims.role, claims.sub, frozenset(claims.departments))
+
+
+# --- wire shapes ------------------------------------------------------------------------------
+
+
+def consultation_json(c: Consultation) -> dict[str, Any]:
+    """A consultation as clients and the API see it: never the link token."""
+    doc = c.to_doc()
+    doc.pop("link_token", None)
+    doc["channel_id"] = consultation_channel_id(c.session_id)
+    return doc
+
+
+def queued_json(q: QueuedPatient) -> dict[str, Any]:
+    return {"position": q.position, "session_id": q.session_id, "patient_ref": q.patient_ref,
+            "arrival": q.arrival.value, "entered_ms": q.entered_ms, "waiting_ms": q.waiting_ms,
+            "appointment_ms": q.appointment_ms}
+
+
+def queue_entry_json(qe: QueueEntry) -> dict[str, Any]:
+    return qe.to_doc()
+
+
+def announcement_json(a: Announcement) -> dict[str, Any]:
+    return {"announcement_id": a.announcement_id, "room_id": a.room_id, "text": a.text, "author": a.author,
+            "posted_ms": a.posted_ms, "expires_ms": a.expires_ms, "state": a.state.value}
+
+
+def message_json(m: ChatMessage) -> dict[str, Any]:
+    return m.to_doc()
+
+
+def log_entry(e: BackofficeEntry) -> LogEntry:
+    """A back-office entry as an event-log entry; kind is Consultation/Queue/VideoSession/Chat."""
+    room = e.payload.get("room_id")
+    session = e.session_id or room_session_id(room if isinstance(room, str) else None)
+    return LogEntry(time_ms=e.time_ms, session_id=session, kind=str(e.kind), text=e.text, payload=dict(e.payload))
+
+
+class Workflow:
+    """The workflow service plus who to tell: one per node."""
+
+    def __init__(self, service: WorkflowService, hub: Hub, eventlog: EventLog, tokens: TokenAuthority) -> None:
+        self.service = service
+        self.hub = hub
+        self.eventlog = eventlog
+        self.tokens = tokens
+        self.watchers: dict[str, weakref.WeakSet[Client]] = {}
+        self.handlers: Final[Mapping[str, Handler]] = {
+            "waiting_room.enter": self._enter,
+            "waiting_room.leave": self._leave,
+            "queue.watch": self._watch,
+            "queue.unwatch": self._unwatch,
+            "consultation.admit": self._admit,
+            "consultation.transfer": self._transfer,
+            "consultation.end": self._end,
+            "consultation.complete": self._complete,
+            "consultation.phone_fallback": self._phone_fallback,
+            "chat.send": self._chat_send,
+            "chat.history": self._chat_history,
+            "announcement.post": self._announce,
+        }
+
+    @classmethod
+    def from_settings(cls, store: Store, settings: WorkflowSettings, hub: Hub, eventlog: EventLog,
+                      tokens: TokenAuthority) -> Workflow:
+        return cls(WorkflowService(store, workflow_config(settings)), hub, eventlog, tokens)
+
+    async def handle(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        """One validated workflow request from a joined connection."""
+        if client.claims is None:
+            raise InvalidState("join the session first")
+        return await self.handlers[msg["type"]](client, msg)
+
+    def forget(self, client: Client) -> None:
+        """The connection is gone: it watches nothing any more."""
+        for watchers in self.watchers.values():
+            watchers.discard(client)
+
+    # --- commands shared by the wire and the HTTP API -------------------------------------------
+
+    async def record(self, result: Result[T], changed: Consultation | None = None) -> T:
+        """Write a command's entries to the event log, then tell whoever is concerned."""
+        for entry in result.entries:
+            self.eventlog.append(log_entry(entry))
+        rooms: set[str] = set()
+        for entry in result.entries:
+            for key in ("room_id", "from_room", "to_room"):
+                value = entry.payload.get(key)
+                if isinstance(value, str):
+                    rooms.add(value)
+        await self.push_queues(rooms)
+        if changed is not None:
+            self._push(self._in_room(changed.session_id), "consultationChanged",
+                       {"consultation": consultation_json(changed)})
+        return result.value
+
+    async def push_queues(self, room_ids: Iterable[str]) -> None:
+        """Send each room's queue to its watchers and each waiting patient their place."""
+        now = now_ms()
+        for room_id in sorted(room_ids):
+            try:
+                queue = await self.service.queue(SYSTEM, room_id, now_ms=now)
+            except NotFound:
+                continue
+            lines = [queued_json(q) for q in queue]
+            self._push(self.watchers.get(room_id, ()), "queueUpdated", {"room_id": room_id, "queue": lines})
+            for q in queue:
+                self._push(self._patients_in_room(q.session_id), "positionChanged",
+                           {"session_id": q.session_id, "room_id": room_id, "position": q.position})
+
+    async def announce(self, actor: Actor, room_id: str, text: str, expires_in_s: int) -> Announcement:
+        now = now_ms()
+        ann = await self.record(await self.service.post_announcement(
+            actor, room_id, text=text, expires_ms=now + expires_in_s * 1000, now_ms=now))
+        room = await self.service.waiting_room(SYSTEM, room_id)
+        targets = [c for sid in room.waiting for c in self._patients_in_room(sid)]
+        self._push([*targets, *self.watchers.get(room_id, ())], "announcement",
+                   {"announcement": announcement_json(ann)})
+        return ann
+
+    async def stop(self, actor: Actor, session_id: str, how: str) -> Consultation:
+        """Cancel or mark as no-show (HTTP); a waiting patient is taken out of the queue."""
+        now = now_ms()
+        sid = SessionId(session_id)
+        if how == "cancel":
+            result = await self.service.cancel(actor, sid, now_ms=now)
+        else:
+            result = await self.service.no_show(actor, sid, now_ms=now)
+        return await self.record(result, changed=result.value)
+
+    # --- wire handlers --------------------------------------------------------------------------
+
+    def _patient_link(self, client: Client) -> tuple[Claims, SessionId]:
+        claims = client.claims
+        assert claims is not None
+        if claims.role is not Role.PATIENT:
+            raise Forbidden(f'only a patient enters or leaves a waiting room, not a {claims.role}')
+        if claims.consultation is None:
+            raise InvalidState("this connection did not join with a consultation link")
+        return claims, SessionId(claims.consultation)
+
+    async def _enter(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        """The patient opened their link: ready (device check) and in line, or still in line."""
+        claims, sid = self._patient_link(client)
+        if claims.waiting_room is None:
+            raise InvalidState("this consultation link names no waiting room")
+        actor = actor_of(claims)
+        now = now_ms()
+        qe = await self.service.queue_entry(actor, sid)
+        if qe.state is not QState.WAITING:
+            c = await self.service.consultation(actor, sid)
+            if c.state is CState.INVITED:
+                ready = await self.service.patient_ready(
+                    actor, sid, token=claims.link or "", device_check_passed=msg.get("device_check_passed", True),
+                    now_ms=now)
+                await self.record(ready, changed=ready.value)
+            qe = await self.record(await self.service.enter_waiting_room(actor, sid, room_id=claims.waiting_room,
+                                                                         now_ms=now))
+        room_id = qe.room_id or claims.waiting_room
+        return {
+            "session_id": sid, "room_id": room_id, "channel_id": consultation_channel_id(sid),
+            "arrival": qe.current.arrival.value, "entered_ms": qe.current.entered_ms,
+            "position": await self.service.position(actor, sid),
+            "announcements": [announcement_json(a) for a in
+                              await self.service.announcements(actor, room_id, now_ms=now)],
+        }
+
+    async def _leave(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        """The patient gives up before being admitted (abandoned, with the time waited)."""
+        claims, sid = self._patient_link(client)
+        qe = await self.record(await self.service.abandon(actor_of(claims), sid, now_ms=now_ms()))
+        seg = qe.current
+        return {"session_id": sid, "abandoned_ms": qe.abandoned_ms, "waited_ms": seg.waited_ms}
+
+    async def _watch(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        assert client.claims is not None
+        room_id = msg["room_id"]
+        queue = await self.service.queue(actor_of(client.claims), room_id, now_ms=now_ms())
+        self.watchers.setdefault(room_id, weakref.WeakSet()).add(client)
+        return {"room_id": room_id, "queue": [queued_json(q) for q in queue]}
+
+    async def _unwatch(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        self.watchers.get(msg["room_id"], weakref.WeakSet()).discard(client)
+        return {}
+
+    async def _admit(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        """The clinician admits a waiting patient; both meet in the consultation's media room."""
+        claims = client.claims
+        assert claims is not None
+        sid = SessionId(msg["session_id"])
+        result = await self.service.admit(actor_of(claims), sid, now_ms=now_ms(), video_session_id=sid)
+        c = await self.record(result, changed=result.value)
+        self._push(self._patients_in_room(sid), "admitted", {"session_id": sid, "room": sid})
+        token = self.tokens.mint(sid, Role.CLINICIAN, claims.name, sub=claims.sub, ttl_s=MEDIA_TOKEN_TTL_S,
+                                 departments=claims.departments, consultation=sid)
+        return {"consultation": consultation_json(c), "room": sid, "token": token}
+
+    async def _transfer(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        assert client.claims is not None
+        sid = SessionId(msg["session_id"])
+        qe = await self.record(await self.service.transfer(actor_of(client.claims), sid, to_room_id=msg["to_room_id"],
+                                                           now_ms=now_ms()))
+        return {"session_id": sid, "room_id": qe.room_id, "segment": len(qe.segments),
+                "position": await self.service.position(SYSTEM, sid)}
+
+    async def _consultation_step(self, client: Client, msg: dict[str, Any],
+                                 step: Callable[..., Awaitable[Result[Consultation]]]) -> dict[str, Any]:
+        assert client.claims is not None
+        result = await step(actor_of(client.claims), SessionId(msg["session_id"]), now_ms=now_ms())
+        return {"consultation": consultation_json(await self.record(result, changed=result.value))}
+
+    async def _end(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self._consultation_step(client, msg, self.service.end)
+
+    async def _complete(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self._consultation_step(client, msg, self.service.complete)
+
+    async def _phone_fallback(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self._consultation_step(client, msg, self.service.phone_fallback)
+
+    async def _chat_send(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        """Stored verbatim (HTML stays text); pushed to the channel's connected members."""
+        assert client.claims is not None
+        channel_id = msg["channel_id"]
+        message = await self.record(await self.service.send_chat(actor_of(client.claims), channel_id, msg["text"],
+                                                                 now_ms=now_ms()))
+        await self._push_chat(channel_id, message, exclude=client)
+        return {"message": message_json(message)}
+
+    async def _chat_history(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        assert client.claims is not None
+        messages = await self.service.chat_history(actor_of(client.claims), msg["channel_id"])
+        return {"channel_id": msg["channel_id"], "messages": [message_json(m) for m in messages]}
+
+    async def _announce(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        assert client.claims is not None
+        ann = await self.announce(actor_of(client.claims), msg["room_id"], msg["text"], msg.get("expires_in_s", 3600))
+        return {"announcement": announcement_json(ann)}
+
+    # --- who to tell ----------------------------------------------------------------------------
+
+    async def _push_chat(self, channel_id: str, message: ChatMessage, exclude: Client) -> None:
+        doc = await self.service.store.get(CHANNEL, channel_id)
+        if doc is None:
+            return
+        ch = ChatChannel.from_doc(doc.body)
+        clinicians = {ch.clinician} - {None}
+        targets: list[Client] = []
+        if ch.kind is ChannelKind.CONSULTATION and ch.session_id is not None:
+            targets.extend(self._in_room(ch.session_id))
+            try:
+                c = await self.service.consultation(SYSTEM, ch.session_id)
+                clinicians |= {c.admitted_by} - {None}
+            except NotFound:
+                pass
+        for other in self.hub.clients.values():
+            claims = other.claims
+            if claims is None:
+                continue
+            if ((claims.role is Role.PATIENT and claims.sub == ch.patient_ref)
+                    or (claims.role is Role.CLINICIAN and claims.sub in clinicians)):
+                targets.append(other)
+        self._push((t for t in targets if t is not exclude), "chatMessage", {"message": message_json(message)})
+
+    def _in_room(self, room: str) -> list[Client]:
+        """Every client joined to the live media room ``room`` (a consultation's session id)."""
+        session_id = self.hub.registry.by_room.get(room)
+        session = None if session_id is None else self.hub.registry.sessions.get(session_id)
+        if session is None:
+            return []
+        return [c for cid in list(session.connections) if (c := self.hub.clients.get(cid)) is not None]
+
+    def _patients_in_room(self, room: str) -> list[Client]:
+        return [c for c in self._in_room(room) if c.claims is not None and c.claims.role is Role.PATIENT]
+
+    @staticmethod
+    def _push(clients: Iterable[Client], name: str, data: dict[str, Any]) -> None:
+        message = event(name, data)
+        seen: set[int] = set()
+        for client in list(clients):
+            if id(client) in seen:
+                continue
+            seen.add(id(client))
+            client.send(message)
