@@ -42,6 +42,9 @@ class EventKind(StrEnum):
     DIMENSIONS_CHANGED = "dimensionsChanged"  # payload: {"width", "height"}
     KEYFRAME_REQUESTED = "keyframeRequested"  # payload: {"method": "pli"|"fir", "by"?}
     QUALITY_ALERT = "qualityAlert"  # payload: {"metric", "value", "threshold", ...}
+    # One interval of one track (the quality timeline); payload: media.events.QualitySample fields.
+    # Kept out of the event list the inspector shows; read through the quality API.
+    QUALITY_SAMPLE = "qualitySample"
     CLIENT_EVENT = "clientEvent"  # posted by the browser SDK
     CLIENT_STATS = "clientStats"  # a getStats() sample posted by the browser SDK
     # Back office: the room state machines' transitions. payload: {"from", "to", "event", ...}

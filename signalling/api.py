@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from metrics import prometheus as prom
+from metrics.events import EventKind
 from rooms.errors import RoomsError
 from rooms.model import Role
 from signalling import __version__
@@ -25,6 +26,8 @@ from signalling.errors import (
 from signalling.keys import CONFIG_KEY, EVENTLOG_KEY, HUB_KEY, STARTED_KEY, TOKENS_KEY
 
 STATIC_DIR = Path(__file__).parent / "static"
+#: What the event list shows: every kind but the quality timeline (read via /quality).
+EVENT_KINDS = [str(k) for k in EventKind if k is not EventKind.QUALITY_SAMPLE]
 INSPECTOR_ROLES = (Role.SUPPORT, Role.ADMIN)
 
 STATUS = {
@@ -76,15 +79,20 @@ async def session_events(request: web.Request) -> web.Response:
     limit = _int_query(request, "limit") or 10_000
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)  # read what was logged up to this request
-    events = await eventlog.events(session_id, since_ms=since, limit=limit)
+    events = await eventlog.events(session_id, kinds=EVENT_KINDS, since_ms=since, limit=limit)
     return web.json_response({"session_id": session_id, "events": events})
 
 
 async def session_quality(request: web.Request) -> web.Response:
+    """The session's quality timeline: one sample per track and interval."""
     bearer_claims(request, INSPECTOR_ROLES)
     session_id = request.match_info["session_id"]
-    return web.json_response({"session_id": session_id,
-                              "samples": request.app[HUB_KEY].quality.get(session_id, [])})
+    eventlog = request.app[EVENTLOG_KEY]
+    await eventlog.flush(timeout=5)
+    since = _int_query(request, "since_ms")
+    entries = await eventlog.events(session_id, kinds=[EventKind.QUALITY_SAMPLE], since_ms=since, limit=100_000)
+    samples = [{"connection_id": e["connection_id"], **e["payload"]} for e in entries]
+    return web.json_response({"session_id": session_id, "samples": samples})
 
 
 async def sessions(request: web.Request) -> web.Response:

@@ -11,17 +11,30 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from media.errors import MediaError as MediaPlaneError
 from media.errors import PeerNotFound
-from media.events import DimensionsChanged, KeyframeRequested, MediaEvent, PeerFailed, PeerStateChanged, QualitySample
+from media.events import (
+    DimensionsChanged,
+    KeyframeRequested,
+    MediaEvent,
+    PeerFailed,
+    PeerStateChanged,
+    QualitySample,
+)
 from media.router import Router
 from metrics import prometheus as prom
 from metrics.eventlog import EventLog
 from metrics.events import EventKind, LogEntry, token_rejected
-from rooms.live import LiveConnection, LiveRegistry, LiveSession, LiveStream, LiveSubscription
+from rooms.live import (
+    LiveConnection,
+    LiveRegistry,
+    LiveSession,
+    LiveStream,
+    LiveSubscription,
+)
 from rooms.model import (
     ConnectionId,
     DisconnectReason,
@@ -68,7 +81,6 @@ class Hub:
         self.registry = LiveRegistry()
         self.clients: dict[ConnectionId, Client] = {}
         self.peers: dict[str, PeerOwner] = {}
-        self.quality: dict[str, list[dict[str, Any]]] = {}
         router.observer = self.on_media_event
 
     # --- helpers ----------------------------------------------------------------------
@@ -240,7 +252,7 @@ class Hub:
         return {}
 
     async def ice(self, client: Client, peer_id: str, candidate: dict[str, Any] | None) -> dict[str, Any]:
-        session, connection = self.joined(client)
+        _, connection = self.joined(client)
         owner = self.peers.get(peer_id)
         if owner is None or owner.connection_id != connection.connection_id:
             raise NotFound(f'No peer "{peer_id}" of this connection')
@@ -322,9 +334,11 @@ class Hub:
         if isinstance(event, QualitySample):
             owner = self.peers.get(event.peer_id)
             if owner is not None:
-                samples = self.quality.setdefault(owner.session_id, [])
-                samples.append({"connection_id": owner.connection_id, **event.__dict__})
-                del samples[:-2000]
+                # The timeline shares the event log's batched, append-only writer.
+                self.eventlog.append(LogEntry(
+                    time_ms=event.time_ms, session_id=owner.session_id, connection_id=owner.connection_id,
+                    stream_id=event.stream_id, kind=EventKind.QUALITY_SAMPLE,
+                    text=f"{event.kind} {event.direction} {event.bitrate_kbps} kbps", payload=asdict(event)))
             return
         owner = self.peers.get(event.peer_id if not isinstance(event, (KeyframeRequested, DimensionsChanged))
                                else event.stream_id)

@@ -3,7 +3,9 @@ peers (a publisher with synthetic camera and microphone, decoding subscribers)."
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,13 @@ from loadtest.client import SignallingClient
 from rooms.model import Role
 from signalling.auth import TokenAuthority, load_or_create_secret
 from tests.media.peers import Subscriber, publisher_offer
+
+
+def get_json(url: str, token: str) -> Any:
+    """GET with a bearer token; the decoded JSON body."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
 
 
 def authority(data_dir: Path) -> TokenAuthority:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from media import aiortc_internals
 from rooms.model import Role
-from tests.call_helpers import Participant, authority
+from tests.call_helpers import Participant, authority, get_json
 from tests.helpers import wait_until
 from tests.server import ServerProcess, start_server
 
@@ -72,6 +72,27 @@ async def test_three_party_call_forwards_media_without_codecs(probed_server: tup
         print(f"late joiner: first frame {delay * 1000:.0f} ms after its answer")
         assert delay < 1.0, f"first frame {delay:.2f}s after the answer"
         assert sub_ca.received.frames[0][1:3] == (640, 480)
+
+        # Support sees the call: the event log in order, and a quality timeline per track.
+        support = tokens.mint("support", Role.SUPPORT, "Support")
+        session_id = joined_a["session_id"]
+        events = get_json(f"{server.url}/api/sessions/{session_id}/events", support)["events"]
+        kinds = [e["kind"] for e in events]
+        for kind in ("serverDetectedConnect", "successfullyJoined", "publishSuccess", "streamCreated",
+                     "subscribeSuccess", "iceStateChanged", "dtlsStateChanged", "keyframeRequested",
+                     "dimensionsChanged"):
+            assert kind in kinds, kind
+        assert "qualitySample" not in kinds
+        assert kinds.index("publishAttempt") < kinds.index("publishSuccess") < kinds.index("subscribeSuccess")
+        pairs = [e["payload"]["candidate_pair"] for e in events
+                 if e["kind"] == "iceStateChanged" and e["payload"]["state"] == "completed"]
+        assert pairs and pairs[0]["local_type"] == "host" and pairs[0]["protocol"] == "udp"
+        samples = get_json(f"{server.url}/api/sessions/{session_id}/quality", support)["samples"]
+        video_out = [s for s in samples if s["kind"] == "video" and s["direction"] == "out" and s["packets"]]
+        video_in = [s for s in samples if s["kind"] == "video" and s["direction"] == "in" and s["packets"]]
+        assert video_out and video_in
+        assert max(s["frame_rate"] for s in video_out) >= 25 and {s["width"] for s in video_in} == {640}
+        assert all(s["bitrate_kbps"] > 0 for s in video_out)
     finally:
         for p in (carol, bob, alice):
             await p.close()

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -18,7 +16,7 @@ import pytest
 from loadtest.client import RequestFailed, SignallingClient
 from rooms.model import Role
 from signalling.auth import TokenAuthority
-from tests.call_helpers import authority
+from tests.call_helpers import authority, get_json
 from tests.server import ServerProcess, start_server
 
 MAX_BYTES = 4096
@@ -127,17 +125,11 @@ async def test_rejected_tokens_close_with_policy_and_are_logged(
         await client.close()
 
     support = tokens.mint("support", Role.SUPPORT, "Support")
-    events = _get_json(server.url + f"/api/sessions/room:{r}/events", support)["events"]
+    events = get_json(server.url + f"/api/sessions/room:{r}/events", support)["events"]
     rejected = [e for e in events if e["kind"] == "tokenRejected"]
     assert [e["payload"]["code"] for e in rejected] == [code]
     assert rejected[0]["text"].startswith("Failed to get valid token for token:")
     assert token not in json.dumps(rejected)  # never the whole credential
-
-
-def _get_json(url: str, token: str) -> Any:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 async def test_inspector_api_needs_a_support_token(server: ServerProcess, tokens: TokenAuthority) -> None:
@@ -145,7 +137,7 @@ async def test_inspector_api_needs_a_support_token(server: ServerProcess, tokens
 
     patient = tokens.mint(room(), Role.PATIENT, "Anna")
     with pytest.raises(urllib.error.HTTPError) as denied:
-        _get_json(server.url + "/api/sessions/s_x/events", patient)
+        get_json(server.url + "/api/sessions/s_x/events", patient)
     assert denied.value.code == 403
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(server.url + "/api/sessions/s_x/events", timeout=10)

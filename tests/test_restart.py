@@ -3,25 +3,16 @@ event logs, and keeps its generated token secret."""
 
 from __future__ import annotations
 
-import json
 import signal
-import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from loadtest.client import SignallingClient
 from rooms.model import Role
-from tests.call_helpers import authority
+from tests.call_helpers import authority, get_json
 from tests.server import start_server
-
-
-def get_json(url: str, token: str) -> Any:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
