@@ -28,6 +28,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# Types are part of the suite (pyproject.toml [tool.mypy]: untyped defs refused, tests included).
+echo "Type check: mypy"
+.venv/bin/python -m mypy signalling media metrics rooms loadtest tests benchmarks
+
 status=0
 .venv/bin/python -m pytest -p no:cacheprovider "$@" || status=$?
 # pytest exits 5 when nothing was collected: that is a failure here, not a pass.

@@ -91,5 +91,6 @@ async def _close_sockets(app: web.Application) -> None:
     """On shutdown every connection leaves with reason serverShutdown, then sockets close."""
     app[SHUTTING_DOWN_KEY] = True
     await app[HUB_KEY].shutdown()
-    for ws in list(app[SOCKETS_KEY]):
+    sockets = app[SOCKETS_KEY]
+    for ws in list(sockets):
         await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
