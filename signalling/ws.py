@@ -117,7 +117,6 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         sockets.discard(ws)
         workflow.forget(client)
         await hub.disconnect(client, reason)
-        queue.put_nowait(None) if not queue.full() else None
         writer.cancel()
         if not ws.closed:
             await ws.close()
