@@ -76,7 +76,7 @@ def _appointment_ms(body: dict[str, Any]) -> int:
         return value
     raw = body["appointment"]
     try:
-        when = datetime.fromisoformat(raw.replace("Z", "+00:00")) if isinstance(raw, str) else None
+        when = datetime.fromisoformat(raw) if isinstance(raw, str) else None
     except ValueError:
         when = None
     if when is None or when.tzinfo is None:

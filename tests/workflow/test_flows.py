@@ -147,8 +147,8 @@ async def test_phone_fallback_from_the_queue_and_from_a_call(clinic: Clinic) -> 
     await wait_event(desk, "queueUpdated", lambda d: d["queue"] == [])
     log = await clinic.backoffice(sid)
     assert log[-2][0] == "Queue" and "taken out of the queue Cardiology A" in log[-2][1]
-    assert log[-1] == ("VideoSession", "Video consultation ended as phone consultation. Clinician: dr-who "
-                                       "Patient: p-phone VideoSessionId: ")
+    assert log[-1] == ("VideoSession", ("Video consultation ended as phone consultation. Clinician: dr-who "
+                                       "Patient: p-phone VideoSessionId: "))
     assert (await desk.request("consultation.complete", session_id=sid))["consultation"]["state"] == "completed"
 
     # 2. During a call: the duration is kept and the video session id names the media room.
@@ -158,8 +158,8 @@ async def test_phone_fallback_from_the_queue_and_from_a_call(clinic: Clinic) -> 
     phoned2 = (await desk.request("consultation.phone_fallback", session_id=sid2))["consultation"]
     assert phoned2["duration_ms"] == phoned2["ended_ms"] - phoned2["started_ms"] >= 0
     assert (await clinic.backoffice(sid2))[-1] == (
-        "VideoSession", f"Video consultation ended as phone consultation. Clinician: dr-who Patient: p-call "
-                        f"VideoSessionId: {sid2}")
+        "VideoSession", (f"Video consultation ended as phone consultation. Clinician: dr-who Patient: p-call "
+                        f"VideoSessionId: {sid2}"))
     await wait_until(lambda: any(e["event"] == "consultationChanged" for e in patient2.events), timeout=30)
     for client in (patient, patient2, desk):
         await client.close()

@@ -110,16 +110,15 @@ async def test_full_consultation_over_the_wire(clinic: Clinic) -> None:
         ("VideoSession", rf"Video session id \({sid}\) has been created for room \"{sid}\""),
         ("Consultation", r"Patient logged in via link\."),
         ("Consultation", r"Patient is ready\. The patient has clicked the link and is now logged in\."),
-        ("Queue", r"Patient was added to dr-who's queue by patient\. Booked consultation \(early\)\.|"
-                  r"Patient was added to the queue by patient\. Booked consultation \(early\)\."),
+        ("Queue", r"Patient was added to the queue by patient\. Booked consultation \(early\)\."),
         ("Queue", r"Patient was admitted from Cardiology by clinician dr-who after waiting \d+\.\d\d seconds\."),
-        ("VideoSession", rf"Video session id \({sid}\) has been created for video consultation between "
-                         r"patient p-anna and clinician dr-who\."),
+        ("VideoSession", (rf"Video session id \({sid}\) has been created for video consultation between "
+                         r"patient p-anna and clinician dr-who\.")),
         ("Consultation", r"Video consultation is in progress between patient p-anna and clinician dr-who\."),
         ("Chat", r"Chat message sent by patient during the call \(\d+ characters\)\."),
         ("Chat", r"Chat message sent by clinician during the call \(7 characters\)\."),
-        ("Consultation", r"Video consultation between patient and clinician has ended and lasted \d+\.\d\d seconds\. "
-                         r"Patient: p-anna Clinician: dr-who\."),
+        ("Consultation", (r"Video consultation between patient and clinician has ended and lasted \d+\.\d\d seconds\. "
+                         r"Patient: p-anna Clinician: dr-who\.")),
         ("Consultation", r"Consultation completed, waiting for journal\."),
     ]
     # Booking and the link happened first (and are in the log too).
