@@ -63,6 +63,9 @@ class QualitySample:
     nacks: int
     plis: int
     remb_kbps: float | None = None
+    #: RTP payload bytes in the interval, and (downstream) packets resent for NACKs.
+    octets: int = 0
+    retransmitted: int = 0
 
 
 MediaEvent = PeerStateChanged | KeyframeRequested | DimensionsChanged | PeerFailed | QualitySample

@@ -108,7 +108,7 @@ class PublishedTrack:
         self.frames = 0
         self.plis_sent = 0
         self.nacks_sent = 0
-        self._sample_base = (0, 0, 0, 0, 0, 0)
+        self._sample_base = (0, 0, 0, 0, 0, 0, 0)
 
     # --- hot path -------------------------------------------------------------
 
@@ -183,10 +183,10 @@ class PublishedTrack:
         expected = stats.packets_expected if stats else 0
         lost = stats.packets_lost if stats else 0
         jitter = stats.jitter / self.clock_rate * 1000 if stats else None
-        b_packets, b_octets, b_frames, b_expected, b_lost, b_plis = self._sample_base
+        b_packets, b_octets, b_frames, b_expected, b_lost, b_plis, b_nacks = self._sample_base
         d_expected = expected - b_expected
         d_lost = max(0, lost - b_lost)
-        self._sample_base = (self.packets, self.octets, self.frames, expected, lost, self.plis_sent)
+        self._sample_base = (self.packets, self.octets, self.frames, expected, lost, self.plis_sent, self.nacks_sent)
         return QualitySample(
             peer_id=self.publish.peer_id, stream_id=self.publish.stream_id, direction="in", kind=self.kind,
             time_ms=now_ms, interval_s=interval,
@@ -196,7 +196,7 @@ class PublishedTrack:
             jitter_ms=round(jitter, 2) if jitter is not None else None, rtt_ms=None,
             frame_rate=round((self.frames - b_frames) / interval, 1) if self.kind == "video" else None,
             width=self.size[0] if self.size else None, height=self.size[1] if self.size else None,
-            nacks=self.nacks_sent, plis=self.plis_sent - b_plis,
+            nacks=self.nacks_sent - b_nacks, plis=self.plis_sent - b_plis, octets=self.octets - b_octets,
         )
 
 
@@ -235,7 +235,7 @@ class ForwardingSender:
         self.jitter_ms: float | None = None
         self.lsr = 0
         self.lsr_time = 0.0
-        self._sample_base = (0, 0, 0, 0, 0)
+        self._sample_base = (0, 0, 0, 0, 0, 0)
 
     def start(self, parameters: RTCRtpSendParameters) -> None:
         """DTLS is up and the sender's parameters are negotiated: start forwarding."""
@@ -360,8 +360,9 @@ class ForwardingSender:
         self.track.remove_subscriber(self)
 
     def sample(self, now_ms: int, interval: float) -> QualitySample:
-        b_packets, b_octets, b_frames, b_nacks, b_plis = self._sample_base
-        self._sample_base = (self.packets, self.octets, self.frames, self.nacks_received, self.plis_received)
+        b_packets, b_octets, b_frames, b_nacks, b_plis, b_resent = self._sample_base
+        self._sample_base = (self.packets, self.octets, self.frames, self.nacks_received, self.plis_received,
+                             self.retransmitted)
         size = self.track.size
         return QualitySample(
             peer_id=self.subscription.peer_id, stream_id=self.track.publish.stream_id, direction="out",
@@ -376,6 +377,7 @@ class ForwardingSender:
             height=size[1] if size and self.kind == "video" else None,
             nacks=self.nacks_received - b_nacks, plis=self.plis_received - b_plis,
             remb_kbps=round(self.remb_bps / 1000, 1) if self.remb_bps else None,
+            octets=self.octets - b_octets, retransmitted=self.retransmitted - b_resent,
         )
 
 

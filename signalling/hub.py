@@ -332,6 +332,10 @@ class Hub:
 
     def on_media_event(self, event: MediaEvent) -> None:
         if isinstance(event, QualitySample):
+            if event.direction == "out":
+                prom.RTP_PACKETS_FORWARDED.labels(kind=event.kind).inc(event.packets)
+                prom.RTP_BYTES_FORWARDED.labels(kind=event.kind).inc(event.octets)
+                prom.NACKS_ANSWERED.inc(event.retransmitted)
             owner = self.peers.get(event.peer_id)
             if owner is not None:
                 # The timeline shares the event log's batched, append-only writer.

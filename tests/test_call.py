@@ -3,7 +3,9 @@ protocol, ICE/DTLS/SRTP on loopback, media relayed by the SFU without transcodin
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,6 +95,11 @@ async def test_three_party_call_forwards_media_without_codecs(probed_server: tup
         assert video_out and video_in
         assert max(s["frame_rate"] for s in video_out) >= 25 and {s["width"] for s in video_in} == {640}
         assert all(s["bitrate_kbps"] > 0 for s in video_out)
+        # Operators see the same traffic in Prometheus, folded from the samples.
+        with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
+            exposition = response.read().decode()
+        forwarded = re.search(r'^openconsult_rtp_packets_forwarded_total\{kind="video"\} (\S+)$', exposition, re.M)
+        assert forwarded and float(forwarded.group(1)) >= sum(s["packets"] for s in video_out) > 0
     finally:
         for p in (carol, bob, alice):
             await p.close()
