@@ -103,12 +103,11 @@ def receiver_statistics(receiver: RTCRtpReceiver) -> dict[int, StreamStatistics]
 def hook_sender(
     sender: RTCRtpSender,
     on_started: Callable[[RTCRtpSendParameters], None],
-    run_rtcp: Callable[[], Awaitable[None]],
     on_rtcp: RtcpHandler,
 ) -> None:
-    """Turn ``sender`` into a bare RTP/RTCP endpoint: no track, no encoder.
-    ``on_started`` gets the negotiated parameters once DTLS is up; ``run_rtcp``
-    replaces its sender-report loop; ``on_rtcp`` gets the RTCP routed to it."""
+    """Turn ``sender`` into a bare RTP/RTCP endpoint: no track, no encoder, no
+    RTCP loop of its own (the router sends reports). ``on_started`` gets the
+    negotiated parameters once DTLS is up; ``on_rtcp`` gets the RTCP routed to it."""
     original_send = sender.send
     started_rtp: asyncio.Event = sender._RTCRtpSender__rtp_started  # type: ignore[attr-defined]
     exited_rtp: asyncio.Event = sender._RTCRtpSender__rtp_exited  # type: ignore[attr-defined]
@@ -119,27 +118,22 @@ def hook_sender(
         await original_send(parameters)
         on_started(parameters)
 
-    async def run_rtp(codec: Any) -> None:
-        started_rtp.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            pass
-        finally:
-            exited_rtp.set()
+    def idle(started: asyncio.Event, exited: asyncio.Event) -> Callable[..., Awaitable[None]]:
+        # What stop() expects of the tasks it cancels: started set, exited set on the way out.
+        async def run(*args: Any) -> None:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                pass
+            finally:
+                exited.set()
 
-    async def run_rtcp_wrapper() -> None:
-        started_rtcp.set()
-        try:
-            await run_rtcp()
-        except asyncio.CancelledError:
-            pass
-        finally:
-            exited_rtcp.set()
+        return run
 
     sender.send = send  # type: ignore[method-assign]
-    sender._run_rtp = run_rtp  # type: ignore[method-assign]
-    sender._run_rtcp = run_rtcp_wrapper  # type: ignore[method-assign]
+    sender._run_rtp = idle(started_rtp, exited_rtp)  # type: ignore[method-assign, assignment]
+    sender._run_rtcp = idle(started_rtcp, exited_rtcp)  # type: ignore[method-assign, assignment]
     sender._handle_rtcp_packet = on_rtcp  # type: ignore[method-assign, assignment]
 
 

@@ -337,23 +337,20 @@ class ForwardingSender:
         if missing:
             self.track.nack_upstream(missing)
 
-    async def run_rtcp(self) -> None:
-        """Sender reports every 0.5-1.5 s. The RTP time follows the publisher's
-        NTP mapping when known, so audio and video stay in sync downstream."""
-        while True:
-            await asyncio.sleep(0.5 + random.random())
-            if not self.ready or not self.packets:
-                continue
-            ntp = ntp_now()
-            track = self.track
-            if track.sr_ntp:
-                elapsed = (ntp - track.sr_ntp) / 4294967296.0
-                rtp_ts = track.sr_rtp + int(elapsed * self.clock_rate) + self.ts_offset
-            else:
-                rtp_ts = self.last_ts + int((time.time() - self.last_time) * self.clock_rate)
-            self.lsr = (ntp >> 16) & 0xFFFFFFFF
-            self.lsr_time = time.time()
-            self.send(sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets))
+    def sender_report(self, ntp: int) -> bytes:
+        """This track's SR (empty before the first forwarded packet). The RTP time follows
+        the publisher's NTP mapping when known, so audio and video stay in sync downstream."""
+        if not self.ready or not self.packets:
+            return b""
+        track = self.track
+        if track.sr_ntp:
+            elapsed = (ntp - track.sr_ntp) / 4294967296.0
+            rtp_ts = track.sr_rtp + int(elapsed * self.clock_rate) + self.ts_offset
+        else:
+            rtp_ts = self.last_ts + int((time.time() - self.last_time) * self.clock_rate)
+        self.lsr = (ntp >> 16) & 0xFFFFFFFF
+        self.lsr_time = time.time()
+        return sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets)
 
     def close(self) -> None:
         self.ready = False
@@ -502,10 +499,16 @@ class SubscribePeer(Peer):
             transceiver = self.pc.addTransceiver(kind, direction="sendonly")
             transceiver.setCodecPreferences(_preferred_codecs(kind, with_rtx=False))
             fwd = ForwardingSender(self, track, transceiver.sender)
-            internals.hook_sender(transceiver.sender, fwd.start, fwd.run_rtcp, fwd.on_rtcp)
+            internals.hook_sender(transceiver.sender, fwd.start, fwd.on_rtcp)
             self.senders.append(fwd)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         return self.local_sdp()
+
+    def send_sender_reports(self, ntp: int) -> None:
+        """One compound RTCP datagram with the SR of every track of this subscription."""
+        reports = b"".join(fwd.sender_report(ntp) for fwd in self.senders)
+        if reports:
+            self.senders[0].send(reports)
 
     async def accept_answer(self, answer_sdp: str) -> None:
         if self.answered:
@@ -647,6 +650,9 @@ class Router:
             tracks = [t for p in list(self.publishes.values()) for t in p.tracks.values()]
             for track in tracks:
                 track.tick()
+            ntp = ntp_now()
+            for subscription in list(self.subscriptions.values()):
+                subscription.send_sender_reports(ntp)
             now = time.monotonic()
             if now - last_sample >= self.sample_interval_s:
                 interval, last_sample = now - last_sample, now
