@@ -80,12 +80,13 @@ class LiveRegistry:
         self.sessions: dict[SessionId, LiveSession] = {}
         self.by_room: dict[str, SessionId] = {}
 
-    def session_for_room(self, room: str) -> tuple[LiveSession, bool]:
-        """The room's current session, or a new one; the flag says whether it was created."""
-        session_id = self.by_room.get(room)
-        if session_id is not None:
-            return self.sessions[session_id], False
-        session = LiveSession(SessionId(new_id("s")), room)
+    def session_for_room(self, room: str, session_id: SessionId | None = None) -> tuple[LiveSession, bool]:
+        """The room's current session, or a new one (with ``session_id`` if given, else a
+        fresh id); the flag says whether it was created."""
+        current = self.by_room.get(room)
+        if current is not None:
+            return self.sessions[current], False
+        session = LiveSession(session_id or SessionId(new_id("s")), room)
         self.sessions[session.session_id] = session
         self.by_room[room] = session.session_id
         return session, True

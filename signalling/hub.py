@@ -105,12 +105,7 @@ class Hub:
         consultation's own session id, so its workflow and media entries share one log (the id
         support staff paste); any other room gets a fresh session id per instance."""
         room = claims.room
-        if claims.consultation is None or claims.consultation != room or room in self.registry.by_room:
-            return self.registry.session_for_room(room)
-        session = LiveSession(SessionId(room), room)
-        self.registry.sessions[session.session_id] = session
-        self.registry.by_room[room] = session.session_id
-        return session, True
+        return self.registry.session_for_room(room, SessionId(room) if claims.consultation == room else None)
 
     @staticmethod
     def joined(client: Client) -> tuple[LiveSession, LiveConnection]:
