@@ -1,0 +1,88 @@
+"""Why things ended, as the other participants and support staff see it: a left
+client, a dropped socket, a publisher whose media stopped."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from media import aiortc_internals
+from rooms.model import Role
+from tests.call_helpers import Participant, authority, get_json
+from tests.helpers import wait_until
+from tests.server import ServerProcess, start_server
+
+
+@pytest.fixture(autouse=True)
+def loopback_ice() -> None:
+    aiortc_internals.configure_ice_addresses(("127.0.0.1",))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = start_server(tmp_path_factory.mktemp("disconnects"))
+    yield proc
+    proc.stop()
+
+
+def room() -> str:
+    return f"r-{uuid.uuid4().hex[:8]}"
+
+
+async def test_publisher_media_stopping_destroys_its_stream(server: ServerProcess) -> None:
+    tokens = authority(server.data_dir)
+    r = room()
+    alice, bob = Participant(server.ws_url, "Alice"), Participant(server.ws_url, "Bob")
+    try:
+        await alice.join(tokens, r, Role.CLINICIAN)
+        joined = await bob.join(tokens, r)
+        stream = await alice.publish()
+        subscriber = await bob.subscribe(stream)
+        await wait_until(lambda: bool(subscriber.received.frames), timeout=30, message="video at Bob")
+        assert alice.publisher is not None
+        await alice.publisher.close()  # the camera app died; the signalling socket stays up
+        destroyed = await bob.client.wait_event("streamDestroyed", stream__stream_id=stream)
+        assert destroyed["data"]["reason"] == "mediaStopped"
+        ended = await bob.client.wait_event("subscriptionEnded", stream_id=stream)
+        assert ended["data"]["reason"] == "mediaStopped"
+        support = tokens.mint("support", Role.SUPPORT, "Support")
+        events = get_json(f"{server.url}/api/sessions/{joined['session_id']}/events", support)["events"]
+        gone = [e for e in events if e["kind"] == "streamDestroyed"]
+        assert [e["payload"]["reason"] for e in gone] == ["mediaStopped"]
+        assert "Reason: mediaStopped" in gone[0]["text"]
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_dropped_socket_is_a_network_disconnect(server: ServerProcess) -> None:
+    tokens = authority(server.data_dir)
+    r = room()
+    alice, bob = Participant(server.ws_url, "Alice"), Participant(server.ws_url, "Bob")
+    try:
+        await alice.join(tokens, r, Role.CLINICIAN)
+        joined = await bob.join(tokens, r)
+        stream = await bob.publish(video=False)
+        await alice.client.wait_event("streamCreated", stream__stream_id=stream)
+        # Bob's network goes away: the TCP connection dies without a WebSocket close frame.
+        assert bob.client.ws is not None
+        transport = bob.client.ws._response.connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.abort()
+        gone = await alice.client.wait_event("connectionDestroyed", connection__name="Bob")
+        assert gone["data"]["reason"] == "networkDisconnected"
+        destroyed = await alice.client.wait_event("streamDestroyed", stream__stream_id=stream)
+        assert destroyed["data"]["reason"] == "networkDisconnected"
+        # Leaving is a client disconnect.
+        await alice.client.request("leave")
+        support = tokens.mint("support", Role.SUPPORT, "Support")
+        events = get_json(f"{server.url}/api/sessions/{joined['session_id']}/events", support)["events"]
+        reasons = {e["text"].split(":")[1].split(".")[0].strip(): e["payload"]["reason"]
+                   for e in events if e["kind"] == "disconnect"}
+        assert reasons == {"Bob": "networkDisconnected", "Alice": "clientDisconnected"}
+    finally:
+        await alice.close()
+        await bob.close()
