@@ -81,9 +81,11 @@ async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     store: Store = (RedisStore(config.redis_url) if config.redis_url
                     else SqliteStore(config.data_path / "workflow.sqlite3"))
-    app[WORKFLOW_KEY] = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[EVENTLOG_KEY],
-                                               app[TOKENS_KEY])
+    workflow = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[EVENTLOG_KEY], app[TOKENS_KEY])
+    app[WORKFLOW_KEY] = workflow
+    workflow.start()  # scheduled jobs (the chat retention sweep), stopped before the store closes
     yield
+    await workflow.stop_jobs()
     await store.close()
 
 

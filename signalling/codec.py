@@ -67,14 +67,17 @@ class MessageType(StrEnum):
     WAITING_ROOM_LEAVE = "waiting_room.leave"
     QUEUE_WATCH = "queue.watch"
     QUEUE_UNWATCH = "queue.unwatch"
+    QUEUE_REMOVE = "queue.remove"
     CONSULTATION_ADMIT = "consultation.admit"
     CONSULTATION_TRANSFER = "consultation.transfer"
     CONSULTATION_END = "consultation.end"
     CONSULTATION_COMPLETE = "consultation.complete"
     CONSULTATION_PHONE_FALLBACK = "consultation.phone_fallback"
+    CONSULTATION_JOURNAL = "consultation.journal"
     CHAT_SEND = "chat.send"
     CHAT_HISTORY = "chat.history"
     ANNOUNCEMENT_POST = "announcement.post"
+    ANNOUNCEMENT_WITHDRAW = "announcement.withdraw"
 
 
 class EventName(StrEnum):
@@ -92,6 +95,7 @@ class EventName(StrEnum):
     CONSULTATION_CHANGED = "consultationChanged"
     CHAT_MESSAGE = "chatMessage"
     ANNOUNCEMENT = "announcement"
+    REMOVED_FROM_QUEUE = "removedFromQueue"
 
 
 def _load(name: str) -> Draft202012Validator:

@@ -87,6 +87,10 @@ class WorkflowSettings:
     #: "keep", "delete_on_call_end" or "delete_after_days" (with chat_retention_days).
     chat_retention: str = "keep"
     chat_retention_days: int = 0
+    #: Seconds between two runs of the chat retention sweep (delete_after_days); runs never overlap.
+    retention_sweep_s: float = 3600.0
+    #: Default validity, in minutes, of a waiting room's walk-in link (POST .../walk-in-link).
+    walk_in_link_valid_min: int = 480
     #: Base URL written into join links (e.g. https://video.example.org); empty: the request's origin.
     public_url: str = ""
 
@@ -152,6 +156,10 @@ class Config:
             raise ConfigError("workflow.chat_retention_days must be >= 1 with chat_retention = delete_after_days")
         if w.chat_retention_days < 0:
             raise ConfigError("workflow.chat_retention_days must be >= 0")
+        if not 0.1 <= w.retention_sweep_s <= 7 * 86400:
+            raise ConfigError(f"workflow.retention_sweep_s must be 0.1-604800 seconds, got {w.retention_sweep_s}")
+        if not 1 <= w.walk_in_link_valid_min <= 30 * 24 * 60:
+            raise ConfigError(f"workflow.walk_in_link_valid_min must be 1-43200 minutes, got {w.walk_in_link_valid_min}")
         if w.public_url and not w.public_url.startswith(("http://", "https://")):
             raise ConfigError(f'workflow.public_url must start with http:// or https://, got "{w.public_url}"')
 

@@ -16,16 +16,25 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from metrics.events import token_preview
 from rooms.consultation import Consultation
 from rooms.model import Role, SessionId
 from rooms.permissions import Action, Actor
-from rooms.service import CONSULTATION, ROOM
+from rooms.service import CONSULTATION, ROOM, Result
+from rooms.waiting_room import State as QState
 from rooms.waiting_room import WaitingRoom
 from signalling.api import bearer_claims
 from signalling.auth import NAME_MAX, ROOM_PATTERN
-from signalling.errors import InvalidInput, InvalidMessage
+from signalling.errors import (
+    Forbidden,
+    InvalidInput,
+    InvalidMessage,
+    InvalidState,
+    NotFound,
+)
 from signalling.keys import CONFIG_KEY, TOKENS_KEY, WORKFLOW_KEY
 from signalling.workflow import (
+    MEDIA_TOKEN_TTL_S,
     SYSTEM,
     actor_of,
     announcement_json,
@@ -36,6 +45,9 @@ from signalling.workflow import (
 )
 
 STAFF_ROLES: Final = (Role.CLINICIAN, Role.DEPARTMENT_ADMIN, Role.ORGANISATION_ADMIN, Role.SUPPORT, Role.ADMIN)
+JOB_ROLES: Final = (Role.ORGANISATION_ADMIN, Role.ADMIN)
+#: The ``sub`` of a walk-in link: shared by everyone who uses it; each walk-in gets its own patient ref.
+WALK_IN_SUB: Final = "walk-in"
 REF_MAX: Final = 128
 
 
@@ -51,6 +63,20 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidMessage("the body must be a JSON object")
     return body
+
+
+async def _optional_body(request: web.Request) -> dict[str, Any]:
+    """The JSON body, or {} when the request has none."""
+    if not request.can_read_body:
+        return {}
+    return await _body(request)
+
+
+def _int(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value = body.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidMessage(f'"{key}" must be an integer of {low}-{high}')
+    return value
 
 
 def _text(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = REF_MAX,
@@ -127,6 +153,66 @@ async def post_announcement(request: web.Request) -> web.Response:
     return web.json_response({"announcement": announcement_json(ann)}, status=201)
 
 
+async def withdraw_announcement(request: web.Request) -> web.Response:
+    ann = await request.app[WORKFLOW_KEY].withdraw(staff(request), request.match_info["room_id"],
+                                                   request.match_info["announcement_id"])
+    return web.json_response({"announcement": announcement_json(ann)})
+
+
+async def remove_from_queue(request: web.Request) -> web.Response:
+    """Staff take a waiting patient out of this room's queue (removed by staff)."""
+    actor = staff(request)
+    workflow = request.app[WORKFLOW_KEY]
+    room_id, sid = request.match_info["room_id"], SessionId(request.match_info["session_id"])
+    await workflow.service.waiting_room(actor, room_id)
+    qe = await workflow.service.queue_entry(actor, sid)
+    if qe.state is QState.WAITING and qe.room_id != room_id:
+        raise NotFound(f'session "{sid}" is not waiting in "{room_id}"')
+    qe = await workflow.remove(actor, sid)
+    return web.json_response({"queue_entry": queue_entry_json(qe)})
+
+
+async def walk_in_link(request: web.Request) -> web.Response:
+    """A link patients use to walk in to this room without a booking (e.g. published for walk-in
+    hours). One link serves everyone; ``valid_for_min`` defaults to workflow.walk_in_link_valid_min."""
+    actor = staff(request)
+    body = await _optional_body(request)
+    workflow = request.app[WORKFLOW_KEY]
+    room = await workflow.service.waiting_room(actor, request.match_info["room_id"])
+    workflow.service.authorize(actor, Action.INVITE, room.department)
+    settings = request.app[CONFIG_KEY].workflow
+    valid_min = _int(body, "valid_for_min", settings.walk_in_link_valid_min, 1, 30 * 24 * 60)
+    nbf = now_ms() // 1000
+    exp = nbf + valid_min * 60
+    token = request.app[TOKENS_KEY].mint(room.room_id, Role.PATIENT, "Walk-in patient", sub=WALK_IN_SUB,
+                                         not_before=nbf, expires=exp, waiting_room=room.room_id)
+    await workflow.record(Result(None, (workflow.walk_in_link_issued(actor, room.room_id, room.name,
+                                                                      token_preview(token), exp * 1000),)))
+    return web.json_response({"waiting_room": room.room_id, "walk_in_link": f"{_base(request)}/?walk_in={token}",
+                              "walk_in_token": token, "valid_from_ms": nbf * 1000, "valid_until_ms": exp * 1000},
+                             status=201)
+
+
+async def walk_in(request: web.Request) -> web.Response:
+    """A patient arrives with a walk-in link (Bearer): a consultation without a booking is created
+    and the patient queues at once; the answer carries their own token for its media room."""
+    claims = bearer_claims(request, (Role.PATIENT,))
+    if claims.waiting_room is None or claims.consultation is not None or claims.sub != WALK_IN_SUB:
+        raise Forbidden("this token is not a walk-in link")
+    body = await _optional_body(request)
+    name = _text(body, "name", required=False, max_len=NAME_MAX) or "Walk-in patient"
+    workflow = request.app[WORKFLOW_KEY]
+    c, qe = await workflow.walk_in(claims.waiting_room, name.strip())
+    sid = c.session_id
+    token = request.app[TOKENS_KEY].mint(sid, Role.PATIENT, name.strip(), sub=c.patient_ref, ttl_s=MEDIA_TOKEN_TTL_S,
+                                         consultation=sid, waiting_room=claims.waiting_room)
+    return web.json_response({
+        "consultation": consultation_json(c), "queue_entry": queue_entry_json(qe),
+        "position": await workflow.service.position(SYSTEM, sid),
+        "patient_token": token, "patient_link": f"{_base(request)}/?token={token}",
+    }, status=201)
+
+
 # --- consultations ----------------------------------------------------------------------------
 
 
@@ -152,25 +238,67 @@ async def create_consultation(request: web.Request) -> web.Response:
     booked = await workflow.record(await service.book(actor, department=department, clinician=clinician,
                                                       patient_ref=patient_ref, appointment_ms=appointment, now_ms=now))
     c = await workflow.record(await service.invite(actor, booked.session_id, now_ms=now))
+    out = _patient_link(request, c, room_id, patient_name)
+    out.update(clinician_link=None, clinician_token=None)
+    if clinician is not None:
+        nbf, exp = out["links_valid_from_ms"] // 1000, out["links_valid_until_ms"] // 1000
+        clinician_token = request.app[TOKENS_KEY].mint(
+            c.session_id, Role.CLINICIAN, clinician_name, sub=clinician, not_before=nbf, expires=exp,
+            departments=(department,), consultation=c.session_id)
+        out.update(clinician_link=f"{_base(request)}/?token={clinician_token}", clinician_token=clinician_token)
+    return web.json_response(out, status=201)
+
+
+def _base(request: web.Request) -> str:
+    return request.app[CONFIG_KEY].workflow.public_url.rstrip("/") or str(request.url.origin())
+
+
+def _patient_link(request: web.Request, c: Consultation, room_id: str, patient_name: str) -> dict[str, Any]:
+    """The patient's join link for an invited consultation: valid around the appointment."""
+    if c.appointment_ms is None:
+        raise InvalidState("a walk-in consultation has no join link")
     settings = request.app[CONFIG_KEY].workflow
-    nbf = (appointment - settings.link_valid_before_min * 60_000) // 1000
-    exp = (appointment + settings.link_valid_after_min * 60_000) // 1000
-    tokens = request.app[TOKENS_KEY]
-    base = settings.public_url.rstrip("/") or str(request.url.origin())
+    nbf = (c.appointment_ms - settings.link_valid_before_min * 60_000) // 1000
+    exp = (c.appointment_ms + settings.link_valid_after_min * 60_000) // 1000
     sid = c.session_id
-    patient_token = tokens.mint(sid, Role.PATIENT, patient_name, sub=patient_ref, not_before=nbf, expires=exp,
-                                consultation=sid, waiting_room=room_id, link=c.link_token or "")
-    out: dict[str, Any] = {
+    patient_token = request.app[TOKENS_KEY].mint(
+        sid, Role.PATIENT, patient_name, sub=c.patient_ref, not_before=nbf, expires=exp,
+        consultation=sid, waiting_room=room_id, link=c.link_token or "")
+    return {
         "consultation": consultation_json(c), "waiting_room": room_id,
         "links_valid_from_ms": nbf * 1000, "links_valid_until_ms": exp * 1000,
-        "patient_link": f"{base}/?token={patient_token}", "patient_token": patient_token,
-        "clinician_link": None, "clinician_token": None,
+        "patient_link": f"{_base(request)}/?token={patient_token}", "patient_token": patient_token,
     }
-    if clinician is not None:
-        clinician_token = tokens.mint(sid, Role.CLINICIAN, clinician_name, sub=clinician, not_before=nbf,
-                                      expires=exp, departments=(department,), consultation=sid)
-        out.update(clinician_link=f"{base}/?token={clinician_token}", clinician_token=clinician_token)
-    return web.json_response(out, status=201)
+
+
+async def resend_link(request: web.Request) -> web.Response:
+    """A new join link for the patient (the old one stops working at the waiting room door):
+    the consultation must be booked or invited, not yet ready or over."""
+    actor = staff(request)
+    body = await _optional_body(request)
+    workflow = request.app[WORKFLOW_KEY]
+    service = workflow.service
+    sid = SessionId(request.match_info["session_id"])
+    c = await service.consultation(actor, sid)
+    room_id = _text(body, "waiting_room", required=False, pattern=True)
+    if room_id is None:
+        segments = (await service.queue_entry(actor, sid)).segments
+        if not segments:
+            raise InvalidMessage('"waiting_room" is required: the patient has not been in a waiting room yet')
+        room_id = segments[-1].room_id
+    patient_name = _text(body, "patient_name", required=False, max_len=NAME_MAX) or "Patient"
+    room = await service.waiting_room(actor, room_id)
+    if room.department != c.department:
+        raise InvalidInput(f'waiting room "{room_id}" belongs to department "{room.department}", not "{c.department}"')
+    if c.appointment_ms is None:
+        raise InvalidState("a walk-in consultation has no join link to resend")
+    c = await workflow.record(await service.invite(actor, sid, now_ms=now_ms()))
+    return web.json_response(_patient_link(request, c, room_id, patient_name), status=201)
+
+
+async def journal(request: web.Request) -> web.Response:
+    c = await request.app[WORKFLOW_KEY].step(staff(request), request.match_info["session_id"], "journal")
+    return web.json_response({"consultation": consultation_json(c)})
 
 
 async def get_consultation(request: web.Request) -> web.Response:
@@ -232,13 +360,28 @@ async def department_queue(request: web.Request) -> web.Response:
     return web.json_response({"department": department, "waiting_rooms": rooms})
 
 
+async def retention_job(request: web.Request) -> web.Response:
+    """The chat retention sweep: policy, schedule and run history (organisation admins)."""
+    bearer_claims(request, JOB_ROLES)
+    job = request.app[WORKFLOW_KEY].retention
+    assert job is not None
+    return web.json_response(job.status())
+
+
 def add_staff_routes(app: web.Application) -> None:
     app.router.add_post("/api/waiting-rooms", create_waiting_room)
     app.router.add_get("/api/waiting-rooms/{room_id}/queue", room_queue)
     app.router.add_post("/api/waiting-rooms/{room_id}/announcements", post_announcement)
+    app.router.add_delete("/api/waiting-rooms/{room_id}/announcements/{announcement_id}", withdraw_announcement)
+    app.router.add_post("/api/waiting-rooms/{room_id}/queue/{session_id}/remove", remove_from_queue)
+    app.router.add_post("/api/waiting-rooms/{room_id}/walk-in-link", walk_in_link)
+    app.router.add_post("/api/walk-in", walk_in)
     app.router.add_post("/api/consultations", create_consultation)
     app.router.add_get("/api/consultations/{session_id}", get_consultation)
     app.router.add_post("/api/consultations/{session_id}/cancel", cancel_consultation)
     app.router.add_post("/api/consultations/{session_id}/no-show", no_show)
+    app.router.add_post("/api/consultations/{session_id}/journal", journal)
+    app.router.add_post("/api/consultations/{session_id}/resend-link", resend_link)
     app.router.add_get("/api/departments/{department}/consultations", department_consultations)
     app.router.add_get("/api/departments/{department}/queue", department_queue)
+    app.router.add_get("/api/jobs/retention", retention_job)

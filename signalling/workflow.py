@@ -20,16 +20,20 @@ methods, so a change made over HTTP is pushed the same way.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any, Final, TypeVar
 
 from metrics.eventlog import EventLog
 from metrics.events import LogEntry, room_session_id
 from rooms.announcement import Announcement
-from rooms.backoffice import BackofficeEntry
+from rooms.backoffice import BackofficeEntry, LogKind, format_time
+from rooms.backoffice import entry as backoffice_entry
 from rooms.chat import (
     ChannelKind,
     ChatChannel,
@@ -41,7 +45,7 @@ from rooms.chat import (
 from rooms.consultation import Consultation
 from rooms.consultation import State as CState
 from rooms.errors import NotFound
-from rooms.model import Role, SessionId
+from rooms.model import Role, SessionId, new_id
 from rooms.permissions import Actor
 from rooms.service import (
     CHANNEL,
@@ -150,15 +154,31 @@ class Workflow:
             "consultation.end": self._end,
             "consultation.complete": self._complete,
             "consultation.phone_fallback": self._phone_fallback,
+            "consultation.journal": self._journal,
+            "queue.remove": self._remove,
             "chat.send": self._chat_send,
             "chat.history": self._chat_history,
             "announcement.post": self._announce,
+            "announcement.withdraw": self._withdraw,
         }
+        self.retention: RetentionJob | None = None
 
     @classmethod
     def from_settings(cls, store: Store, settings: WorkflowSettings, hub: Hub, eventlog: EventLog,
                       tokens: TokenAuthority) -> Workflow:
-        return cls(WorkflowService(store, workflow_config(settings)), hub, eventlog, tokens)
+        workflow = cls(WorkflowService(store, workflow_config(settings)), hub, eventlog, tokens)
+        workflow.retention = RetentionJob(workflow.service, workflow.record, settings.retention_sweep_s)
+        return workflow
+
+    def start(self) -> None:
+        """Start the scheduled jobs (the chat retention sweep)."""
+        if self.retention is not None:
+            self.retention.start()
+
+    async def stop_jobs(self) -> None:
+        """Stop the scheduled jobs; a run in progress is let finish (up to a few seconds)."""
+        if self.retention is not None:
+            await self.retention.stop()
 
     async def handle(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
         """One validated workflow request from a joined connection."""
@@ -222,6 +242,59 @@ class Workflow:
         else:
             result = await self.service.no_show(actor, sid, now_ms=now)
         return await self.record(result, changed=result.value)
+
+    async def step(self, actor: Actor, session_id: str, name: str) -> Consultation:
+        """A consultation step by name (``journal``, ``complete``, ``end``) for the HTTP API."""
+        steps: Mapping[str, Callable[..., Awaitable[Result[Consultation]]]] = {
+            "journal": self.service.journal, "complete": self.service.complete, "end": self.service.end}
+        result = await steps[name](actor, SessionId(session_id), now_ms=now_ms())
+        return await self.record(result, changed=result.value)
+
+    async def remove(self, actor: Actor, session_id: str) -> QueueEntry:
+        """Staff take a waiting patient out of the queue: watchers get the new queue, the patient
+        ``removedFromQueue`` (a booked patient's link still works; a walk-in's consultation ends)."""
+        sid = SessionId(session_id)
+        result = await self.service.remove(actor, sid, now_ms=now_ms())
+        qe = result.value
+        changed = await self.service.consultation(SYSTEM, sid)
+        await self.record(result, changed=changed)
+        seg = qe.current
+        self._push(self._patients_in_room(sid), "removedFromQueue",
+                   {"session_id": sid, "room_id": seg.room_id, "removed_ms": qe.removed_ms or 0})
+        return qe
+
+    async def withdraw(self, actor: Actor, room_id: str, announcement_id: str) -> Announcement:
+        """Withdraw an announcement: waiting patients and watchers get it again with state ``withdrawn``."""
+        ann = await self.record(await self.service.withdraw_announcement(actor, room_id, announcement_id,
+                                                                         now_ms=now_ms()))
+        room = await self.service.waiting_room(SYSTEM, room_id)
+        targets = [c for sid in room.waiting for c in self._patients_in_room(sid)]
+        self._push([*targets, *self.watchers.get(room_id, ())], "announcement",
+                   {"announcement": announcement_json(ann)})
+        return ann
+
+    async def walk_in(self, room_id: str, patient_name: str) -> tuple[Consultation, QueueEntry]:
+        """A patient with a walk-in link arrives: a new patient ref, a consultation without a booking
+        (``appointment_ms`` null), and a place in the room's queue (arrival ``walk_in``)."""
+        now = now_ms()
+        patient_ref = new_id("walkin")
+        actor = Actor(Role.PATIENT, patient_ref)
+        room = await self.service.waiting_room(SYSTEM, room_id)
+        result = await self.service.walk_in(actor, room_id=room_id, now_ms=now, patient_ref=patient_ref)
+        qe = result.value
+        c = await self.service.consultation(SYSTEM, qe.session_id)
+        created = backoffice_entry(LogKind.CONSULTATION, f"Walk-in consultation (no booking) started by patient {patient_ref} "
+                        f"({patient_name}) in waiting room {room.name}.", qe.session_id, now,
+                        patient=patient_ref, department=c.department, walk_in=True)
+        await self.record(Result(qe, (created, *result.entries)))
+        return c, qe
+
+    def walk_in_link_issued(self, actor: Actor, room_id: str, room_name: str, token_preview: str,
+                            valid_until_ms: int) -> BackofficeEntry:
+        """The back-office entry for a walk-in link: who issued it, until when, never the whole token."""
+        return backoffice_entry(LogKind.QUEUE, f"Walk-in link for waiting room {room_name} issued by {actor.user_id} "
+                     f"with token {token_preview}, valid until {format_time(valid_until_ms)}.", None, now_ms(),
+                     room_id=room_id, by=actor.user_id, valid_until_ms=valid_until_ms)
 
     # --- wire handlers --------------------------------------------------------------------------
 
@@ -313,6 +386,16 @@ class Workflow:
     async def _phone_fallback(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
         return await self._consultation_step(client, msg, self.service.phone_fallback)
 
+    async def _journal(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        return await self._consultation_step(client, msg, self.service.journal)
+
+    async def _remove(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        assert client.claims is not None
+        qe = await self.remove(actor_of(client.claims), msg["session_id"])
+        seg = qe.current
+        return {"session_id": qe.session_id, "room_id": seg.room_id, "removed_ms": qe.removed_ms,
+                "waited_ms": seg.waited_ms}
+
     async def _chat_send(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
         """Stored verbatim (HTML stays text); pushed to the channel's connected members."""
         assert client.claims is not None
@@ -330,6 +413,11 @@ class Workflow:
     async def _announce(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
         assert client.claims is not None
         ann = await self.announce(actor_of(client.claims), msg["room_id"], msg["text"], msg.get("expires_in_s", 3600))
+        return {"announcement": announcement_json(ann)}
+
+    async def _withdraw(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        assert client.claims is not None
+        ann = await self.withdraw(actor_of(client.claims), msg["room_id"], msg["announcement_id"])
         return {"announcement": announcement_json(ann)}
 
     # --- who to tell ----------------------------------------------------------------------------
@@ -377,3 +465,101 @@ class Workflow:
                 continue
             seen.add(id(client))
             client.send(message)
+
+
+# --- scheduled jobs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JobRun:
+    """One run of a scheduled job, as its history shows it (success or failure per run)."""
+
+    started_ms: int
+    finished_ms: int
+    duration_ms: float
+    ok: bool
+    deleted: int
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RetentionJob:
+    """The chat retention sweep (``delete_after_days``): ``purge_chat`` every ``period_s``.
+
+    One task runs the sweeps one after another (a run starts ``period_s`` after the previous one
+    ended, so runs never overlap; a lock also keeps a manual :meth:`run_once` from overlapping the
+    loop). Each run is logged (deleted count and duration, or the error) and kept in a bounded
+    history; its back-office entries go to the event log through ``record``. It only runs while
+    the organisation's policy is ``delete_after_days``. ``clock`` gives the time in UTC ms.
+    """
+
+    def __init__(self, service: WorkflowService, record: Callable[[Result[int]], Awaitable[object]],
+                 period_s: float, *, clock: Callable[[], int] = now_ms, history: int = 100) -> None:
+        self.service = service
+        self.record = record
+        self.period_s = period_s
+        self.clock = clock
+        self.runs: collections.deque[JobRun] = collections.deque(maxlen=history)
+        self.running = False
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.service.config.retention.kind is RetentionKind.DELETE_AFTER_DAYS
+
+    async def run_once(self) -> JobRun:
+        async with self._lock:
+            self.running = True
+            started = self.clock()
+            t0 = time.perf_counter()
+            try:
+                result = await self.service.purge_chat(SYSTEM, now_ms=started)
+                await self.record(result)
+            except Exception as exc:  # a failed run is recorded, the job goes on
+                duration = (time.perf_counter() - t0) * 1000
+                run = JobRun(started, self.clock(), round(duration, 3), False, 0, f"{type(exc).__name__}: {exc}")
+                logger.exception("chat retention sweep failed after %.1f ms: %s", duration, run.error)
+            else:
+                duration = (time.perf_counter() - t0) * 1000
+                run = JobRun(started, self.clock(), round(duration, 3), True, result.value)
+                logger.info("chat retention sweep: deleted %d chat messages in %.1f ms", result.value, duration)
+            finally:
+                self.running = False
+            self.runs.append(run)
+            return run
+
+    def start(self) -> None:
+        """Run now, then every ``period_s``; does nothing unless the policy deletes after N days."""
+        if self.enabled and self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="chat-retention-sweep")
+
+    async def _loop(self) -> None:
+        while not self._stopping.is_set():
+            await self.run_once()
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.period_s)
+            except TimeoutError:
+                pass
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the run in progress (cancelled if it takes longer than ``timeout``)."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping.set()
+        try:
+            await asyncio.wait_for(task, timeout=timeout)
+        except TimeoutError:
+            logger.warning("chat retention sweep did not stop within %.1f s; cancelled", timeout)
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /api/jobs/retention`` shows: the policy, the schedule and the runs, newest first."""
+        retention = self.service.config.retention
+        return {"job": "chat_retention", "enabled": self.enabled, "running": self.running,
+                "period_s": self.period_s, "policy": {"kind": retention.kind.value, "days": retention.days},
+                "runs": [r.to_json() for r in reversed(self.runs)]}

@@ -88,6 +88,10 @@ VALID: dict[str, dict[str, Any]] = {
     "chat.history": {"type": "chat.history", "id": 20, "channel_id": "pair:p1:dr-2"},
     "announcement.post": {"type": "announcement.post", "id": 21, "room_id": "wr-1", "text": "Running late",
                           "expires_in_s": 600},
+    "queue.remove": {"type": "queue.remove", "id": 22, "session_id": "s_AbC-12_x"},
+    "consultation.journal": {"type": "consultation.journal", "id": 23, "session_id": "s_1"},
+    "announcement.withdraw": {"type": "announcement.withdraw", "id": 24, "room_id": "wr-1",
+                              "announcement_id": "a_XyZ-9_q"},
 }
 
 # Minimal forms: only the required fields.
@@ -497,6 +501,7 @@ def sample_outbound() -> list[dict[str, Any]]:
             EventName.SUBSCRIPTION_ENDED,
             {"subscription_id": "sub_1", "stream_id": "st_1", "reason": StreamDestroyedReason.FORCE_UNPUBLISHED},
         ),
+        event(EventName.REMOVED_FROM_QUEUE, {"session_id": "s_1", "room_id": "wr-1", "removed_ms": 1_700_000_000_000}),
     ]
 
 

@@ -36,6 +36,9 @@ def test_file_and_environment_values_reach_the_service(tmp_path: Path) -> None:
     ("link_valid_before_min = -1", "workflow.link_valid_before_min must be 0-10080"),
     ("strict_departments = 3", "workflow.strict_departments must be true or false"),
     ('public_url = "ftp://x"', "workflow.public_url must start with http"),
+    ("retention_sweep_s = 0", "workflow.retention_sweep_s must be 0.1-604800 seconds"),
+    ('retention_sweep_s = "often"', "workflow.retention_sweep_s must be a number"),
+    ("walk_in_link_valid_min = 0", "workflow.walk_in_link_valid_min must be 1-43200 minutes"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, table: str, message: str) -> None:
     path = tmp_path / "c.toml"
