@@ -116,16 +116,22 @@ def _int_query(request: web.Request, name: str) -> int | None:
         raise InvalidMessage(f'query parameter "{name}" must be an integer, got "{value[:40]}"') from None
 
 
-async def demo_token(request: web.Request) -> web.Response:
-    """Mint a patient or clinician token for the demo page (off when demo.enabled is false)."""
-    if not request.app[CONFIG_KEY].demo.enabled:
-        raise web.HTTPNotFound()
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body, or a coded error saying what is wrong with it."""
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidMessage("the body must be JSON") from None
     if not isinstance(body, dict):
         raise InvalidMessage("the body must be a JSON object")
+    return body
+
+
+async def demo_token(request: web.Request) -> web.Response:
+    """Mint a patient or clinician token for the demo page (off when demo.enabled is false)."""
+    if not request.app[CONFIG_KEY].demo.enabled:
+        raise web.HTTPNotFound()
+    body = await json_body(request)
     room, name, role = body.get("room"), body.get("name"), body.get("role", "patient")
     if not isinstance(room, str) or not ROOM_PATTERN.match(room):
         raise InvalidMessage('"room" must be 1-64 characters of A-Z a-z 0-9 _ . : -')

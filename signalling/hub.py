@@ -45,7 +45,7 @@ from rooms.model import (
     new_id,
 )
 from signalling.auth import Claims, TokenAuthority, unverified_room
-from signalling.errors import InvalidState, MediaError, NotFound, OpenConsultError
+from signalling.errors import Forbidden, InvalidState, MediaError, NotFound, OpenConsultError
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,9 @@ class Hub:
             prom.TOKENS_REJECTED.labels(code=str(exc.code)).inc()
             self.eventlog.append(token_rejected(token, exc.message, room or unverified_room(token), code=str(exc.code)))
             raise
+        if claims.waiting_room is not None and claims.consultation is None:
+            # A shared walk-in link is not a room ticket: POST /api/walk-in trades it for one.
+            raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
         session, created = self._session_for(claims)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)

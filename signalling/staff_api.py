@@ -10,7 +10,6 @@ Described in ``docs/openapi.yaml``.
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any, Final
 
@@ -23,7 +22,7 @@ from rooms.permissions import Action, Actor
 from rooms.service import CONSULTATION, ROOM, Result
 from rooms.waiting_room import State as QState
 from rooms.waiting_room import WaitingRoom
-from signalling.api import bearer_claims
+from signalling.api import bearer_claims, json_body
 from signalling.auth import NAME_MAX, ROOM_PATTERN
 from signalling.errors import (
     Forbidden,
@@ -55,21 +54,11 @@ def staff(request: web.Request) -> Actor:
     return actor_of(bearer_claims(request, STAFF_ROLES))
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidMessage("the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidMessage("the body must be a JSON object")
-    return body
-
-
 async def _optional_body(request: web.Request) -> dict[str, Any]:
     """The JSON body, or {} when the request has none."""
     if not request.can_read_body:
         return {}
-    return await _body(request)
+    return await json_body(request)
 
 
 def _int(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
@@ -120,7 +109,7 @@ def _room_json(room: WaitingRoom) -> dict[str, Any]:
 
 async def create_waiting_room(request: web.Request) -> web.Response:
     actor = staff(request)
-    body = await _body(request)
+    body = await json_body(request)
     room_id = _text(body, "room_id", pattern=True)
     name = _text(body, "name", max_len=NAME_MAX)
     department = _text(body, "department", pattern=True)
@@ -143,7 +132,7 @@ async def room_queue(request: web.Request) -> web.Response:
 
 async def post_announcement(request: web.Request) -> web.Response:
     actor = staff(request)
-    body = await _body(request)
+    body = await json_body(request)
     text = _text(body, "text", max_len=500)
     expires_in_s = body.get("expires_in_s", 3600)
     if not isinstance(expires_in_s, int) or isinstance(expires_in_s, bool) or not 1 <= expires_in_s <= 2_592_000:
@@ -219,7 +208,7 @@ async def walk_in(request: web.Request) -> web.Response:
 async def create_consultation(request: web.Request) -> web.Response:
     """Book and invite: returns the consultation and the patient's and clinician's join links."""
     actor = staff(request)
-    body = await _body(request)
+    body = await json_body(request)
     department = _text(body, "department", pattern=True)
     room_id = _text(body, "waiting_room", pattern=True)
     patient_ref = _text(body, "patient_ref")

@@ -269,6 +269,13 @@ async def test_walk_in_link_and_walk_in(clinic: Clinic) -> None:
     assert re.fullmatch(r"Walk-in link for waiting room Room A issued by dana with token \S+…\(truncated\), "
                         r"valid until .+\.", issued[1])
     assert link["walk_in_token"] not in issued[1]
+    # The shared link itself is no ticket into a media room.
+    lurker = await SignallingClient(clinic.server.ws_url).connect()
+    try:
+        joined = await lurker.request_raw({"type": "join", "token": link["walk_in_token"]})
+        assert (joined["ok"], joined["error"]["code"]) == (False, "forbidden")
+    finally:
+        await lurker.close()
 
     # Two patients use the same link: two consultations without a booking, in line in order.
     first = await clinic.ok("POST", "/api/walk-in", link["walk_in_token"], {"name": "Eva"})
