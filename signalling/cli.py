@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", required=True, choices=[r.value for r in Role])
     token.add_argument("--name", required=True)
     token.add_argument("--sub", help="user id (default: the name)")
+    token.add_argument("--department", action="append", default=[], dest="departments",
+                       help="a department the staff member belongs to (repeat for several)")
     token.add_argument("--ttl", type=int, default=3600, help="seconds the token is valid from now (default 3600)")
     token.add_argument("--not-before", type=_timestamp, help="start of the access window (Unix seconds or ISO 8601)")
     token.add_argument("--expires", type=_timestamp, help="end of the access window (Unix seconds or ISO 8601)")
@@ -78,7 +80,7 @@ def _token(args: argparse.Namespace, config: Any) -> int:
     try:
         authority = TokenAuthority.from_config(config)
         token = authority.mint(args.room, Role(args.role), args.name, sub=args.sub, not_before=args.not_before,
-                               expires=args.expires, ttl_s=args.ttl)
+                               expires=args.expires, ttl_s=args.ttl, departments=args.departments)
     except (ConfigError, ValueError) as exc:
         print(f"openconsult: {exc}", file=sys.stderr)
         return 2

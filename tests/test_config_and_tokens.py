@@ -76,6 +76,17 @@ def test_token_cli_signs_with_the_generated_secret(tmp_path: Path) -> None:
         authority.verify(result.stdout.strip())
 
 
+def test_token_cli_staff_departments(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = subprocess.run([sys.executable, "-m", "signalling.cli", "token", "--room", "staff", "--role",
+                             "clinician", "--name", "Dr Berg", "--department", "cardiology", "--department",
+                             "gp", "--data-dir", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    secret = load_or_create_secret(data, create=False)
+    claims = TokenAuthority("HS256", secret, secret, leeway_s=30).verify(result.stdout.strip())
+    assert claims.departments == ("cardiology", "gp")
+
+
 def test_token_window_leeway_and_room() -> None:
     authority = TokenAuthority("HS256", "s" * 40, "s" * 40, leeway_s=30)
     now = int(time.time())
