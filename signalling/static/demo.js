@@ -3,7 +3,8 @@
  *
  * Join by display name + room + role (a token is fetched from POST /api/demo/token) or with a
  * pasted token; preview and publish the camera; subscribe to every remote stream and show it in
- * a labelled tile. Query parameters `?room=…&name=…&role=…&autojoin=1` pre-fill and auto-join.
+ * a labelled tile. Query parameters `?room=…&name=…&role=…&autojoin=1` pre-fill and auto-join;
+ * `?token=…` pre-fills the token unless it is a consultation link (then consultation.js runs the page).
  *
  * For tests and support staff the page exposes `window.demo`:
  *   demo.state            'idle' | 'joining' | 'joined' | 'error'
@@ -454,7 +455,13 @@
   if (params.get('role') === 'patient' || params.get('role') === 'clinician') {
     $('role').value = params.get('role');
   }
-  if (params.get('autojoin') === '1') {
+  // A consultation link (?token=…) is shown by consultation.js; any other token is pre-filled.
+  const consultationPage = Boolean(window.consult && window.consult.active);
+  if (params.has('token') && !consultationPage) {
+    $('token').value = params.get('token');
+    $('token-details').open = true;
+  }
+  if (params.get('autojoin') === '1' && !consultationPage) {
     join();
   }
 })();

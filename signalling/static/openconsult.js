@@ -12,6 +12,21 @@
  *   video.srcObject = subscription.mediaStream;
  *   await session.leave();
  *
+ * The clinical workflow (waiting room, queue, consultation, chat, announcements) uses the same
+ * session: `session.request(type, fields)` sends any request, and thin helpers wrap each one:
+ *
+ *   const place = await session.enterWaitingRoom({ deviceCheckPassed: true });  // patient
+ *   session.on('positionChanged', ({ position }) => …);
+ *   session.on('admitted', () => …);                       // then publish and subscribe
+ *   const { queue } = await session.watchQueue('wr-cardio'); // staff; then 'queueUpdated'
+ *   const { token, room } = await session.admit(sessionId);  // clinician
+ *   await session.sendChat(channelId, text);                 // 'chatMessage' to the others
+ *
+ * Other helpers: leaveWaitingRoom, unwatchQueue, transfer, endConsultation, complete,
+ * phoneFallback, chatHistory, postAnnouncement. Workflow events (`OpenConsult.WORKFLOW_EVENTS`):
+ * queueUpdated, positionChanged, admitted, consultationChanged, chatMessage, announcement.
+ * `OpenConsult.decodeToken(jwt)` reads a token's claims (unverified) so a page can pick its view.
+ *
  * Server design decides the shape of the media side: one RTCPeerConnection per published
  * stream and one per subscription. The server puts all its candidates in its SDP; the client
  * trickles its own with `ice` messages addressed by `peer_id` (stream id or subscription id).
@@ -41,6 +56,19 @@
     'disconnected',
     'error',
   ];
+
+  // Workflow events (docs/protocol.md, "Workflow events"), emitted with the server's data as is.
+  const WORKFLOW_EVENTS = [
+    'queueUpdated',
+    'positionChanged',
+    'admitted',
+    'consultationChanged',
+    'chatMessage',
+    'announcement',
+  ];
+  for (const name of WORKFLOW_EVENTS) {
+    SESSION_EVENTS.push(name);
+  }
 
   /**
    * An Error with a protocol error code (`unauthorized`, `not_found`, …) and, when the
@@ -555,6 +583,9 @@
           return;
         }
         default:
+          if (WORKFLOW_EVENTS.indexOf(name) !== -1) {
+            this._emit(name, data);
+          }
           // Unknown events come from a newer server: ignore them.
           return;
       }
@@ -711,6 +742,91 @@
       await this._request('unsubscribe', { subscription_id: id });
     }
 
+    /**
+     * Send any protocol request (e.g. `session.request('chat.send', {channel_id, text})`) and
+     * resolve with its response `data`; rejects with an OpenConsultError carrying the server's
+     * error `code` (`forbidden`, `invalid_state`, …). The helpers below are thin wrappers.
+     */
+    request(type, fields) {
+      if (typeof type !== 'string' || !type) {
+        return Promise.reject(new OpenConsultError('invalid_argument', 'request type must be a non-empty string'));
+      }
+      if (type === 'join') {
+        return Promise.reject(new OpenConsultError('invalid_argument', 'join is sent by OpenConsult.connect()'));
+      }
+      return this._request(type, fields || {});
+    }
+
+    // ---- workflow: waiting room, queue, consultation, chat, announcements ----
+
+    /** Patient with a consultation link: get ready and take a place in line (`waiting_room.enter`). */
+    enterWaitingRoom(options) {
+      const fields = {};
+      if (options && options.deviceCheckPassed !== undefined) {
+        fields.device_check_passed = Boolean(options.deviceCheckPassed);
+      }
+      return this._request('waiting_room.enter', fields);
+    }
+
+    /** Patient: give up the place in line (`waiting_room.leave`). */
+    leaveWaitingRoom() {
+      return this._request('waiting_room.leave', {});
+    }
+
+    /** Staff: the room's queue now, then `queueUpdated` events (`queue.watch`). */
+    watchQueue(roomId) {
+      return this._request('queue.watch', { room_id: roomId });
+    }
+
+    /** Staff: stop `queueUpdated` events for a room (`queue.unwatch`). */
+    unwatchQueue(roomId) {
+      return this._request('queue.unwatch', { room_id: roomId });
+    }
+
+    /** Clinician: admit a waiting patient; resolves with `{consultation, room, token}`. */
+    admit(sessionId) {
+      return this._request('consultation.admit', { session_id: sessionId });
+    }
+
+    /** Staff: move a waiting patient to another waiting room (same session id, new segment). */
+    transfer(sessionId, toRoomId) {
+      return this._request('consultation.transfer', { session_id: sessionId, to_room_id: toRoomId });
+    }
+
+    /** Clinician: end the video consultation (`consultation.end`). */
+    endConsultation(sessionId) {
+      return this._request('consultation.end', { session_id: sessionId });
+    }
+
+    /** Clinician: consultation completed, waiting for the journal note (`consultation.complete`). */
+    complete(sessionId) {
+      return this._request('consultation.complete', { session_id: sessionId });
+    }
+
+    /** Clinician: continue (or hold) the consultation by phone instead (`consultation.phone_fallback`). */
+    phoneFallback(sessionId) {
+      return this._request('consultation.phone_fallback', { session_id: sessionId });
+    }
+
+    /** Send a chat message; the text is delivered verbatim (show it with textContent). */
+    sendChat(channelId, text) {
+      return this._request('chat.send', { channel_id: channelId, text: text });
+    }
+
+    /** A chat channel's messages, oldest first: `{channel_id, messages}`. */
+    chatHistory(channelId) {
+      return this._request('chat.history', { channel_id: channelId });
+    }
+
+    /** Staff: post a service announcement to a waiting room. Options: `expiresInS` (default 3600). */
+    postAnnouncement(roomId, text, options) {
+      const fields = { room_id: roomId, text: text };
+      if (options && options.expiresInS !== undefined) {
+        fields.expires_in_s = options.expiresInS;
+      }
+      return this._request('announcement.post', fields);
+    }
+
     /** Round trip to the server; resolves with its clock (`{time}`, ms). */
     ping() {
       return this._request('ping', {});
@@ -768,11 +884,42 @@
     return session;
   }
 
+  /**
+   * The claims of a JWT, decoded but NOT verified (the server verifies at `join`): for a page to
+   * decide what to show, e.g. a patient's waiting room for a consultation link. Null if unreadable.
+   */
+  function decodeToken(token) {
+    if (typeof token !== 'string') {
+      return null;
+    }
+    const parts = token.split('.');
+    if (parts.length !== 3) {
+      return null;
+    }
+    try {
+      let b64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
+      while (b64.length % 4) {
+        b64 += '=';
+      }
+      const binary = atob(b64);
+      const bytes = new Uint8Array(binary.length);
+      for (let i = 0; i < binary.length; i++) {
+        bytes[i] = binary.charCodeAt(i);
+      }
+      const claims = JSON.parse(new TextDecoder().decode(bytes));
+      return claims && typeof claims === 'object' && !Array.isArray(claims) ? claims : null;
+    } catch (err) {
+      return null;
+    }
+  }
+
   return {
     VERSION: VERSION,
     PROTOCOL: PROTOCOL,
     EVENTS: SESSION_EVENTS,
+    WORKFLOW_EVENTS: WORKFLOW_EVENTS,
     connect: connect,
+    decodeToken: decodeToken,
     OpenConsultError: OpenConsultError,
     Session: Session,
     Publisher: Publisher,

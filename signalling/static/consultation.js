@@ -1,0 +1,1172 @@
+/*
+ * OpenConsult consultation pages (signalling/static/index.html), built on the SDK in openconsult.js.
+ *
+ * A consultation link `/?token=<JWT>` switches the page from the demo form to:
+ *   - the patient's waiting room (token role `patient` with a `consultation` claim): device check
+ *     (camera preview + microphone level), "You are early / on time / late", the live place in
+ *     line, the clinic's announcements, chat, "Leave waiting room"; on `admitted` the call
+ *     (publish camera and microphone, receive the clinician), chat stays; then "The consultation
+ *     has ended";
+ *   - the clinician's desk (a staff token with a `consultation` or `departments` claim, or a
+ *     `?waiting_room=` parameter): the live queue of the department's waiting rooms (arrival
+ *     badge, waiting time, Admit), the call with chat, End / Phone consultation instead /
+ *     Complete, and posting announcements with an expiry.
+ * Any other page load is left to demo.js.
+ *
+ * All user-provided text (names, references, chat, announcements) is set with textContent only.
+ *
+ * For tests and support staff the page exposes `window.consult`:
+ *   consult.active        true when this page is a patient's or clinician's consultation page
+ *   consult.view          'patient' | 'clinician' | null
+ *   consult.state         'connecting' | 'waiting' | 'left' | 'queue' | 'in_call' | 'wrapup' | 'ended' | 'error'
+ *   consult.error         {code, message} of the last error, or null; consult.warning likewise
+ *   consult.sessionErrors [{code, message}] of background failures
+ *   consult.arrival, consult.position, consult.announcements, consult.queues, consult.consultation
+ *   consult.chat          [ChatMessage] as shown
+ *   await consult.inboundVideoStats()  → [{subscriptionId, streamId, framesDecoded, …}]
+ */
+(function () {
+  'use strict';
+
+  const $ = (id) => document.getElementById(id);
+  const STAFF_ROLES = ['clinician', 'department_admin', 'organisation_admin', 'admin'];
+  const ENDED_STATES = ['ended', 'completed', 'journal_done', 'phone', 'cancelled', 'no_show'];
+  const ARRIVAL_LABEL = { early: 'Early', on_time: 'On time', late: 'Late', walk_in: 'Walk-in' };
+
+  const consult = {
+    active: false,
+    view: null,
+    state: 'idle',
+    error: null,
+    warning: null,
+    sessionErrors: [],
+    claims: null,
+    sessionId: null,
+    session: null, // the joined session (patient: the consultation room; clinician: the desk)
+    callSession: null, // the session carrying the call (may be `session`)
+    arrival: null,
+    appointmentMs: null,
+    position: null,
+    channelId: null,
+    consultation: null,
+    announcements: [],
+    queues: {}, // room id → {room, queue, receivedAt}
+    chat: [],
+    localStream: null,
+    publisher: null,
+    subscriptions: new Map(), // stream id → Subscription (null while being set up)
+    inboundVideoStats: inboundVideoStats,
+  };
+  window.consult = consult;
+
+  const params = new URLSearchParams(location.search);
+  const token = (params.get('token') || '').trim();
+  const claims = token ? OpenConsult.decodeToken(token) : null;
+  const view = chooseView(claims);
+  if (!view) {
+    return; // The plain demo page: demo.js takes over.
+  }
+  consult.active = true;
+  consult.view = view;
+  consult.claims = claims;
+  document.body.dataset.view = view;
+  $('demo-view').hidden = true;
+  $('consult-view').hidden = false;
+  $('view-label').textContent = view === 'patient' ? 'video consultation' : 'clinician';
+  document.title = view === 'patient' ? 'Your video consultation — OpenConsult' : 'Waiting patients — OpenConsult';
+
+  $('copy-session').addEventListener('click', () => {
+    if (consult.sessionId && navigator.clipboard) {
+      navigator.clipboard.writeText(consult.sessionId).catch(() => {});
+    }
+  });
+
+  function chooseView(c) {
+    if (!c || typeof c !== 'object') {
+      return null;
+    }
+    if (c.role === 'patient' && typeof c.consultation === 'string' && c.consultation) {
+      return 'patient';
+    }
+    const departments = Array.isArray(c.departments) ? c.departments : [];
+    if (
+      STAFF_ROLES.indexOf(c.role) !== -1 &&
+      (typeof c.consultation === 'string' || departments.length > 0 || params.has('waiting_room'))
+    ) {
+      return 'clinician';
+    }
+    return null;
+  }
+
+  // ---- formatting --------------------------------------------------------------------------
+
+  function clock(ms) {
+    return new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+  }
+
+  function dayAndClock(ms) {
+    const when = new Date(ms);
+    const today = new Date();
+    if (when.toDateString() === today.toDateString()) {
+      return clock(ms);
+    }
+    return when.toLocaleDateString([], { weekday: 'short', day: 'numeric', month: 'short' }) + ' ' + clock(ms);
+  }
+
+  function duration(ms) {
+    const total = Math.max(0, Math.floor(ms / 1000));
+    const minutes = Math.floor(total / 60);
+    const seconds = total % 60;
+    return String(minutes).padStart(2, '0') + ':' + String(seconds).padStart(2, '0');
+  }
+
+  function waited(ms) {
+    const minutes = Math.floor(Math.max(0, ms) / 60000);
+    if (minutes < 1) {
+      return 'under a minute';
+    }
+    if (minutes < 60) {
+      return minutes + ' min';
+    }
+    return Math.floor(minutes / 60) + ' h ' + (minutes % 60) + ' min';
+  }
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) {
+      node.className = className;
+    }
+    if (text !== undefined && text !== null) {
+      node.textContent = String(text);
+    }
+    return node;
+  }
+
+  // ---- status line -------------------------------------------------------------------------
+
+  const statusLine = $('consult-status');
+
+  function setStatus(state, text) {
+    consult.state = state;
+    statusLine.dataset.state = state;
+    statusLine.textContent = text;
+    if (consult.warning) {
+      statusLine.appendChild(el('span', 'warning', ' Warning: ' + consult.warning.message + ' [' + consult.warning.code + ']'));
+    }
+  }
+
+  function describe(err) {
+    return {
+      code: (err && err.code) || (err && err.name) || 'error',
+      message: (err && err.message) || String(err),
+    };
+  }
+
+  function showError(err, context) {
+    const error = describe(err);
+    consult.error = error;
+    statusLine.dataset.code = error.code;
+    consult.warning = null;
+    setStatus('error', (context ? context + ': ' : 'Error: ') + error.message + ' [' + error.code + ']');
+    console.error('OpenConsult consultation:', error.code, error.message);
+  }
+
+  let statusText = '';
+  function say(state, text) {
+    statusText = text;
+    setStatus(state, text);
+  }
+
+  function warn(err, context) {
+    const error = describe(err);
+    consult.warning = { code: error.code, message: context + ': ' + error.message };
+    statusLine.dataset.code = error.code;
+    console.warn('OpenConsult consultation:', error.code, context, error.message);
+    setStatus(consult.state, statusText);
+  }
+
+  function clearWarning() {
+    consult.warning = null;
+    delete statusLine.dataset.code;
+    setStatus(consult.state, statusText);
+  }
+
+  function wireErrors(session) {
+    session.on('error', (err) => {
+      consult.sessionErrors.push({ code: err.code, message: err.message });
+      console.warn('OpenConsult session error', err.code, err.message);
+    });
+  }
+
+  /** Run a user action; a failure shows its code on the status line and re-enables the button. */
+  async function action(button, context, run) {
+    if (button) {
+      button.disabled = true;
+    }
+    try {
+      clearWarning();
+      return await run();
+    } catch (err) {
+      warn(err, context);
+      return undefined;
+    } finally {
+      if (button) {
+        button.disabled = false;
+      }
+    }
+  }
+
+  // ---- announcements -----------------------------------------------------------------------
+
+  const announcementList = $('announcement-list');
+
+  function addAnnouncement(announcement) {
+    if (!announcement || !announcement.announcement_id) {
+      return;
+    }
+    consult.announcements = consult.announcements.filter((a) => a.announcement_id !== announcement.announcement_id);
+    consult.announcements.push(announcement);
+    renderAnnouncements();
+  }
+
+  function renderAnnouncements() {
+    const now = Date.now();
+    consult.announcements = consult.announcements.filter(
+      (a) => (a.state === undefined || a.state === 'active') && (!a.expires_ms || a.expires_ms > now),
+    );
+    announcementList.replaceChildren();
+    for (const a of consult.announcements) {
+      const item = el('li', 'announcement');
+      item.dataset.announcementId = a.announcement_id;
+      item.appendChild(el('span', 'announcement-text', a.text));
+      const meta = [];
+      if (consult.view === 'clinician' && consult.queues[a.room_id]) {
+        meta.push(consult.queues[a.room_id].room.name || a.room_id);
+      }
+      if (a.posted_ms) {
+        meta.push('posted ' + clock(a.posted_ms));
+      }
+      if (consult.view === 'clinician' && a.expires_ms) {
+        meta.push('until ' + clock(a.expires_ms));
+      }
+      if (meta.length) {
+        item.appendChild(el('span', 'announcement-meta', meta.join(' · ')));
+      }
+      announcementList.appendChild(item);
+    }
+    const panel = $('announcements-panel');
+    panel.hidden = consult.announcements.length === 0 || (consult.view === 'patient' && consult.state === 'ended');
+  }
+
+  // ---- chat --------------------------------------------------------------------------------
+
+  const chatLog = $('chat-log');
+
+  function openChat(channelId, help) {
+    if (consult.channelId !== channelId) {
+      consult.channelId = channelId;
+      consult.chat = [];
+      chatLog.replaceChildren();
+    }
+    $('chat-help').textContent = help;
+    $('chat').hidden = false;
+    const session = consult.session;
+    session
+      .chatHistory(channelId)
+      .then((data) => {
+        if (consult.channelId === channelId) {
+          for (const message of data.messages || []) {
+            addChat(message);
+          }
+        }
+      })
+      .catch((err) => warn(err, 'Cannot load the chat'));
+  }
+
+  function senderLabel(message) {
+    const mine =
+      (consult.view === 'patient' && message.sender_role === 'patient') ||
+      (consult.view === 'clinician' && message.sender === consult.claims.sub && message.sender_role !== 'patient');
+    if (mine) {
+      return 'You';
+    }
+    if (message.sender_role === 'patient') {
+      return consult.view === 'clinician' ? 'Patient ' + message.sender : 'Patient';
+    }
+    if (consult.view === 'patient') {
+      return message.sender_role === 'clinician' ? 'Clinician' : 'Clinic';
+    }
+    return (message.sender_role || 'staff') + ' ' + message.sender;
+  }
+
+  function addChat(message) {
+    if (!message || message.channel_id !== consult.channelId) {
+      return;
+    }
+    if (consult.chat.some((m) => m.message_id === message.message_id)) {
+      return; // The desk and the call connection both receive it; the response repeats it.
+    }
+    consult.chat.push(message);
+    consult.chat.sort((a, b) => a.time_ms - b.time_ms);
+    const item = el('li', 'chat-message');
+    item.dataset.messageId = message.message_id;
+    const label = senderLabel(message);
+    item.dataset.mine = label === 'You' ? 'true' : 'false';
+    const head = el('p', 'chat-meta');
+    head.appendChild(el('span', 'chat-sender', label));
+    head.appendChild(el('time', 'chat-time', clock(message.time_ms)));
+    item.appendChild(head);
+    // Verbatim: HTML or script in a message is text, never markup.
+    item.appendChild(el('p', 'chat-text', message.text));
+    const index = consult.chat.indexOf(message);
+    const before = chatLog.children[index];
+    chatLog.insertBefore(item, before || null);
+    chatLog.scrollTop = chatLog.scrollHeight;
+  }
+
+  $('chat-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const input = $('chat-text');
+    const text = input.value;
+    if (!text.trim() || !consult.channelId || !consult.session) {
+      return;
+    }
+    action($('chat-send'), 'Cannot send the message', async () => {
+      const data = await consult.session.sendChat(consult.channelId, text);
+      input.value = '';
+      addChat(data.message);
+    });
+  });
+
+  // ---- media -------------------------------------------------------------------------------
+
+  const stage = $('stage');
+
+  async function getCamera() {
+    return navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 640, height: 480 } });
+  }
+
+  function tileId(streamId) {
+    return 'call-tile-' + streamId.replace(/[^A-Za-z0-9_-]/g, '_');
+  }
+
+  function streamLabel(session, stream) {
+    const connection = session.connections.get(stream.connection_id);
+    if (consult.view === 'patient') {
+      return (connection && connection.name) || 'Your clinician';
+    }
+    const ref = consult.consultation && consult.consultation.patient_ref;
+    const name = (connection && connection.name) || stream.name || 'Patient';
+    return ref ? name + ' (' + ref + ')' : name;
+  }
+
+  function addRemoteTile(session, stream, subscription) {
+    removeRemoteTile(stream.stream_id);
+    const label = streamLabel(session, stream);
+    const figure = el('figure', 'tile remote');
+    figure.id = tileId(stream.stream_id);
+    figure.dataset.streamId = stream.stream_id;
+    const video = document.createElement('video');
+    video.autoplay = true;
+    video.playsInline = true;
+    video.muted = true; // sound plays through the audio element, so autoplay is always allowed
+    video.setAttribute('aria-label', 'Video from ' + label);
+    video.srcObject = subscription.mediaStream;
+    figure.appendChild(video);
+    const audio = document.createElement('audio');
+    audio.autoplay = true;
+    audio.srcObject = subscription.mediaStream;
+    figure.appendChild(audio);
+    figure.appendChild(el('figcaption', null, label));
+    stage.insertBefore(figure, $('call-local-tile'));
+    $('stage-empty').hidden = true;
+    video.play().catch(() => {});
+    audio.play().catch(() => {
+      const button = el('button', 'sound', 'Turn on sound');
+      button.type = 'button';
+      button.setAttribute('aria-label', 'Turn on sound from ' + label);
+      button.addEventListener('click', () => audio.play().then(() => button.remove(), () => {}));
+      figure.appendChild(button);
+    });
+  }
+
+  function removeRemoteTile(streamId) {
+    const figure = document.getElementById(tileId(streamId));
+    if (figure) {
+      for (const media of figure.querySelectorAll('video, audio')) {
+        media.srcObject = null;
+      }
+      figure.remove();
+    }
+    $('stage-empty').hidden = stage.querySelector('.tile.remote') !== null;
+  }
+
+  async function subscribeTo(session, stream) {
+    if (consult.callSession !== session || consult.state !== 'in_call' || consult.subscriptions.has(stream.stream_id)) {
+      return;
+    }
+    consult.subscriptions.set(stream.stream_id, null);
+    try {
+      const subscription = await session.subscribe(stream.stream_id);
+      if (consult.callSession !== session || consult.state !== 'in_call' || !session.streams.has(stream.stream_id)) {
+        subscription.unsubscribe().catch(() => {});
+        consult.subscriptions.delete(stream.stream_id);
+        return;
+      }
+      consult.subscriptions.set(stream.stream_id, subscription);
+      subscription.on('ended', () => {
+        if (consult.subscriptions.get(stream.stream_id) === subscription) {
+          consult.subscriptions.delete(stream.stream_id);
+          removeRemoteTile(stream.stream_id);
+        }
+      });
+      addRemoteTile(session, stream, subscription);
+    } catch (err) {
+      consult.subscriptions.delete(stream.stream_id);
+      if (consult.callSession === session && session.state === 'connected') {
+        warn(err, 'Cannot receive the video');
+      }
+    }
+  }
+
+  function wireMedia(session) {
+    session.on('streamCreated', ({ stream }) => subscribeTo(session, stream));
+    session.on('streamDestroyed', ({ stream }) => {
+      if (consult.callSession !== session) {
+        return;
+      }
+      const subscription = consult.subscriptions.get(stream.stream_id);
+      consult.subscriptions.delete(stream.stream_id);
+      if (subscription) {
+        subscription.unsubscribe().catch(() => {});
+      }
+      removeRemoteTile(stream.stream_id);
+    });
+  }
+
+  let callTimer = null;
+  let callStartedMs = 0;
+
+  /** Show the call, publish `localStream` (or ask for the camera) and receive every remote stream. */
+  async function startCall(session) {
+    consult.callSession = session;
+    $('call').hidden = false;
+    callStartedMs = Date.now();
+    $('call-timer').textContent = '00:00';
+    clearInterval(callTimer);
+    callTimer = setInterval(() => {
+      $('call-timer').textContent = duration(Date.now() - callStartedMs);
+    }, 1000);
+    for (const stream of session.streams.values()) {
+      subscribeTo(session, stream);
+    }
+    if (!consult.localStream) {
+      try {
+        consult.localStream = await getCamera();
+      } catch (err) {
+        warn({ code: 'media_unavailable', message: (err.name || 'Error') + ': ' + err.message }, 'No camera or microphone, receiving only');
+      }
+    }
+    if (consult.callSession !== session || consult.state !== 'in_call') {
+      return;
+    }
+    if (consult.localStream) {
+      const local = $('call-local-video');
+      local.srcObject = consult.localStream;
+      $('call-local-tile').hidden = false;
+      local.play().catch(() => {});
+      try {
+        consult.publisher = await session.publish(consult.localStream, { name: session.name, videoSource: 'camera' });
+      } catch (err) {
+        if (consult.callSession === session) {
+          warn(err, 'Cannot send your video');
+        }
+      }
+    }
+  }
+
+  /** Stop sending and receiving; the session itself is left to the caller. */
+  function stopCall() {
+    clearInterval(callTimer);
+    callTimer = null;
+    const session = consult.callSession;
+    if (consult.publisher) {
+      consult.publisher.unpublish().catch(() => {});
+      consult.publisher = null;
+    }
+    for (const subscription of consult.subscriptions.values()) {
+      if (subscription) {
+        subscription.unsubscribe().catch(() => {});
+      }
+    }
+    consult.subscriptions.clear();
+    for (const figure of Array.from(stage.querySelectorAll('.tile.remote'))) {
+      removeRemoteTile(figure.dataset.streamId);
+    }
+    $('call-local-video').srcObject = null;
+    $('call-local-tile').hidden = true;
+    $('call').hidden = true;
+    consult.callSession = null;
+    return session;
+  }
+
+  function stopLocalMedia() {
+    if (consult.localStream) {
+      for (const track of consult.localStream.getTracks()) {
+        track.stop();
+      }
+    }
+    consult.localStream = null;
+    stopMeter();
+    $('preview-video').srcObject = null;
+  }
+
+  async function inboundVideoStats() {
+    const result = [];
+    for (const [streamId, subscription] of consult.subscriptions) {
+      if (!subscription || !subscription.pc) {
+        continue;
+      }
+      const entry = {
+        subscriptionId: subscription.id,
+        streamId: streamId,
+        framesDecoded: 0,
+        bytesReceived: 0,
+        frameWidth: null,
+        frameHeight: null,
+        connectionState: subscription.pc.connectionState,
+      };
+      const report = await subscription.getStats();
+      report.forEach((stat) => {
+        if (stat.type === 'inbound-rtp' && (stat.kind || stat.mediaType) === 'video') {
+          entry.framesDecoded += stat.framesDecoded || 0;
+          entry.bytesReceived += stat.bytesReceived || 0;
+          entry.frameWidth = stat.frameWidth || entry.frameWidth;
+          entry.frameHeight = stat.frameHeight || entry.frameHeight;
+        }
+      });
+      result.push(entry);
+    }
+    return result;
+  }
+
+  // ---- device check (patient) --------------------------------------------------------------
+
+  let meter = null; // {context, analyser, timer}
+
+  function markCheck(id, ok, text) {
+    const node = $(id);
+    node.dataset.ok = ok ? 'true' : 'false';
+    node.textContent = text;
+  }
+
+  /** Camera preview and microphone level; resolves true when both work (false after `waitMs`). */
+  function deviceCheck(waitMs) {
+    $('device-check').hidden = false;
+    const check = getCamera().then(
+      (stream) => {
+        consult.localStream = stream;
+        const preview = $('preview-video');
+        preview.srcObject = stream;
+        preview.play().catch(() => {});
+        const video = stream.getVideoTracks().length > 0;
+        const audio = stream.getAudioTracks().length > 0;
+        markCheck('camera-check', video, video ? 'Camera: working' : 'Camera: not found');
+        markCheck('mic-check', audio, audio ? 'Microphone: working' : 'Microphone: not found');
+        if (audio) {
+          startMeter(stream);
+        }
+        return video && audio;
+      },
+      (err) => {
+        const denied = err && (err.name === 'NotAllowedError' || err.name === 'SecurityError');
+        const text = denied ? 'not allowed — allow camera and microphone in your browser' : 'not available';
+        markCheck('camera-check', false, 'Camera: ' + text);
+        markCheck('mic-check', false, 'Microphone: ' + text);
+        consult.deviceError = describe(err);
+        return false;
+      },
+    );
+    const timeout = new Promise((resolve) => setTimeout(() => resolve(false), waitMs));
+    return Promise.race([check, timeout]);
+  }
+
+  function startMeter(stream) {
+    const Context = window.AudioContext || window.webkitAudioContext;
+    if (!Context) {
+      return;
+    }
+    const context = new Context();
+    const analyser = context.createAnalyser();
+    analyser.fftSize = 512;
+    context.createMediaStreamSource(stream).connect(analyser);
+    const samples = new Float32Array(analyser.fftSize);
+    const meterNode = $('mic-meter');
+    let heard = false;
+    const timer = setInterval(() => {
+      analyser.getFloatTimeDomainData(samples);
+      let sum = 0;
+      for (const sample of samples) {
+        sum += sample * sample;
+      }
+      // Loudness on a 60 dB scale: quiet speech moves the bar, a shout fills it.
+      const rms = Math.sqrt(sum / samples.length);
+      const level = rms > 0 ? Math.max(0, Math.min(1, (20 * Math.log10(rms) + 60) / 60)) : 0;
+      meterNode.value = level;
+      consult.micLevel = Math.max(consult.micLevel || 0, level);
+      if (level > 0.25 && !heard) {
+        heard = true;
+        markCheck('mic-check', true, 'Microphone: working, we can hear you');
+      }
+    }, 100);
+    meter = { context: context, timer: timer };
+    // Browsers start audio only after a user gesture: offer a button until it runs.
+    if (context.state !== 'running') {
+      const button = $('mic-test');
+      button.hidden = false;
+      const resume = () => context.resume().then(() => {
+        button.hidden = context.state === 'running';
+      }, () => {});
+      button.addEventListener('click', resume);
+      document.addEventListener('click', resume, { once: true });
+      context.resume().then(() => {
+        button.hidden = context.state === 'running';
+      }, () => {});
+    }
+  }
+
+  function stopMeter() {
+    if (meter) {
+      clearInterval(meter.timer);
+      meter.context.close().catch(() => {});
+      meter = null;
+    }
+  }
+
+  /** The id support staff ask for, in the header (the demo page's place for it). */
+  function showSessionId(sessionId) {
+    $('session-id').textContent = sessionId || '';
+    $('session-line').hidden = !sessionId;
+  }
+
+  // ---- patient -----------------------------------------------------------------------------
+
+  function arrivalText(arrival) {
+    const at = consult.appointmentMs ? ' for your appointment at ' + dayAndClock(consult.appointmentMs) : '';
+    switch (arrival) {
+      case 'early':
+        return 'You are early' + at + '. That is fine — please wait here.';
+      case 'on_time':
+        return 'You are on time' + at + '.';
+      case 'late':
+        return 'You are late' + at + '. Please wait; the clinic can see that you are here.';
+      case 'walk_in':
+        return 'You came without an appointment. Please wait; you will be seen as soon as possible.';
+      default:
+        return '';
+    }
+  }
+
+  function showArrival() {
+    const node = $('arrival');
+    node.dataset.arrival = consult.arrival || '';
+    node.textContent = arrivalText(consult.arrival);
+  }
+
+  function showPosition(position) {
+    consult.position = position;
+    const node = $('position');
+    if (position === 1) {
+      node.textContent = 'You are number 1 in line — you are next.';
+    } else if (typeof position === 'number') {
+      node.textContent = 'You are number ' + position + ' in line.';
+    } else {
+      node.textContent = '';
+    }
+  }
+
+  function patientWaiting(entered) {
+    consult.arrival = entered.arrival;
+    consult.sessionId = entered.session_id;
+    showArrival();
+    showPosition(entered.position);
+    for (const a of entered.announcements || []) {
+      addAnnouncement(a);
+    }
+    $('waiting').hidden = false;
+    $('leave-waiting-room').hidden = false;
+    $('reenter-waiting-room').hidden = true;
+    $('waiting-title').textContent = 'You are in the waiting room';
+    openChat(entered.channel_id, 'Write to the clinic before and during your consultation.');
+    say('waiting', 'Connected. You are in the waiting room.');
+  }
+
+  function patientAdmitted() {
+    if (consult.state === 'in_call' || consult.state === 'ended') {
+      return;
+    }
+    consult.state = 'in_call';
+    stopMeter();
+    $('waiting').hidden = true;
+    $('device-check').hidden = true;
+    $('announcements-panel').hidden = true;
+    $('patient-call-actions').hidden = false;
+    $('call-title').textContent = 'Your video consultation';
+    say('in_call', 'The clinician has let you in. Your consultation has started.');
+    startCall(consult.session);
+  }
+
+  const PATIENT_OUTCOME = {
+    ended: ['The consultation has ended', 'Thank you. You can close this page.'],
+    completed: ['The consultation has ended', 'Thank you. You can close this page.'],
+    journal_done: ['The consultation has ended', 'Thank you. You can close this page.'],
+    phone: ['Your clinician will phone you instead', 'The consultation continues by phone. Please keep your phone nearby.'],
+    cancelled: ['The consultation was cancelled', 'Please contact your clinic if you need a new appointment.'],
+    no_show: ['The appointment was closed', 'Please contact your clinic if you still need to be seen.'],
+  };
+
+  function patientFinished(state) {
+    if (consult.state === 'ended') {
+      return;
+    }
+    stopCall();
+    stopLocalMedia();
+    consult.state = 'ended';
+    const [title, detail] = PATIENT_OUTCOME[state] || PATIENT_OUTCOME.ended;
+    $('finished-title').textContent = title;
+    $('finished-detail').textContent = detail;
+    $('finished').hidden = false;
+    for (const id of ['waiting', 'device-check', 'call', 'announcements-panel']) {
+      $(id).hidden = true;
+    }
+    $('chat-help').textContent = 'The chat stays here after the consultation.';
+    say('ended', title + '.');
+  }
+
+  function onPatientConsultation(c) {
+    consult.consultation = c;
+    if (c.appointment_ms && consult.appointmentMs !== c.appointment_ms) {
+      consult.appointmentMs = c.appointment_ms;
+      showArrival();
+    }
+    if (c.state === 'in_progress') {
+      patientAdmitted();
+    } else if (ENDED_STATES.indexOf(c.state) !== -1) {
+      patientFinished(c.state);
+    }
+  }
+
+  function joinErrorText(err, c) {
+    if (err.code === 'token_not_yet_valid' && c && c.nbf) {
+      return 'Your link is not open yet. It opens at ' + dayAndClock(c.nbf * 1000) + '. Please come back then';
+    }
+    if (err.code === 'token_expired') {
+      return 'This link has expired. Please contact your clinic';
+    }
+    if (err.code === 'unauthorized') {
+      return 'This link is not valid. Please check that you opened the whole link';
+    }
+    return 'Cannot connect to your clinic';
+  }
+
+  async function startPatient() {
+    say('connecting', 'Connecting to your clinic…');
+    let session;
+    try {
+      session = await OpenConsult.connect({ token: token });
+    } catch (err) {
+      showError(err, joinErrorText(err, claims));
+      return;
+    }
+    consult.session = session;
+    consult.sessionId = session.sessionId;
+    showSessionId(session.sessionId);
+    wireErrors(session);
+    wireMedia(session);
+    session.on('consultationChanged', ({ consultation }) => consultation && onPatientConsultation(consultation));
+    session.on('positionChanged', ({ position }) => showPosition(position));
+    session.on('announcement', ({ announcement }) => addAnnouncement(announcement));
+    session.on('admitted', () => patientAdmitted());
+    session.on('chatMessage', ({ message }) => addChat(message));
+    session.on('disconnected', ({ code, reason, left }) => {
+      if (left || consult.state === 'ended') {
+        return;
+      }
+      stopCall();
+      showError({ code: 'connection_closed', message: 'The connection to the clinic was lost (close code ' + code + (reason ? ', ' + reason : '') + '). Open your link again to get back your place' }, 'Disconnected');
+    });
+
+    say('connecting', 'Checking your camera and microphone…');
+    const passed = await deviceCheck(5000);
+    if (session.state !== 'connected' || consult.state === 'in_call' || consult.state === 'ended') {
+      return;
+    }
+    try {
+      patientWaiting(await session.enterWaitingRoom({ deviceCheckPassed: passed }));
+    } catch (err) {
+      // Not waiting any more (e.g. the page was reloaded after being let in).
+      const clinicianHere = Array.from(session.connections.values()).some((c) => c.role !== 'patient');
+      if (err.code === 'invalid_state' && clinicianHere) {
+        patientAdmitted();
+        return;
+      }
+      showError(err, 'Cannot enter the waiting room');
+    }
+  }
+
+  $('leave-waiting-room').addEventListener('click', () => {
+    action($('leave-waiting-room'), 'Cannot leave the waiting room', async () => {
+      await consult.session.leaveWaitingRoom();
+      showPosition(null);
+      consult.state = 'left';
+      $('waiting-title').textContent = 'You left the waiting room';
+      $('arrival').textContent = 'The clinic can see that you left. You can come back while your link is valid.';
+      $('leave-waiting-room').hidden = true;
+      $('reenter-waiting-room').hidden = false;
+      say('left', 'You left the waiting room.');
+    });
+  });
+
+  $('reenter-waiting-room').addEventListener('click', () => {
+    action($('reenter-waiting-room'), 'Cannot enter the waiting room', async () => {
+      patientWaiting(await consult.session.enterWaitingRoom({ deviceCheckPassed: Boolean(consult.localStream) }));
+    });
+  });
+
+  $('patient-hangup').addEventListener('click', async () => {
+    const session = consult.session;
+    stopCall();
+    stopLocalMedia();
+    consult.state = 'ended';
+    $('finished-title').textContent = 'You left the consultation';
+    $('finished-detail').textContent = 'Open your link again to rejoin while the consultation is still going on.';
+    $('finished').hidden = false;
+    $('chat').hidden = true;
+    say('ended', 'You left the consultation.');
+    if (session) {
+      await session.leave();
+    }
+  });
+
+  // ---- clinician ---------------------------------------------------------------------------
+
+  const queuesNode = $('queues');
+  let desk = null;
+
+  async function apiGet(path) {
+    let response;
+    try {
+      response = await fetch(path, { headers: { Authorization: 'Bearer ' + token } });
+    } catch (err) {
+      throw new OpenConsult.OpenConsultError('connection_failed', 'Cannot reach the server');
+    }
+    let body = null;
+    try {
+      body = await response.json();
+    } catch (err) {
+      body = null;
+    }
+    if (!response.ok) {
+      const error = (body && (body.error || body)) || {};
+      throw new OpenConsult.OpenConsultError(error.code || 'http_' + response.status, error.message || 'HTTP ' + response.status);
+    }
+    return body;
+  }
+
+  /** The waiting rooms to watch: `?waiting_room=` (repeatable), a `waiting_room` claim, or the departments' rooms. */
+  async function findRooms() {
+    const wanted = params.getAll('waiting_room').filter(Boolean);
+    if (!wanted.length && typeof claims.waiting_room === 'string') {
+      wanted.push(claims.waiting_room);
+    }
+    if (wanted.length) {
+      const rooms = [];
+      for (const roomId of wanted) {
+        const data = await apiGet('/api/waiting-rooms/' + encodeURIComponent(roomId) + '/queue');
+        rooms.push(data.waiting_room);
+      }
+      return rooms;
+    }
+    const rooms = [];
+    for (const department of claims.departments || []) {
+      const data = await apiGet('/api/departments/' + encodeURIComponent(department) + '/queue');
+      for (const entry of data.waiting_rooms || []) {
+        rooms.push(entry.waiting_room);
+      }
+    }
+    return rooms;
+  }
+
+  /** Refresh the waiting times in place (keeps focus and screen-reader position). */
+  function tickQueues() {
+    const now = Date.now();
+    for (const node of queuesNode.querySelectorAll('.queue-line')) {
+      const entry = consult.queues[node.dataset.roomId];
+      const line = entry && entry.queue.find((q) => q.session_id === node.dataset.sessionId);
+      const waitedNode = node.querySelector('.queue-waited');
+      if (line && waitedNode) {
+        waitedNode.textContent = 'waiting ' + waited(line.waiting_ms + (now - entry.receivedAt));
+      }
+    }
+  }
+
+  function renderQueues() {
+    const focused = document.activeElement;
+    const refocus = focused && focused.classList && focused.classList.contains('admit') ? focused.dataset.sessionId : null;
+    queuesNode.replaceChildren();
+    const now = Date.now();
+    let waiting = 0;
+    const roomIds = Object.keys(consult.queues);
+    for (const roomId of roomIds) {
+      const { room, queue, receivedAt } = consult.queues[roomId];
+      waiting += queue.length;
+      const section = el('section', 'queue-room');
+      section.dataset.roomId = roomId;
+      if (roomIds.length > 1 || room.name) {
+        const heading = el('h3', null, room.name || roomId);
+        heading.appendChild(el('span', 'muted small', ' · ' + queue.length + ' waiting'));
+        section.appendChild(heading);
+      }
+      if (queue.length === 0) {
+        section.appendChild(el('p', 'muted empty', 'Nobody is waiting.'));
+      }
+      const list = el('ol', 'queue');
+      for (const line of queue) {
+        const item = el('li', 'queue-line');
+        item.dataset.sessionId = line.session_id;
+        item.dataset.roomId = roomId;
+        item.dataset.arrival = line.arrival;
+        item.appendChild(el('span', 'queue-position', line.position));
+        const who = el('div', 'queue-who');
+        who.appendChild(el('span', 'queue-ref', line.patient_ref));
+        const facts = el('span', 'queue-facts muted small');
+        if (line.appointment_ms) {
+          facts.appendChild(el('span', 'queue-appointment', 'appointment ' + dayAndClock(line.appointment_ms)));
+          facts.appendChild(document.createTextNode(' · '));
+        }
+        facts.appendChild(el('span', 'queue-waited', 'waiting ' + waited(line.waiting_ms + (now - receivedAt))));
+        who.appendChild(facts);
+        item.appendChild(who);
+        const badge = el('span', 'badge', ARRIVAL_LABEL[line.arrival] || line.arrival);
+        badge.dataset.arrival = line.arrival;
+        item.appendChild(badge);
+        const admit = el('button', 'primary admit', 'Admit');
+        admit.type = 'button';
+        admit.dataset.sessionId = line.session_id;
+        admit.setAttribute('aria-label', 'Admit ' + line.patient_ref);
+        admit.disabled = consult.state === 'in_call' || consult.state === 'wrapup';
+        admit.addEventListener('click', () => admitPatient(line, admit));
+        item.appendChild(admit);
+        list.appendChild(item);
+      }
+      section.appendChild(list);
+      queuesNode.appendChild(section);
+    }
+    if (roomIds.length === 0) {
+      queuesNode.appendChild(el('p', 'muted empty', 'No waiting rooms found for your departments.'));
+    }
+    $('queue-summary').textContent =
+      waiting === 0 ? 'Nobody is waiting' : waiting + ' waiting · updates live';
+    if (refocus) {
+      const again = queuesNode.querySelector('.admit[data-session-id="' + CSS.escape(refocus) + '"]');
+      if (again) {
+        again.focus();
+      }
+    }
+  }
+
+  function setQueue(roomId, queue) {
+    const known = consult.queues[roomId];
+    const room = (known && known.room) || { room_id: roomId, name: roomId };
+    consult.queues[roomId] = { room: room, queue: queue || [], receivedAt: Date.now() };
+    renderQueues();
+  }
+
+  function showClinicianIdle() {
+    const rooms = Object.keys(consult.queues).length;
+    say('queue', 'Connected as ' + desk.name + '. Watching ' + rooms + ' waiting room' + (rooms === 1 ? '' : 's') + '.');
+  }
+
+  async function admitPatient(line, button) {
+    if (consult.state === 'in_call' || consult.state === 'wrapup') {
+      return;
+    }
+    await action(button, 'Cannot admit ' + line.patient_ref, async () => {
+      const data = await desk.admit(line.session_id);
+      consult.consultation = data.consultation;
+      consult.sessionId = data.consultation.session_id;
+      showSessionId(consult.sessionId);
+      let session = desk;
+      if (desk.room !== data.room) {
+        session = await OpenConsult.connect({ token: data.token, room: data.room });
+        wireErrors(session);
+        wireMedia(session);
+        session.on('chatMessage', ({ message }) => addChat(message));
+        session.on('consultationChanged', ({ consultation }) => consultation && onClinicianConsultation(consultation));
+        session.on('disconnected', ({ left }) => {
+          if (!left && consult.callSession === session) {
+            stopCall();
+            showError({ code: 'connection_closed', message: 'The call connection was lost' }, 'Disconnected');
+          }
+        });
+      }
+      consult.state = 'in_call';
+      $('call-title').textContent = 'Consultation with ' + line.patient_ref;
+      $('clinician-call-actions').hidden = false;
+      $('wrapup').hidden = true;
+      renderQueues();
+      openChat(data.consultation.channel_id, 'Chat with ' + line.patient_ref + '. Messages are kept with the consultation.');
+      say('in_call', 'In consultation with ' + line.patient_ref + '.');
+      await startCall(session);
+    });
+  }
+
+  function leaveCallSession() {
+    const session = stopCall();
+    if (session && session !== desk) {
+      session.leave().catch(() => {});
+    }
+    stopLocalMedia();
+  }
+
+  function showWrapup(c) {
+    consult.state = 'wrapup';
+    $('clinician-call-actions').hidden = true;
+    $('wrapup').hidden = false;
+    $('complete-consultation').hidden = false;
+    if (c.state === 'phone') {
+      $('wrapup-title').textContent = 'Continued as a phone consultation';
+      $('wrapup-detail').textContent = 'Call ' + c.patient_ref + ' by phone now. Complete the consultation when the journal is pending.';
+    } else {
+      $('wrapup-title').textContent = 'Consultation ended';
+      const lasted = typeof c.duration_ms === 'number' ? ' after ' + duration(c.duration_ms) : '';
+      $('wrapup-detail').textContent = 'The video consultation with ' + c.patient_ref + ' ended' + lasted + '. Complete it to mark the journal as pending.';
+    }
+    renderQueues();
+    say('wrapup', $('wrapup-title').textContent + '.');
+  }
+
+  function onClinicianConsultation(c) {
+    if (!consult.consultation || c.session_id !== consult.consultation.session_id) {
+      return;
+    }
+    consult.consultation = c;
+    if ((c.state === 'ended' || c.state === 'phone') && consult.state === 'in_call') {
+      leaveCallSession();
+      showWrapup(c);
+    } else if ((c.state === 'completed' || c.state === 'journal_done' || c.state === 'cancelled') && consult.state !== 'queue') {
+      finishConsultation(c);
+    }
+  }
+
+  function finishConsultation(c) {
+    leaveCallSession();
+    $('wrapup').hidden = true;
+    $('clinician-call-actions').hidden = true;
+    consult.state = 'queue';
+    renderQueues();
+    showClinicianIdle();
+    if (c.state === 'completed') {
+      say('queue', 'Consultation with ' + c.patient_ref + ' completed, waiting for the journal. Ready for the next patient.');
+    }
+  }
+
+  $('end-consultation').addEventListener('click', () => {
+    const c = consult.consultation;
+    action($('end-consultation'), 'Cannot end the consultation', async () => {
+      const data = await desk.endConsultation(c.session_id);
+      onClinicianConsultation(data.consultation);
+    });
+  });
+
+  $('phone-fallback').addEventListener('click', () => {
+    const c = consult.consultation;
+    action($('phone-fallback'), 'Cannot switch to phone', async () => {
+      const data = await desk.phoneFallback(c.session_id);
+      onClinicianConsultation(data.consultation);
+    });
+  });
+
+  $('complete-consultation').addEventListener('click', () => {
+    const c = consult.consultation;
+    action($('complete-consultation'), 'Cannot complete the consultation', async () => {
+      const data = await desk.complete(c.session_id);
+      consult.consultation = data.consultation;
+      finishConsultation(data.consultation);
+    });
+  });
+
+  $('announce-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const text = $('announce-text').value.trim();
+    const roomId = $('announce-room').value;
+    if (!text || !roomId) {
+      return;
+    }
+    action($('announce-post'), 'Cannot post the announcement', async () => {
+      const data = await desk.postAnnouncement(roomId, text, { expiresInS: Number($('announce-expiry').value) });
+      $('announce-text').value = '';
+      addAnnouncement(data.announcement);
+    });
+  });
+
+  async function startClinician() {
+    say('connecting', 'Connecting…');
+    try {
+      desk = await OpenConsult.connect({ token: token });
+    } catch (err) {
+      showError(err, 'Cannot connect');
+      return;
+    }
+    consult.session = desk;
+    wireErrors(desk);
+    wireMedia(desk);
+    desk.on('queueUpdated', ({ room_id: roomId, queue }) => setQueue(roomId, queue));
+    desk.on('announcement', ({ announcement }) => addAnnouncement(announcement));
+    desk.on('chatMessage', ({ message }) => addChat(message));
+    desk.on('consultationChanged', ({ consultation }) => consultation && onClinicianConsultation(consultation));
+    desk.on('disconnected', ({ code, reason, left }) => {
+      if (left) {
+        return;
+      }
+      stopCall();
+      showError({ code: 'connection_closed', message: 'Connection to the server was lost (close code ' + code + (reason ? ', ' + reason : '') + '). Reload the page' }, 'Disconnected');
+    });
+    $('queue-panel').hidden = false;
+    $('announce-panel').hidden = false;
+    $('announcements-title').textContent = 'Current announcements';
+    say('connecting', 'Loading the waiting rooms…');
+    try {
+      const rooms = await findRooms();
+      const select = $('announce-room');
+      select.replaceChildren();
+      for (const room of rooms) {
+        consult.queues[room.room_id] = { room: room, queue: [], receivedAt: Date.now() };
+        const option = el('option', null, room.name || room.room_id);
+        option.value = room.room_id;
+        select.appendChild(option);
+      }
+      $('announce-room-label').hidden = rooms.length < 2;
+      for (const room of rooms) {
+        const data = await desk.watchQueue(room.room_id);
+        setQueue(room.room_id, data.queue);
+      }
+      renderQueues();
+      showClinicianIdle();
+    } catch (err) {
+      showError(err, 'Cannot load the waiting rooms');
+    }
+    // Waiting times tick on screen; expired announcements go away.
+    setInterval(() => {
+      tickQueues();
+      renderAnnouncements();
+    }, 15000);
+  }
+
+  if (view === 'patient') {
+    setInterval(renderAnnouncements, 15000);
+    startPatient();
+  } else {
+    startClinician();
+  }
+})();
