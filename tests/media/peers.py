@@ -68,6 +68,7 @@ class Subscriber:
         self.received = Received()
         self.tasks: list[asyncio.Task[None]] = []
         self.first_payload: dict[str, bytes] = {}
+        self.first_extensions: dict[str, Any] = {}
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -86,6 +87,7 @@ class Subscriber:
 
         async def handle(packet: Any, arrival_time_ms: int) -> None:
             self.first_payload.setdefault(receiver.track.kind, packet.payload)
+            self.first_extensions.setdefault(receiver.track.kind, packet.extensions)
             await original(packet, arrival_time_ms)
 
         receiver._handle_rtp_packet = handle

@@ -40,6 +40,10 @@ async def test_forwards_vp8_and_opus_without_transcoding() -> None:
         assert {(w, h) for _, w, h, _ in frames} == {(640, 480)}
         assert len(frames) / 3 >= 25
         assert sub.received.audio_frames > 50
+        # Header extensions are rewritten for the subscriber's leg: mid, and the audio level kept.
+        assert sub.first_extensions["audio"].audio_level is not None
+        assert sub.first_extensions["audio"].mid == sub.pc.getTransceivers()[0].mid
+        assert sub.first_extensions["video"].abs_send_time is not None
         await wait_until(lambda: any(isinstance(e, QualitySample) and e.direction == "out" for e in events),
                          timeout=10, message="an outbound quality sample")
     finally:
