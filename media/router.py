@@ -137,8 +137,11 @@ class PublishedTrack:
     # --- RTCP towards the publisher -------------------------------------------
 
     def request_keyframe(self, reason: str, subscription_id: str | None = None) -> None:
-        """Send a PLI upstream, at most once per ``pli_interval_s``."""
-        if self.kind != "video" or not self.media_ssrc:
+        """Send a PLI upstream, at most once per ``pli_interval_s`` (held back until the
+        publisher's first packet tells us its SSRC)."""
+        if self.kind != "video":
+            return
+        if not self.media_ssrc:
             self.pending_pli = True
             return
         now = time.monotonic()
