@@ -394,7 +394,6 @@ class Peer:
         self.stream_id = stream_id
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.closed = False
-        self.connected = asyncio.Event()
         self._last_state: dict[str, str] = {}
 
         @self.pc.on("iceconnectionstatechange")
@@ -405,8 +404,6 @@ class Peer:
         def _conn() -> None:
             state = self.pc.connectionState
             self._state("connection", state)
-            if state == "connected":
-                self.connected.set()
             if state in ("failed", "closed") and not self.closed:
                 router.emit(PeerFailed(peer_id, stream_id, state))
 
