@@ -493,6 +493,7 @@ class SubscribePeer(Peer):
         self.publish = publish
         self.senders: list[ForwardingSender] = []
         self.answered = False
+        self.created = time.monotonic()
 
     async def make_offer(self) -> str:
         for kind, track in self.publish.tracks.items():
@@ -567,9 +568,11 @@ class Router:
     """All publishes and subscriptions of this node, by peer id."""
 
     def __init__(self, observer: Observer | None = None, pli_interval_s: float = 0.5, sample_interval_s: float = 2.0,
-                 announced_ip: str = "") -> None:
+                 announced_ip: str = "", answer_timeout_s: float = 30.0) -> None:
         self.observer = observer
         self.pli_interval_s = pli_interval_s
+        #: A subscription whose answer has not come by then fails (its owner cleans up).
+        self.answer_timeout_s = answer_timeout_s
         self.sample_interval_s = sample_interval_s
         self.announced_ip = announced_ip
         self.publishes: dict[str, PublishPeer] = {}
@@ -651,9 +654,14 @@ class Router:
             for track in tracks:
                 track.tick()
             ntp = ntp_now()
+            now = time.monotonic()
             for subscription in list(self.subscriptions.values()):
                 subscription.send_sender_reports(ntp)
-            now = time.monotonic()
+                if not subscription.answered and now - subscription.created > self.answer_timeout_s:
+                    # The client never answered: free its sockets, tell the owner.
+                    del self.subscriptions[subscription.peer_id]
+                    asyncio.ensure_future(subscription.close())
+                    self.emit(PeerFailed(subscription.peer_id, subscription.stream_id, "failed"))
             if now - last_sample >= self.sample_interval_s:
                 interval, last_sample = now - last_sample, now
                 now_ms = int(time.time() * 1000)

@@ -10,7 +10,7 @@ from aiortc import RTCSessionDescription
 from aiortc.rtp import RTCP_RTPFB_NACK, RtcpRtpfbPacket
 
 from media import aiortc_internals
-from media.events import KeyframeRequested, MediaEvent, QualitySample
+from media.events import KeyframeRequested, MediaEvent, PeerFailed, QualitySample
 from media.router import ForwardingSender, Router
 from media.rtp import vp8_is_keyframe
 from tests.helpers import wait_until
@@ -140,3 +140,19 @@ async def test_subscriber_gets_sender_reports_and_rtt(call: Call) -> None:
     stats = await call.sub.pc.getStats()
     remote_out = [s for s in stats.values() if s.type == "remote-outbound-rtp" and s.kind == "video"]
     assert remote_out and 0 < remote_out[0].packetsSent <= fwd.packets
+
+
+async def test_an_unanswered_subscription_times_out() -> None:
+    events: list[MediaEvent] = []
+    router = Router(observer=events.append, answer_timeout_s=0.5)
+    pub = await publisher_offer()
+    try:
+        answer = await router.publish("st1", pub.localDescription.sdp)
+        await pub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await router.subscribe("sub1", "st1")  # and never answer
+        await wait_until(lambda: any(isinstance(e, PeerFailed) and e.peer_id == "sub1" for e in events),
+                         timeout=10, message="the subscription to fail")
+        assert "sub1" not in router.subscriptions
+    finally:
+        await pub.close()
+        await router.close()
