@@ -121,6 +121,9 @@ class Consultation:
     cancelled_ms: int | None = None
     no_show_ms: int | None = None
     phone: bool = False
+    #: The patient's display name as the clinic knows it (booking's patient_name, a walk-in's name);
+    #: shown to staff in the queue. None when none was given (records from before the field too).
+    patient_name: str | None = None
 
     @property
     def walk_in(self) -> bool:

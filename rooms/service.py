@@ -54,6 +54,8 @@ from rooms.waiting_room import State as QState
 T = TypeVar("T")
 
 MINUTE_MS: Final = 60_000
+#: Longest patient display name kept with a consultation (the token's ``name`` limit).
+PATIENT_NAME_MAX: Final = 80
 
 # Store kinds and logs (no ':' in them; see RedisStore).
 CONSULTATION: Final = "consultation"
@@ -112,6 +114,7 @@ class QueuedPatient:
     entered_ms: int
     waiting_ms: int
     appointment_ms: int | None
+    patient_name: str | None = None
 
 
 @dataclass(slots=True)
@@ -126,6 +129,19 @@ class _Batch:
 
 def _role_word(role: Role) -> str:
     return _ROLE_WORDS[role]
+
+
+def _display_name(name: str | None) -> str | None:
+    """A patient's display name, trimmed; None for none or blank; ``invalid_input`` if not text
+    or longer than :data:`PATIENT_NAME_MAX` characters."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise InvalidInput("patient_name must be a string")
+    name = name.strip()
+    if len(name) > PATIENT_NAME_MAX:
+        raise InvalidInput(f"patient_name is {len(name)} characters, over {PATIENT_NAME_MAX}")
+    return name or None
 
 
 class WorkflowService:
@@ -271,7 +287,7 @@ class WorkflowService:
             seg = qe.current
             out.append(
                 QueuedPatient(pos, sid, qe.patient_ref, seg.arrival, seg.entered_ms,
-                              max(0, now_ms - seg.entered_ms), c.appointment_ms)
+                              max(0, now_ms - seg.entered_ms), c.appointment_ms, c.patient_name)
             )
         return out
 
@@ -279,9 +295,10 @@ class WorkflowService:
 
     async def book(
         self, actor: Actor, *, department: str, clinician: str | None, patient_ref: str,
-        appointment_ms: int, now_ms: int, session_id: SessionId | None = None,
+        appointment_ms: int, now_ms: int, session_id: SessionId | None = None, patient_name: str | None = None,
     ) -> Result[Consultation]:
-        """Book a consultation; its chat channel opens with it (for the waiting room)."""
+        """Book a consultation; its chat channel opens with it (for the waiting room). ``patient_name``
+        is the patient's display name, kept with the consultation for staff (the queue shows it)."""
         self._check_time(now_ms)
         if not isinstance(department, str) or not department.strip():
             raise InvalidInput("department must be a non-empty string")
@@ -289,9 +306,11 @@ class WorkflowService:
             raise InvalidInput("patient_ref must be a non-empty string")
         if not isinstance(appointment_ms, int) or isinstance(appointment_ms, bool) or appointment_ms < 0:
             raise InvalidInput("appointment_ms must be a non-negative integer")
+        patient_name = _display_name(patient_name)
         self._check(actor, Action.BOOK, department, patient_ref)
         sid = session_id or SessionId(new_id("s"))
-        c = Consultation(sid, department, clinician, patient_ref, appointment_ms, CState.BOOKED, now_ms)
+        c = Consultation(sid, department, clinician, patient_ref, appointment_ms, CState.BOOKED, now_ms,
+                         patient_name=patient_name)
         await self._create_consultation(c, now_ms)
         text = f"Booked a consultation at {format_time(appointment_ms)}."
         return Result(c, (entry(LogKind.CONSULTATION, text, sid, now_ms, appointment_ms=appointment_ms,
@@ -364,10 +383,12 @@ class WorkflowService:
 
     async def walk_in(
         self, actor: Actor, *, room_id: str, now_ms: int, patient_ref: str | None = None,
-        session_id: SessionId | None = None,
+        session_id: SessionId | None = None, patient_name: str | None = None,
     ) -> Result[QueueEntry]:
-        """A patient without a booking queues in a waiting room (yellow corner)."""
+        """A patient without a booking queues in a waiting room (yellow corner); ``patient_name``
+        is the name they gave, kept with the consultation for staff."""
         self._check_time(now_ms)
+        patient_name = _display_name(patient_name)
         ref = actor.user_id if actor.role is Role.PATIENT else patient_ref
         if not isinstance(ref, str) or not ref.strip():
             raise InvalidInput("patient_ref must be a non-empty string")
@@ -378,7 +399,7 @@ class WorkflowService:
             raise Conflict(f'patient "{ref}" is already waiting (session "{waiting_sid}")')
         sid = session_id or SessionId(new_id("s"))
         c = Consultation(sid, room.department, room.clinician, ref, None, CState.PATIENT_READY, now_ms,
-                         ready_ms=now_ms)
+                         ready_ms=now_ms, patient_name=patient_name)
         await self._create_consultation(c, now_ms)
         try:
             return await self.enter_waiting_room(actor, sid, room_id=room_id, now_ms=now_ms)

@@ -68,6 +68,7 @@ class MessageType(StrEnum):
     QUEUE_WATCH = "queue.watch"
     QUEUE_UNWATCH = "queue.unwatch"
     QUEUE_REMOVE = "queue.remove"
+    CONSULTATION_GET = "consultation.get"
     CONSULTATION_ADMIT = "consultation.admit"
     CONSULTATION_TRANSFER = "consultation.transfer"
     CONSULTATION_END = "consultation.end"

@@ -91,6 +91,8 @@ class WorkflowSettings:
     retention_sweep_s: float = 3600.0
     #: Default validity, in minutes, of a waiting room's walk-in link (POST .../walk-in-link).
     walk_in_link_valid_min: int = 480
+    #: At most this many walk-ins per walk-in link per minute (POST /api/walk-in; more get 429 rate_limited).
+    walk_in_per_link_per_min: int = 30
     #: Base URL written into join links (e.g. https://video.example.org); empty: the request's origin.
     public_url: str = ""
 
@@ -160,6 +162,8 @@ class Config:
             raise ConfigError(f"workflow.retention_sweep_s must be 0.1-604800 seconds, got {w.retention_sweep_s}")
         if not 1 <= w.walk_in_link_valid_min <= 30 * 24 * 60:
             raise ConfigError(f"workflow.walk_in_link_valid_min must be 1-43200 minutes, got {w.walk_in_link_valid_min}")
+        if not 1 <= w.walk_in_per_link_per_min <= 10_000:
+            raise ConfigError(f"workflow.walk_in_per_link_per_min must be 1-10000, got {w.walk_in_per_link_per_min}")
         if w.public_url and not w.public_url.startswith(("http://", "https://")):
             raise ConfigError(f'workflow.public_url must start with http:// or https://, got "{w.public_url}"')
 

@@ -10,6 +10,7 @@ Described in ``docs/openapi.yaml``.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Final
 
@@ -22,7 +23,7 @@ from rooms.permissions import Action, Actor
 from rooms.service import CONSULTATION, ROOM, Result
 from rooms.waiting_room import State as QState
 from rooms.waiting_room import WaitingRoom
-from signalling.api import bearer_claims, json_body
+from signalling.api import STATUS, bearer_claims, json_body
 from signalling.auth import NAME_MAX, ROOM_PATTERN
 from signalling.errors import (
     Forbidden,
@@ -35,6 +36,7 @@ from signalling.keys import CONFIG_KEY, TOKENS_KEY, WORKFLOW_KEY
 from signalling.workflow import (
     MEDIA_TOKEN_TTL_S,
     SYSTEM,
+    WALK_IN_NAME,
     actor_of,
     announcement_json,
     consultation_json,
@@ -126,8 +128,11 @@ async def room_queue(request: web.Request) -> web.Response:
     workflow = request.app[WORKFLOW_KEY]
     room_id = request.match_info["room_id"]
     room = await workflow.service.waiting_room(actor, room_id)
-    queue = await workflow.service.queue(actor, room_id, now_ms=now_ms())
-    return web.json_response({"waiting_room": _room_json(room), "queue": [queued_json(q) for q in queue]})
+    now = now_ms()
+    queue = await workflow.service.queue(actor, room_id, now_ms=now)
+    announcements = await workflow.service.announcements(actor, room_id, now_ms=now)
+    return web.json_response({"waiting_room": _room_json(room), "queue": [queued_json(q) for q in queue],
+                              "announcements": [announcement_json(a) for a in announcements]})
 
 
 async def post_announcement(request: web.Request) -> web.Response:
@@ -189,12 +194,23 @@ async def walk_in(request: web.Request) -> web.Response:
     if claims.waiting_room is None or claims.consultation is not None or claims.sub != WALK_IN_SUB:
         raise Forbidden("this token is not a walk-in link")
     body = await _optional_body(request)
-    name = _text(body, "name", required=False, max_len=NAME_MAX) or "Walk-in patient"
+    given = _text(body, "name", required=False, max_len=NAME_MAX)
+    name = given.strip() if given else None
     workflow = request.app[WORKFLOW_KEY]
-    c, qe = await workflow.walk_in(claims.waiting_room, name.strip())
+    link_token = request.headers["Authorization"][len("Bearer "):].strip()
+    wait_s = workflow.walk_in_limiter.acquire(link_token)
+    if wait_s is not None:
+        retry = max(1, math.ceil(wait_s))
+        limit = workflow.walk_in_limiter.per_minute
+        return web.json_response(
+            {"error": {"code": "rate_limited",
+                       "message": f"this walk-in link was used {limit} times in the last minute; "
+                                  f"try again in {retry} s"}},
+            status=STATUS["rate_limited"], headers={"Retry-After": str(retry)})
+    c, qe = await workflow.walk_in(claims.waiting_room, name)
     sid = c.session_id
-    token = request.app[TOKENS_KEY].mint(sid, Role.PATIENT, name.strip(), sub=c.patient_ref, ttl_s=MEDIA_TOKEN_TTL_S,
-                                         consultation=sid, waiting_room=claims.waiting_room)
+    token = request.app[TOKENS_KEY].mint(sid, Role.PATIENT, name or WALK_IN_NAME, sub=c.patient_ref,
+                                         ttl_s=MEDIA_TOKEN_TTL_S, consultation=sid, waiting_room=claims.waiting_room)
     return web.json_response({
         "consultation": consultation_json(c), "queue_entry": queue_entry_json(qe),
         "position": await workflow.service.position(SYSTEM, sid),
@@ -212,7 +228,8 @@ async def create_consultation(request: web.Request) -> web.Response:
     department = _text(body, "department", pattern=True)
     room_id = _text(body, "waiting_room", pattern=True)
     patient_ref = _text(body, "patient_ref")
-    patient_name = _text(body, "patient_name", required=False, max_len=NAME_MAX) or "Patient"
+    given_name = _text(body, "patient_name", required=False, max_len=NAME_MAX)
+    patient_name = given_name.strip() if given_name else "Patient"
     clinician = _text(body, "clinician", required=False)
     clinician_name = _text(body, "clinician_name", required=False, max_len=NAME_MAX) or (clinician or "")[:NAME_MAX]
     appointment = _appointment_ms(body)
@@ -225,7 +242,8 @@ async def create_consultation(request: web.Request) -> web.Response:
         raise InvalidInput(f'waiting room "{room_id}" belongs to department "{room.department}", not "{department}"')
     now = now_ms()
     booked = await workflow.record(await service.book(actor, department=department, clinician=clinician,
-                                                      patient_ref=patient_ref, appointment_ms=appointment, now_ms=now))
+                                                      patient_ref=patient_ref, appointment_ms=appointment, now_ms=now,
+                                                      patient_name=given_name))
     c = await workflow.record(await service.invite(actor, booked.session_id, now_ms=now))
     out = _patient_link(request, c, room_id, patient_name)
     out.update(clinician_link=None, clinician_token=None)
@@ -275,7 +293,7 @@ async def resend_link(request: web.Request) -> web.Response:
         if not segments:
             raise InvalidMessage('"waiting_room" is required: the patient has not been in a waiting room yet')
         room_id = segments[-1].room_id
-    patient_name = _text(body, "patient_name", required=False, max_len=NAME_MAX) or "Patient"
+    patient_name = _text(body, "patient_name", required=False, max_len=NAME_MAX) or c.patient_name or "Patient"
     room = await service.waiting_room(actor, room_id)
     if room.department != c.department:
         raise InvalidInput(f'waiting room "{room_id}" belongs to department "{room.department}", not "{c.department}"')

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import time
 import weakref
@@ -61,7 +62,7 @@ from rooms.waiting_room import State as QState
 from signalling.auth import Claims, TokenAuthority
 from signalling.codec import event
 from signalling.config import WorkflowSettings
-from signalling.errors import Forbidden, InvalidState
+from signalling.errors import Forbidden, InvalidMessage, InvalidState
 from signalling.hub import Client, Hub
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ T = TypeVar("T")
 SYSTEM: Final = Actor(Role.ORGANISATION_ADMIN, "system")
 #: How long the media-room token handed to an admitting clinician is valid.
 MEDIA_TOKEN_TTL_S: Final = 4 * 3600
+#: The display name of a walk-in patient who gave none.
+WALK_IN_NAME: Final = "Walk-in patient"
 
 Handler = Callable[[Client, dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -111,8 +114,8 @@ def consultation_json(c: Consultation) -> dict[str, Any]:
 
 def queued_json(q: QueuedPatient) -> dict[str, Any]:
     return {"position": q.position, "session_id": q.session_id, "patient_ref": q.patient_ref,
-            "arrival": q.arrival.value, "entered_ms": q.entered_ms, "waiting_ms": q.waiting_ms,
-            "appointment_ms": q.appointment_ms}
+            "patient_name": q.patient_name, "arrival": q.arrival.value, "entered_ms": q.entered_ms,
+            "waiting_ms": q.waiting_ms, "appointment_ms": q.appointment_ms}
 
 
 def queue_entry_json(qe: QueueEntry) -> dict[str, Any]:
@@ -156,18 +159,21 @@ class Workflow:
             "consultation.phone_fallback": self._phone_fallback,
             "consultation.journal": self._journal,
             "queue.remove": self._remove,
+            "consultation.get": self._get,
             "chat.send": self._chat_send,
             "chat.history": self._chat_history,
             "announcement.post": self._announce,
             "announcement.withdraw": self._withdraw,
         }
         self.retention: RetentionJob | None = None
+        self.walk_in_limiter = WalkInLimiter(WorkflowSettings.walk_in_per_link_per_min)
 
     @classmethod
     def from_settings(cls, store: Store, settings: WorkflowSettings, hub: Hub, eventlog: EventLog,
                       tokens: TokenAuthority) -> Workflow:
         workflow = cls(WorkflowService(store, workflow_config(settings)), hub, eventlog, tokens)
         workflow.retention = RetentionJob(workflow.service, workflow.record, settings.retention_sweep_s)
+        workflow.walk_in_limiter = WalkInLimiter(settings.walk_in_per_link_per_min)
         return workflow
 
     def start(self) -> None:
@@ -273,18 +279,20 @@ class Workflow:
                    {"announcement": announcement_json(ann)})
         return ann
 
-    async def walk_in(self, room_id: str, patient_name: str) -> tuple[Consultation, QueueEntry]:
+    async def walk_in(self, room_id: str, patient_name: str | None) -> tuple[Consultation, QueueEntry]:
         """A patient with a walk-in link arrives: a new patient ref, a consultation without a booking
-        (``appointment_ms`` null), and a place in the room's queue (arrival ``walk_in``)."""
+        (``appointment_ms`` null) with the name they gave, and a place in the room's queue (arrival
+        ``walk_in``)."""
         now = now_ms()
         patient_ref = new_id("walkin")
         actor = Actor(Role.PATIENT, patient_ref)
         room = await self.service.waiting_room(SYSTEM, room_id)
-        result = await self.service.walk_in(actor, room_id=room_id, now_ms=now, patient_ref=patient_ref)
+        result = await self.service.walk_in(actor, room_id=room_id, now_ms=now, patient_ref=patient_ref,
+                                            patient_name=patient_name)
         qe = result.value
         c = await self.service.consultation(SYSTEM, qe.session_id)
         created = backoffice_entry(LogKind.CONSULTATION, f"Walk-in consultation (no booking) started by patient {patient_ref} "
-                        f"({patient_name}) in waiting room {room.name}.", qe.session_id, now,
+                        f"({patient_name or WALK_IN_NAME}) in waiting room {room.name}.", qe.session_id, now,
                         patient=patient_ref, department=c.department, walk_in=True)
         await self.record(Result(qe, (created, *result.entries)))
         return c, qe
@@ -315,8 +323,8 @@ class Workflow:
         actor = actor_of(claims)
         now = now_ms()
         qe = await self.service.queue_entry(actor, sid)
+        c = await self.service.consultation(actor, sid)
         if qe.state is not QState.WAITING:
-            c = await self.service.consultation(actor, sid)
             if c.state is CState.INVITED:
                 ready = await self.service.patient_ready(
                     actor, sid, token=claims.link or "", device_check_passed=msg.get("device_check_passed", True),
@@ -328,6 +336,7 @@ class Workflow:
         return {
             "session_id": sid, "room_id": room_id, "channel_id": consultation_channel_id(sid),
             "arrival": qe.current.arrival.value, "entered_ms": qe.current.entered_ms,
+            "appointment_ms": c.appointment_ms,
             "position": await self.service.position(actor, sid),
             "announcements": [announcement_json(a) for a in
                               await self.service.announcements(actor, room_id, now_ms=now)],
@@ -343,9 +352,12 @@ class Workflow:
     async def _watch(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
         assert client.claims is not None
         room_id = msg["room_id"]
-        queue = await self.service.queue(actor_of(client.claims), room_id, now_ms=now_ms())
+        actor, now = actor_of(client.claims), now_ms()
+        queue = await self.service.queue(actor, room_id, now_ms=now)
+        announcements = await self.service.announcements(actor, room_id, now_ms=now)
         self.watchers.setdefault(room_id, weakref.WeakSet()).add(client)
-        return {"room_id": room_id, "queue": [queued_json(q) for q in queue]}
+        return {"room_id": room_id, "queue": [queued_json(q) for q in queue],
+                "announcements": [announcement_json(a) for a in announcements]}
 
     async def _unwatch(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
         self.watchers.get(msg["room_id"], weakref.WeakSet()).discard(client)
@@ -370,6 +382,21 @@ class Workflow:
                                                            now_ms=now_ms()))
         return {"session_id": sid, "room_id": qe.room_id, "segment": len(qe.segments),
                 "position": await self.service.position(SYSTEM, sid)}
+
+    async def _get(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        """A consultation's record (state, appointment, times), e.g. for a page that was reloaded.
+        A patient reads only the consultation of their link (its ``consultation`` claim); staff
+        read per the permission table. ``session_id`` defaults to the token's consultation."""
+        claims = client.claims
+        assert claims is not None
+        asked = msg.get("session_id")
+        sid = asked if asked is not None else claims.consultation
+        if sid is None:
+            raise InvalidMessage('"session_id" is required: this connection\'s token names no consultation')
+        if claims.role is Role.PATIENT and sid != claims.consultation:
+            raise Forbidden("a patient may read only the consultation of their own link")
+        c = await self.service.consultation(actor_of(claims), SessionId(sid))
+        return {"consultation": consultation_json(c)}
 
     async def _consultation_step(self, client: Client, msg: dict[str, Any],
                                  step: Callable[..., Awaitable[Result[Consultation]]]) -> dict[str, Any]:
@@ -465,6 +492,47 @@ class Workflow:
                 continue
             seen.add(id(client))
             client.send(message)
+
+
+# --- walk-in rate limit ----------------------------------------------------------------------
+
+
+class WalkInLimiter:
+    """At most ``per_minute`` walk-ins per walk-in link in any 60 seconds (a sliding window).
+
+    A shared link is published, so anyone holding it could fill a queue; this caps how fast. Links
+    are told apart by a digest of their token (the token itself is not kept). The count is per node
+    (with several nodes behind a balancer the cap is per node). ``clock`` gives monotonic seconds.
+    """
+
+    WINDOW_S: Final = 60.0
+
+    def __init__(self, per_minute: int, *, clock: Callable[[], float] = time.monotonic, max_links: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self.clock = clock
+        self.max_links = max_links
+        self._seen: dict[bytes, collections.deque[float]] = {}
+
+    def acquire(self, link_token: str) -> float | None:
+        """Count one walk-in for this link: None if allowed, else the seconds until the next is."""
+        now = self.clock()
+        key = hashlib.sha256(link_token.encode()).digest()
+        times = self._seen.get(key)
+        if times is None:
+            if len(self._seen) >= self.max_links:
+                self._prune(now)
+            times = self._seen[key] = collections.deque()
+        while times and times[0] <= now - self.WINDOW_S:
+            times.popleft()
+        if len(times) >= self.per_minute:
+            return max(0.0, times[0] + self.WINDOW_S - now)
+        times.append(now)
+        return None
+
+    def _prune(self, now: float) -> None:
+        """Forget links without a walk-in inside the window (keeps the map bounded)."""
+        for key in [k for k, t in self._seen.items() if not t or t[-1] <= now - self.WINDOW_S]:
+            del self._seen[key]
 
 
 # --- scheduled jobs ---------------------------------------------------------------------------

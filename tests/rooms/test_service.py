@@ -98,6 +98,29 @@ async def test_walk_in_and_announcements(svc: WorkflowService) -> None:
     assert await svc.announcements(PAT, "cardio", now_ms=T0 + 2 * MIN) == []
 
 
+async def test_patient_names_are_kept_with_the_consultation_and_shown_in_the_queue(svc: WorkflowService) -> None:
+    booked = (await svc.book(CLIN, department=CARDIO, clinician=None, patient_ref="p1", appointment_ms=T0,
+                             now_ms=T0 - MIN, patient_name="  Anna Berg ")).value
+    assert booked.patient_name == "Anna Berg"  # trimmed
+    token = (await svc.invite(CLIN, booked.session_id, now_ms=T0 - MIN)).value.link_token
+    assert token
+    await svc.patient_ready(PAT, booked.session_id, token=token, device_check_passed=True, now_ms=T0)
+    await svc.enter_waiting_room(PAT, booked.session_id, room_id="cardio", now_ms=T0)
+    await svc.walk_in(PAT2, room_id="cardio", now_ms=T0, patient_name="Eva")
+    await svc.walk_in(Actor(Role.PATIENT, "p3"), room_id="cardio", now_ms=T0)  # gave no name
+    queue = await svc.queue(CLIN, "cardio", now_ms=T0)
+    assert [(q.patient_ref, q.patient_name) for q in queue] == [("p1", "Anna Berg"), ("p2", "Eva"), ("p3", None)]
+    # The name survives every later write of the record.
+    done = (await svc.admit(CLIN, booked.session_id, now_ms=T0 + MIN)).value
+    assert done.patient_name == "Anna Berg"
+    assert (await svc.consultation(ORG_ADMIN, booked.session_id)).patient_name == "Anna Berg"
+    for bad in ("x" * 81, 42):
+        with pytest.raises(RoomsError) as err:
+            await svc.book(CLIN, department=CARDIO, clinician=None, patient_ref="p9", appointment_ms=T0,
+                           now_ms=T0, patient_name=bad)  # type: ignore[arg-type]
+        assert err.value.code == "invalid_input"
+
+
 async def test_arrival_classification(svc: WorkflowService) -> None:
     from tests.rooms.scenario import ready
 

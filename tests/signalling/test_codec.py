@@ -92,6 +92,7 @@ VALID: dict[str, dict[str, Any]] = {
     "consultation.journal": {"type": "consultation.journal", "id": 23, "session_id": "s_1"},
     "announcement.withdraw": {"type": "announcement.withdraw", "id": 24, "room_id": "wr-1",
                               "announcement_id": "a_XyZ-9_q"},
+    "consultation.get": {"type": "consultation.get", "id": 25, "session_id": "s_AbC-12_x"},
 }
 
 # Minimal forms: only the required fields.
@@ -99,6 +100,7 @@ MINIMAL: dict[str, dict[str, Any]] = {
     "join": {"type": "join", "id": 1, "token": "t"},
     "publish": {"type": "publish", "id": 2, "offer": {"type": "offer", "sdp": SDP}},
     "ice": {"type": "ice", "id": 7, "peer_id": "st_1", "candidate": None},
+    "consultation.get": {"type": "consultation.get", "id": 25},  # the token's consultation
 }
 
 CODECS: list[Codec] = [JsonCodec(), MsgpackCodec()]

@@ -39,6 +39,8 @@ def test_file_and_environment_values_reach_the_service(tmp_path: Path) -> None:
     ("retention_sweep_s = 0", "workflow.retention_sweep_s must be 0.1-604800 seconds"),
     ('retention_sweep_s = "often"', "workflow.retention_sweep_s must be a number"),
     ("walk_in_link_valid_min = 0", "workflow.walk_in_link_valid_min must be 1-43200 minutes"),
+    ("walk_in_per_link_per_min = 0", "workflow.walk_in_per_link_per_min must be 1-10000"),
+    ('walk_in_per_link_per_min = "lots"', "workflow.walk_in_per_link_per_min must be an integer"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, table: str, message: str) -> None:
     path = tmp_path / "c.toml"
