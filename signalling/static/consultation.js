@@ -6,11 +6,15 @@
  *     (camera preview + microphone level), "You are early / on time / late", the live place in
  *     line, the clinic's announcements, chat, "Leave waiting room"; on `admitted` the call
  *     (publish camera and microphone, receive the clinician), chat stays; then "The consultation
- *     has ended";
+ *     has ended". On load the page reads the consultation (`consultation.get`), so a reload
+ *     mid-call goes straight back to the call and a reload after the end shows the outcome;
+ *   - a shared walk-in link `/?walk_in=<JWT>`: the patient gives their name, the page trades the
+ *     link for their own token (`POST /api/walk-in`), replaces the address with `/?token=<their
+ *     token>` (a reload keeps the place) and goes on as the patient's waiting room above;
  *   - the clinician's desk (a staff token with a `consultation` or `departments` claim, or a
  *     `?waiting_room=` parameter): the live queue of the department's waiting rooms (arrival
- *     badge, waiting time, Admit), the call with chat, End / Phone consultation instead /
- *     Complete, and posting announcements with an expiry.
+ *     badge, the patient's name and reference, waiting time, Admit), the call with chat, End / Phone
+ *     consultation instead / Complete, and the rooms' current announcements and posting new ones.
  * Any other page load is left to demo.js.
  *
  * All user-provided text (names, references, chat, announcements) is set with textContent only.
@@ -18,7 +22,9 @@
  * For tests and support staff the page exposes `window.consult`:
  *   consult.active        true when this page is a patient's or clinician's consultation page
  *   consult.view          'patient' | 'clinician' | null
- *   consult.state         'connecting' | 'waiting' | 'left' | 'queue' | 'in_call' | 'wrapup' | 'ended' | 'error'
+ *   consult.state         'name' (walk-in: asking for the name) | 'connecting' | 'waiting' | 'left' | 'queue' |
+ *                         'in_call' | 'wrapup' | 'ended' | 'error'
+ *   consult.walkIn        true when the page was opened with a walk-in link
  *   consult.error         {code, message} of the last error, or null; consult.warning likewise
  *   consult.sessionErrors [{code, message}] of background failures
  *   consult.arrival, consult.position, consult.announcements, consult.queues, consult.consultation
@@ -55,20 +61,24 @@
     localStream: null,
     publisher: null,
     subscriptions: new Map(), // stream id → Subscription (null while being set up)
+    walkIn: false,
     inboundVideoStats: inboundVideoStats,
   };
   window.consult = consult;
 
   const params = new URLSearchParams(location.search);
-  const token = (params.get('token') || '').trim();
-  const claims = token ? OpenConsult.decodeToken(token) : null;
-  const view = chooseView(claims);
+  // A walk-in replaces these with the patient's own token (see startWalkIn).
+  let token = (params.get('token') || '').trim();
+  let claims = token ? OpenConsult.decodeToken(token) : null;
+  const walkInToken = token ? '' : (params.get('walk_in') || '').trim();
+  const view = walkInToken ? 'patient' : chooseView(claims);
   if (!view) {
     return; // The plain demo page: demo.js takes over.
   }
   consult.active = true;
   consult.view = view;
   consult.claims = claims;
+  consult.walkIn = Boolean(walkInToken);
   document.body.dataset.view = view;
   $('demo-view').hidden = true;
   $('consult-view').hidden = false;
@@ -355,8 +365,9 @@
     if (consult.view === 'patient') {
       return (connection && connection.name) || 'Your clinician';
     }
-    const ref = consult.consultation && consult.consultation.patient_ref;
-    const name = (connection && connection.name) || stream.name || 'Patient';
+    const c = consult.consultation;
+    const ref = c && c.patient_ref;
+    const name = (c && c.patient_name) || (connection && connection.name) || stream.name || 'Patient';
     return ref ? name + ' (' + ref + ')' : name;
   }
 
@@ -688,6 +699,9 @@
   function patientWaiting(entered) {
     consult.arrival = entered.arrival;
     consult.sessionId = entered.session_id;
+    if (entered.appointment_ms) {
+      consult.appointmentMs = entered.appointment_ms;
+    }
     showArrival();
     showPosition(entered.position);
     for (const a of entered.announcements || []) {
@@ -796,6 +810,11 @@
       showError({ code: 'connection_closed', message: 'The connection to the clinic was lost (close code ' + code + (reason ? ', ' + reason : '') + '). Open your link again to get back your place' }, 'Disconnected');
     });
 
+    // Where is the consultation? A reload mid-call goes straight back to the call, a reload after
+    // the end shows the outcome; otherwise the device check, then the waiting room.
+    if (await readPatientConsultation(session)) {
+      return;
+    }
     say('connecting', 'Checking your camera and microphone…');
     const passed = await deviceCheck(5000);
     if (session.state !== 'connected' || consult.state === 'in_call' || consult.state === 'ended') {
@@ -804,14 +823,108 @@
     try {
       patientWaiting(await session.enterWaitingRoom({ deviceCheckPassed: passed }));
     } catch (err) {
-      // Not waiting any more (e.g. the page was reloaded after being let in).
-      const clinicianHere = Array.from(session.connections.values()).some((c) => c.role !== 'patient');
-      if (err.code === 'invalid_state' && clinicianHere) {
-        patientAdmitted();
+      // Not waiting any more: let in (or ended) while the device check ran?
+      if (err.code === 'invalid_state' && (await readPatientConsultation(session))) {
         return;
       }
       showError(err, 'Cannot enter the waiting room');
     }
+  }
+
+  /** Read the consultation (`consultation.get`) and follow it; true if the page is now in the call or ended. */
+  async function readPatientConsultation(session) {
+    try {
+      const data = await session.getConsultation();
+      if (data && data.consultation) {
+        onPatientConsultation(data.consultation);
+      }
+    } catch (err) {
+      warn(err, 'Cannot read your consultation');
+    }
+    return consult.state === 'in_call' || consult.state === 'ended';
+  }
+
+  // ---- walk-in (patient with a shared link) -------------------------------------------------
+
+  const WALK_IN_ERRORS = {
+    token_expired: 'This walk-in link has expired. Please contact your clinic',
+    token_not_yet_valid: 'This walk-in link is not open yet. Please try again later',
+    unauthorized: 'This walk-in link is not valid. Please check that you opened the whole link',
+    forbidden: 'This link is not a walk-in link. Please check that you opened the whole link',
+    not_found: 'This waiting room is closed. Please contact your clinic',
+  };
+
+  /** Ask for the patient's name, walk in with the link, then continue as with a patient link. */
+  function startWalkIn() {
+    const section = el('section', 'panel walk-in');
+    section.id = 'walk-in';
+    section.setAttribute('aria-labelledby', 'walk-in-title');
+    const title = el('h2', null, 'Welcome to the waiting room');
+    title.id = 'walk-in-title';
+    section.appendChild(title);
+    section.appendChild(el('p', null, 'Please tell us your name so the clinic knows who is waiting. You do not need an appointment.'));
+    const form = el('form', 'walk-in-form');
+    form.id = 'walk-in-form';
+    const label = el('label', 'grow', 'Your name');
+    label.htmlFor = 'walk-in-name';
+    const input = document.createElement('input');
+    input.id = 'walk-in-name';
+    input.name = 'name';
+    input.required = true;
+    input.maxLength = 80;
+    input.autocomplete = 'name';
+    label.appendChild(input);
+    form.appendChild(label);
+    const actions = el('div', 'actions');
+    const submit = el('button', 'primary', 'Enter the waiting room');
+    submit.type = 'submit';
+    submit.id = 'walk-in-submit';
+    actions.appendChild(submit);
+    form.appendChild(actions);
+    section.appendChild(form);
+    const main = document.querySelector('.consult-main');
+    main.insertBefore(section, main.firstChild);
+    input.focus();
+    say('name', 'Please enter your name to join the waiting room.');
+
+    form.addEventListener('submit', async (event) => {
+      event.preventDefault();
+      const name = input.value.trim();
+      if (!name || submit.disabled) {
+        return;
+      }
+      submit.disabled = true;
+      input.disabled = true;
+      clearWarning();
+      say('connecting', 'Joining the waiting room…');
+      let walked;
+      try {
+        walked = await OpenConsult.walkIn({ token: walkInToken, name: name });
+      } catch (err) {
+        submit.disabled = false;
+        input.disabled = false;
+        if (WALK_IN_ERRORS[err.code]) {
+          section.remove();
+          showError(err, WALK_IN_ERRORS[err.code]);
+          return;
+        }
+        say('name', 'Please enter your name to join the waiting room.');
+        if (err.code === 'rate_limited') {
+          const wait = err.retryAfterS ? ' in ' + err.retryAfterS + ' seconds' : ' in a minute';
+          warn({ code: err.code, message: 'Many people are using this link right now. Please try again' + wait }, 'Cannot join yet');
+        } else {
+          warn(err, 'Cannot join the waiting room');
+        }
+        return;
+      }
+      // From here on the page is the patient's own link: a reload keeps the place in line.
+      token = walked.patient_token;
+      claims = OpenConsult.decodeToken(token);
+      consult.claims = claims;
+      history.replaceState(null, '', location.pathname + '?token=' + encodeURIComponent(token));
+      section.remove();
+      startPatient();
+    });
   }
 
   $('leave-waiting-room').addEventListener('click', () => {
@@ -910,6 +1023,13 @@
     }
   }
 
+  /** How staff see a patient: their name and reference, or the reference alone. */
+  function patientLabel(entry) {
+    const name = entry && entry.patient_name;
+    const ref = entry && entry.patient_ref;
+    return name ? name + ' (' + ref + ')' : ref || 'the patient';
+  }
+
   function renderQueues() {
     const focused = document.activeElement;
     const refocus = focused && focused.classList && focused.classList.contains('admit') ? focused.dataset.sessionId : null;
@@ -938,7 +1058,15 @@
         item.dataset.arrival = line.arrival;
         item.appendChild(el('span', 'queue-position', line.position));
         const who = el('div', 'queue-who');
-        who.appendChild(el('span', 'queue-ref', line.patient_ref));
+        // The name (when the clinic has one) and the reference on one line: "Anna Berg · p-123".
+        const patient = el('span', 'queue-patient');
+        if (line.patient_name) {
+          patient.appendChild(el('strong', 'queue-name', line.patient_name));
+          patient.appendChild(document.createTextNode(' · '));
+        }
+        const ref = el('span', line.patient_name ? 'queue-ref muted' : 'queue-ref', line.patient_ref);
+        patient.appendChild(ref);
+        who.appendChild(patient);
         const facts = el('span', 'queue-facts muted small');
         if (line.appointment_ms) {
           facts.appendChild(el('span', 'queue-appointment', 'appointment ' + dayAndClock(line.appointment_ms)));
@@ -953,7 +1081,7 @@
         const admit = el('button', 'primary admit', 'Admit');
         admit.type = 'button';
         admit.dataset.sessionId = line.session_id;
-        admit.setAttribute('aria-label', 'Admit ' + line.patient_ref);
+        admit.setAttribute('aria-label', 'Admit ' + patientLabel(line));
         admit.disabled = consult.state === 'in_call' || consult.state === 'wrapup';
         admit.addEventListener('click', () => admitPatient(line, admit));
         item.appendChild(admit);
@@ -991,7 +1119,8 @@
     if (consult.state === 'in_call' || consult.state === 'wrapup') {
       return;
     }
-    await action(button, 'Cannot admit ' + line.patient_ref, async () => {
+    const who = patientLabel(line);
+    await action(button, 'Cannot admit ' + who, async () => {
       const data = await desk.admit(line.session_id);
       consult.consultation = data.consultation;
       consult.sessionId = data.consultation.session_id;
@@ -1011,12 +1140,12 @@
         });
       }
       consult.state = 'in_call';
-      $('call-title').textContent = 'Consultation with ' + line.patient_ref;
+      $('call-title').textContent = 'Consultation with ' + who;
       $('clinician-call-actions').hidden = false;
       $('wrapup').hidden = true;
       renderQueues();
-      openChat(data.consultation.channel_id, 'Chat with ' + line.patient_ref + '. Messages are kept with the consultation.');
-      say('in_call', 'In consultation with ' + line.patient_ref + '.');
+      openChat(data.consultation.channel_id, 'Chat with ' + who + '. Messages are kept with the consultation.');
+      say('in_call', 'In consultation with ' + who + '.');
       await startCall(session);
     });
   }
@@ -1036,11 +1165,11 @@
     $('complete-consultation').hidden = false;
     if (c.state === 'phone') {
       $('wrapup-title').textContent = 'Continued as a phone consultation';
-      $('wrapup-detail').textContent = 'Call ' + c.patient_ref + ' by phone now. Complete the consultation when the journal is pending.';
+      $('wrapup-detail').textContent = 'Call ' + patientLabel(c) + ' by phone now. Complete the consultation when the journal is pending.';
     } else {
       $('wrapup-title').textContent = 'Consultation ended';
       const lasted = typeof c.duration_ms === 'number' ? ' after ' + duration(c.duration_ms) : '';
-      $('wrapup-detail').textContent = 'The video consultation with ' + c.patient_ref + ' ended' + lasted + '. Complete it to mark the journal as pending.';
+      $('wrapup-detail').textContent = 'The video consultation with ' + patientLabel(c) + ' ended' + lasted + '. Complete it to mark the journal as pending.';
     }
     renderQueues();
     say('wrapup', $('wrapup-title').textContent + '.');
@@ -1067,7 +1196,7 @@
     renderQueues();
     showClinicianIdle();
     if (c.state === 'completed') {
-      say('queue', 'Consultation with ' + c.patient_ref + ' completed, waiting for the journal. Ready for the next patient.');
+      say('queue', 'Consultation with ' + patientLabel(c) + ' completed, waiting for the journal. Ready for the next patient.');
     }
   }
 
@@ -1150,6 +1279,9 @@
       for (const room of rooms) {
         const data = await desk.watchQueue(room.room_id);
         setQueue(room.room_id, data.queue);
+        for (const announcement of data.announcements || []) {
+          addAnnouncement(announcement);
+        }
       }
       renderQueues();
       showClinicianIdle();
@@ -1165,7 +1297,11 @@
 
   if (view === 'patient') {
     setInterval(renderAnnouncements, 15000);
-    startPatient();
+    if (walkInToken) {
+      startWalkIn();
+    } else {
+      startPatient();
+    }
   } else {
     startClinician();
   }

@@ -22,10 +22,14 @@
  *   const { token, room } = await session.admit(sessionId);  // clinician
  *   await session.sendChat(channelId, text);                 // 'chatMessage' to the others
  *
+ *   const { consultation } = await session.getConsultation(); // its state, e.g. after a reload
+ *
  * Other helpers: leaveWaitingRoom, unwatchQueue, transfer, endConsultation, complete,
  * phoneFallback, chatHistory, postAnnouncement. Workflow events (`OpenConsult.WORKFLOW_EVENTS`):
  * queueUpdated, positionChanged, admitted, consultationChanged, chatMessage, announcement.
  * `OpenConsult.decodeToken(jwt)` reads a token's claims (unverified) so a page can pick its view.
+ * `OpenConsult.walkIn({ token, name })` trades a shared walk-in link's token for the patient's own
+ * (`POST /api/walk-in`): `{consultation, position, patient_token, …}`; then connect with it.
  *
  * Server design decides the shape of the media side: one RTCPeerConnection per published
  * stream and one per subscription. The server puts all its candidates in its SDP; the client
@@ -783,6 +787,14 @@
       return this._request('queue.unwatch', { room_id: roomId });
     }
 
+    /**
+     * A consultation's record `{consultation}` (state, appointment, times): without an id, the one
+     * this session's token names (a patient may read only that one).
+     */
+    getConsultation(sessionId) {
+      return this._request('consultation.get', sessionId ? { session_id: sessionId } : {});
+    }
+
     /** Clinician: admit a waiting patient; resolves with `{consultation, room, token}`. */
     admit(sessionId) {
       return this._request('consultation.admit', { session_id: sessionId });
@@ -885,6 +897,51 @@
   }
 
   /**
+   * A patient arrives with a shared walk-in link: `POST /api/walk-in` with the link's token as
+   * Bearer and `{name}`. Options: `token` (the walk-in link's token, required), `name` (optional),
+   * `baseUrl` (default: this page's origin). Resolves with the server's answer
+   * `{consultation, queue_entry, position, patient_token, patient_link}`; rejects with an
+   * OpenConsultError carrying the server's code (`rate_limited` with `retryAfterS`, `token_expired`,
+   * `forbidden`, …) or `connection_failed`.
+   */
+  async function walkIn(options) {
+    options = options || {};
+    if (!options.token) {
+      throw new OpenConsultError('unauthorized', 'A walk-in link token is required');
+    }
+    const body = {};
+    if (typeof options.name === 'string' && options.name.trim()) {
+      body.name = options.name.trim();
+    }
+    let response;
+    try {
+      response = await fetch((options.baseUrl || '') + '/api/walk-in', {
+        method: 'POST',
+        headers: { Authorization: 'Bearer ' + options.token, 'Content-Type': 'application/json' },
+        body: JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new OpenConsultError('connection_failed', 'Cannot reach the server', { cause: err });
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (err) {
+      data = null;
+    }
+    if (!response.ok) {
+      const error = (data && data.error) || {};
+      const details = { status: response.status };
+      const retry = Number(response.headers.get('Retry-After'));
+      if (retry > 0) {
+        details.retryAfterS = retry;
+      }
+      throw new OpenConsultError(error.code || 'http_' + response.status, error.message || 'HTTP ' + response.status, details);
+    }
+    return data;
+  }
+
+  /**
    * The claims of a JWT, decoded but NOT verified (the server verifies at `join`): for a page to
    * decide what to show, e.g. a patient's waiting room for a consultation link. Null if unreadable.
    */
@@ -919,6 +976,7 @@
     EVENTS: SESSION_EVENTS,
     WORKFLOW_EVENTS: WORKFLOW_EVENTS,
     connect: connect,
+    walkIn: walkIn,
     decodeToken: decodeToken,
     OpenConsultError: OpenConsultError,
     Session: Session,

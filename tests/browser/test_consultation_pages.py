@@ -4,6 +4,8 @@ A consultation is booked over the staff HTTP API; the patient opens their link (
 gets the waiting room (early, number 1 in line, the clinic's announcement, device check), the
 clinician opens theirs and gets the live queue; Admit puts both in a call where each page decodes
 the other's video; chat with HTML in it stays text; End tells the patient the consultation ended.
+A walk-in patient opens a shared link (`/?walk_in=…`), gives a name and is in line, seen by name
+on the clinician's page; a patient page reloaded while waiting or mid-call comes back where it was.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ return {
   queue: Array.from(document.querySelectorAll('.queue-line')).map((n) => ({
     sessionId: n.dataset.sessionId,
     ref: n.querySelector('.queue-ref').textContent,
+    name: n.querySelector('.queue-name') ? n.querySelector('.queue-name').textContent : null,
+    nameShown: Boolean(n.querySelector('.queue-name') && n.querySelector('.queue-name').getClientRects().length),
     badge: n.querySelector('.badge').textContent,
     facts: n.querySelector('.queue-facts').textContent,
   })),
@@ -324,3 +328,102 @@ def test_link_opened_too_early_says_when_it_opens(server: ServerHandle, browser:
     assert state["view"] == "patient" and state["error"]["code"] == "token_not_yet_valid", state
     assert "Your link is not open yet. It opens at " in state["status"], state
     assert "[token_not_yet_valid]" in state["status"], state
+
+
+def test_walk_in_link_asks_the_name_and_the_clinician_sees_it(
+    server: ServerHandle, browser: BrowserFactory, tmp_path: Path
+) -> None:
+    booking = book(server, minutes_from_now=30)  # only for its department, room and desk link
+    api_ok(server, "POST", f"/api/waiting-rooms/{booking.room_id}/announcements", booking.admin_token,
+           {"text": "Walk-in hours until 16:00", "expires_in_s": 600})
+    link = api_ok(server, "POST", f"/api/waiting-rooms/{booking.room_id}/walk-in-link", booking.admin_token)
+    assert link["walk_in_link"] == f"{server.url}/?walk_in={link['walk_in_token']}", link
+
+    # The desk lists the room's current announcement as soon as it loads.
+    clinician = open_clinician(browser, booking, desk=True)
+    desk = wait_page(clinician, "the current announcement on the desk",
+                     lambda s: s["announcements"] == ["Walk-in hours until 16:00"])
+    assert desk["announcementsShown"], desk
+
+    patient = browser()
+    patient.get(link["walk_in_link"])
+    asked = wait_page(patient, "the walk-in page to ask for a name", lambda s: s["state"] == "name")
+    assert asked["view"] == "patient", asked
+    assert patient.find_element("id", "walk-in-name").is_displayed()
+    type_into(patient, "#walk-in-name", "Eva <b>Lund</b>")
+    assert patient.save_screenshot(str(tmp_path / "walk-in-name.png"))
+    click(patient, "#walk-in-submit")
+    state = wait_page(patient, "the walk-in patient in line", lambda s: s["state"] == "waiting")
+    assert (state["arrival"], state["position"]) == ("walk_in", 1), state
+    assert state["arrivalText"].startswith("You came without an appointment"), state
+    assert state["announcements"] == ["Walk-in hours until 16:00"], state
+    # The address is now the patient's own link; the walk-in form is gone.
+    url = patient.current_url
+    assert url.startswith(f"{server.url}/?token=") and "walk_in" not in url, url
+    assert patient.execute_script("return document.getElementById('walk-in') === null;")
+
+    # The clinician sees the walk-in by name, with the Walk-in badge; the name is text, not markup.
+    desk = wait_page(clinician, "the walk-in in the clinician's queue", lambda s: len(s["queue"]) == 1)
+    line = desk["queue"][0]
+    assert (line["badge"], line["name"], line["nameShown"]) == ("Walk-in", "Eva <b>Lund</b>", True), line
+    assert line["ref"].startswith("walkin"), line
+    assert clinician.execute_script("return document.querySelectorAll('.queue-line b').length;") == 0
+    assert clinician.save_screenshot(str(tmp_path / "clinician-walk-in.png"))
+
+    # A reload keeps the place: same session, still number 1, no name asked again.
+    session_id = line["sessionId"]
+    patient.refresh()
+    again = wait_page(patient, "the reloaded walk-in page back in line",
+                      lambda s: s["state"] == "waiting" and s["position"] == 1)
+    assert again["arrival"] == "walk_in" and patient.current_url == url, again
+    assert [q["sessionId"] for q in consult_state(clinician)["queue"]] == [session_id]
+
+    click(clinician, f'.admit[data-session-id="{session_id}"]')
+    wait_page(patient, "the walk-in in the call", lambda s: s["state"] == "in_call")
+    assert clinician.find_element("id", "call-title").text == f"Consultation with Eva <b>Lund</b> ({line['ref']})"
+    wait_decoding(clinician, "the clinician")
+    wait_decoding(patient, "the patient")
+    print(f"screenshots: {tmp_path}")
+
+
+def test_patient_reload_while_waiting_and_mid_call_comes_back(
+    server: ServerHandle, browser: BrowserFactory
+) -> None:
+    booking = book(server, minutes_from_now=30)
+    clinician = open_clinician(browser, booking)
+    patient = open_patient(browser, booking)
+
+    # Reloaded while waiting: the same place and still "early for your appointment at …".
+    patient.refresh()
+    state = wait_page(patient, "the reloaded patient in line", lambda s: s["state"] == "waiting" and s["position"] == 1)
+    assert state["arrival"] == "early", state
+    assert state["arrivalText"].startswith("You are early for your appointment at "), state
+
+    wait_page(clinician, "the patient in the queue", lambda s: len(s["queue"]) == 1)
+    click(clinician, f'.admit[data-session-id="{booking.session_id}"]')
+    wait_page(patient, "the patient in the call", lambda s: s["state"] == "in_call")
+    wait_decoding(clinician, "the clinician")
+    wait_decoding(patient, "the patient")
+    before = {e["streamId"] for e in clinician.execute_async_script(INBOUND_VIDEO_JS)}
+
+    # Reloaded mid-call: straight back to the call (no waiting room, no invalid_state), video both ways.
+    patient.refresh()
+    back = wait_page(patient, "the reloaded patient back in the call", lambda s: s["state"] == "in_call")
+    assert back["error"] is None and back["warning"] is None, back
+    assert patient.find_element("id", "call").is_displayed()
+    assert not patient.find_element("id", "waiting").is_displayed()
+    wait_decoding(patient, "the reloaded patient")
+
+    def clinician_sees_the_new_stream() -> bool:
+        stats = clinician.execute_async_script(INBOUND_VIDEO_JS)
+        return isinstance(stats, list) and any(e["framesDecoded"] > 0 and e["streamId"] not in before for e in stats)
+
+    wait_until_sync(clinician_sees_the_new_stream, timeout=MEDIA_TIMEOUT, interval=0.5,
+                    message="the clinician to decode the reloaded patient's video")
+
+    # Ended while away: a reload shows the outcome, not the waiting room.
+    click(clinician, "#end-consultation")
+    wait_page(patient, "the patient told it ended", lambda s: s["state"] == "ended")
+    patient.refresh()
+    ended = wait_page(patient, "the reloaded page showing the outcome", lambda s: s["state"] == "ended")
+    assert ended["finished"] == "The consultation has ended", ended
