@@ -20,6 +20,7 @@ from signalling.errors import (
     Forbidden,
     InvalidMessage,
     OpenConsultError,
+    RateLimited,
     Unauthorized,
     coded,
 )
@@ -40,8 +41,9 @@ STATUS = {
 def error_json(error: OpenConsultError | RoomsError) -> web.Response:
     """The one place a coded error (the edge's or a rooms/ domain error) becomes an HTTP status."""
     exc = coded(error)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
     return web.json_response({"error": {"code": str(exc.code), "message": exc.message}},
-                             status=STATUS.get(str(exc.code), 500))
+                             status=STATUS.get(str(exc.code), 500), headers=headers)
 
 
 @web.middleware

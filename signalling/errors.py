@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"
     TOO_EARLY = "too_early"
     TOO_LATE = "too_late"
+    RATE_LIMITED = "rate_limited"
     MEDIA_ERROR = "media_error"
     INTERNAL_ERROR = "internal_error"
 
@@ -140,6 +141,16 @@ class TooLate(OpenConsultError):
     code: ClassVar[ErrorCode] = ErrorCode.TOO_LATE
 
 
+class RateLimited(OpenConsultError):
+    """Too many requests of one kind from one source; try again after ``retry_after_s``."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.RATE_LIMITED
+
+    def __init__(self, message: str, retry_after_s: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class MediaError(OpenConsultError):
     """The SDP or ICE candidate could not be applied."""
 
@@ -169,6 +180,7 @@ ERRORS_BY_CODE: Final[dict[ErrorCode, type[OpenConsultError]]] = {
         Conflict,
         TooEarly,
         TooLate,
+        RateLimited,
         MediaError,
         InternalError,
     )

@@ -23,7 +23,7 @@ from rooms.permissions import Action, Actor
 from rooms.service import CONSULTATION, ROOM, Result
 from rooms.waiting_room import State as QState
 from rooms.waiting_room import WaitingRoom
-from signalling.api import STATUS, bearer_claims, json_body
+from signalling.api import bearer_claims, json_body
 from signalling.auth import NAME_MAX, ROOM_PATTERN
 from signalling.errors import (
     Forbidden,
@@ -31,6 +31,7 @@ from signalling.errors import (
     InvalidMessage,
     InvalidState,
     NotFound,
+    RateLimited,
 )
 from signalling.keys import CONFIG_KEY, TOKENS_KEY, WORKFLOW_KEY
 from signalling.workflow import (
@@ -202,11 +203,8 @@ async def walk_in(request: web.Request) -> web.Response:
     if wait_s is not None:
         retry = max(1, math.ceil(wait_s))
         limit = workflow.walk_in_limiter.per_minute
-        return web.json_response(
-            {"error": {"code": "rate_limited",
-                       "message": f"this walk-in link was used {limit} times in the last minute; "
-                                  f"try again in {retry} s"}},
-            status=STATUS["rate_limited"], headers={"Retry-After": str(retry)})
+        raise RateLimited(f"this walk-in link was used {limit} times in the last minute; try again in {retry} s",
+                          retry_after_s=retry)
     c, qe = await workflow.walk_in(claims.waiting_room, name)
     sid = c.session_id
     token = request.app[TOKENS_KEY].mint(sid, Role.PATIENT, name or WALK_IN_NAME, sub=c.patient_ref,
