@@ -66,9 +66,12 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     media = app[CONFIG_KEY].media
     aiortc_internals.configure_ice_addresses(media.ice_addresses)
     router = Router(pli_interval_s=media.pli_interval_s, sample_interval_s=media.sample_interval_s,
-                    announced_ip=media.announced_ip)
+                    announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s)
     app[ROUTER_KEY] = router
-    app[HUB_KEY] = Hub(app[TOKENS_KEY], router, app[EVENTLOG_KEY])
+    server = app[CONFIG_KEY].server
+    app[HUB_KEY] = Hub(app[TOKENS_KEY], router, app[EVENTLOG_KEY],
+                       max_publishes=server.max_publishes_per_connection,
+                       max_subscriptions=server.max_subscriptions_per_connection)
     router.start()
     yield
     await app[HUB_KEY].shutdown()

@@ -30,6 +30,10 @@ class ServerConfig:
     #: Seconds without any frame (pings count) before a connection is dropped
     #: as networkDisconnected.
     heartbeat_s: float = 20.0
+    #: Streams one connection may publish at once (camera, screen, …).
+    max_publishes_per_connection: int = 4
+    #: Subscriptions one connection may hold at once.
+    max_subscriptions_per_connection: int = 32
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class MediaConfig:
     pli_interval_s: float = 0.5
     #: Interval of quality samples (bitrate, loss, jitter, RTT) per track.
     sample_interval_s: float = 2.0
+    #: A subscription whose SDP answer has not come by then is closed.
+    answer_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,9 @@ class Config:
             raise ConfigError("server.max_invalid_messages must be >= 1")
         if s.heartbeat_s <= 0:
             raise ConfigError("server.heartbeat_s must be > 0")
+        if not 1 <= s.max_publishes_per_connection <= 64 or not 1 <= s.max_subscriptions_per_connection <= 1024:
+            raise ConfigError("server.max_publishes_per_connection must be 1-64 and "
+                              "server.max_subscriptions_per_connection 1-1024")
         if a.algorithm not in ("HS256", "RS256"):
             raise ConfigError(f'auth.algorithm must be "HS256" or "RS256", got "{a.algorithm}"')
         if a.algorithm == "RS256" and not a.public_key_file:
@@ -134,7 +143,7 @@ class Config:
                 ipaddress.ip_address(addr)
             except ValueError:
                 raise ConfigError(f'media: "{addr}" is not an IP address') from None
-        if m.pli_interval_s <= 0 or m.sample_interval_s <= 0:
+        if m.pli_interval_s <= 0 or m.answer_timeout_s <= 0 or m.sample_interval_s <= 0:
             raise ConfigError("media intervals must be > 0")
         self._validate_workflow()
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

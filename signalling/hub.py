@@ -74,7 +74,10 @@ class Client:
 
 
 class Hub:
-    def __init__(self, tokens: TokenAuthority, router: Router, eventlog: EventLog) -> None:
+    def __init__(self, tokens: TokenAuthority, router: Router, eventlog: EventLog, max_publishes: int = 4,
+                 max_subscriptions: int = 32) -> None:
+        self.max_publishes = max_publishes
+        self.max_subscriptions = max_subscriptions
         self.tokens = tokens
         self.router = router
         self.eventlog = eventlog
@@ -106,6 +109,10 @@ class Hub:
         support staff paste); any other room gets a fresh session id per instance."""
         room = claims.room
         return self.registry.session_for_room(room, SessionId(room) if claims.consultation == room else None)
+
+    def _peer_count(self, connection_id: str, publish: bool) -> int:
+        """Peer connections of a connection, negotiating ones included."""
+        return sum(1 for o in self.peers.values() if o.connection_id == connection_id and o.is_publish == publish)
 
     @staticmethod
     def joined(client: Client) -> tuple[LiveSession, LiveConnection]:
@@ -159,6 +166,8 @@ class Hub:
     async def publish(self, client: Client, offer: dict[str, Any], name: str | None,
                       video_source: str | None) -> dict[str, Any]:
         session, connection = self.joined(client)
+        if self._peer_count(connection.connection_id, publish=True) >= self.max_publishes:
+            raise InvalidState(f"this connection already publishes {self.max_publishes} streams, the most allowed")
         stream_id = StreamId(new_id("st"))
         sid = session.session_id
         self.log(sid, EventKind.PUBLISH_ATTEMPT, f"Publish attempt: {connection.name}",
@@ -207,6 +216,9 @@ class Hub:
             self.log(sid, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: no stream {stream_id}",
                      connection_id=connection.connection_id, stream_id=stream_id)
             raise NotFound(f'No stream "{stream_id}" in session "{sid}"')
+        if self._peer_count(connection.connection_id, publish=False) >= self.max_subscriptions:
+            raise InvalidState(f"this connection already holds {self.max_subscriptions} subscriptions, "
+                               "the most allowed")
         subscription_id = SubscriptionId(new_id("sub"))
         self.log(sid, EventKind.SUBSCRIBE_ATTEMPT, f"Subscribe attempt: {connection.name} to {stream.name}",
                  connection_id=connection.connection_id, stream_id=stream_id, subscription_id=subscription_id)

@@ -164,7 +164,9 @@ async def _dispatch(hub: Hub, workflow: Workflow, client: Client, msg: dict[str,
     if kind == "ping":
         return {"time": time.time_ns() // 1_000_000}
     if kind == "leave":
+        # Leave before the reply, so what the client was told is already logged.
         hub.joined(client)
+        await hub.disconnect(client, DisconnectReason.CLIENT_DISCONNECTED)
         return {}
     if kind == "publish":
         return await hub.publish(client, msg["offer"], msg.get("name"), msg.get("video_source"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from media import aiortc_internals
+from loadtest.client import RequestFailed
 from rooms.model import Role
 from tests.call_helpers import Participant, authority, get_json
 from tests.helpers import wait_until
@@ -83,6 +84,41 @@ async def test_dropped_socket_is_a_network_disconnect(server: ServerProcess) -> 
         reasons = {e["text"].split(":")[1].split(".")[0].strip(): e["payload"]["reason"]
                    for e in events if e["kind"] == "disconnect"}
         assert reasons == {"Bob": "networkDisconnected", "Alice": "clientDisconnected"}
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[ServerProcess]:
+    proc = start_server(tmp_path, extra_config="answer_timeout_s = 1.0\n[server]\nmax_publishes_per_connection = 1\n"
+                                              "max_subscriptions_per_connection = 2\n")
+    yield proc
+    proc.stop()
+
+
+async def test_per_connection_limits_and_unanswered_subscriptions(limited: ServerProcess) -> None:
+    tokens = authority(limited.data_dir)
+    r = room()
+    alice, bob = Participant(limited.ws_url, "Alice"), Participant(limited.ws_url, "Bob")
+    try:
+        await alice.join(tokens, r, Role.CLINICIAN)
+        await bob.join(tokens, r)
+        stream = await alice.publish(video=False)
+        with pytest.raises(RequestFailed) as second:
+            await alice.publish(video=False)
+        assert second.value.code == "invalid_state" and "1 streams" in second.value.message
+        # Bob asks twice and never answers: both time out and end, freeing his quota.
+        first = await bob.client.request("subscribe", stream_id=stream)
+        await bob.client.request("subscribe", stream_id=stream)
+        with pytest.raises(RequestFailed) as third:
+            await bob.client.request("subscribe", stream_id=stream)
+        assert third.value.code == "invalid_state"
+        ended = await bob.client.wait_event("subscriptionEnded", subscription_id=first["subscription_id"])
+        assert ended["data"]["reason"] == "networkDisconnected"
+        await wait_until(lambda: sum(e["event"] == "subscriptionEnded" for e in bob.client.events) == 2,
+                         timeout=15, message="both unanswered subscriptions to end")
+        assert (await bob.client.request("subscribe", stream_id=stream))["subscription_id"]
     finally:
         await alice.close()
         await bob.close()
