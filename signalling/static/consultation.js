@@ -801,6 +801,15 @@
     session.on('positionChanged', ({ position }) => showPosition(position));
     session.on('announcement', ({ announcement }) => addAnnouncement(announcement));
     session.on('admitted', () => patientAdmitted());
+    session.on('removedFromQueue', () => {
+      showPosition(null);
+      consult.state = 'left';
+      $('waiting-title').textContent = 'The clinic took you out of the waiting room';
+      $('arrival').textContent = 'Please contact the clinic if you still need this consultation.';
+      $('leave-waiting-room').hidden = true;
+      $('reenter-waiting-room').hidden = false;
+      say('left', 'The clinic took you out of the waiting room.');
+    });
     session.on('chatMessage', ({ message }) => addChat(message));
     session.on('disconnected', ({ code, reason, left }) => {
       if (left || consult.state === 'ended') {

@@ -26,7 +26,8 @@
  *
  * Other helpers: leaveWaitingRoom, unwatchQueue, transfer, endConsultation, complete,
  * phoneFallback, chatHistory, postAnnouncement. Workflow events (`OpenConsult.WORKFLOW_EVENTS`):
- * queueUpdated, positionChanged, admitted, consultationChanged, chatMessage, announcement.
+ * queueUpdated, positionChanged, admitted, consultationChanged, chatMessage, announcement,
+ * removedFromQueue.
  * `OpenConsult.decodeToken(jwt)` reads a token's claims (unverified) so a page can pick its view.
  * `OpenConsult.walkIn({ token, name })` trades a shared walk-in link's token for the patient's own
  * (`POST /api/walk-in`): `{consultation, position, patient_token, …}`; then connect with it.
@@ -69,6 +70,7 @@
     'consultationChanged',
     'chatMessage',
     'announcement',
+    'removedFromQueue',
   ];
   for (const name of WORKFLOW_EVENTS) {
     SESSION_EVENTS.push(name);

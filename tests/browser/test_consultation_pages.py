@@ -427,3 +427,15 @@ def test_patient_reload_while_waiting_and_mid_call_comes_back(
     patient.refresh()
     ended = wait_page(patient, "the reloaded page showing the outcome", lambda s: s["state"] == "ended")
     assert ended["finished"] == "The consultation has ended", ended
+
+
+def test_patient_removed_by_staff_is_told_so(server: ServerHandle, browser: BrowserFactory) -> None:
+    booking = book(server, minutes_from_now=10)
+    patient = open_patient(browser, booking)
+    wait_page(patient, "the patient in line", lambda s: s["position"] == 1)
+    api_ok(server, "POST", f"/api/waiting-rooms/{booking.room_id}/queue/{booking.session_id}/remove",
+           booking.admin_token)
+    state = wait_page(patient, "the removal on the patient page", lambda s: s["state"] == "left")
+    assert state["position"] is None, state
+    title = patient.execute_script("return document.getElementById('waiting-title').textContent")
+    assert title == "The clinic took you out of the waiting room"
