@@ -403,33 +403,8 @@
 
   // ---- stats for tests and support -----------------------------------------------------------
 
-  async function inboundVideoStats() {
-    const result = [];
-    for (const [streamId, subscription] of demo.subscriptions) {
-      if (!subscription || !subscription.pc) {
-        continue;
-      }
-      const entry = {
-        subscriptionId: subscription.id,
-        streamId: streamId,
-        framesDecoded: 0,
-        bytesReceived: 0,
-        frameWidth: null,
-        frameHeight: null,
-        connectionState: subscription.pc.connectionState,
-      };
-      const report = await subscription.getStats();
-      report.forEach((stat) => {
-        if (stat.type === 'inbound-rtp' && (stat.kind || stat.mediaType) === 'video') {
-          entry.framesDecoded += stat.framesDecoded || 0;
-          entry.bytesReceived += stat.bytesReceived || 0;
-          entry.frameWidth = stat.frameWidth || entry.frameWidth;
-          entry.frameHeight = stat.frameHeight || entry.frameHeight;
-        }
-      });
-      result.push(entry);
-    }
-    return result;
+  function inboundVideoStats() {
+    return OpenConsult.inboundVideoStats(demo.subscriptions);
   }
 
   // ---- wiring ------------------------------------------------------------------------------

@@ -972,8 +972,42 @@
     }
   }
 
+  /**
+   * Inbound video figures per subscription (a Map of stream id → Subscription), from
+   * getStats(): what support asks a caller for, and what the browser tests check.
+   */
+  async function inboundVideoStats(subscriptions) {
+    const result = [];
+    for (const [streamId, subscription] of subscriptions) {
+      if (!subscription || !subscription.pc) {
+        continue;
+      }
+      const entry = {
+        subscriptionId: subscription.id,
+        streamId: streamId,
+        framesDecoded: 0,
+        bytesReceived: 0,
+        frameWidth: null,
+        frameHeight: null,
+        connectionState: subscription.pc.connectionState,
+      };
+      const report = await subscription.getStats();
+      report.forEach((stat) => {
+        if (stat.type === 'inbound-rtp' && (stat.kind || stat.mediaType) === 'video') {
+          entry.framesDecoded += stat.framesDecoded || 0;
+          entry.bytesReceived += stat.bytesReceived || 0;
+          entry.frameWidth = stat.frameWidth || entry.frameWidth;
+          entry.frameHeight = stat.frameHeight || entry.frameHeight;
+        }
+      });
+      result.push(entry);
+    }
+    return result;
+  }
+
   return {
     VERSION: VERSION,
+    inboundVideoStats: inboundVideoStats,
     PROTOCOL: PROTOCOL,
     EVENTS: SESSION_EVENTS,
     WORKFLOW_EVENTS: WORKFLOW_EVENTS,

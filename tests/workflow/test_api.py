@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(tmp_path_factory.mktemp("api"), extra_config="[workflow]\nchat_max_bytes = 64\n")
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def clinic(server: ServerProcess) -> AsyncIterator[Clinic]:
-    clinic = Clinic.open(server)
-    yield clinic
-    await clinic.close()
 
 
 _rooms = iter(range(1_000_000))

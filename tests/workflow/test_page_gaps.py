@@ -5,7 +5,7 @@ only their own consultation), a room's current announcements with its queue, and
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,13 +24,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
                           extra_config=f"[workflow]\nwalk_in_per_link_per_min = {RATE}\n")
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def clinic(server: ServerProcess) -> AsyncIterator[Clinic]:
-    clinic = Clinic.open(server)
-    yield clinic
-    await clinic.close()
 
 
 _n = iter(range(1_000_000))

@@ -5,7 +5,7 @@ texts in order), refused actors (``forbidden``, nothing changed), wrong states a
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,13 +21,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(tmp_path_factory.mktemp("acts"))
     yield server
     server.stop()
-
-
-@pytest.fixture
-async def clinic(server: ServerProcess) -> AsyncIterator[Clinic]:
-    clinic = Clinic.open(server)
-    yield clinic
-    await clinic.close()
 
 
 _n = iter(range(1_000_000))
