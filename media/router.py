@@ -106,6 +106,7 @@ class PublishedTrack:
         self.packets = 0
         self.octets = 0
         self.frames = 0
+        self.last_arrival = 0.0  # wall time of the last packet, for SR extrapolation
         self.plis_sent = 0
         self.nacks_sent = 0
         self._sample_base = (0, 0, 0, 0, 0, 0, 0)
@@ -117,6 +118,7 @@ class PublishedTrack:
         self.packets += 1
         self.octets += len(payload)
         self.media_ssrc = packet.ssrc
+        self.last_arrival = time.time()
         keyframe = False
         if self.kind == "video":
             self.cache[packet.sequence_number & (CACHE_SLOTS - 1)] = packet
@@ -225,7 +227,6 @@ class ForwardingSender:
         self.next_seq = random.randint(0, 32767)
         self.ts_base = random.randint(0, 0xFFFFFFFF)
         self.last_ts = 0
-        self.last_time = 0.0
         self.packets = 0
         self.octets = 0
         self.frames = 0
@@ -288,14 +289,13 @@ class ForwardingSender:
             self.seq_offset = (self.next_seq - packet.sequence_number) & 0xFFFF
             self.ts_offset = (self.ts_base - packet.timestamp) & 0xFFFFFFFF
         ts = (packet.timestamp + self.ts_offset) & 0xFFFFFFFF
-        data = rtp_header(packet.marker, self.payload_type, (packet.sequence_number + self.seq_offset) & 0xFFFF,
-                          ts, self.ssrc, self._extensions(packet, abs_send_time)) + packet.payload
-        if self.send(data):
+        payload = packet.payload
+        if self.send(rtp_header(packet.marker, self.payload_type, (packet.sequence_number + self.seq_offset) & 0xFFFF,
+                                ts, self.ssrc, self._extensions(packet, abs_send_time)) + payload):
             self.packets += 1
-            self.octets += len(packet.payload)
+            self.octets += len(payload)
             self.frames += packet.marker
             self.last_ts = ts
-            self.last_time = time.time()
 
     # --- RTCP from the subscriber ---------------------------------------------
 
@@ -350,7 +350,7 @@ class ForwardingSender:
             elapsed = (ntp - track.sr_ntp) / 4294967296.0
             rtp_ts = track.sr_rtp + int(elapsed * self.clock_rate) + self.ts_offset
         else:
-            rtp_ts = self.last_ts + int((time.time() - self.last_time) * self.clock_rate)
+            rtp_ts = self.last_ts + int((time.time() - track.last_arrival) * self.clock_rate)
         self.lsr = (ntp >> 16) & 0xFFFFFFFF
         self.lsr_time = time.time()
         return sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets)
