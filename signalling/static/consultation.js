@@ -357,7 +357,7 @@
   }
 
   function tileId(streamId) {
-    return 'call-tile-' + streamId.replace(/[^A-Za-z0-9_-]/g, '_');
+    return window.OpenConsultTiles.tileId('call-tile-', streamId);
   }
 
   function streamLabel(session, stream) {
@@ -373,42 +373,17 @@
 
   function addRemoteTile(session, stream, subscription) {
     removeRemoteTile(stream.stream_id);
-    const label = streamLabel(session, stream);
-    const figure = el('figure', 'tile remote');
-    figure.id = tileId(stream.stream_id);
-    figure.dataset.streamId = stream.stream_id;
-    const video = document.createElement('video');
-    video.autoplay = true;
-    video.playsInline = true;
-    video.muted = true; // sound plays through the audio element, so autoplay is always allowed
-    video.setAttribute('aria-label', 'Video from ' + label);
-    video.srcObject = subscription.mediaStream;
-    figure.appendChild(video);
-    const audio = document.createElement('audio');
-    audio.autoplay = true;
-    audio.srcObject = subscription.mediaStream;
-    figure.appendChild(audio);
-    figure.appendChild(el('figcaption', null, label));
-    stage.insertBefore(figure, $('call-local-tile'));
-    $('stage-empty').hidden = true;
-    video.play().catch(() => {});
-    audio.play().catch(() => {
-      const button = el('button', 'sound', 'Turn on sound');
-      button.type = 'button';
-      button.setAttribute('aria-label', 'Turn on sound from ' + label);
-      button.addEventListener('click', () => audio.play().then(() => button.remove(), () => {}));
-      figure.appendChild(button);
+    const tile = window.OpenConsultTiles.create({
+      id: tileId(stream.stream_id), streamId: stream.stream_id, label: streamLabel(session, stream),
+      mediaStream: subscription.mediaStream, soundText: 'Turn on sound',
     });
+    stage.insertBefore(tile.figure, $('call-local-tile'));
+    $('stage-empty').hidden = true;
+    tile.start();
   }
 
   function removeRemoteTile(streamId) {
-    const figure = document.getElementById(tileId(streamId));
-    if (figure) {
-      for (const media of figure.querySelectorAll('video, audio')) {
-        media.srcObject = null;
-      }
-      figure.remove();
-    }
+    window.OpenConsultTiles.remove(tileId(streamId));
     $('stage-empty').hidden = stage.querySelector('.tile.remote') !== null;
   }
 

@@ -133,8 +133,10 @@
 
   // ---- tiles -------------------------------------------------------------------------------
 
+  const Tiles = window.OpenConsultTiles;
+
   function tileId(streamId) {
-    return 'tile-' + streamId.replace(/[^A-Za-z0-9_-]/g, '_');
+    return Tiles.tileId('tile-', streamId);
   }
 
   function streamLabel(stream) {
@@ -151,62 +153,16 @@
 
   function addTile(stream, subscription) {
     removeTile(stream.stream_id);
-    const label = streamLabel(stream);
-    const figure = document.createElement('figure');
-    figure.className = 'tile remote';
-    figure.id = tileId(stream.stream_id);
-    figure.dataset.streamId = stream.stream_id;
-
-    // Video is muted so autoplay is always allowed; sound plays through a separate element.
-    const video = document.createElement('video');
-    video.autoplay = true;
-    video.playsInline = true;
-    video.muted = true;
-    video.setAttribute('autoplay', '');
-    video.setAttribute('playsinline', '');
-    video.setAttribute('muted', '');
-    video.setAttribute('aria-label', 'Video from ' + label);
-    video.srcObject = subscription.mediaStream;
-    figure.appendChild(video);
-
-    const audio = document.createElement('audio');
-    audio.autoplay = true;
-    audio.srcObject = subscription.mediaStream;
-    figure.appendChild(audio);
-
-    const caption = document.createElement('figcaption');
-    caption.textContent = label;
-    figure.appendChild(caption);
-
-    videos.appendChild(figure);
-    video.play().catch(() => {});
-    audio.play().catch(() => offerSoundButton(figure, audio, label));
-  }
-
-  // Browsers block sound without a user gesture (e.g. after autojoin): offer a button.
-  function offerSoundButton(figure, audio, label) {
-    if (!figure.isConnected || figure.querySelector('.sound')) {
-      return;
-    }
-    const button = document.createElement('button');
-    button.type = 'button';
-    button.className = 'sound';
-    button.textContent = 'Enable sound';
-    button.setAttribute('aria-label', 'Enable sound from ' + label);
-    button.addEventListener('click', () => {
-      audio.play().then(() => button.remove(), () => {});
+    const tile = Tiles.create({
+      id: tileId(stream.stream_id), streamId: stream.stream_id, label: streamLabel(stream),
+      mediaStream: subscription.mediaStream,
     });
-    figure.appendChild(button);
+    videos.appendChild(tile.figure);
+    tile.start();
   }
 
   function removeTile(streamId) {
-    const figure = document.getElementById(tileId(streamId));
-    if (figure) {
-      for (const media of figure.querySelectorAll('video, audio')) {
-        media.srcObject = null;
-      }
-      figure.remove();
-    }
+    Tiles.remove(tileId(streamId));
   }
 
   function removeAllTiles() {
