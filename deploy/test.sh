@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the tests need and run the whole suite: Python deps in
-# .venv, and from Debian packages redis-server, chromium and chromium-driver
-# when missing. Extra arguments go to pytest. `.ci/run` calls exactly this.
+# .venv, and from Debian packages redis-server, chromium, chromium-driver and
+# coturn (a real TURN server) when missing. Extra arguments go to pytest. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+command -v turnserver >/dev/null 2>&1 || missing+=(coturn)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${missing[*]}"
   SUDO=""

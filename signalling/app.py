@@ -68,10 +68,7 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     router = Router(pli_interval_s=media.pli_interval_s, sample_interval_s=media.sample_interval_s,
                     announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s)
     app[ROUTER_KEY] = router
-    server = app[CONFIG_KEY].server
-    app[HUB_KEY] = Hub(app[TOKENS_KEY], router, app[EVENTLOG_KEY],
-                       max_publishes=server.max_publishes_per_connection,
-                       max_subscriptions=server.max_subscriptions_per_connection)
+    app[HUB_KEY] = Hub(app[TOKENS_KEY], router, app[EVENTLOG_KEY], app[CONFIG_KEY])
     router.start()
     yield
     await app[HUB_KEY].shutdown()

@@ -57,6 +57,14 @@ class MediaConfig:
     ice_addresses: tuple[str, ...] = ()
     #: 1:1 NAT: the public address put in our candidates instead of the local one.
     announced_ip: str = ""
+    #: TURN servers handed to clients (``turn:host:3478?transport=udp``, ``turns:host:443?transport=tcp``)
+    #: for networks that block UDP to this server. Empty: clients get no TURN server.
+    turn_urls: tuple[str, ...] = ()
+    #: The TURN server's shared secret (coturn ``static-auth-secret``): each client gets
+    #: short-lived credentials derived from it (the TURN REST API scheme), never the secret.
+    turn_secret: str = ""
+    #: Lifetime of those credentials.
+    turn_credential_ttl_s: int = 86400
     #: Keyframe requests sent upstream for one stream at most this often.
     pli_interval_s: float = 0.5
     #: Interval of quality samples (bitrate, loss, jitter, RTT) per track.
@@ -138,6 +146,13 @@ class Config:
             raise ConfigError("auth.secret must be at least 32 characters")
         if not 0 <= a.leeway_s <= 600:
             raise ConfigError(f"auth.leeway_s must be 0-600, got {a.leeway_s}")
+        for url in m.turn_urls:
+            if not url.startswith(("turn:", "turns:", "stun:")):
+                raise ConfigError(f'media.turn_urls: "{url}" must start with turn:, turns: or stun:')
+        if any(u.startswith(("turn:", "turns:")) for u in m.turn_urls) and len(m.turn_secret) < 16:
+            raise ConfigError("media.turn_secret (at least 16 characters) is required with TURN urls")
+        if not 60 <= m.turn_credential_ttl_s <= 7 * 86400:
+            raise ConfigError(f"media.turn_credential_ttl_s must be 60-604800, got {m.turn_credential_ttl_s}")
         for addr in (*m.ice_addresses, *([m.announced_ip] if m.announced_ip else [])):
             try:
                 ipaddress.ip_address(addr)

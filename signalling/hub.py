@@ -44,7 +44,9 @@ from rooms.model import (
     SubscriptionId,
     new_id,
 )
+from signalling import turn
 from signalling.auth import Claims, TokenAuthority, unverified_room
+from signalling.config import Config
 from signalling.errors import Forbidden, InvalidState, MediaError, NotFound, OpenConsultError
 
 logger = logging.getLogger(__name__)
@@ -74,10 +76,10 @@ class Client:
 
 
 class Hub:
-    def __init__(self, tokens: TokenAuthority, router: Router, eventlog: EventLog, max_publishes: int = 4,
-                 max_subscriptions: int = 32) -> None:
-        self.max_publishes = max_publishes
-        self.max_subscriptions = max_subscriptions
+    def __init__(self, tokens: TokenAuthority, router: Router, eventlog: EventLog, config: Config | None = None) -> None:
+        self.config = config or Config()
+        self.max_publishes = self.config.server.max_publishes_per_connection
+        self.max_subscriptions = self.config.server.max_subscriptions_per_connection
         self.tokens = tokens
         self.router = router
         self.eventlog = eventlog
@@ -161,6 +163,7 @@ class Hub:
             "connections": [c.public() for c in session.connections.values()
                             if c.connection_id != connection.connection_id],
             "streams": [s.public() for s in session.streams.values()],
+            "ice_servers": turn.ice_servers(self.config.media, connection.connection_id),
         }
 
     async def publish(self, client: Client, offer: dict[str, Any], name: str | None,

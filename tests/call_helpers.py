@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 from loadtest.client import SignallingClient
 from rooms.model import Role
@@ -30,9 +30,10 @@ def authority(data_dir: Path) -> TokenAuthority:
 
 
 class Participant:
-    def __init__(self, ws_url: str, name: str) -> None:
+    def __init__(self, ws_url: str, name: str, rtc_config: RTCConfiguration | None = None) -> None:
         self.client = SignallingClient(ws_url)
         self.name = name
+        self.rtc_config = rtc_config
         self.publisher: RTCPeerConnection | None = None
         self.stream_id = ""
         self.subscribers: dict[str, Subscriber] = {}
@@ -43,7 +44,7 @@ class Participant:
         return await self.client.join(tokens.mint(room, role, self.name))
 
     async def publish(self, video: bool = True, audio: bool = True) -> str:
-        self.publisher = await publisher_offer(video=video, audio=audio)
+        self.publisher = await publisher_offer(video=video, audio=audio, config=self.rtc_config)
         data = await self.client.request("publish", offer={"type": "offer", "sdp": self.publisher.localDescription.sdp})
         await self.publisher.setRemoteDescription(RTCSessionDescription(sdp=data["answer"]["sdp"], type="answer"))
         self.stream_id = data["stream_id"]
@@ -51,7 +52,7 @@ class Participant:
 
     async def subscribe(self, stream_id: str) -> Subscriber:
         data = await self.client.request("subscribe", stream_id=stream_id)
-        subscriber = Subscriber()
+        subscriber = Subscriber(self.rtc_config)
         answer = await subscriber.answer(data["offer"]["sdp"])
         await self.client.request("answer", subscription_id=data["subscription_id"],
                                   answer={"type": "answer", "sdp": answer})

@@ -358,12 +358,20 @@
       this.subscriptions = new Map();
       this._requestTimeout = options.requestTimeout === undefined ? 15000 : options.requestTimeout;
       this._pingInterval = options.pingInterval === undefined ? 20000 : options.pingInterval;
+      // TURN servers come with the join response; 'relay' forces media through them
+      // (used to test a deployment's TURN server from a browser).
+      this.iceServers = [];
+      this._iceTransportPolicy = options.iceTransportPolicy || 'all';
       this._WebSocket = options.WebSocket || (typeof WebSocket !== 'undefined' ? WebSocket : null);
       this._nextId = 1;
       this._pending = new Map();
       this._ws = null;
       this._pingTimer = null;
       this._leaving = false;
+    }
+
+    _rtcConfiguration() {
+      return { iceServers: this.iceServers, iceTransportPolicy: this._iceTransportPolicy };
     }
 
     /** Open the socket and send `join`; resolves with the join response data. */
@@ -417,6 +425,7 @@
     _applyJoin(data) {
       this.state = 'connected';
       this.sessionId = data.session_id;
+      this.iceServers = Array.isArray(data.ice_servers) ? data.ice_servers : [];
       this.connectionId = data.connection_id;
       this.room = data.room;
       this.role = data.role;
@@ -646,7 +655,7 @@
       if (tracks.length === 0) {
         throw new OpenConsultError('invalid_argument', 'Cannot publish a MediaStream without tracks');
       }
-      const pc = new RTCPeerConnection({ iceServers: [] });
+      const pc = new RTCPeerConnection(this._rtcConfiguration());
       const publisher = new Publisher(this, pc, mediaStream, options);
       publisher._trickler = new IceTrickler(this, pc);
       try {
@@ -704,7 +713,7 @@
       const subscription = new Subscription(this, data.subscription_id, streamId);
       // Registered before any await so a subscriptionEnded event finds it.
       this.subscriptions.set(subscription.id, subscription);
-      const pc = new RTCPeerConnection({ iceServers: [] });
+      const pc = new RTCPeerConnection(this._rtcConfiguration());
       subscription.pc = pc;
       subscription._trickler = new IceTrickler(this, pc);
       pc.addEventListener('track', (event) => {

@@ -36,12 +36,13 @@ class MovingVideoTrack(VideoStreamTrack):
         return frame
 
 
-def client_pc() -> RTCPeerConnection:
-    return RTCPeerConnection(RTCConfiguration(iceServers=[]))
+def client_pc(config: RTCConfiguration | None = None) -> RTCPeerConnection:
+    return RTCPeerConnection(config or RTCConfiguration(iceServers=[]))
 
 
-async def publisher_offer(video: bool = True, audio: bool = True) -> RTCPeerConnection:
-    pc = client_pc()
+async def publisher_offer(video: bool = True, audio: bool = True,
+                          config: RTCConfiguration | None = None) -> RTCPeerConnection:
+    pc = client_pc(config)
     if audio:
         pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
     if video:
@@ -63,8 +64,8 @@ class Received:
 class Subscriber:
     """Answers a server offer and decodes every track it receives."""
 
-    def __init__(self) -> None:
-        self.pc = client_pc()
+    def __init__(self, config: RTCConfiguration | None = None) -> None:
+        self.pc = client_pc(config)
         self.received = Received()
         self.tasks: list[asyncio.Task[None]] = []
         self.first_payload: dict[str, bytes] = {}
