@@ -46,6 +46,9 @@ def test_defaults_file_env_and_overrides_in_order(tmp_path: Path) -> None:
     ("", {"OPENCONSULT_NOPE": "1"}, 'unknown config key "nope"'),
     ("redis_url = \"http://x\"\n", {}, "redis_url must start with"),
     ("[server\n", {}, "is not valid TOML"),
+    ("[media]\nturn_urls = [\"http://x\"]\n", {}, 'media.turn_urls: "http://x" must start with turn:'),
+    ("[media]\nturn_urls = [\"turn:x:3478\"]\n", {}, "media.turn_secret (at least 16 characters) is required"),
+    ("[media]\nturn_credential_ttl_s = 5\n", {}, "media.turn_credential_ttl_s must be 60-604800"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as error:
