@@ -4,6 +4,7 @@
  * Join by display name + room + role (a token is fetched from POST /api/demo/token) or with a
  * pasted token; preview and publish the camera; subscribe to every remote stream and show it in
  * a labelled tile. Query parameters `?room=…&name=…&role=…&autojoin=1` pre-fill and auto-join;
+ * `&ice=relay` sends all media through the TURN server (a test of the deployment's TURN);
  * `?token=…` pre-fills the token unless it is a consultation link (then consultation.js runs the page).
  *
  * For tests and support staff the page exposes `window.demo`:
@@ -248,7 +249,9 @@
         room = input.room;
       }
       setStatus('joining', 'Joining…');
-      session = await OpenConsult.connect({ token: token, room: room });
+      // ?ice=relay sends all media through the deployment's TURN server: a connection test.
+      const relayOnly = new URLSearchParams(location.search).get('ice') === 'relay';
+      session = await OpenConsult.connect({ token: token, room: room, iceTransportPolicy: relayOnly ? 'relay' : 'all' });
       demo.session = session;
       demo.sessionId = session.sessionId;
       demo.connectionId = session.connectionId;
