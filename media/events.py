@@ -32,6 +32,16 @@ class DimensionsChanged:
 
 
 @dataclass(frozen=True)
+class MediaFlowChanged:
+    """A published track stopped (no packet for ``idle_s``) or started flowing again."""
+
+    stream_id: str
+    kind: str
+    flowing: bool
+    idle_s: float
+
+
+@dataclass(frozen=True)
 class PeerFailed:
     """A peer connection failed or was closed by the far end; its owner cleans up."""
 
@@ -68,5 +78,6 @@ class QualitySample:
     retransmitted: int = 0
 
 
-MediaEvent = PeerStateChanged | KeyframeRequested | DimensionsChanged | PeerFailed | QualitySample
+MediaEvent = (PeerStateChanged | KeyframeRequested | DimensionsChanged | MediaFlowChanged | PeerFailed
+              | QualitySample)
 Observer = Callable[[MediaEvent], None]

@@ -48,6 +48,7 @@ from media.events import (
     DimensionsChanged,
     KeyframeRequested,
     MediaEvent,
+    MediaFlowChanged,
     Observer,
     PeerFailed,
     PeerStateChanged,
@@ -107,6 +108,7 @@ class PublishedTrack:
         self.octets = 0
         self.frames = 0
         self.last_arrival = 0.0  # wall time of the last packet, for SR extrapolation
+        self.idle = False  # reported as stopped (no packet for router.idle_after_s)
         self.plis_sent = 0
         self.nacks_sent = 0
         self._sample_base = (0, 0, 0, 0, 0, 0, 0)
@@ -166,7 +168,16 @@ class PublishedTrack:
             self.sr_rtp = packet.sender_info.rtp_timestamp
 
     def tick(self) -> None:
-        """Once a second: retry a rate-limited PLI, send REMB as the subscribers' minimum."""
+        """Once a second: report media that stopped or resumed, retry a rate-limited PLI,
+        send REMB as the subscribers' minimum."""
+        if self.packets:
+            silent = time.time() - self.last_arrival
+            if silent >= self.router.idle_after_s and not self.idle:
+                self.idle = True
+                self.router.emit(MediaFlowChanged(self.publish.stream_id, self.kind, False, self.router.idle_after_s))
+            elif silent < self.router.idle_after_s and self.idle:
+                self.idle = False
+                self.router.emit(MediaFlowChanged(self.publish.stream_id, self.kind, True, 0.0))
         if self.pending_pli:
             self.request_keyframe("retry")
         if self.kind == "video" and self.media_ssrc:
@@ -568,11 +579,13 @@ class Router:
     """All publishes and subscriptions of this node, by peer id."""
 
     def __init__(self, observer: Observer | None = None, pli_interval_s: float = 0.5, sample_interval_s: float = 2.0,
-                 announced_ip: str = "", answer_timeout_s: float = 30.0) -> None:
+                 announced_ip: str = "", answer_timeout_s: float = 30.0, idle_after_s: float = 5.0) -> None:
         self.observer = observer
         self.pli_interval_s = pli_interval_s
         #: A subscription whose answer has not come by then fails (its owner cleans up).
         self.answer_timeout_s = answer_timeout_s
+        #: A published track with no packet for this long is reported as stopped.
+        self.idle_after_s = idle_after_s
         self.sample_interval_s = sample_interval_s
         self.announced_ip = announced_ip
         self.publishes: dict[str, PublishPeer] = {}

@@ -20,6 +20,7 @@ from media.events import (
     DimensionsChanged,
     KeyframeRequested,
     MediaEvent,
+    MediaFlowChanged,
     PeerFailed,
     PeerStateChanged,
     QualitySample,
@@ -357,8 +358,8 @@ class Hub:
                     stream_id=event.stream_id, kind=EventKind.QUALITY_SAMPLE,
                     text=f"{event.kind} {event.direction} {event.bitrate_kbps} kbps", payload=asdict(event)))
             return
-        owner = self.peers.get(event.peer_id if not isinstance(event, (KeyframeRequested, DimensionsChanged))
-                               else event.stream_id)
+        owner = self.peers.get(event.stream_id if isinstance(event, (KeyframeRequested, DimensionsChanged,
+                                                                     MediaFlowChanged)) else event.peer_id)
         if owner is None:
             return
         sid, cid = owner.session_id, owner.connection_id
@@ -377,8 +378,21 @@ class Hub:
         elif isinstance(event, DimensionsChanged):
             self.log(sid, EventKind.DIMENSIONS_CHANGED, f"Dimensions changed: {event.width}x{event.height}",
                      connection_id=cid, stream_id=event.stream_id, width=event.width, height=event.height)
+        elif isinstance(event, MediaFlowChanged):
+            name = self._connection_name(owner)
+            if event.flowing:
+                text = f"{event.kind.capitalize()} from {name} is flowing again"
+            else:
+                text = f"No {event.kind} received from {name} for {event.idle_s:.0f} seconds"
+            self.log(sid, EventKind.QUALITY_ALERT, text, connection_id=cid, stream_id=event.stream_id,
+                     metric="media_flow", media=event.kind, flowing=event.flowing, idle_s=event.idle_s)
         elif isinstance(event, PeerFailed):
             asyncio.get_running_loop().create_task(self._peer_failed(owner, event))
+
+    def _connection_name(self, owner: PeerOwner) -> str:
+        session = self.registry.sessions.get(SessionId(owner.session_id))
+        connection = session.connections.get(ConnectionId(owner.connection_id)) if session else None
+        return connection.name if connection else owner.connection_id
 
     async def _peer_failed(self, owner: PeerOwner, event: PeerFailed) -> None:
         session = self.registry.sessions.get(owner.session_id)  # type: ignore[call-overload]

@@ -122,3 +122,29 @@ async def test_per_connection_limits_and_unanswered_subscriptions(limited: Serve
     finally:
         await alice.close()
         await bob.close()
+
+
+async def test_a_stopped_camera_is_logged_for_support(server: ServerProcess) -> None:
+    tokens = authority(server.data_dir)
+    alice = Participant(server.ws_url, "Alice")
+    try:
+        joined = await alice.join(tokens, room(), Role.CLINICIAN)
+        await alice.publish()
+        assert alice.publisher is not None
+        video = next(s for s in alice.publisher.getSenders() if s.kind == "video")
+        camera = video.track
+        await wait_until(lambda: getattr(camera, "counter", 0) > 30, timeout=30, message="a second of video sent")
+        video.replaceTrack(None)
+        support = tokens.mint("support", Role.SUPPORT, "Support")
+
+        def alerts() -> list[str]:
+            events = get_json(f"{server.url}/api/sessions/{joined['session_id']}/events", support)["events"]
+            return [e["text"] for e in events if e["kind"] == "qualityAlert"]
+
+        await wait_until(lambda: alerts() == ["No video received from Alice for 5 seconds"], timeout=30,
+                         interval=0.5, message="the stopped-video alert")
+        video.replaceTrack(camera)
+        await wait_until(lambda: alerts()[-1:] == ["Video from Alice is flowing again"], timeout=30, interval=0.5,
+                         message="the resumed-video entry")
+    finally:
+        await alice.close()

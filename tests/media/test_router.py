@@ -10,7 +10,7 @@ from aiortc import RTCSessionDescription
 from aiortc.rtp import RTCP_RTPFB_NACK, RtcpRtpfbPacket
 
 from media import aiortc_internals
-from media.events import KeyframeRequested, MediaEvent, PeerFailed, QualitySample
+from media.events import KeyframeRequested, MediaEvent, MediaFlowChanged, PeerFailed, QualitySample
 from media.router import ForwardingSender, Router
 from media.rtp import vp8_is_keyframe
 from tests.helpers import wait_until
@@ -153,6 +153,31 @@ async def test_an_unanswered_subscription_times_out() -> None:
         await wait_until(lambda: any(isinstance(e, PeerFailed) and e.peer_id == "sub1" for e in events),
                          timeout=10, message="the subscription to fail")
         assert "sub1" not in router.subscriptions
+    finally:
+        await pub.close()
+        await router.close()
+
+
+async def test_stopped_and_resumed_media_is_reported() -> None:
+    events: list[MediaEvent] = []
+    router = Router(observer=events.append, idle_after_s=1.0)
+    pub = await publisher_offer()
+    try:
+        answer = await router.publish("st1", pub.localDescription.sdp)
+        await pub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        track = router.publishes["st1"].tracks["video"]
+        await wait_until(lambda: track.packets > 10, timeout=30, message="video from the publisher")
+        video_sender = next(s for s in pub.getSenders() if s.kind == "video")
+        camera = video_sender.track
+        video_sender.replaceTrack(None)  # the camera stops; the connection stays up
+
+        def flow() -> list[tuple[str, bool]]:
+            return [(e.kind, e.flowing) for e in events if isinstance(e, MediaFlowChanged)]
+
+        await wait_until(lambda: flow() == [("video", False)], timeout=10, message="video reported stopped")
+        video_sender.replaceTrack(camera)
+        await wait_until(lambda: flow() == [("video", False), ("video", True)], timeout=10,
+                         message="video reported flowing again")
     finally:
         await pub.close()
         await router.close()
