@@ -114,7 +114,13 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     shown = f"[{host}]" if ":" in host else host
     print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: demo page at http://{shown}:{config.server.port}/ "
           f"(data in {config.data_path.resolve()})", flush=True)
-    web.run_app(app, host=host, port=config.server.port, print=None, shutdown_timeout=5)
+    try:
+        web.run_app(app, host=host, port=config.server.port, print=None, shutdown_timeout=5)
+    except OSError as exc:
+        # Most often the port is taken (another OpenConsult, or another web server).
+        print(f"openconsult: cannot listen on {shown}:{config.server.port}: {exc.strerror or exc}. "
+              "Pick another port with --port.", file=sys.stderr)
+        return 2
     return 0
 
 

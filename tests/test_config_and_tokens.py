@@ -3,6 +3,7 @@ and JWT verification with HS256 and RS256."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +62,17 @@ def test_serve_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
                              str(write(tmp_path, "[server]\nport = 0\n"))], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 2 and "config error: server.port must be 1-65535" in result.stderr
+
+
+def test_serve_says_when_the_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "signalling.cli", "serve", "--port", str(port), "--data-dir",
+                                 str(tmp_path / "data")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_token_cli_signs_with_the_generated_secret(tmp_path: Path) -> None:
