@@ -4,7 +4,6 @@ microphone, and a subscriber that decodes and records what it gets."""
 from __future__ import annotations
 
 import asyncio
-import fractions
 import time
 from dataclasses import dataclass, field
 from typing import Any

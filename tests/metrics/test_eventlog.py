@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -339,7 +340,7 @@ def test_writer_survives_a_failed_batch(db_path: Path) -> None:
 
 
 def test_bad_path_fails_the_constructor(tmp_path: Path) -> None:
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.OperationalError, match="unable to open database file"):
         EventLog(tmp_path / "missing-dir" / "events.db")
 
 
