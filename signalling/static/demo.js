@@ -3,12 +3,17 @@
  *
  * Join by display name + room + role (a token is fetched from POST /api/demo/token) or with a
  * pasted token; preview and publish the camera; subscribe to every remote stream and show it in
- * a labelled tile. Query parameters `?room=…&name=…&role=…&autojoin=1` pre-fill and auto-join;
+ * a labelled tile. When the connection drops the SDK rejoins by itself: the page says
+ * "Reconnecting… (attempt N)", keeps the local preview, and remote tiles come back as the
+ * streams are announced again. Query parameters `?room=…&name=…&role=…&autojoin=1` pre-fill and auto-join;
  * `&ice=relay` sends all media through the TURN server (a test of the deployment's TURN);
  * `?token=…` pre-fills the token unless it is a consultation link (then consultation.js runs the page).
  *
  * For tests and support staff the page exposes `window.demo`:
- *   demo.state            'idle' | 'joining' | 'joined' | 'error'
+ *   demo.state            'idle' | 'joining' | 'joined' | 'reconnecting' | 'error'
+ *   demo.states           every state the page went through, in order (no repeats in a row)
+ *   demo.reconnecting     {attempt, code} while reconnecting, else null
+ *   demo.reconnects       how many times the page got back after losing the connection
  *   demo.error            {code, message} of the last error, or null
  *   demo.sessionId        the session id (also shown on screen)
  *   demo.session          the OpenConsult Session
@@ -30,6 +35,9 @@
 
   const demo = {
     state: 'idle',
+    states: ['idle'],
+    reconnecting: null,
+    reconnects: 0,
     error: null,
     warning: null,
     sessionId: null,
@@ -51,6 +59,9 @@
   // ---- status line -------------------------------------------------------------------------
 
   function setStatus(state, text) {
+    if (demo.states[demo.states.length - 1] !== state) {
+      demo.states.push(state);
+    }
     demo.state = state;
     statusLine.dataset.state = state;
     statusLine.textContent = text;
@@ -232,6 +243,7 @@
     demo.error = null;
     demo.warning = null;
     demo.sessionErrors = [];
+    demo.reconnecting = null;
     delete statusLine.dataset.code;
     leaving = false;
     setFormEnabled(false);
@@ -285,13 +297,7 @@
         $('local-label').textContent = 'You (' + session.name + ')';
         localTile.hidden = false;
         localVideo.play().catch(() => {});
-        try {
-          demo.publisher = await session.publish(demo.localStream, { name: session.name, videoSource: 'camera' });
-        } catch (err) {
-          if (session === demo.session) {
-            warn(err, 'Cannot send your video');
-          }
-        }
+        await publishCamera(session);
       }
       if (session === demo.session && session.state === 'connected') {
         setStatus('joined', joinedText());
@@ -303,6 +309,27 @@
       }
       showError(err, 'Cannot join');
       setFormEnabled(true);
+    }
+  }
+
+  /** Send the camera; the SDK publishes it again by itself after a reconnect. */
+  async function publishCamera(session) {
+    try {
+      const publisher = await session.publish(demo.localStream, { name: session.name, videoSource: 'camera' });
+      if (session !== demo.session) {
+        return;
+      }
+      demo.publisher = publisher;
+      publisher.on('ended', ({ error }) => {
+        if (demo.publisher === publisher) {
+          demo.publisher = null;
+          warn(error, 'Cannot send your video');
+        }
+      });
+    } catch (err) {
+      if (session === demo.session && session.state === 'connected') {
+        warn(err, 'Cannot send your video');
+      }
     }
   }
 
@@ -318,15 +345,44 @@
       }
       removeTile(stream.stream_id);
     });
-    session.on('disconnected', ({ code, reason }) => {
+    session.on('reconnecting', ({ attempt, code }) => {
+      if (session !== demo.session || leaving) {
+        return;
+      }
+      // The local preview stays; remote tiles went with their subscriptions ('ended').
+      demo.reconnecting = { attempt: attempt, code: code };
+      setStatus('reconnecting', 'Reconnecting… (attempt ' + attempt + ', connection lost with close code ' + code + ')');
+    });
+    session.on('reconnected', () => {
+      if (session !== demo.session || leaving) {
+        return;
+      }
+      demo.reconnecting = null;
+      demo.reconnects += 1;
+      demo.sessionId = session.sessionId; // a new one if the server restarted
+      demo.connectionId = session.connectionId;
+      $('session-id').textContent = session.sessionId;
+      // Not sending yet (the camera started while the connection was down)? Send now.
+      if (demo.localStream && (!demo.publisher || demo.publisher.closed)) {
+        publishCamera(session);
+      }
+      if (demo.state === 'reconnecting') {
+        setStatus('joined', joinedText());
+      }
+    });
+    session.on('disconnected', ({ code, reason, error, attempts }) => {
       if (session !== demo.session || leaving) {
         return;
       }
       cleanup();
-      showError(
-        { code: 'connection_closed', message: 'Connection to the server was lost (close code ' + code + (reason ? ', ' + reason : '') + ')' },
-        'Disconnected',
-      );
+      demo.reconnecting = null;
+      let message = 'Connection to the server was lost (close code ' + code + (reason ? ', ' + reason : '') + ')';
+      if (error && attempts) {
+        message += '; reconnecting failed after ' + attempts + ' attempt' + (attempts === 1 ? '' : 's') + ': ' + error.message;
+      }
+      // A refused rejoin (e.g. an expired token) shows the server's code; otherwise connection_closed.
+      const refused = error && ['connection_failed', 'connection_closed', 'timeout'].indexOf(error.code) === -1;
+      showError({ code: refused ? error.code : 'connection_closed', message: message }, 'Disconnected');
       setFormEnabled(true);
     });
     session.on('error', (err) => {

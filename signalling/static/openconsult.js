@@ -58,9 +58,18 @@
     'connectionCreated',
     'connectionDestroyed',
     'subscriptionEnded',
+    'reconnecting',
+    'reconnected',
     'disconnected',
     'error',
   ];
+
+  // Close codes after which rejoining cannot help: a refused join or abusive input.
+  const FINAL_CLOSE_CODES = [1008, 1009, 4001];
+  // Join failures worth another try; any other error code from the server refuses the token.
+  const RETRYABLE_CODES = ['connection_failed', 'connection_closed', 'timeout', 'internal_error', 'rate_limited'];
+  // How often one stream's peer connection is rebuilt after it failed (ICE broke).
+  const MAX_MEDIA_RESTARTS = 3;
 
   // Workflow events (docs/protocol.md, "Workflow events"), emitted with the server's data as is.
   const WORKFLOW_EVENTS = [
@@ -250,7 +259,12 @@
     }
   }
 
-  /** One published stream: its own peer connection to the server. */
+  /**
+   * One published stream: its own peer connection to the server. After a reconnect (or a failed
+   * peer connection) the SDK publishes the same MediaStream again through the same Publisher: its
+   * `streamId` and `pc` change and it emits `republished` ({streamId, previousStreamId}); if that
+   * fails it emits `ended` ({error}) and is gone.
+   */
   class Publisher extends Emitter {
     constructor(session, pc, mediaStream, options) {
       super();
@@ -261,6 +275,8 @@
       this.videoSource = options.videoSource || 'camera';
       this.streamId = null;
       this.closed = false;
+      this._trickler = null;
+      this._restarts = 0;
     }
 
     /** The raw RTCStatsReport of this stream's peer connection. */
@@ -273,19 +289,28 @@
       return this.session.unpublish(this);
     }
 
+    /** Close the peer connection but keep the publisher (it is published again after a reconnect). */
+    _dropPeer() {
+      if (this._trickler) {
+        this._trickler.close();
+        this._trickler = null;
+      }
+      if (this.pc) {
+        try {
+          this.pc.close();
+        } catch (err) {
+          // Already closed: nothing to do.
+        }
+      }
+    }
+
     _close() {
       if (this.closed) {
         return;
       }
       this.closed = true;
-      if (this._trickler) {
-        this._trickler.close();
-      }
-      try {
-        this.pc.close();
-      } catch (err) {
-        // Already closed: nothing to do.
-      }
+      this.session._livePublishers.delete(this);
+      this._dropPeer();
     }
   }
 
@@ -339,8 +364,13 @@
    * A joined session. Created by `OpenConsult.connect()`; not constructed directly.
    *
    * Properties: `sessionId`, `connectionId`, `room`, `role`, `name`, `state`
-   * ('connecting' | 'connected' | 'disconnected'), `streams` (Map of remote streams by id),
-   * `connections` (Map of other connections by id), `publishers`, `subscriptions`.
+   * ('connecting' | 'connected' | 'reconnecting' | 'disconnected'), `streams` (Map of remote
+   * streams by id), `connections` (Map of other connections by id), `publishers`, `subscriptions`.
+   *
+   * When the socket closes without being asked to (network drop, server restart: 1001), the
+   * session rejoins by itself with the same token: state `reconnecting`, events `reconnecting`
+   * ({attempt, code, reason, delayMs}) before each try, then `reconnected` (the new join data) —
+   * or `disconnected` when the time is up or the join is refused. See `connect()` for the options.
    */
   class Session extends Emitter {
     constructor(options) {
@@ -368,6 +398,19 @@
       this._ws = null;
       this._pingTimer = null;
       this._leaving = false;
+      // Rejoining after an unexpected close.
+      this._token = options.token;
+      this._joinOptions = { room: options.room, userAgent: options.userAgent };
+      this._reconnectEnabled = options.reconnect !== false;
+      this._reconnectTimeout = options.reconnectTimeout === undefined ? 120000 : options.reconnectTimeout;
+      this._reconnectDelay = options.reconnectDelay === undefined ? 500 : options.reconnectDelay;
+      this._reconnectMaxDelay = options.reconnectMaxDelay === undefined ? 10000 : options.reconnectMaxDelay;
+      this._reconnect = null; // {attempt, since, code, reason, timer, lastError} while reconnecting
+      this._heldEvents = null; // events that came on a new socket before its join was answered
+      this._pastConnectionIds = new Set(); // this client's earlier connections (before a reconnect)
+      this._pastStreamIds = new Set(); // streams this client published before a reconnect
+      this._resubscribes = new Map(); // stream id → times its subscription was rebuilt
+      this._livePublishers = new Set(); // every Publisher not closed, also while published again
     }
 
     _rtcConfiguration() {
@@ -375,7 +418,19 @@
     }
 
     /** Open the socket and send `join`; resolves with the join response data. */
-    _connect(token, options) {
+    _connect() {
+      return this._openSocket().then((data) => {
+        this._applyJoin(data);
+        return data;
+      });
+    }
+
+    /**
+     * Open a socket (it becomes `this._ws`) and send `join` with the session's token. Resolves
+     * with the join response data; rejects with an OpenConsultError (`connection_failed`,
+     * `connection_closed` with `closeCode`, `timeout`, or the server's code such as `unauthorized`).
+     */
+    _openSocket() {
       if (!this._WebSocket) {
         return Promise.reject(new OpenConsultError('connection_failed', 'WebSocket is not available'));
       }
@@ -391,35 +446,248 @@
         }
         this._ws = ws;
         let opened = false;
-        ws.onopen = () => {
-          opened = true;
-          const join = { token: token };
-          if (options.room) {
-            join.room = options.room;
+        let settled = false;
+        const fail = (err) => {
+          if (!settled) {
+            settled = true;
+            reject(err);
           }
-          const userAgent = options.userAgent || (typeof navigator !== 'undefined' && navigator.userAgent);
+        };
+        ws.onopen = () => {
+          if (this._ws !== ws) {
+            return;
+          }
+          opened = true;
+          const join = { token: this._token };
+          if (this._joinOptions.room) {
+            join.room = this._joinOptions.room;
+          }
+          const userAgent = this._joinOptions.userAgent || (typeof navigator !== 'undefined' && navigator.userAgent);
           if (userAgent) {
             // The schema caps it at 512 characters; the SDK version is appended for support staff.
             join.user_agent = (userAgent + ' OpenConsultJS/' + VERSION).slice(-512);
           }
-          this._request('join', join).then(resolve, reject);
+          this._request('join', join).then((data) => {
+            settled = true;
+            resolve(data);
+          }, fail);
         };
-        ws.onmessage = (event) => this._onMessage(event.data);
+        ws.onmessage = (event) => {
+          if (this._ws === ws) {
+            this._onMessage(event.data);
+          }
+        };
         ws.onerror = () => {
           if (!opened) {
-            reject(new OpenConsultError('connection_failed', 'Cannot connect to ' + this.url));
+            fail(new OpenConsultError('connection_failed', 'Cannot connect to ' + this.url));
           }
         };
         ws.onclose = (event) => {
           if (!opened) {
-            reject(new OpenConsultError('connection_failed', 'Cannot connect to ' + this.url));
+            fail(new OpenConsultError('connection_failed', 'Cannot connect to ' + this.url, { closeCode: event.code }));
+          } else {
+            fail(new OpenConsultError('connection_closed', 'Connection closed before the join was answered', {
+              closeCode: event.code,
+              closeReason: event.reason,
+            }));
           }
-          this._onClose(event.code, event.reason);
+          this._onSocketClose(ws, event.code, event.reason);
         };
-      }).then((data) => {
-        this._applyJoin(data);
-        return data;
       });
+    }
+
+    /** Forget the current socket (its late events are ignored) and close it. */
+    _discardSocket(code, reason) {
+      const ws = this._ws;
+      this._ws = null;
+      if (!ws) {
+        return;
+      }
+      ws.onopen = null;
+      ws.onmessage = null;
+      ws.onerror = null;
+      ws.onclose = null;
+      if (ws.readyState <= 1) {
+        try {
+          ws.close(code || 1000, reason || '');
+        } catch (err) {
+          // Closing a socket that is going away anyway.
+        }
+      }
+    }
+
+    _rejectPending(code, reason) {
+      for (const id of Array.from(this._pending.keys())) {
+        const entry = this._settle(id);
+        entry.reject(
+          new OpenConsultError('connection_closed', 'Connection closed before "' + entry.type + '" was answered', {
+            closeCode: code,
+            closeReason: reason,
+          }),
+        );
+      }
+    }
+
+    _stopPing() {
+      if (this._pingTimer) {
+        clearInterval(this._pingTimer);
+        this._pingTimer = null;
+      }
+    }
+
+    /** The current socket closed (not one this session already let go). */
+    _onSocketClose(ws, code, reason) {
+      if (ws !== this._ws) {
+        return;
+      }
+      this._rejectPending(code, reason);
+      if (this.state === 'reconnecting') {
+        this._ws = null; // The reconnect attempt that opened it handles the failure.
+        return;
+      }
+      if (this.state === 'connected' && !this._leaving && this._reconnectEnabled && FINAL_CLOSE_CODES.indexOf(code) === -1) {
+        this._startReconnect(code, reason);
+        return;
+      }
+      this._onClose(code, reason);
+    }
+
+    /** The connection is gone but the session goes on: drop media, then rejoin with backoff. */
+    _startReconnect(code, reason) {
+      this.state = 'reconnecting';
+      this._stopPing();
+      this._discardSocket(4000, 'reconnecting');
+      this._rejectPending(code, reason);
+      if (this.connectionId) {
+        this._pastConnectionIds.add(this.connectionId);
+      }
+      // Publishers keep their MediaStream and are published again once rejoined.
+      for (const publisher of this._livePublishers) {
+        if (publisher.streamId) {
+          this._pastStreamIds.add(publisher.streamId);
+        }
+        publisher._dropPeer();
+      }
+      this.publishers.clear();
+      // Subscriptions die with the connection (the server ends them); pages resubscribe when
+      // the streams are announced again after the rejoin.
+      this._endSubscriptions('networkDisconnected', true);
+      this._reconnect = { attempt: 0, since: Date.now(), code: code, reason: reason, timer: null, lastError: null };
+      this._scheduleReconnect();
+    }
+
+    _scheduleReconnect() {
+      const attempt = this._reconnect;
+      const elapsed = Date.now() - attempt.since;
+      if (elapsed >= this._reconnectTimeout) {
+        const last = attempt.lastError;
+        this._onClose(attempt.code, attempt.reason, {
+          attempts: attempt.attempt,
+          error: last ? { code: last.code, message: last.message } : null,
+        });
+        return;
+      }
+      attempt.attempt += 1;
+      // Exponential backoff with jitter (±25%), capped, never past the deadline.
+      const base = Math.min(this._reconnectMaxDelay, this._reconnectDelay * Math.pow(2, attempt.attempt - 1));
+      const jittered = Math.round(base * (0.75 + Math.random() * 0.5));
+      const delay = Math.max(0, Math.min(jittered, this._reconnectMaxDelay, this._reconnectTimeout - elapsed));
+      attempt.timer = setTimeout(() => this._attemptReconnect(attempt), delay);
+      this._emit('reconnecting', {
+        attempt: attempt.attempt,
+        code: attempt.code,
+        reason: attempt.reason,
+        delayMs: delay,
+        error: attempt.lastError ? { code: attempt.lastError.code, message: attempt.lastError.message } : null,
+      });
+    }
+
+    async _attemptReconnect(attempt) {
+      if (this._reconnect !== attempt || this.state !== 'reconnecting') {
+        return;
+      }
+      attempt.timer = null;
+      this._heldEvents = [];
+      // A socket that neither opens nor answers the join in time is given up.
+      const limit = this._requestTimeout > 0 ? this._requestTimeout : 15000;
+      let timer = null;
+      const timeout = new Promise((resolve, reject) => {
+        timer = setTimeout(() => reject(new OpenConsultError('timeout', 'No answer to "join" after ' + limit + ' ms')), limit);
+      });
+      let data;
+      try {
+        data = await Promise.race([this._openSocket(), timeout]);
+      } catch (err) {
+        if (this._reconnect !== attempt || this.state !== 'reconnecting') {
+          return; // Left meanwhile.
+        }
+        this._heldEvents = null;
+        const error = asError(err);
+        this._discardSocket(1000, 'join failed');
+        if (RETRYABLE_CODES.indexOf(error.code) === -1 || FINAL_CLOSE_CODES.indexOf(error.closeCode) !== -1) {
+          // The server refused the token (expired, revoked, other secret): trying again cannot help.
+          this._onClose(error.closeCode || attempt.code, error.message, {
+            attempts: attempt.attempt,
+            error: { code: error.code, message: error.message },
+          });
+          return;
+        }
+        attempt.lastError = error;
+        this._scheduleReconnect();
+        return;
+      } finally {
+        clearTimeout(timer);
+      }
+      if (this._reconnect !== attempt || this.state !== 'reconnecting') {
+        return;
+      }
+      this._rejoined(data, attempt);
+    }
+
+    /** Joined again: the new ids, what changed in the room, media back, then the held events. */
+    _rejoined(data, attempt) {
+      this._reconnect = null;
+      const held = this._heldEvents || [];
+      this._heldEvents = null;
+      const oldStreams = this.streams;
+      const oldConnections = this.connections;
+      this.streams = new Map();
+      this.connections = new Map();
+      this._resubscribes.clear();
+      this._applyJoin(data);
+      for (const [id, connection] of oldConnections) {
+        if (!this.connections.has(id)) {
+          this._emit('connectionDestroyed', { connection: connection, reason: 'networkDisconnected' });
+        }
+      }
+      for (const [id, connection] of this.connections) {
+        if (!oldConnections.has(id)) {
+          this._emit('connectionCreated', { connection: connection });
+        }
+      }
+      for (const [id, stream] of oldStreams) {
+        if (!this.streams.has(id)) {
+          this._emit('streamDestroyed', { stream: stream, reason: 'networkDisconnected' });
+        }
+      }
+      this._emit('reconnected', Object.assign({ attempts: attempt.attempt }, data));
+      // Our streams again, from the same MediaStreams.
+      for (const publisher of Array.from(this._livePublishers)) {
+        this._republish(publisher, null);
+      }
+      // Every stream the server lists is announced (again): pages subscribe on streamCreated.
+      for (const stream of Array.from(this.streams.values())) {
+        if (this.streams.get(stream.stream_id) === stream) {
+          this._emit('streamCreated', { stream: stream });
+        }
+      }
+      for (const event of held) {
+        this._onEvent(event.name, event.data);
+      }
+    }
+
+    _isPast(connectionId) {
+      return this._pastConnectionIds.has(connectionId);
     }
 
     _applyJoin(data) {
@@ -432,20 +700,29 @@
       this.name = data.name;
       // Merge rather than replace: an event may have arrived before the join response.
       for (const connection of data.connections || []) {
-        if (connection.connection_id !== this.connectionId) {
+        if (connection.connection_id !== this.connectionId && !this._isPast(connection.connection_id)) {
           this.connections.set(connection.connection_id, connection);
         }
       }
       for (const stream of data.streams || []) {
-        if (stream.connection_id !== this.connectionId && !this._isOwnStream(stream.stream_id)) {
+        if (stream.connection_id !== this.connectionId && !this._isPast(stream.connection_id) && !this._isOwnStream(stream.stream_id)) {
           this.streams.set(stream.stream_id, stream);
         }
       }
+      this._stopPing();
       if (this._pingInterval > 0) {
-        this._pingTimer = setInterval(() => {
-          this._request('ping', {}).catch(() => {});
-        }, this._pingInterval);
+        this._pingTimer = setInterval(() => this._keepalive(), this._pingInterval);
       }
+    }
+
+    /** Ping; a ping left unanswered means the socket is dead without a close (a half-open TCP). */
+    _keepalive() {
+      const ws = this._ws;
+      this._request('ping', {}).catch((err) => {
+        if (err.code === 'timeout' && this._ws === ws && this.state === 'connected') {
+          this._onSocketClose(ws, 4000, 'ping timeout');
+        }
+      });
     }
 
     _isOpen() {
@@ -453,6 +730,9 @@
     }
 
     _isOwnStream(streamId) {
+      if (this._pastStreamIds.has(streamId)) {
+        return true;
+      }
       for (const publisher of this.publishers.values()) {
         if (publisher.streamId === streamId) {
           return true;
@@ -466,7 +746,7 @@
      * OpenConsultError carrying the server's error `code`.
      */
     _request(type, fields) {
-      if (!this._isOpen()) {
+      if (!this._isOpen() || (this.state === 'reconnecting' && type !== 'join')) {
         return Promise.reject(new OpenConsultError('connection_closed', 'Not connected (' + type + ')'));
       }
       const id = this._nextId++;
@@ -547,10 +827,15 @@
     }
 
     _onEvent(name, data) {
+      if (this._heldEvents && this.state === 'reconnecting') {
+        // A new socket's events before its join is answered: applied after the rejoin.
+        this._heldEvents.push({ name: name, data: data });
+        return;
+      }
       switch (name) {
         case 'connectionCreated': {
           const connection = data.connection;
-          if (!connection || connection.connection_id === this.connectionId) {
+          if (!connection || connection.connection_id === this.connectionId || this._isPast(connection.connection_id)) {
             return;
           }
           this.connections.set(connection.connection_id, connection);
@@ -568,7 +853,7 @@
         }
         case 'streamCreated': {
           const stream = data.stream;
-          if (!stream || !stream.stream_id || this._isOwnStream(stream.stream_id)) {
+          if (!stream || !stream.stream_id || this._isOwnStream(stream.stream_id) || this._isPast(stream.connection_id)) {
             return;
           }
           if (this.streams.has(stream.stream_id)) {
@@ -606,45 +891,68 @@
       }
     }
 
-    _onClose(code, reason) {
+    /** The end of the session: state `disconnected`, media closed, `disconnected` emitted once. */
+    _onClose(code, reason, details) {
       if (this.state === 'disconnected') {
         return;
       }
-      const wasConnected = this.state === 'connected';
+      const wasJoined = this.state === 'connected' || this.state === 'reconnecting';
       this.state = 'disconnected';
-      if (this._pingTimer) {
-        clearInterval(this._pingTimer);
-        this._pingTimer = null;
+      this._stopPing();
+      if (this._reconnect) {
+        clearTimeout(this._reconnect.timer);
+        this._reconnect = null;
       }
-      for (const id of Array.from(this._pending.keys())) {
-        const entry = this._settle(id);
-        entry.reject(
-          new OpenConsultError('connection_closed', 'Connection closed before "' + entry.type + '" was answered', {
-            closeCode: code,
-            closeReason: reason,
-          }),
-        );
-      }
+      this._heldEvents = null;
+      this._discardSocket(1000, this._leaving ? 'leave' : 'closed');
+      this._rejectPending(code, reason);
       this._closeMedia('networkDisconnected');
-      if (wasConnected) {
-        this._emit('disconnected', { code: code, reason: reason, left: this._leaving });
+      if (wasJoined) {
+        this._emit('disconnected', Object.assign({ code: code, reason: reason, left: this._leaving }, details || {}));
+      }
+    }
+
+    /**
+     * End every subscription locally (their peer connections are gone with the connection):
+     * each emits `ended`; with `announce`, the session emits `subscriptionEnded` for it too.
+     */
+    _endSubscriptions(reason, announce) {
+      const subscriptions = Array.from(this.subscriptions.values());
+      this.subscriptions.clear();
+      for (const subscription of subscriptions) {
+        subscription._close(reason);
+        if (announce) {
+          this._emit('subscriptionEnded', {
+            subscription_id: subscription.id,
+            stream_id: subscription.streamId,
+            reason: reason,
+            subscription: subscription,
+          });
+        }
       }
     }
 
     _closeMedia(reason) {
-      for (const publisher of this.publishers.values()) {
+      for (const publisher of Array.from(this._livePublishers)) {
         publisher._close();
       }
       this.publishers.clear();
-      for (const subscription of this.subscriptions.values()) {
-        subscription._close(reason);
-      }
-      this.subscriptions.clear();
+      this._endSubscriptions(reason, false);
+    }
+
+    /** Call `onFailed` when the peer connection's transport fails for good (e.g. ICE after a network change). */
+    _watchPeer(pc, onFailed) {
+      pc.addEventListener('connectionstatechange', () => {
+        if (pc.connectionState === 'failed' && this.state === 'connected') {
+          onFailed();
+        }
+      });
     }
 
     /**
      * Publish a MediaStream as one stream. Options: `name`, `videoSource` ('camera' | 'screen').
-     * Resolves with a Publisher (`.streamId`, `.pc`, `.getStats()`, `.unpublish()`).
+     * Resolves with a Publisher (`.streamId`, `.pc`, `.getStats()`, `.unpublish()`); the SDK
+     * publishes it again by itself after a reconnect or a failed peer connection.
      */
     async publish(mediaStream, options) {
       options = options || {};
@@ -655,55 +963,126 @@
       if (tracks.length === 0) {
         throw new OpenConsultError('invalid_argument', 'Cannot publish a MediaStream without tracks');
       }
-      const pc = new RTCPeerConnection(this._rtcConfiguration());
-      const publisher = new Publisher(this, pc, mediaStream, options);
-      publisher._trickler = new IceTrickler(this, pc);
+      const publisher = new Publisher(this, null, mediaStream, options);
+      this._livePublishers.add(publisher);
       try {
-        for (const track of tracks) {
-          const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [mediaStream] });
-          if (track.kind === 'video') {
-            preferCodec(transceiver, 'video', 'video/VP8');
-          } else if (track.kind === 'audio') {
-            preferCodec(transceiver, 'audio', 'audio/opus');
-          }
-        }
-        const offer = await pc.createOffer();
-        await pc.setLocalDescription(offer);
-        const request = { offer: { type: 'offer', sdp: offer.sdp }, video_source: publisher.videoSource };
-        if (options.name) {
-          request.name = String(options.name).slice(0, 80); // the schema's limit
-        }
-        const data = await this._request('publish', request);
-        publisher.streamId = data.stream_id;
-        this.publishers.set(data.stream_id, publisher);
-        await pc.setRemoteDescription(data.answer);
-        // The server now knows this peer and has its offer: send what was gathered so far.
-        publisher._trickler.start(data.stream_id);
+        await this._negotiatePublish(publisher);
         return publisher;
       } catch (err) {
-        publisher._close();
-        if (publisher.streamId) {
-          this.publishers.delete(publisher.streamId);
-          this._request('unpublish', { stream_id: publisher.streamId }).catch(() => {});
-        }
+        this._abandonPublisher(publisher);
         throw asError(err);
       }
+    }
+
+    /** A new peer connection for `publisher` and a `publish` for it; sets its streamId and pc. */
+    async _negotiatePublish(publisher) {
+      const tracks = publisher.mediaStream.getTracks().filter((track) => track.readyState !== 'ended');
+      if (tracks.length === 0) {
+        throw new OpenConsultError('invalid_argument', 'Cannot publish a MediaStream without live tracks');
+      }
+      const pc = new RTCPeerConnection(this._rtcConfiguration());
+      publisher.pc = pc;
+      publisher.streamId = null;
+      publisher._trickler = new IceTrickler(this, pc);
+      this._watchPeer(pc, () => {
+        if (publisher.pc === pc && !publisher.closed) {
+          this._restartPublisher(publisher);
+        }
+      });
+      for (const track of tracks) {
+        const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [publisher.mediaStream] });
+        if (track.kind === 'video') {
+          preferCodec(transceiver, 'video', 'video/VP8');
+        } else if (track.kind === 'audio') {
+          preferCodec(transceiver, 'audio', 'audio/opus');
+        }
+      }
+      const offer = await pc.createOffer();
+      await pc.setLocalDescription(offer);
+      const request = { offer: { type: 'offer', sdp: offer.sdp }, video_source: publisher.videoSource };
+      if (publisher.name) {
+        request.name = String(publisher.name).slice(0, 80); // the schema's limit
+      }
+      const data = await this._request('publish', request);
+      if (publisher.closed || publisher.pc !== pc) {
+        // Unpublished (or lost) while it was being set up: the server's new stream goes too.
+        this._request('unpublish', { stream_id: data.stream_id }).catch(() => {});
+        throw new OpenConsultError('invalid_state', 'Unpublished while it was being set up');
+      }
+      publisher.streamId = data.stream_id;
+      this.publishers.set(data.stream_id, publisher);
+      await pc.setRemoteDescription(data.answer);
+      // The server now knows this peer and has its offer: send what was gathered so far.
+      publisher._trickler.start(data.stream_id);
+    }
+
+    /** A publish that failed: close it and tell the server if it got that far. */
+    _abandonPublisher(publisher) {
+      publisher._close();
+      if (publisher.streamId) {
+        if (this.publishers.get(publisher.streamId) === publisher) {
+          this.publishers.delete(publisher.streamId);
+        }
+        this._request('unpublish', { stream_id: publisher.streamId }).catch(() => {});
+      }
+    }
+
+    /** Publish `publisher`'s MediaStream again (after a reconnect, or its peer connection failed). */
+    async _republish(publisher, previousStreamId) {
+      const previous = previousStreamId || publisher.streamId;
+      try {
+        await this._negotiatePublish(publisher);
+        publisher._emit('republished', { streamId: publisher.streamId, previousStreamId: previous });
+      } catch (err) {
+        if (this.state !== 'connected' || publisher.closed) {
+          // Lost the connection again (the next rejoin publishes it) or unpublished meanwhile.
+          publisher._dropPeer();
+          return;
+        }
+        const error = asError(err);
+        this._abandonPublisher(publisher);
+        publisher._emit('ended', { error: error });
+        this._emit('error', error);
+      }
+    }
+
+    /** The publisher's peer connection failed: unpublish it and publish the same stream again. */
+    _restartPublisher(publisher) {
+      if (publisher._restarts >= MAX_MEDIA_RESTARTS) {
+        this._emit('error', new OpenConsultError('media_error', 'Sending stream ' + publisher.streamId + ' failed and was restarted too often'));
+        return;
+      }
+      publisher._restarts += 1;
+      const previous = publisher.streamId;
+      if (previous) {
+        this.publishers.delete(previous);
+        this._request('unpublish', { stream_id: previous }).catch(() => {});
+      }
+      publisher._dropPeer();
+      this._republish(publisher, previous);
     }
 
     /** Stop a stream published by this session (a Publisher or its stream id). */
     async unpublish(publisherOrStreamId) {
       const streamId = typeof publisherOrStreamId === 'string' ? publisherOrStreamId : publisherOrStreamId.streamId;
-      const publisher = this.publishers.get(streamId);
+      const publisher = typeof publisherOrStreamId === 'string' ? this.publishers.get(streamId) : publisherOrStreamId;
       if (publisher) {
-        this.publishers.delete(streamId);
+        if (this.publishers.get(streamId) === publisher) {
+          this.publishers.delete(streamId);
+        }
         publisher._close();
+      }
+      if (!streamId) {
+        return; // Being published again: closing it is all there is to do.
       }
       await this._request('unpublish', { stream_id: streamId });
     }
 
     /**
      * Receive a remote stream. Resolves with a Subscription (`.mediaStream`, `.pc`,
-     * `.getStats()`, `.unsubscribe()`, `.on('ended', cb)`).
+     * `.getStats()`, `.unsubscribe()`, `.on('ended', cb)`). If its peer connection fails, the SDK
+     * ends it (`subscriptionEnded`, reason `networkDisconnected`) and announces the stream again
+     * with `streamCreated` so the page subscribes anew (a few times at most).
      */
     async subscribe(streamId) {
       if (this.state !== 'connected') {
@@ -722,6 +1101,7 @@
         }
         subscription._emit('track', event.track);
       });
+      this._watchPeer(pc, () => this._restartSubscription(subscription));
       try {
         await pc.setRemoteDescription(data.offer);
         const answer = await pc.createAnswer();
@@ -743,6 +1123,33 @@
           this._request('unsubscribe', { subscription_id: subscription.id }).catch(() => {});
         }
         throw asError(err);
+      }
+    }
+
+    /** A subscription's peer connection failed: unsubscribe, then announce the stream again. */
+    _restartSubscription(subscription) {
+      if (subscription.closed || this.subscriptions.get(subscription.id) !== subscription) {
+        return;
+      }
+      const streamId = subscription.streamId;
+      const restarts = this._resubscribes.get(streamId) || 0;
+      if (restarts >= MAX_MEDIA_RESTARTS) {
+        this._emit('error', new OpenConsultError('media_error', 'Receiving stream ' + streamId + ' failed and was restarted too often'));
+        return;
+      }
+      this._resubscribes.set(streamId, restarts + 1);
+      this.subscriptions.delete(subscription.id);
+      this._request('unsubscribe', { subscription_id: subscription.id }).catch(() => {});
+      subscription._close('networkDisconnected');
+      this._emit('subscriptionEnded', {
+        subscription_id: subscription.id,
+        stream_id: streamId,
+        reason: 'networkDisconnected',
+        subscription: subscription,
+      });
+      const stream = this.streams.get(streamId);
+      if (stream) {
+        this._emit('streamCreated', { stream: stream });
       }
     }
 
@@ -855,21 +1262,23 @@
       return this._request('ping', {});
     }
 
-    /** Leave the session: say so, close every peer connection and the socket. Idempotent. */
+    /**
+     * Leave the session: say so, close every peer connection and the socket. Idempotent; also
+     * stops a reconnect in progress. Emits `disconnected` with `left: true`.
+     */
     async leave() {
       if (this.state === 'disconnected') {
         return;
       }
       this._leaving = true;
-      try {
-        await this._request('leave', {});
-      } catch (err) {
-        // Leaving anyway: the socket is closed below.
+      if (this.state === 'connected') {
+        try {
+          await this._request('leave', {});
+        } catch (err) {
+          // Leaving anyway: the socket is closed below.
+        }
       }
       this._closeMedia('clientDisconnected');
-      if (this._ws && this._ws.readyState <= 1) {
-        this._ws.close(1000, 'leave');
-      }
       this._onClose(1000, 'leave');
     }
   }
@@ -885,7 +1294,12 @@
   /**
    * Connect and join. Options: `token` (required JWT), `url` (default `ws(s)://<this host>/ws`),
    * `room` (optional check against the token), `requestTimeout` (ms, default 15000; 0 = none),
-   * `pingInterval` (ms, default 20000; 0 = no keepalive), `userAgent` (default navigator.userAgent).
+   * `pingInterval` (ms, default 20000; 0 = no keepalive), `userAgent` (default navigator.userAgent),
+   * `iceTransportPolicy` ('all' | 'relay'), `reconnect` (default true: rejoin after an unexpected
+   * close), `reconnectTimeout` (ms of retrying before giving up, default 120000),
+   * `reconnectDelay` (first backoff, ms, default 500; doubles each try, ±25% jitter) and
+   * `reconnectMaxDelay` (ms, default 10000). Only a joined session reconnects: a refused join
+   * (close 4001, or any join error from the server but `internal_error`/`rate_limited`) does not.
    * Resolves with a joined Session; rejects with an OpenConsultError (`.code` e.g. `unauthorized`, `token_expired`).
    */
   async function connect(options) {
@@ -895,12 +1309,9 @@
     }
     const session = new Session(options);
     try {
-      await session._connect(options.token, options);
+      await session._connect();
     } catch (err) {
       session._leaving = true;
-      if (session._ws && session._ws.readyState <= 1) {
-        session._ws.close(1000, 'join failed');
-      }
       session._onClose(1000, 'join failed');
       throw asError(err);
     }
