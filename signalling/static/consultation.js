@@ -17,6 +17,12 @@
  *     consultation instead / Complete, and the rooms' current announcements and posting new ones.
  * Any other page load is left to demo.js.
  *
+ * A dropped connection (network change, server restart) is not the end: the SDK rejoins by itself
+ * while the status line says "Reconnecting… (attempt N)"; once back, the page runs its load path
+ * again for where it is (patient: `consultation.get`, then the waiting room or back to the call;
+ * clinician: the waiting rooms' `queue.watch`, and the call if one was going). The SDK publishes
+ * the camera again and the page resubscribes to the streams it announces.
+ *
  * All user-provided text (names, references, chat, announcements) is set with textContent only.
  *
  * For tests and support staff the page exposes `window.consult`:
@@ -26,6 +32,8 @@
  *                         'in_call' | 'wrapup' | 'ended' | 'error'
  *   consult.walkIn        true when the page was opened with a walk-in link
  *   consult.error         {code, message} of the last error, or null; consult.warning likewise
+ *   consult.reconnecting  {attempt, code} while a connection is being re-established, else null
+ *   consult.reconnects    how many times a connection came back
  *   consult.sessionErrors [{code, message}] of background failures
  *   consult.arrival, consult.position, consult.announcements, consult.queues, consult.consultation
  *   consult.chat          [ChatMessage] as shown
@@ -62,6 +70,8 @@
     publisher: null,
     subscriptions: new Map(), // stream id → Subscription (null while being set up)
     walkIn: false,
+    reconnecting: null,
+    reconnects: 0,
     inboundVideoStats: inboundVideoStats,
   };
   window.consult = consult;
@@ -158,8 +168,15 @@
 
   function setStatus(state, text) {
     consult.state = state;
-    statusLine.dataset.state = state;
-    statusLine.textContent = text;
+    if (consult.reconnecting) {
+      // Where the page is (the view) stays; the line says the connection is coming back.
+      statusLine.dataset.state = 'reconnecting';
+      statusLine.textContent =
+        'Connection lost. Reconnecting… (attempt ' + consult.reconnecting.attempt + ')';
+    } else {
+      statusLine.dataset.state = state;
+      statusLine.textContent = text;
+    }
     if (consult.warning) {
       statusLine.appendChild(el('span', 'warning', ' Warning: ' + consult.warning.message + ' [' + consult.warning.code + ']'));
     }
@@ -206,6 +223,42 @@
       consult.sessionErrors.push({ code: err.code, message: err.message });
       console.warn('OpenConsult session error', err.code, err.message);
     });
+  }
+
+  // ---- reconnecting ------------------------------------------------------------------------
+
+  const reconnectingSessions = new Set();
+
+  /**
+   * Show a session's reconnect attempts on the status line, and call `resume` once it is back.
+   * Wired before the page's own `disconnected` handler so that one shows its error on a clean line.
+   */
+  function wireReconnect(session, resume) {
+    const settle = () => {
+      reconnectingSessions.delete(session);
+      if (reconnectingSessions.size === 0) {
+        consult.reconnecting = null;
+      }
+      setStatus(consult.state, statusText);
+    };
+    session.on('reconnecting', ({ attempt, code }) => {
+      reconnectingSessions.add(session);
+      consult.reconnecting = { attempt: attempt, code: code };
+      setStatus(consult.state, statusText);
+    });
+    session.on('reconnected', () => {
+      consult.reconnects += 1;
+      settle();
+      resume();
+    });
+    session.on('disconnected', settle);
+  }
+
+  /** Fetch the open chat's history again (messages sent while the connection was down). */
+  function refreshChat() {
+    if (consult.channelId && consult.session && consult.session.state === 'connected') {
+      openChat(consult.channelId, $('chat-help').textContent);
+    }
   }
 
   /** Run a user action; a failure shows its code on the status line and re-enables the button. */
@@ -461,13 +514,35 @@
       local.srcObject = consult.localStream;
       $('call-local-tile').hidden = false;
       local.play().catch(() => {});
-      try {
-        consult.publisher = await session.publish(consult.localStream, { name: session.name, videoSource: 'camera' });
-      } catch (err) {
-        if (consult.callSession === session) {
-          warn(err, 'Cannot send your video');
+      await publishCamera(session);
+    }
+  }
+
+  /** Send the camera in the call; the SDK publishes it again by itself after a reconnect. */
+  async function publishCamera(session) {
+    try {
+      const publisher = await session.publish(consult.localStream, { name: session.name, videoSource: 'camera' });
+      consult.publisher = publisher;
+      publisher.on('ended', ({ error }) => {
+        if (consult.publisher === publisher) {
+          consult.publisher = null;
+          warn(error, 'Cannot send your video');
         }
+      });
+    } catch (err) {
+      if (consult.callSession === session) {
+        warn(err, 'Cannot send your video');
       }
+    }
+  }
+
+  /** Back in the call after a reconnect: send the camera if it was not being sent (the drop came first). */
+  function resumeCall(session) {
+    if (consult.callSession !== session || consult.state !== 'in_call') {
+      return;
+    }
+    if (consult.localStream && (!consult.publisher || consult.publisher.closed)) {
+      publishCamera(session);
     }
   }
 
@@ -654,6 +729,7 @@
     }
     showArrival();
     showPosition(entered.position);
+    consult.announcements = []; // the response has all current ones (a reconnect may have missed a withdrawal)
     for (const a of entered.announcements || []) {
       addAnnouncement(a);
     }
@@ -761,6 +837,7 @@
       say('left', 'The clinic took you out of the waiting room.');
     });
     session.on('chatMessage', ({ message }) => addChat(message));
+    wireReconnect(session, () => resumePatient(session));
     session.on('disconnected', ({ code, reason, left }) => {
       if (left || consult.state === 'ended') {
         return;
@@ -768,14 +845,43 @@
       stopCall();
       showError({ code: 'connection_closed', message: 'The connection to the clinic was lost (close code ' + code + (reason ? ', ' + reason : '') + '). Open your link again to get back your place' }, 'Disconnected');
     });
+    await loadPatient(session);
+  }
 
-    // Where is the consultation? A reload mid-call goes straight back to the call, a reload after
-    // the end shows the outcome; otherwise the device check, then the waiting room.
+  /** Back after a reconnect: where the page was decides what to read again. */
+  async function resumePatient(session) {
+    if (consult.session !== session || consult.state === 'ended') {
+      return;
+    }
+    if (consult.state === 'left') {
+      // Out of line by choice (or by the clinic): stay out, but notice a cancelled consultation.
+      await readPatientConsultation(session);
+      return;
+    }
+    const wasInCall = consult.state === 'in_call';
+    await loadPatient(session);
+    if (wasInCall && consult.state === 'in_call') {
+      resumeCall(session); // the SDK resubscribes the clinician's stream
+      refreshChat();
+    }
+  }
+
+  let deviceChecked = null; // the device check's promise: it runs once per page
+
+  /**
+   * The patient page's load path, also run after a reconnect. Where is the consultation? A reload
+   * (or a reconnect) mid-call goes straight back to the call, after the end shows the outcome;
+   * otherwise the device check (once), then the waiting room (entering again keeps the place).
+   */
+  async function loadPatient(session) {
     if (await readPatientConsultation(session)) {
       return;
     }
-    say('connecting', 'Checking your camera and microphone…');
-    const passed = await deviceCheck(5000);
+    if (!deviceChecked) {
+      say('connecting', 'Checking your camera and microphone…');
+      deviceChecked = deviceCheck(5000);
+    }
+    const passed = await deviceChecked;
     if (session.state !== 'connected' || consult.state === 'in_call' || consult.state === 'ended') {
       return;
     }
@@ -1091,6 +1197,7 @@
         wireMedia(session);
         session.on('chatMessage', ({ message }) => addChat(message));
         session.on('consultationChanged', ({ consultation }) => consultation && onClinicianConsultation(consultation));
+        wireReconnect(session, () => resumeClinicianCall(session));
         session.on('disconnected', ({ left }) => {
           if (!left && consult.callSession === session) {
             stopCall();
@@ -1213,6 +1320,10 @@
     desk.on('announcement', ({ announcement }) => addAnnouncement(announcement));
     desk.on('chatMessage', ({ message }) => addChat(message));
     desk.on('consultationChanged', ({ consultation }) => consultation && onClinicianConsultation(consultation));
+    wireReconnect(desk, () => {
+      loadDesk();
+      resumeClinicianCall(desk);
+    });
     desk.on('disconnected', ({ code, reason, left }) => {
       if (left) {
         return;
@@ -1223,11 +1334,30 @@
     $('queue-panel').hidden = false;
     $('announce-panel').hidden = false;
     $('announcements-title').textContent = 'Current announcements';
-    say('connecting', 'Loading the waiting rooms…');
+    await loadDesk();
+    // Waiting times tick on screen; expired announcements go away.
+    setInterval(() => {
+      tickQueues();
+      renderAnnouncements();
+    }, 15000);
+  }
+
+  /**
+   * The clinician desk's load path, also run after a reconnect: the waiting rooms, their queues
+   * and current announcements (`queue.watch`, which also brings `queueUpdated` again). A call in
+   * progress keeps its place on screen.
+   */
+  async function loadDesk() {
+    const busy = () => consult.state === 'in_call' || consult.state === 'wrapup';
+    if (!busy()) {
+      say('connecting', 'Loading the waiting rooms…');
+    }
     try {
       const rooms = await findRooms();
       const select = $('announce-room');
       select.replaceChildren();
+      consult.queues = {};
+      consult.announcements = []; // queue.watch answers with every current one
       for (const room of rooms) {
         consult.queues[room.room_id] = { room: room, queue: [], receivedAt: Date.now() };
         const option = el('option', null, room.name || room.room_id);
@@ -1243,15 +1373,40 @@
         }
       }
       renderQueues();
-      showClinicianIdle();
-    } catch (err) {
-      showError(err, 'Cannot load the waiting rooms');
-    }
-    // Waiting times tick on screen; expired announcements go away.
-    setInterval(() => {
-      tickQueues();
       renderAnnouncements();
-    }, 15000);
+      if (!busy()) {
+        showClinicianIdle();
+      }
+    } catch (err) {
+      if (busy()) {
+        warn(err, 'Cannot load the waiting rooms');
+      } else {
+        showError(err, 'Cannot load the waiting rooms');
+      }
+    }
+  }
+
+  /**
+   * A clinician connection came back: if it carries the call, read the consultation again (it may
+   * have ended meanwhile) and go on with the call; the SDK publishes and resubscribes.
+   */
+  async function resumeClinicianCall(session) {
+    const c = consult.consultation;
+    if (!c || (consult.state !== 'in_call' && consult.state !== 'wrapup')) {
+      return;
+    }
+    if (session === consult.callSession) {
+      resumeCall(session);
+    }
+    refreshChat();
+    try {
+      const data = await session.getConsultation(c.session_id);
+      if (data && data.consultation) {
+        onClinicianConsultation(data.consultation);
+      }
+    } catch (err) {
+      warn(err, 'Cannot read the consultation');
+    }
   }
 
   if (view === 'patient') {

@@ -4,7 +4,9 @@ Each test has its own real server subprocess, stopped (SIGTERM: sockets close wi
 started again on the same port and data dir (same token secret). Two demo pages in a call show
 "Reconnecting…", get back to `joined` and decode each other's video again on new subscriptions.
 A refused join (bad token, or a rejoin the restarted server refuses) is never retried, and
-`leave()` — also in the middle of reconnecting — ends the session for good.
+`leave()` — also in the middle of reconnecting — ends the session for good. The consultation
+pages come back where they were: a waiting patient in line (seen in the clinician's queue), a
+patient and clinician in a call back in the call.
 """
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import BrowserFactory, ServerHandle, require_chromium
+from tests.browser.test_consultation_pages import (
+    api_ok,
+    book,
+    click,
+    consult_state,
+    open_clinician,
+    open_patient,
+    wait_page,
+)
 from tests.browser.test_demo_page import (
     demo_url,
     forged_token,
@@ -298,3 +309,86 @@ def test_leave_while_reconnecting_stops_retrying(restartable: RestartableServer,
     assert [e["left"] for e in held["events"]["disconnected"]] == [True], held
     # The local preview went with the session.
     assert not page.execute_script(RECONNECT_STATE_JS)["localPreview"]
+
+
+CONSULT_INBOUND_JS = """
+const done = arguments[arguments.length - 1];
+consult.inboundVideoStats().then(done, (err) => done({error: String(err)}));
+"""
+
+CONSULT_RECONNECT_JS = """
+const status = document.getElementById('consult-status');
+return {reconnecting: consult.reconnecting, reconnects: consult.reconnects,
+        line: status.dataset.state, text: status.textContent};
+"""
+
+
+def wait_consult_video(driver: Any, who: str, old_ids: set[str]) -> set[str]:
+    """A subscription not in ``old_ids`` decoding video; returns the page's subscription ids."""
+    last: list[dict[str, Any]] = []
+
+    def decoding() -> bool:
+        nonlocal last
+        last = driver.execute_async_script(CONSULT_INBOUND_JS)
+        assert isinstance(last, list), last
+        return any(e["framesDecoded"] > 0 and e["subscriptionId"] not in old_ids for e in last)
+
+    try:
+        wait_until_sync(decoding, timeout=RECONNECT_TIMEOUT, interval=0.5, message=f"{who} to decode video")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; last inbound stats: {last}; page: {consult_state(driver)}") from None
+    return {e["subscriptionId"] for e in last}
+
+
+def wait_consult_reconnecting(driver: Any, who: str, view_state: str) -> None:
+    """The status line says so while the page keeps its place (its view state)."""
+    wait_for(driver, "consult.reconnecting !== null", f"{who} to show reconnecting")
+    shown = driver.execute_script(CONSULT_RECONNECT_JS)
+    assert shown["line"] == "reconnecting" and "Reconnecting… (attempt " in shown["text"], shown
+    assert shown["reconnecting"]["code"] == 1001, shown
+    assert consult_state(driver)["state"] == view_state, consult_state(driver)
+
+
+def test_consultation_pages_come_back_after_restarts(restartable: RestartableServer, browser: BrowserFactory) -> None:
+    """Waiting patient and clinician desk through one restart, then their call through another
+    (the clinician's desk token: the call runs on its own second connection)."""
+    server = restartable.current
+    booking = book(server, minutes_from_now=2)
+    clinician = open_clinician(browser, booking, desk=True)
+    patient = open_patient(browser, booking)
+    wait_page(clinician, "the patient in the queue", lambda s: [q["sessionId"] for q in s["queue"]] == [booking.session_id])
+
+    # Restart while the patient waits: the place in line and the clinician's queue come back.
+    restartable.stop()
+    wait_consult_reconnecting(patient, "the patient", "waiting")
+    wait_consult_reconnecting(clinician, "the clinician", "queue")
+    restartable.start_again()
+    for page in (patient, clinician):
+        wait_for(page, "consult.reconnecting === null && consult.reconnects === 1", "the page to be back")
+    back = wait_page(patient, "the patient back in line",
+                     lambda s: s["state"] == "waiting" and s["position"] == 1 and s["status"].startswith("Connected."))
+    assert back["positionText"].startswith("You are number 1 in line"), back
+    wait_page(clinician, "the queue again", lambda s: s["state"] == "queue"
+              and [q["sessionId"] for q in s["queue"]] == [booking.session_id] and s["status"].startswith("Connected as"))
+
+    # The call, then a restart in the middle of it: both pages back in the call, video again.
+    click(clinician, f'.admit[data-session-id="{booking.session_id}"]')
+    wait_page(clinician, "the clinician in the call", lambda s: s["state"] == "in_call")
+    wait_page(patient, "the patient in the call", lambda s: s["state"] == "in_call")
+    before = {"clinician": wait_consult_video(clinician, "the clinician", set()),
+              "patient": wait_consult_video(patient, "the patient", set())}
+
+    restartable.stop()
+    wait_consult_reconnecting(patient, "the patient", "in_call")
+    wait_consult_reconnecting(clinician, "the clinician", "in_call")
+    restartable.start_again()
+    for who, page in (("clinician", clinician), ("patient", patient)):
+        wait_consult_video(page, f"the {who} after the restart", before[who])
+        state = wait_page(page, f"the {who}'s call status", lambda s: s["state"] == "in_call"
+                          and not s["status"].startswith("Connection lost"))
+        assert state["error"] is None and state["warning"] is None, state
+    assert consult_state(patient)["status"].startswith("The clinician has let you in"), consult_state(patient)
+    assert consult_state(clinician)["status"].startswith("In consultation with"), consult_state(clinician)
+    # The consultation itself went on: still in progress on the server.
+    consultation = api_ok(restartable.current, "GET", f"/api/consultations/{booking.session_id}", booking.admin_token)
+    assert consultation["consultation"]["state"] == "in_progress", consultation
