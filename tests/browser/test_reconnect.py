@@ -392,3 +392,43 @@ def test_consultation_pages_come_back_after_restarts(restartable: RestartableSer
     # The consultation itself went on: still in progress on the server.
     consultation = api_ok(restartable.current, "GET", f"/api/consultations/{booking.session_id}", booking.admin_token)
     assert consultation["consultation"]["state"] == "in_progress", consultation
+
+
+# Make a live peer connection look failed to the SDK (ICE broke after a network change).
+FAIL_PEER_JS = """
+const pc = arguments[0] === 'publisher' ? demo.publisher.pc : Array.from(demo.subscriptions.values())[0].pc;
+Object.defineProperty(pc, 'connectionState', {get: () => 'failed'});
+pc.dispatchEvent(new Event('connectionstatechange'));
+return true;
+"""
+
+
+def test_failed_peer_connection_is_rebuilt(restartable: RestartableServer, browser: BrowserFactory) -> None:
+    """Socket up, one stream's transport failed: that stream alone is set up again."""
+    server = restartable.current
+    room = f"pcfail-{secrets.token_hex(4)}"
+    pages = {"A": browser(), "B": browser()}
+    pages["A"].get(demo_url(server, room=room, name="A", role="clinician", autojoin="1"))
+    pages["B"].get(demo_url(server, room=room, name="B", role="patient", autojoin="1"))
+    for who, page in pages.items():
+        wait_for_state(page, "joined")
+    before = {who: wait_for_decoded_video(page, who) for who, page in pages.items()}
+
+    # A's subscription fails: A unsubscribes and subscribes again (a new subscription decodes).
+    pages["A"].execute_script(FAIL_PEER_JS, "subscription")
+    after_a = wait_for_new_video(pages["A"], "A", before["A"])
+    assert [e["streamId"] for e in after_a] == [e["streamId"] for e in before["A"]], (before, after_a)
+
+    # B's publisher fails: B publishes the same camera again as a new stream; A gets it.
+    old_stream = pages["B"].execute_script("return demo.publisher.streamId;")
+    pages["B"].execute_script(FAIL_PEER_JS, "publisher")
+    wait_for(pages["B"], f"demo.publisher.streamId && demo.publisher.streamId !== {old_stream!r}",
+             "B's camera to be published again")
+    new_stream = pages["B"].execute_script("return demo.publisher.streamId;")
+    wait_until_sync(lambda: [e["streamId"] for e in inbound_video(pages["A"])] == [new_stream],
+                    timeout=RECONNECT_TIMEOUT, interval=0.5, message="A to receive B's new stream")
+    wait_for_new_video(pages["A"], "A", after_a)
+    for page in pages.values():
+        state = page_state(page)
+        assert state["state"] == "joined" and state["warning"] is None and state["error"] is None, state
+    assert remote_tile_captions(pages["A"]) == ["B (patient)"]
