@@ -26,6 +26,7 @@ class TurnServer:
     secret: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    relay_ports: range
 
     @property
     def url(self) -> str:
@@ -66,7 +67,7 @@ def turn_server(workdir: Path, secret: str = "turn-test-secret-0123456789") -> I
     ], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_sync(lambda: _listening(port, proc, log_path), timeout=30, message="turnserver to listen")
-        yield TurnServer(port, secret, proc, log_path)
+        yield TurnServer(port, secret, proc, log_path, range(relay_min, relay_min + 100))
     finally:
         proc.terminate()
         try:
