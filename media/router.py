@@ -120,7 +120,7 @@ class PublishedTrack:
         self.packets += 1
         self.octets += len(payload)
         self.media_ssrc = packet.ssrc
-        self.last_arrival = time.time()
+        self.last_arrival = now = time.time()
         keyframe = False
         if self.kind == "video":
             self.cache[packet.sequence_number & (CACHE_SLOTS - 1)] = packet
@@ -134,7 +134,7 @@ class PublishedTrack:
                 if size is not None and size != self.size:
                     self.size = size
                     self.router.emit(DimensionsChanged(self.publish.stream_id, size[0], size[1]))
-        abs_send_time = ((ntp_now() >> 14) & 0x00FFFFFF).to_bytes(3, "big")
+        abs_send_time = ((ntp_now(now) >> 14) & 0x00FFFFFF).to_bytes(3, "big")
         for sub in self.subscribers:
             sub.forward(packet, keyframe, abs_send_time)
 

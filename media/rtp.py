@@ -22,9 +22,9 @@ NTP_EPOCH_OFFSET: Final = 2208988800
 _HEADER = struct.Struct("!BBHII")
 
 
-def ntp_now() -> int:
-    """Current wall time as a 64-bit NTP timestamp."""
-    return int((time.time() + NTP_EPOCH_OFFSET) * 4294967296.0)
+def ntp_now(now: float | None = None) -> int:
+    """Wall time (``now``, default the current time) as a 64-bit NTP timestamp."""
+    return int(((time.time() if now is None else now) + NTP_EPOCH_OFFSET) * 4294967296.0)
 
 
 def vp8_payload_start(payload: bytes) -> int:
