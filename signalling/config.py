@@ -29,7 +29,7 @@ class ServerConfig:
     max_invalid_messages: int = 50
     #: Seconds without any frame (pings count) before a connection is dropped
     #: as networkDisconnected.
-    heartbeat_s: float = 20.0
+    heartbeat_s: float = 10.0
     #: Streams one connection may publish at once (camera, screen, …).
     max_publishes_per_connection: int = 4
     #: Subscriptions one connection may hold at once.
