@@ -27,8 +27,8 @@ class ServerConfig:
     max_message_bytes: int = 131072
     #: Invalid messages tolerated per connection before it is closed as abusive.
     max_invalid_messages: int = 50
-    #: Seconds without any frame (pings count) before a connection is dropped
-    #: as networkDisconnected.
+    #: Interval of WebSocket pings; a client that does not answer one within half
+    #: of it is dropped as networkDisconnected.
     heartbeat_s: float = 10.0
     #: Streams one connection may publish at once (camera, screen, …).
     max_publishes_per_connection: int = 4
