@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need and run the whole suite: Python deps in
-# .venv, and from Debian packages redis-server, chromium, chromium-driver and
-# coturn (a real TURN server) when missing. Extra arguments go to pytest. `.ci/run` calls exactly this.
+# .venv, and from Debian packages redis-server, chromium, chromium-driver,
+# coturn (a real TURN server) and prometheus (for promtool, which checks the shipped
+# alert rules and dashboard queries) when missing. Extra arguments go to pytest. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 command -v turnserver >/dev/null 2>&1 || missing+=(coturn)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${missing[*]}"
   SUDO=""
