@@ -254,6 +254,9 @@ class Hub:
         if stream is None:
             self.log(sid, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: no stream {stream_id}",
                      connection_id=connection.connection_id, stream_id=stream_id)
+            if StreamId(stream_id) in self.pending_streams:
+                raise NotFound(f'Stream "{stream_id}" is not live yet: its media has not connected '
+                               "(subscribe on streamCreated)")
             raise NotFound(f'No stream "{stream_id}" in session "{sid}"')
         if self._peer_count(connection.connection_id, publish=False) >= self.max_subscriptions:
             raise InvalidState(f"this connection already holds {self.max_subscriptions} subscriptions, "
