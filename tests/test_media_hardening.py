@@ -29,7 +29,7 @@ from tests.helpers import wait_until
 from tests.media.peers import publisher_offer
 from tests.server import ServerProcess, start_server
 
-CONNECT_TIMEOUT_S = 3
+CONNECT_TIMEOUT_S = 5
 MAX_PEERS = 3
 
 
