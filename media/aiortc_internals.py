@@ -35,6 +35,7 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -212,6 +213,14 @@ def demux_datagrams(connection: Any, drops: dict[DatagramDropReason, int]) -> No
         protocol.datagram_received = _demultiplexer(connection, protocol, drops)
 
 
+def _canonical_ip(host: str | None) -> str | None:
+    """An address as the socket reports senders (IPv6 compressed), whatever the SDP wrote."""
+    try:
+        return ipaddress.ip_address(host).compressed if host is not None else None
+    except ValueError:
+        return host
+
+
 def _demultiplexer(connection: Any, protocol: Any,
                    drops: dict[DatagramDropReason, int]) -> Callable[[bytes, tuple[Any, ...]], None]:
     stun_received = protocol.datagram_received  # aioice's own (bound) handler
@@ -233,6 +242,7 @@ def _demultiplexer(connection: Any, protocol: Any,
             if pair is not selected:  # the selection changed (rare): cache its address
                 selected = pair
                 host, port = pair.remote_addr if pair is not None and pair.protocol is protocol else (None, 0)
+                host = _canonical_ip(host)
             if addr[1] != port or addr[0] != host:
                 drops[DatagramDropReason.NOT_SELECTED_PAIR] += 1
                 return

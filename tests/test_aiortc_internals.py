@@ -92,6 +92,11 @@ async def test_configured_ice_addresses_are_the_only_host_candidates() -> None:
         await pc.setLocalDescription(await pc.createOffer())
         hosts = re.findall(r"a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ host", pc.localDescription.sdp)
         assert hosts and set(hosts) == {"127.0.0.1"}
+        # The sockets demux_datagrams wraps exist once setLocalDescription has gathered.
+        [connection] = aiortc_internals.ice_connections(pc)
+        assert isinstance(connection, aioice.Connection)
+        assert [p.local_candidate.port for p in connection._protocols] == [int(port) for port in re.findall(
+            r"a=candidate:\S+ \d+ \S+ \d+ \S+ (\d+) typ host", pc.localDescription.sdp)]
     finally:
         await pc.close()
 
