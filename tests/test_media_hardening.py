@@ -182,6 +182,9 @@ async def test_unconnected_peers_are_reaped_never_announced_and_capped(server: S
                          message="stuck publishes reaped")
         for entry in failures():
             assert f"not connected (ICE and DTLS) within {CONNECT_TIMEOUT_S} s" in entry["text"], entry
+        refusals = [e["text"] for e in get_json(url, support)["events"] if e["kind"] == "publishFailure"
+                    and "media.max_peer_connections" in e["text"]]
+        assert len(refusals) == 1, refusals
         assert metric(server, "peer_connections_timed_out_total") >= MAX_PEERS
         kinds = [e["kind"] for e in get_json(url, support)["events"] if e.get("stream_id") in stuck_ids]
         assert "streamCreated" not in kinds and "streamDestroyed" not in kinds
