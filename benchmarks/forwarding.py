@@ -379,7 +379,10 @@ async def worker_main() -> None:
             subscribers = [CountingSubscriber(config["ws_url"]) for _ in config["tokens"]]
 
             async def start(sub: CountingSubscriber, token: str) -> None:
-                await sub.join(token)
+                joined = await sub.join(token)
+                if all(s["stream_id"] != config["stream_id"] for s in joined["streams"]):
+                    # A stream is live (subscribable) once its media is up: wait for its announcement.
+                    await sub.client.wait_event("streamCreated", stream__stream_id=config["stream_id"])
                 await sub.subscribe(config["stream_id"])
 
             await asyncio.gather(*(start(s, t) for s, t in zip(subscribers, config["tokens"])))

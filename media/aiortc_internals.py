@@ -23,21 +23,32 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
   ``protocol.transport.sendto(data, remote_addr)``.
 - aioice.ice.get_host_addresses(use_ipv4, use_ipv6) lists the addresses
   gathered as host candidates (loopback excluded).
+- Every datagram on an ICE socket goes to ``StunProtocol.datagram_received(data,
+  addr)`` (looked up on the instance by asyncio's transport). It parses STUN and
+  hands anything that does not parse to ``Connection.data_received(data,
+  component)``, i.e. straight to aiortc, whose DTLS transport indexes ``data[0]``
+  (an empty datagram kills the transport). The protocols are in
+  ``Connection._protocols`` once candidates are gathered (setLocalDescription), and
+  a selected pair keeps its local ``protocol`` and its ``remote_addr``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aioice.ice
+from aioice import stun
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import is_rtx
 from aiortc.rtcdtlstransport import RTCDtlsTransport, State
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import RtpPacket, is_rtcp, unwrap_rtx
+
+from media.events import DatagramDropReason
 
 RtpHandler = Callable[[RtpPacket, int], None]
 RtcpHandler = Callable[[Any], Awaitable[None]]
@@ -179,3 +190,70 @@ def selected_candidate_pair(transport: RTCDtlsTransport) -> dict[str, str] | Non
         "local_address": f"{pair.local_candidate.host}:{pair.local_candidate.port}",
         "remote_address": f"{pair.remote_candidate.host}:{pair.remote_candidate.port}",
     }
+
+
+def ice_connections(pc: Any) -> list[Any]:
+    """The aioice Connections of a peer connection's transceivers (one with BUNDLE)."""
+    connections: list[Any] = []
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport._connection
+        if all(connection is not c for c in connections):
+            connections.append(connection)
+    return connections
+
+
+def demux_datagrams(connection: Any, drops: dict[DatagramDropReason, int]) -> None:
+    """Put an RFC 7983 demultiplexer in front of every socket of an aioice ``connection``
+    (call it once candidates are gathered): STUN (first byte 0-3) goes to aioice, from
+    anyone, for connectivity checks; DTLS (20-63) and RTP/RTCP (128-191) go to aiortc
+    only from the selected pair's remote address; everything else, and STUN that does
+    not parse or breaks aioice, is dropped and counted in ``drops`` without a log line.
+    One byte compare per media datagram, and no STUN parse attempt for it."""
+    for protocol in connection._protocols:
+        protocol.datagram_received = _demultiplexer(connection, protocol, drops)
+
+
+def _canonical_ip(host: str | None) -> str | None:
+    """An address as the socket reports senders (IPv6 compressed), whatever the SDP wrote."""
+    try:
+        return ipaddress.ip_address(host).compressed if host is not None else None
+    except ValueError:
+        return host
+
+
+def _demultiplexer(connection: Any, protocol: Any,
+                   drops: dict[DatagramDropReason, int]) -> Callable[[bytes, tuple[Any, ...]], None]:
+    stun_received = protocol.datagram_received  # aioice's own (bound) handler
+    data_received = connection.data_received
+    nominated: dict[int, Any] = connection._nominated
+    component: int = protocol.local_candidate.component
+    selected: Any = None
+    host: str | None = None
+    port = 0
+
+    def datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
+        nonlocal selected, host, port
+        if not data:
+            drops[DatagramDropReason.EMPTY] += 1
+            return
+        first = data[0]
+        if 127 < first < 192 or 19 < first < 64:
+            pair = nominated.get(component)
+            if pair is not selected:  # the selection changed (rare): cache its address
+                selected = pair
+                host, port = pair.remote_addr if pair is not None and pair.protocol is protocol else (None, 0)
+                host = _canonical_ip(host)
+            if addr[1] != port or addr[0] != host:
+                drops[DatagramDropReason.NOT_SELECTED_PAIR] += 1
+                return
+            data_received(data, component)
+        elif first < 4:
+            try:
+                stun.parse_message(data)
+                stun_received(data, addr)
+            except Exception:
+                drops[DatagramDropReason.MALFORMED_STUN] += 1
+        else:
+            drops[DatagramDropReason.UNKNOWN] += 1
+
+    return datagram_received

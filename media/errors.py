@@ -13,3 +13,9 @@ class MediaError(Exception):
 
 class PeerNotFound(MediaError):
     code: ClassVar[str] = "not_found"
+
+
+class OverCapacity(MediaError):
+    """This node holds ``media.max_peer_connections`` peer connections already."""
+
+    code: ClassVar[str] = "over_capacity"

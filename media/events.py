@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class DatagramDropReason(StrEnum):
+    """Why a UDP datagram on a peer connection's socket never reached aiortc (RFC 7983 demux)."""
+
+    #: A zero-length datagram.
+    EMPTY = "empty"
+    #: First byte outside the STUN (0-3), DTLS (20-63) and RTP/RTCP (128-191) ranges.
+    UNKNOWN = "unknown"
+    #: First byte says STUN but the message does not parse or cannot be handled.
+    MALFORMED_STUN = "malformed_stun"
+    #: DTLS or SRTP/SRTCP from an address other than the selected ICE pair's remote one
+    #: (or before a pair is selected).
+    NOT_SELECTED_PAIR = "not_selected_pair"
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,23 @@ class PeerFailed:
 
 
 @dataclass(frozen=True)
+class PeerTimedOut:
+    """A peer connection was not connected (ICE and DTLS) within ``timeout_s``; the router
+    has closed it, its owner cleans up."""
+
+    peer_id: str
+    stream_id: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class DatagramsDropped:
+    """Datagrams dropped by the demultiplexer since the previous event, by reason."""
+
+    counts: Mapping[DatagramDropReason, int]
+
+
+@dataclass(frozen=True)
 class QualitySample:
     """One interval of one track, upstream (direction "in", a publisher) or
     downstream (direction "out", a subscriber)."""
@@ -79,5 +111,5 @@ class QualitySample:
 
 
 MediaEvent = (PeerStateChanged | KeyframeRequested | DimensionsChanged | MediaFlowChanged | PeerFailed
-              | QualitySample)
+              | PeerTimedOut | DatagramsDropped | QualitySample)
 Observer = Callable[[MediaEvent], None]

@@ -14,6 +14,12 @@ lowest estimate of the subscribers.
 The hot path (``PublishedTrack.on_rtp`` → ``ForwardingSender.forward``) does no
 I/O but the datagram send, no logging and no awaits; counters are plain ints
 folded into ``QualitySample`` events by one timer.
+
+Every datagram reaches aiortc through an RFC 7983 demultiplexer on each ICE
+socket (``aiortc_internals.demux_datagrams``): junk, and media from anyone but the
+selected pair, is dropped and counted (``DatagramsDropped`` each second). A peer
+connection not connected within ``connect_timeout_s`` is closed
+(``PeerTimedOut``), and the node holds at most ``max_peer_connections``.
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ from aiortc.rtp import (
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from media import aiortc_internals as internals
-from media.errors import MediaError, PeerNotFound
+from media.errors import MediaError, OverCapacity, PeerNotFound
 from media.events import (
+    DatagramDropReason,
+    DatagramsDropped,
     DimensionsChanged,
     KeyframeRequested,
     MediaEvent,
@@ -52,6 +60,7 @@ from media.events import (
     Observer,
     PeerFailed,
     PeerStateChanged,
+    PeerTimedOut,
     QualitySample,
 )
 from media.rtp import (
@@ -405,6 +414,9 @@ class Peer:
         self.stream_id = stream_id
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.closed = False
+        self.created = time.monotonic()
+        #: ICE and DTLS are up (connectionState "connected" was reached once).
+        self.connected = False
         self._last_state: dict[str, str] = {}
 
         @self.pc.on("iceconnectionstatechange")
@@ -414,6 +426,8 @@ class Peer:
         @self.pc.on("connectionstatechange")
         def _conn() -> None:
             state = self.pc.connectionState
+            if state == "connected":
+                self.connected = True
             self._state("connection", state)
             if state in ("failed", "closed") and not self.closed:
                 router.emit(PeerFailed(peer_id, stream_id, state))
@@ -455,6 +469,11 @@ class Peer:
             parsed.sdpMLineIndex = 0
         await self.pc.addIceCandidate(parsed)
 
+    def demux(self) -> None:
+        """Candidates are gathered: put the datagram demultiplexer on their sockets."""
+        for connection in internals.ice_connections(self.pc):
+            internals.demux_datagrams(connection, self.router.datagram_drops)
+
     def local_sdp(self) -> str:
         sdp = self.pc.localDescription.sdp
         return announce_ip(sdp, self.router.announced_ip) if self.router.announced_ip else sdp
@@ -487,6 +506,7 @@ class PublishPeer(Peer):
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as exc:  # aiortc raises ValueError/OperationError/InvalidStateError
             raise MediaError(f"cannot apply the offer: {exc}") from None
+        self.demux()
         return self.local_sdp()
 
     async def close(self) -> None:
@@ -514,6 +534,7 @@ class SubscribePeer(Peer):
             internals.hook_sender(transceiver.sender, fwd.start, fwd.on_rtcp)
             self.senders.append(fwd)
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        self.demux()
         return self.local_sdp()
 
     def send_sender_reports(self, ntp: int) -> None:
@@ -579,7 +600,8 @@ class Router:
     """All publishes and subscriptions of this node, by peer id."""
 
     def __init__(self, observer: Observer | None = None, pli_interval_s: float = 0.5, sample_interval_s: float = 2.0,
-                 announced_ip: str = "", answer_timeout_s: float = 30.0, idle_after_s: float = 5.0) -> None:
+                 announced_ip: str = "", answer_timeout_s: float = 30.0, idle_after_s: float = 5.0,
+                 connect_timeout_s: float = 20.0, max_peer_connections: int = 500) -> None:
         self.observer = observer
         self.pli_interval_s = pli_interval_s
         #: A subscription whose answer has not come by then fails (its owner cleans up).
@@ -587,7 +609,14 @@ class Router:
         #: A published track with no packet for this long is reported as stopped.
         self.idle_after_s = idle_after_s
         self.sample_interval_s = sample_interval_s
+        #: A peer connection not connected (ICE and DTLS) by then is closed.
+        self.connect_timeout_s = connect_timeout_s
+        #: Publishes plus subscriptions this node holds at most (each holds UDP sockets).
+        self.max_peer_connections = max_peer_connections
         self.announced_ip = announced_ip
+        #: Datagrams the demultiplexer dropped, by reason (plain ints, read by the timer).
+        self.datagram_drops: dict[DatagramDropReason, int] = dict.fromkeys(DatagramDropReason, 0)
+        self._drops_reported: dict[DatagramDropReason, int] = dict.fromkeys(DatagramDropReason, 0)
         self.publishes: dict[str, PublishPeer] = {}
         self.subscriptions: dict[str, SubscribePeer] = {}
         self._timer: asyncio.Task[None] | None = None
@@ -604,9 +633,15 @@ class Router:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().create_task(self._run_timer())
 
+    def _check_capacity(self) -> None:
+        if len(self.publishes) + len(self.subscriptions) >= self.max_peer_connections:
+            raise OverCapacity(f"this node already holds {self.max_peer_connections} peer connections, the most "
+                               "allowed (media.max_peer_connections)")
+
     async def publish(self, stream_id: str, offer_sdp: str) -> str:
         """Accept a publish offer; returns the answer SDP (with all our candidates)."""
         self.start()
+        self._check_capacity()
         peer = PublishPeer(self, stream_id)
         self.publishes[stream_id] = peer
         try:
@@ -621,6 +656,7 @@ class Router:
         publish = self.publishes.get(stream_id)
         if publish is None:
             raise PeerNotFound(f'No published stream "{stream_id}" on this node')
+        self._check_capacity()
         peer = SubscribePeer(self, subscription_id, publish)
         self.subscriptions[subscription_id] = peer
         try:
@@ -659,6 +695,21 @@ class Router:
         self.publishes.clear()
         await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)
 
+    def _reap_unconnected(self, now: float) -> None:
+        """Close every peer connection still not connected ``connect_timeout_s`` after it was
+        created: it holds sockets and would otherwise live as long as its signalling socket."""
+        for peers in (self.publishes, self.subscriptions):
+            for peer in [p for p in peers.values() if not p.connected and now - p.created > self.connect_timeout_s]:
+                del peers[peer.peer_id]
+                asyncio.ensure_future(peer.close())
+                self.emit(PeerTimedOut(peer.peer_id, peer.stream_id, self.connect_timeout_s))
+
+    def _report_drops(self) -> None:
+        drops, reported = self.datagram_drops, self._drops_reported
+        if drops != reported:
+            self.emit(DatagramsDropped({reason: drops[reason] - reported[reason] for reason in drops}))
+            self._drops_reported = dict(drops)
+
     async def _run_timer(self) -> None:
         last_sample = time.monotonic()
         while True:
@@ -675,6 +726,8 @@ class Router:
                     del self.subscriptions[subscription.peer_id]
                     asyncio.ensure_future(subscription.close())
                     self.emit(PeerFailed(subscription.peer_id, subscription.stream_id, "failed"))
+            self._reap_unconnected(now)
+            self._report_drops()
             if now - last_sample >= self.sample_interval_s:
                 interval, last_sample = now - last_sample, now
                 now_ms = int(time.time() * 1000)

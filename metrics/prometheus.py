@@ -29,6 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from media.events import DatagramDropReason
 from rooms.model import DisconnectReason, StreamDestroyedReason
 
 NAMESPACE: Final = "openconsult"
@@ -110,6 +111,17 @@ KEYFRAMES_REQUESTED: Final = Counter(
 NACKS_ANSWERED: Final = Counter(
     "nacks_answered", "NACKed packets retransmitted from the send buffer", namespace=NAMESPACE
 )
+MEDIA_DATAGRAMS_DROPPED: Final = Counter(
+    "media_datagrams_dropped",
+    "UDP datagrams on media sockets dropped before aiortc (RFC 7983 demultiplexing), by reason",
+    ["reason"],
+    namespace=NAMESPACE,
+)
+PEER_CONNECTIONS_TIMED_OUT: Final = Counter(
+    "peer_connections_timed_out",
+    "Publishes and subscriptions closed because they were not connected within media.connect_timeout_s",
+    namespace=NAMESPACE,
+)
 
 # --- Event log ----------------------------------------------------------------------------
 
@@ -146,6 +158,8 @@ def _precreate() -> None:
     for kind in MediaKind:
         RTP_PACKETS_FORWARDED.labels(kind=kind.value)
         RTP_BYTES_FORWARDED.labels(kind=kind.value)
+    for drop_reason in DatagramDropReason:
+        MEDIA_DATAGRAMS_DROPPED.labels(reason=drop_reason.value)
     for direction in WsDirection:
         for result in WsResult:
             WS_MESSAGES.labels(direction=direction.value, result=result.value)

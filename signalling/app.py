@@ -66,7 +66,8 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     media = app[CONFIG_KEY].media
     aiortc_internals.configure_ice_addresses(media.ice_addresses)
     router = Router(pli_interval_s=media.pli_interval_s, sample_interval_s=media.sample_interval_s,
-                    announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s)
+                    announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s,
+                    connect_timeout_s=media.connect_timeout_s, max_peer_connections=media.max_peer_connections)
     app[ROUTER_KEY] = router
     app[HUB_KEY] = Hub(app[TOKENS_KEY], router, app[EVENTLOG_KEY], app[CONFIG_KEY])
     router.start()

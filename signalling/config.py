@@ -71,6 +71,12 @@ class MediaConfig:
     sample_interval_s: float = 2.0
     #: A subscription whose SDP answer has not come by then is closed.
     answer_timeout_s: float = 30.0
+    #: A publish or subscription whose peer connection is not connected (ICE and DTLS)
+    #: by then is closed, logged with the reason; a publish is announced only once connected.
+    connect_timeout_s: float = 20.0
+    #: Peer connections (publishes plus subscriptions) this node holds at most; more get
+    #: ``over_capacity``. Each holds UDP sockets (one per ICE address).
+    max_peer_connections: int = 500
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,10 @@ class Config:
                 raise ConfigError(f'media: "{addr}" is not an IP address') from None
         if m.pli_interval_s <= 0 or m.answer_timeout_s <= 0 or m.sample_interval_s <= 0:
             raise ConfigError("media intervals must be > 0")
+        if not 0 < m.connect_timeout_s <= 600:
+            raise ConfigError(f"media.connect_timeout_s must be > 0 and <= 600, got {m.connect_timeout_s}")
+        if not 1 <= m.max_peer_connections <= 100_000:
+            raise ConfigError(f"media.max_peer_connections must be 1-100000, got {m.max_peer_connections}")
         self._validate_workflow()
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f'redis_url must start with redis://, rediss:// or unix://, got "{self.redis_url}"')

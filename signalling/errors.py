@@ -34,6 +34,7 @@ class ErrorCode(StrEnum):
     TOO_LATE = "too_late"
     RATE_LIMITED = "rate_limited"
     MEDIA_ERROR = "media_error"
+    OVER_CAPACITY = "over_capacity"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -157,6 +158,12 @@ class MediaError(OpenConsultError):
     code: ClassVar[ErrorCode] = ErrorCode.MEDIA_ERROR
 
 
+class OverCapacity(OpenConsultError):
+    """This node holds ``media.max_peer_connections`` peer connections already; nothing was done."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.OVER_CAPACITY
+
+
 class InternalError(OpenConsultError):
     """A bug on our side; the handler logs the trace and sends this without details."""
 
@@ -182,6 +189,7 @@ ERRORS_BY_CODE: Final[dict[ErrorCode, type[OpenConsultError]]] = {
         TooLate,
         RateLimited,
         MediaError,
+        OverCapacity,
         InternalError,
     )
 }

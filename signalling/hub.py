@@ -4,6 +4,10 @@ every live session, wired to the media router and the event log.
 Each WebSocket connection is a ``Client`` (a send queue plus its joined state);
 the ``Hub`` turns validated requests into session changes, media negotiation,
 pushed events and event-log entries. Nothing here parses frames or knows HTTP.
+
+A publish is announced (``streamCreated``, join's ``streams``) only once its peer
+connection is connected: until then it waits in ``pending_streams``, and one the
+router reaps for not connecting in time is logged as a publish failure.
 """
 
 from __future__ import annotations
@@ -15,14 +19,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from media.errors import MediaError as MediaPlaneError
+from media.errors import OverCapacity as MediaOverCapacity
 from media.errors import PeerNotFound
 from media.events import (
+    DatagramsDropped,
     DimensionsChanged,
     KeyframeRequested,
     MediaEvent,
     MediaFlowChanged,
     PeerFailed,
     PeerStateChanged,
+    PeerTimedOut,
     QualitySample,
 )
 from media.router import Router
@@ -48,7 +55,7 @@ from rooms.model import (
 from signalling import turn
 from signalling.auth import Claims, TokenAuthority, unverified_room
 from signalling.config import Config
-from signalling.errors import Forbidden, InvalidState, MediaError, NotFound, OpenConsultError
+from signalling.errors import Forbidden, InvalidState, MediaError, NotFound, OpenConsultError, OverCapacity
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +94,8 @@ class Hub:
         self.registry = LiveRegistry()
         self.clients: dict[ConnectionId, Client] = {}
         self.peers: dict[str, PeerOwner] = {}
+        #: Publishes answered but not connected yet: not announced, not subscribable.
+        self.pending_streams: dict[StreamId, LiveStream] = {}
         router.observer = self.on_media_event
 
     # --- helpers ----------------------------------------------------------------------
@@ -183,29 +192,55 @@ class Hub:
             self.peers.pop(stream_id, None)
             self.log(sid, EventKind.PUBLISH_FAILURE, f"Publish failed: {connection.name}: {exc}",
                      connection_id=connection.connection_id, stream_id=stream_id, error=str(exc))
+            if isinstance(exc, MediaOverCapacity):
+                raise OverCapacity(str(exc)) from None
             raise MediaError(str(exc)) from None
         if client.session is not session or connection.connection_id not in session.connections:
             # The client left while we negotiated.
             self.peers.pop(stream_id, None)
             await self.router.close_peer(stream_id)
             raise InvalidState("the connection left during publish")
-        kinds = self.router.publishes[stream_id].tracks.keys()
+        peer = self.router.publishes[stream_id]
+        kinds = peer.tracks.keys()
         stream = LiveStream(stream_id, connection.connection_id, name or connection.name, video_source or "camera",
                             has_audio="audio" in kinds, has_video="video" in kinds)
-        session.streams[stream_id] = stream
-        prom.STREAMS_ACTIVE.inc()
         self.log(sid, EventKind.PUBLISH_SUCCESS, f"Publish succeeded: {connection.name}",
                  connection_id=connection.connection_id, stream_id=stream_id)
+        self.pending_streams[stream_id] = stream
+        if peer.connected:
+            self._announce(session, stream_id)
+        return {"stream_id": stream_id, "answer": {"type": "answer", "sdp": answer}}
+
+    def _announce(self, session: LiveSession, stream_id: StreamId) -> None:
+        """The publish's media path is up: the stream becomes live for the others."""
+        stream = self.pending_streams.pop(stream_id, None)
+        if stream is None or stream.connection_id not in session.connections:
+            return
+        sid = session.session_id
+        session.streams[stream_id] = stream
+        prom.STREAMS_ACTIVE.inc()
         self.log(sid, EventKind.STREAM_CREATED,
                  f"Stream created: {stream.name} ({'audio' if stream.has_audio else ''}"
                  f"{'+' if stream.has_audio and stream.has_video else ''}{'video' if stream.has_video else ''})",
-                 connection_id=connection.connection_id, stream_id=stream_id, name=stream.name,
+                 connection_id=stream.connection_id, stream_id=stream_id, name=stream.name,
                  video_source=stream.video_source, has_audio=stream.has_audio, has_video=stream.has_video)
-        self.broadcast(session, "streamCreated", {"stream": stream.public()}, exclude=connection.connection_id)
-        return {"stream_id": stream_id, "answer": {"type": "answer", "sdp": answer}}
+        self.broadcast(session, "streamCreated", {"stream": stream.public()}, exclude=stream.connection_id)
+
+    async def _drop_pending(self, session: LiveSession, stream: LiveStream, reason: str) -> None:
+        """A publish that never got connected ends: free its peer and log why (no one was told of it)."""
+        if self.pending_streams.pop(stream.stream_id, None) is None:
+            return
+        self.peers.pop(stream.stream_id, None)
+        await self.router.close_peer(stream.stream_id)
+        self.log(session.session_id, EventKind.PUBLISH_FAILURE, f"Publish failed: {stream.name}: {reason}",
+                 connection_id=stream.connection_id, stream_id=stream.stream_id, error=reason)
 
     async def unpublish(self, client: Client, stream_id: str) -> dict[str, Any]:
         session, connection = self.joined(client)
+        pending = self.pending_streams.get(StreamId(stream_id))
+        if pending is not None and pending.connection_id == connection.connection_id:
+            await self._drop_pending(session, pending, "unpublished before its media connected")
+            return {}
         stream = session.streams.get(StreamId(stream_id))
         if stream is None or stream.connection_id != connection.connection_id:
             raise NotFound(f'No stream "{stream_id}" published by this connection')
@@ -219,6 +254,9 @@ class Hub:
         if stream is None:
             self.log(sid, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: no stream {stream_id}",
                      connection_id=connection.connection_id, stream_id=stream_id)
+            if StreamId(stream_id) in self.pending_streams:
+                raise NotFound(f'Stream "{stream_id}" is not live yet: its media has not connected '
+                               "(subscribe on streamCreated)")
             raise NotFound(f'No stream "{stream_id}" in session "{sid}"')
         if self._peer_count(connection.connection_id, publish=False) >= self.max_subscriptions:
             raise InvalidState(f"this connection already holds {self.max_subscriptions} subscriptions, "
@@ -233,6 +271,8 @@ class Hub:
             self.peers.pop(subscription_id, None)
             self.log(sid, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: {exc}",
                      connection_id=connection.connection_id, stream_id=stream_id)
+            if isinstance(exc, MediaOverCapacity):
+                raise OverCapacity(str(exc)) from None
             raise MediaError(str(exc)) from None
         if stream.stream_id not in session.streams or client.connection is not connection:
             self.peers.pop(subscription_id, None)
@@ -288,15 +328,16 @@ class Hub:
     # --- teardown ---------------------------------------------------------------------
 
     async def _end_subscription(self, session: LiveSession, subscription: LiveSubscription, reason: str,
-                                notify: bool) -> None:
+                                notify: bool, detail: str = "") -> None:
         if session.subscriptions.pop(subscription.subscription_id, None) is None:
             return
         self.peers.pop(subscription.subscription_id, None)
         prom.SUBSCRIPTIONS_ACTIVE.dec()
         await self.router.close_peer(subscription.subscription_id)
-        self.log(session.session_id, EventKind.UNSUBSCRIBED, f"Subscription ended: {reason}",
+        self.log(session.session_id, EventKind.UNSUBSCRIBED,
+                 f"Subscription ended: {reason}" + (f" ({detail})" if detail else ""),
                  connection_id=subscription.connection_id, stream_id=subscription.stream_id,
-                 subscription_id=subscription.subscription_id, reason=reason)
+                 subscription_id=subscription.subscription_id, reason=reason, **({"detail": detail} if detail else {}))
         client = self.clients.get(subscription.connection_id)
         if notify and client is not None:
             client.send({"type": "event", "event": "subscriptionEnded",
@@ -327,6 +368,8 @@ class Hub:
             await self._end_subscription(session, subscription, str(reason), notify=False)
         for stream in session.streams_of(connection.connection_id):
             await self.destroy_stream(session, stream, StreamDestroyedReason.from_disconnect(reason))
+        for pending in [s for s in self.pending_streams.values() if s.connection_id == connection.connection_id]:
+            await self._drop_pending(session, pending, f"the connection left ({reason}) before its media connected")
         session.connections.pop(connection.connection_id, None)
         self.clients.pop(connection.connection_id, None)
         prom.CONNECTIONS_ACTIVE.dec()
@@ -345,6 +388,11 @@ class Hub:
     # --- media events -----------------------------------------------------------------
 
     def on_media_event(self, event: MediaEvent) -> None:
+        if isinstance(event, DatagramsDropped):
+            for reason, count in event.counts.items():
+                if count:
+                    prom.MEDIA_DATAGRAMS_DROPPED.labels(reason=reason.value).inc(count)
+            return
         if isinstance(event, QualitySample):
             if event.direction == "out":
                 prom.RTP_PACKETS_FORWARDED.labels(kind=event.kind).inc(event.packets)
@@ -371,6 +419,10 @@ class Hub:
             self.log(sid, kind, f"{what} {event.layer} state: {event.state}{pair_text}", connection_id=cid,
                      stream_id=event.stream_id, peer_id=event.peer_id, layer=event.layer, state=event.state,
                      candidate_pair=pair)
+            if owner.is_publish and event.layer == "connection" and event.state == "connected":
+                session = self.registry.sessions.get(SessionId(sid))
+                if session is not None:
+                    self._announce(session, StreamId(event.stream_id))
         elif isinstance(event, KeyframeRequested):
             prom.KEYFRAMES_REQUESTED.inc()
             self.log(sid, EventKind.KEYFRAME_REQUESTED, f"Keyframe requested ({event.reason})", connection_id=cid,
@@ -386,7 +438,7 @@ class Hub:
                 text = f"No {event.kind} received from {name} for {event.idle_s:.0f} seconds"
             self.log(sid, EventKind.QUALITY_ALERT, text, connection_id=cid, stream_id=event.stream_id,
                      metric="media_flow", media=event.kind, flowing=event.flowing, idle_s=event.idle_s)
-        elif isinstance(event, PeerFailed):
+        elif isinstance(event, (PeerFailed, PeerTimedOut)):
             asyncio.get_running_loop().create_task(self._peer_failed(owner, event))
 
     def _connection_name(self, owner: PeerOwner) -> str:
@@ -394,17 +446,27 @@ class Hub:
         connection = session.connections.get(ConnectionId(owner.connection_id)) if session else None
         return connection.name if connection else owner.connection_id
 
-    async def _peer_failed(self, owner: PeerOwner, event: PeerFailed) -> None:
+    async def _peer_failed(self, owner: PeerOwner, event: PeerFailed | PeerTimedOut) -> None:
         session = self.registry.sessions.get(owner.session_id)  # type: ignore[call-overload]
         if session is None:
             return
-        reason = StreamDestroyedReason.NETWORK_DISCONNECTED if event.state == "failed" \
-            else StreamDestroyedReason.MEDIA_STOPPED
+        if isinstance(event, PeerTimedOut):
+            prom.PEER_CONNECTIONS_TIMED_OUT.inc()
+            reason = StreamDestroyedReason.NETWORK_DISCONNECTED
+            detail = f"not connected (ICE and DTLS) within {event.timeout_s:g} s"
+        else:
+            reason = StreamDestroyedReason.NETWORK_DISCONNECTED if event.state == "failed" \
+                else StreamDestroyedReason.MEDIA_STOPPED
+            detail = f"peer connection {event.state} before its media connected"
         if owner.is_publish:
+            pending = self.pending_streams.get(StreamId(owner.stream_id))
+            if pending is not None:
+                await self._drop_pending(session, pending, detail)
             stream = session.streams.get(StreamId(owner.stream_id))
             if stream is not None:
                 await self.destroy_stream(session, stream, reason)
         else:
             subscription = session.subscriptions.get(SubscriptionId(event.peer_id))
             if subscription is not None:
-                await self._end_subscription(session, subscription, str(reason), notify=True)
+                await self._end_subscription(session, subscription, str(reason), notify=True,
+                                             detail=detail if isinstance(event, PeerTimedOut) else "")

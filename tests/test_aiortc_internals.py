@@ -4,8 +4,12 @@ decoding, or forwarding nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import os
 import re
+import socket
+import struct
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -16,7 +20,9 @@ from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from media import aiortc_internals
+from media.events import DatagramDropReason
 from tests.codec_probe import install as install_probe
+from tests.helpers import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +92,11 @@ async def test_configured_ice_addresses_are_the_only_host_candidates() -> None:
         await pc.setLocalDescription(await pc.createOffer())
         hosts = re.findall(r"a=candidate:\S+ \d+ \S+ \d+ (\S+) \d+ typ host", pc.localDescription.sdp)
         assert hosts and set(hosts) == {"127.0.0.1"}
+        # The sockets demux_datagrams wraps exist once setLocalDescription has gathered.
+        [connection] = aiortc_internals.ice_connections(pc)
+        assert isinstance(connection, aioice.Connection)
+        assert [p.local_candidate.port for p in connection._protocols] == [int(port) for port in re.findall(
+            r"a=candidate:\S+ \d+ \S+ \d+ \S+ (\d+) typ host", pc.localDescription.sdp)]
     finally:
         await pc.close()
 
@@ -111,3 +122,52 @@ def test_codec_probe_records_constructions(tmp_path: Path, monkeypatch: object) 
          aiortc.rtcrtpsender.get_encoder) = saved
     lines = [line for line in (tmp_path / "probe.txt").read_text().splitlines() if not line.startswith(" ")]
     assert lines == ["decoder video/VP8", "encoder video/VP8"]
+
+
+def test_datagram_path_into_aiortc() -> None:
+    # What demux_datagrams replaces: aioice's handler parses STUN and hands the rest to aiortc.
+    source = inspect.getsource(aioice.ice.StunProtocol.datagram_received)
+    assert "stun.parse_message(data)" in source
+    assert "self.receiver.data_received(data, self.local_candidate.component)" in source
+    assert "self.receiver.request_received(message, addr, self)" in source
+    assert "self._queue.put_nowait((data, component))" in inspect.getsource(aioice.Connection.data_received)
+    assert "remote_candidate._network_host" in inspect.getsource(aioice.ice.CandidatePair)
+    # ... and aiortc's DTLS transport indexes the first byte without a length check.
+    assert "first_byte = data[0]" in inspect.getsource(RTCDtlsTransport._recv_next)
+
+
+async def test_demux_drops_junk_and_keeps_the_selected_pairs_media() -> None:
+    aiortc_internals.configure_ice_addresses(("127.0.0.1",))
+    a, b = aioice.Connection(ice_controlling=True), aioice.Connection(ice_controlling=False)
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for conn in (a, b):
+            await conn.gather_candidates()
+        drops: dict[DatagramDropReason, int] = dict.fromkeys(DatagramDropReason, 0)
+        aiortc_internals.demux_datagrams(b, drops)
+        for local, remote in ((a, b), (b, a)):
+            for candidate in remote.local_candidates:
+                await local.add_remote_candidate(candidate)
+            await local.add_remote_candidate(None)
+            local.remote_username, local.remote_password = remote.local_username, remote.local_password
+        await asyncio.gather(a.connect(), b.connect())
+        port = b.local_candidates[0].port
+        bad_stun = struct.pack("!HHI", 1, 8, 0x2112A442) + os.urandom(12) + struct.pack("!HH", 0x0020, 4) + b"\0\1"
+        for datagram in (b"", b"\xff junk", bad_stun, b"\x16\xfe\xfd hello", b"\x80\x60 rtp"):
+            stranger.sendto(datagram, ("127.0.0.1", port))
+        await a.send(b"\x80\x60 from the selected pair")
+        assert await asyncio.wait_for(b.recv(), 10) == b"\x80\x60 from the selected pair"
+        await wait_until(lambda: sum(drops.values()) == 5, timeout=10, message="5 drops")
+        assert drops == {DatagramDropReason.EMPTY: 1, DatagramDropReason.UNKNOWN: 1,
+                         DatagramDropReason.MALFORMED_STUN: 1, DatagramDropReason.NOT_SELECTED_PAIR: 2}
+        assert b._queue.empty()
+        await a.send(b"\x17\xfe\xfd dtls")
+        assert await asyncio.wait_for(b.recv(), 10) == b"\x17\xfe\xfd dtls"
+        # Well-formed STUN from anyone still reaches aioice (here: refused, it has no credentials).
+        stranger.setblocking(False)
+        stranger.sendto(struct.pack("!HHI", 1, 0, 0x2112A442) + os.urandom(12), ("127.0.0.1", port))
+        reply = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(stranger, 1500), 10)
+        assert reply[:2] == b"\x01\x11"  # Binding error response
+    finally:
+        stranger.close()
+        await asyncio.gather(a.close(), b.close())

@@ -50,6 +50,8 @@ def test_defaults_file_env_and_overrides_in_order(tmp_path: Path) -> None:
     ("[media]\nturn_urls = [\"http://x\"]\n", {}, 'media.turn_urls: "http://x" must start with turn:'),
     ("[media]\nturn_urls = [\"turn:x:3478\"]\n", {}, "media.turn_secret (at least 16 characters) is required"),
     ("[media]\nturn_credential_ttl_s = 5\n", {}, "media.turn_credential_ttl_s must be 60-604800"),
+    ("[media]\nconnect_timeout_s = 0\n", {}, "media.connect_timeout_s must be > 0 and <= 600, got 0.0"),
+    ("", {"OPENCONSULT_MEDIA__MAX_PEER_CONNECTIONS": "0"}, "media.max_peer_connections must be 1-100000, got 0"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as error:

@@ -41,6 +41,7 @@ async def test_publisher_media_stopping_destroys_its_stream(server: ServerProces
         await alice.join(tokens, r, Role.CLINICIAN)
         joined = await bob.join(tokens, r)
         stream = await alice.publish()
+        await bob.client.wait_event("streamCreated", stream__stream_id=stream)  # its media is up
         subscriber = await bob.subscribe(stream)
         await wait_until(lambda: bool(subscriber.received.frames), timeout=30, message="video at Bob")
         assert alice.publisher is not None
@@ -108,6 +109,7 @@ async def test_per_connection_limits_and_unanswered_subscriptions(limited: Serve
         with pytest.raises(RequestFailed) as second:
             await alice.publish(video=False)
         assert second.value.code == "invalid_state" and "1 streams" in second.value.message
+        await bob.client.wait_event("streamCreated", stream__stream_id=stream)  # its media is up
         # Bob asks twice and never answers: both time out and end, freeing his quota.
         first = await bob.client.request("subscribe", stream_id=stream)
         await bob.client.request("subscribe", stream_id=stream)

@@ -56,6 +56,7 @@ async def test_relay_only_clients_call_through_turn(tmp_path: Path) -> None:
                     iceServers=[RTCIceServer(urls=s["urls"][0], username=s["username"], credential=s["credential"])],
                     iceTransportPolicy=RTCIceTransportPolicy.RELAY)
             stream = await alice.publish()
+            await bob.client.wait_event("streamCreated", stream__stream_id=stream)  # its media is up
             subscriber = await bob.subscribe(stream)
             await wait_until(lambda: len(subscriber.received.frames) > 10, timeout=60, message="video through TURN")
             assert {(w, h) for _, w, h, _ in subscriber.received.frames} == {(640, 480)}

@@ -10,7 +10,8 @@ from aiortc import RTCSessionDescription
 from aiortc.rtp import RTCP_RTPFB_NACK, RtcpRtpfbPacket
 
 from media import aiortc_internals
-from media.events import KeyframeRequested, MediaEvent, MediaFlowChanged, PeerFailed, QualitySample
+from media.errors import OverCapacity
+from media.events import KeyframeRequested, MediaEvent, MediaFlowChanged, PeerFailed, PeerTimedOut, QualitySample
 from media.router import ForwardingSender, Router
 from media.rtp import vp8_is_keyframe
 from tests.helpers import wait_until
@@ -180,4 +181,24 @@ async def test_stopped_and_resumed_media_is_reported() -> None:
                          message="video reported flowing again")
     finally:
         await pub.close()
+        await router.close()
+
+
+async def test_unconnected_peers_are_reaped_and_the_node_is_capped() -> None:
+    events: list[MediaEvent] = []
+    router = Router(observer=events.append, connect_timeout_s=3.0, max_peer_connections=2)
+    stuck, live = await publisher_offer(), await publisher_offer()
+    try:
+        await router.publish("stuck", stuck.localDescription.sdp)  # its client never applies the answer
+        answer = await router.publish("live", live.localDescription.sdp)
+        with pytest.raises(OverCapacity, match="media.max_peer_connections"):
+            await router.subscribe("sub1", "live")
+        await live.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await wait_until(lambda: "stuck" not in router.publishes, timeout=10, message="the stuck publish reaped")
+        assert [(e.peer_id, e.timeout_s) for e in events if isinstance(e, PeerTimedOut)] == [("stuck", 3.0)]
+        assert router.publishes["live"].connected  # connected in time: kept
+        await router.subscribe("sub1", "live")  # room again
+    finally:
+        for pc in (stuck, live):
+            await pc.close()
         await router.close()

@@ -76,6 +76,7 @@ async def test_full_consultation_over_the_wire(clinic: Clinic) -> None:
         stream_p = await patient.publish()
         stream_d = await doctor.publish()
         await patient.client.wait_event("streamCreated", stream__stream_id=stream_d)
+        await doctor.client.wait_event("streamCreated", stream__stream_id=stream_p)
         sub_d = await doctor.subscribe(stream_p)
         sub_p = await patient.subscribe(stream_d)
         await wait_until(lambda: len(sub_d.received.frames) > 5 and len(sub_p.received.frames) > 5
