@@ -80,6 +80,8 @@ logger = logging.getLogger(__name__)
 VIDEO_MIME = "video/VP8"
 AUDIO_MIME = "audio/opus"
 CACHE_SLOTS = 2048  # power of two; at 1 Mbps VP8 (~120 packets/s) this is >15 s
+#: Remote ICE candidates one peer connection accepts (a browser offers a handful to a few dozen).
+MAX_REMOTE_CANDIDATES = 64
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
 URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 URI_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
@@ -418,6 +420,7 @@ class Peer:
         #: ICE and DTLS are up (connectionState "connected" was reached once).
         self.connected = False
         self._last_state: dict[str, str] = {}
+        self._remote_candidates = 0
 
         @self.pc.on("iceconnectionstatechange")
         def _ice() -> None:
@@ -459,6 +462,10 @@ class Peer:
             await self.pc.addIceCandidate(None)  # type: ignore[arg-type]
             return
         text = str(candidate["candidate"])
+        # Each remote candidate is a pair the ICE agent checks (STUN sent to that address):
+        # a bound keeps one client from growing the check list, or aiming checks anywhere, at will.
+        if self._remote_candidates >= MAX_REMOTE_CANDIDATES:
+            raise MediaError(f"this peer already has {MAX_REMOTE_CANDIDATES} remote candidates, the most accepted")
         try:
             parsed: RTCIceCandidate = candidate_from_sdp(text.split(":", 1)[1] if text.startswith("candidate:") else text)
         except (AssertionError, ValueError, IndexError):
@@ -467,6 +474,7 @@ class Peer:
         parsed.sdpMLineIndex = candidate.get("sdpMLineIndex")
         if parsed.sdpMid is None and parsed.sdpMLineIndex is None:
             parsed.sdpMLineIndex = 0
+        self._remote_candidates += 1
         await self.pc.addIceCandidate(parsed)
 
     def demux(self) -> None:

@@ -10,9 +10,9 @@ from aiortc import RTCSessionDescription
 from aiortc.rtp import RTCP_RTPFB_NACK, RtcpRtpfbPacket
 
 from media import aiortc_internals
-from media.errors import OverCapacity
+from media.errors import MediaError, OverCapacity
 from media.events import KeyframeRequested, MediaEvent, MediaFlowChanged, PeerFailed, PeerTimedOut, QualitySample
-from media.router import ForwardingSender, Router
+from media.router import MAX_REMOTE_CANDIDATES, ForwardingSender, Router
 from media.rtp import vp8_is_keyframe
 from tests.helpers import wait_until
 from tests.media.peers import Subscriber, publisher_offer
@@ -201,4 +201,21 @@ async def test_unconnected_peers_are_reaped_and_the_node_is_capped() -> None:
     finally:
         for pc in (stuck, live):
             await pc.close()
+        await router.close()
+
+
+async def test_remote_candidates_per_peer_are_bounded() -> None:
+    router = Router()
+    pub = await publisher_offer()
+    try:
+        await router.publish("st1", pub.localDescription.sdp)
+        for port in range(40000, 40000 + MAX_REMOTE_CANDIDATES):
+            await router.add_ice_candidate("st1", {"candidate": f"candidate:{port} 1 udp 2122260223 127.0.0.1 {port} "
+                                                                "typ host", "sdpMid": "0"})
+        with pytest.raises(MediaError, match=f"{MAX_REMOTE_CANDIDATES} remote candidates"):
+            await router.add_ice_candidate("st1", {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 39999 typ host",
+                                                   "sdpMid": "0"})
+        await router.add_ice_candidate("st1", None)  # the end-of-candidates marker still goes through
+    finally:
+        await pub.close()
         await router.close()
