@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from metrics import prometheus
-from metrics.events import LogEntry
+from metrics.events import LogEntry, safe_name
 from metrics.prometheus import EventLogDropReason
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _row(entry: LogEntry) -> tuple[Any, ...]:
         safe.connection_id,
         safe.stream_id,
         safe.kind,
-        str(safe.component),
+        safe_name(safe.component),
         safe.text,
         json.dumps(safe.payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
     )
