@@ -363,3 +363,22 @@ async def test_waiters_never_hang_on_refused_dropped_or_closed(db_path: Path) ->
     finally:
         hold.set()
         await event_log.aclose()
+
+
+def test_write_failures_are_warned_about_rate_limited(db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def full_disk(part: Sequence[LogEntry]) -> None:
+        raise OSError("No space left on device")
+
+    event_log = EventLog(db_path, batch_interval_s=60.0, before_write=full_disk)
+    try:
+        with caplog.at_level("WARNING", logger="metrics.eventlog"):
+            event_log.extend(entry(f"e{i}") for i in range(200))
+            assert event_log.flush_sync(timeout=30)
+    finally:
+        event_log.close()
+    assert event_log.dropped == 200
+    # One line saying why, one saying what was lost: not one per entry.
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        f"Event-log writer could not write an entry to {db_path}",
+        f"Dropping event-log entries for {db_path}",
+    ]
