@@ -237,8 +237,9 @@ class EventLog:
             return
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            if self._waiters:
+            if any(not waiter.done() for _, _, waiter in self._waiters):
                 raise RuntimeError("EventLog.committed() is waited on from another event loop")
+            self._waiters.clear()  # cancelled waiters of a loop that is gone
             self._loop = loop
         future: asyncio.Future[None] = loop.create_future()
         self._waiter_ids += 1

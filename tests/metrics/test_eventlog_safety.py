@@ -382,3 +382,22 @@ def test_write_failures_are_warned_about_rate_limited(db_path: Path, caplog: pyt
         f"Event-log writer could not write an entry to {db_path}",
         f"Dropping event-log entries for {db_path}",
     ]
+
+
+async def test_a_cancelled_waiter_costs_the_others_nothing(db_path: Path) -> None:
+    hold = threading.Event()
+    event_log = EventLog(db_path, before_write=lambda part: hold.wait(30))
+    try:
+        event_log.append(entry("first"))
+        cancelled = asyncio.create_task(event_log.committed(event_log.appended))
+        event_log.append(entry("second"))
+        kept = asyncio.create_task(event_log.committed(event_log.appended))
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        hold.set()
+        await asyncio.wait_for(kept, 30)
+        assert cancelled.cancelled()
+        assert [e["text"] for e in event_log.events_sync("s_1")] == ["first", "second"]
+    finally:
+        hold.set()
+        await event_log.aclose()
