@@ -3,12 +3,26 @@
 Callers on the event loop (and on the media path) only ever call :meth:`EventLog.append`,
 which puts the entry on a bounded in-memory queue and returns at once. One writer thread
 drains the queue and commits entries in batches: a batch closes after ``batch_max`` entries
-or ``batch_interval_s`` after its first entry, whichever comes first, and at once on a flush
-or close. SQLite runs in WAL mode so readers never wait for the writer.
+or ``batch_interval_s`` after its first entry, whichever comes first, and at once on a flush,
+a close, or while someone waits in :meth:`EventLog.committed`. SQLite runs in WAL mode so
+readers never wait for the writer.
+
+Durability (group commit): :attr:`EventLog.appended` counts the entries accepted so far;
+``await log.committed(mark)`` returns once every entry up to ``mark`` is committed (or was
+refused by SQLite and counted as dropped). The writer wakes waiters with one
+``call_soon_threadsafe`` per commit, and while anyone waits it commits what is queued at
+once instead of waiting out the batch window, so many waiting requests share one commit.
+The signalling edge waits like this before every reply whose request appended entries:
+what a client was told succeeded survives ``kill -9``.
+
+One bad entry never costs another: the writer stores :meth:`LogEntry.made_safe` of every
+entry (lone surrogates and control characters replaced, long texts cut, payloads JSON-ready),
+and if SQLite still refuses a batch, the batch is split in halves and retried until only the
+entries that fail on their own are left; those alone are dropped and counted.
 
 If the writer falls far behind (the queue holds ``max_queue`` entries), new entries are
-dropped, counted in ``openconsult_eventlog_entries_dropped_total`` and a warning is logged,
-rather than stalling the room that produced them. Acknowledged means flushed:
+dropped rather than stalling the room that produced them. Every loss is counted in
+``openconsult_eventlog_entries_dropped_total{reason}`` and warned about (at most every 10 s).
 :meth:`flush` / :meth:`flush_sync` return once everything appended before the call is
 committed.
 
@@ -20,6 +34,7 @@ flush first if you need to read your own writes.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import queue
@@ -32,7 +47,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from metrics import prometheus
-from metrics.events import LogEntry
+from metrics.events import LogEntry, safe_name
+from metrics.prometheus import EventLogDropReason
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +56,7 @@ DEFAULT_MAX_QUEUE: Final = 100_000
 DEFAULT_BATCH_MAX: Final = 2_000
 DEFAULT_BATCH_INTERVAL_S: Final = 0.05
 DEFAULT_QUERY_LIMIT: Final = 10_000
-_DROP_WARNING_INTERVAL_S: Final = 10.0
+_WARNING_INTERVAL_S: Final = 10.0
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS events (
@@ -76,33 +92,48 @@ class _Close:
     """Queue marker: the writer commits what it holds and exits."""
 
 
-_QueueItem = LogEntry | _Flush | _Close
+class _CommitNow:
+    """Queue marker: someone waits in :meth:`EventLog.committed`; commit without waiting."""
 
 
-def _payload_json(entry: LogEntry) -> str:
-    try:
-        return json.dumps(dict(entry.payload), separators=(",", ":"), ensure_ascii=False, default=str)
-    except Exception as exc:
-        # One bad payload must not cost the rest of its batch: keep the entry, say why.
-        logger.warning("Unserialisable payload in %s entry for %s: %r", entry.kind, entry.session_id, exc)
-        return json.dumps({"payload_error": f"not serialisable: {type(exc).__name__}"})
+_COMMIT_NOW: Final = _CommitNow()
+
+_QueueItem = LogEntry | _Flush | _Close | _CommitNow
 
 
 def _row(entry: LogEntry) -> tuple[Any, ...]:
+    """The SQLite row of ``entry`` made safe: encodable by construction."""
+    safe = entry.made_safe()
     return (
-        entry.time_ms,
-        entry.session_id,
-        entry.connection_id,
-        entry.stream_id,
-        str(entry.kind),
-        str(entry.component),
-        entry.text,
-        _payload_json(entry),
+        safe.time_ms,
+        safe.session_id,
+        safe.connection_id,
+        safe.stream_id,
+        safe.kind,
+        safe_name(safe.component),
+        safe.text,
+        json.dumps(safe.payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
     )
 
 
 def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class _RateLimited:
+    """At most one log line per interval for one kind of trouble (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = -_WARNING_INTERVAL_S
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < _WARNING_INTERVAL_S:
+                return False
+            self._last = now
+            return True
 
 
 class EventLog:
@@ -111,9 +142,11 @@ class EventLog:
     :param path: the database file; created with its table on first use, reopened as is after.
     :param max_queue: entries held in memory before :meth:`append` starts dropping.
     :param batch_max: most entries committed in one transaction.
-    :param batch_interval_s: longest an entry waits in memory for its batch to fill.
+    :param batch_interval_s: longest an entry waits in memory for its batch to fill (when
+        nobody waits for it in :meth:`committed`).
     :param before_write: test hook called in the writer thread with each batch before it is
-        written (lets tests simulate a slow disk).
+        written, and again with each half of a batch SQLite refused; an exception it raises
+        counts as SQLite refusing those entries (lets tests simulate a slow or failing disk).
     """
 
     def __init__(
@@ -135,9 +168,21 @@ class EventLog:
         self._closed = False
         self._close_lock = threading.Lock()
         self._drop_lock = threading.Lock()
-        self._last_drop_warning = 0.0
+        self._drop_warning = _RateLimited()
+        self._failure_warning = _RateLimited()
         self.dropped = 0  # entries this instance dropped (the Prometheus counter is process-wide)
         self.written = 0  # entries this instance committed
+        # Group commit. Entries get their number under _append_lock in queue order, so the
+        # writer knows the number of each entry it takes: the n-th entry taken is entry n.
+        self._append_lock = threading.Lock()
+        self._appended = 0  # entries accepted into the queue (dropped ones are not numbered)
+        self._taken = 0  # writer thread: entries taken off the queue
+        self._handled = 0  # entries committed or refused: waiters up to here may go
+        self._wanted = 0  # highest mark anyone waits for (set on the loop, read by the writer)
+        self._commit_requested = False  # a _CommitNow marker is queued
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap, on self._loop only
+        self._waiter_ids = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
         # Create the schema here, synchronously, so a bad path fails the constructor.
         conn = self._connect()
@@ -154,20 +199,91 @@ class EventLog:
         """Queue ``entry`` for writing. Never blocks and never raises on a full queue.
 
         Thread-safe. Once the log is closed, or when the queue is full, the entry is dropped
-        and counted.
+        and counted (and not numbered in :attr:`appended`, so nobody waits for it).
         """
         if self._closed:
-            self._drop(1, "event log is closed")
+            self._drop(1, EventLogDropReason.CLOSED)
             return
-        try:
-            self._queue.put_nowait(entry)
-        except queue.Full:
-            self._drop(1, "event-log writer is behind, queue full")
+        with self._append_lock:
+            try:
+                self._queue.put_nowait(entry)
+            except queue.Full:
+                pass
+            else:
+                self._appended += 1
+                return
+        self._drop(1, EventLogDropReason.QUEUE_FULL)
 
     def extend(self, entries: Iterable[LogEntry]) -> None:
         """:meth:`append` each of ``entries``."""
         for entry in entries:
             self.append(entry)
+
+    @property
+    def appended(self) -> int:
+        """Entries accepted so far (a monotonic count): the mark for :meth:`committed`."""
+        return self._appended
+
+    async def committed(self, mark: int) -> None:
+        """Return once every entry up to ``mark`` (an earlier :attr:`appended`) is committed.
+
+        Entries SQLite refused count as done (they are dropped and counted), and so does
+        everything once the log is closed: this never waits for an entry that cannot come.
+        While anyone waits, the writer commits at once (group commit); it wakes waiters with
+        one thread hop per commit. Call it from one event loop.
+        """
+        mark = min(mark, self._appended)
+        if mark <= self._handled or not self._writer.is_alive():
+            return
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if any(not waiter.done() for _, _, waiter in self._waiters):
+                raise RuntimeError("EventLog.committed() is waited on from another event loop")
+            self._waiters.clear()  # cancelled waiters of a loop that is gone
+            self._loop = loop
+        future: asyncio.Future[None] = loop.create_future()
+        self._waiter_ids += 1
+        heapq.heappush(self._waiters, (mark, self._waiter_ids, future))
+        # Say what is wanted, then look again: the writer publishes _handled, then reads
+        # _wanted, so one of the two sides sees the other.
+        self._wanted = max(self._wanted, mark)
+        if mark <= self._handled or not self._writer.is_alive():
+            self._wake_waiters()
+        elif not self._commit_requested:
+            # Wake a writer that waits out its batch window; a full queue needs no marker (the
+            # writer takes full batches without waiting and then sees _wanted).
+            self._commit_requested = True
+            try:
+                self._queue.put_nowait(_COMMIT_NOW)
+            except queue.Full:
+                self._commit_requested = False
+        await future
+
+    async def committed_since(self, mark: int) -> None:
+        """If entries were appended since ``mark`` (an earlier :attr:`appended`), wait until
+        they are all committed; otherwise return at once."""
+        now = self._appended
+        if now != mark:
+            await self.committed(now)
+
+    def _wake_waiters(self) -> None:
+        """On the waiters' loop: release every waiter whose mark is handled."""
+        handled = self._handled if self._writer.is_alive() else self._appended
+        while self._waiters and self._waiters[0][0] <= handled:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+
+    def _publish_handled(self, handled: int) -> None:
+        """Writer thread: entries up to ``handled`` are done; wake whoever waits for them."""
+        previous = self._handled
+        self._handled = handled
+        loop = self._loop
+        if loop is not None and self._wanted > previous:
+            try:
+                loop.call_soon_threadsafe(self._wake_waiters)
+            except RuntimeError:  # the loop is closed: nobody is left to wake
+                pass
 
     def flush_sync(self, timeout: float | None = None) -> bool:
         """Block until every entry appended before this call is committed (or dropped).
@@ -211,16 +327,14 @@ class EventLog:
         """Entries waiting for the writer (approximate)."""
         return self._queue.qsize()
 
-    def _drop(self, count: int, why: str) -> None:
-        prometheus.EVENTLOG_ENTRIES_DROPPED.inc(count)
-        now = time.monotonic()
+    def _drop(self, count: int, reason: EventLogDropReason) -> None:
+        prometheus.EVENTLOG_ENTRIES_DROPPED.labels(reason=reason.value).inc(count)
         with self._drop_lock:
             self.dropped += count
-            # Rate-limited: a writer that is behind would otherwise add a log line per entry.
-            if now - self._last_drop_warning < _DROP_WARNING_INTERVAL_S:
-                return
-            self._last_drop_warning = now
-        logger.warning("Dropping event-log entries for %s: %s (%d dropped so far)", self.path, why, self.dropped)
+        # Rate-limited: a writer that is behind would otherwise add a log line per entry.
+        if self._drop_warning.due():
+            logger.warning("Dropping event-log entries for %s: %s (%d dropped so far)", self.path, reason.value,
+                           self.dropped)
 
     # --- the writer thread -----------------------------------------------------------------
 
@@ -239,6 +353,7 @@ class EventLog:
                 batch, markers, closing = self._next_batch()
                 if batch:
                     self._write(conn, batch)
+                self._publish_handled(self._taken)
                 for marker in markers:
                     marker.done.set()
                 prometheus.EVENTLOG_ENTRIES_QUEUED.set(self._queue.qsize())
@@ -246,9 +361,27 @@ class EventLog:
                     return
         finally:
             conn.close()
+            # An append that raced close() may have queued an entry behind the close marker.
+            left = 0
+            while True:
+                try:
+                    left += isinstance(self._queue.get_nowait(), LogEntry)
+                except queue.Empty:
+                    break
+            if left:
+                self._drop(left, EventLogDropReason.CLOSED)
+            # Whatever happened, nobody waits for this writer any more.
+            self._handled = self._appended
+            loop = self._loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._wake_waiters)
+                except RuntimeError:
+                    pass
 
     def _next_batch(self) -> tuple[list[LogEntry], list[_Flush], bool]:
-        """Wait for an item, then gather more until the batch is full, old enough, or a marker comes."""
+        """Wait for an item, then gather more until the batch is full, old enough, wanted by a
+        waiter, or a marker comes."""
         batch: list[LogEntry] = []
         markers: list[_Flush] = []
         item = self._queue.get()
@@ -259,17 +392,24 @@ class EventLog:
             if isinstance(item, _Flush):
                 markers.append(item)
                 return batch, markers, False
-            batch.append(item)
-            if len(batch) >= self._batch_max:
-                return batch, markers, False
-            # Take what is already queued without waiting; wait only until the deadline.
+            if isinstance(item, _CommitNow):
+                self._commit_requested = False
+                if batch:
+                    return batch, markers, False
+            else:
+                batch.append(item)
+                self._taken += 1
+                if len(batch) >= self._batch_max:
+                    return batch, markers, False
+            # Take what is already queued without waiting; wait only until the deadline, and
+            # not at all while someone waits for an entry already taken.
             try:
                 item = self._queue.get_nowait()
                 continue
             except queue.Empty:
                 pass
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if (batch and self._wanted > self._handled) or remaining <= 0:
                 return batch, markers, False
             try:
                 item = self._queue.get(timeout=remaining)
@@ -277,24 +417,49 @@ class EventLog:
                 return batch, markers, False
 
     def _write(self, conn: sqlite3.Connection, batch: list[LogEntry]) -> None:
-        try:
-            if self._before_write is not None:
-                self._before_write(batch)
-            rows = [_row(entry) for entry in batch]
-            conn.execute("BEGIN")
+        """Commit ``batch``; if SQLite refuses it, retry each half until only the entries that
+        fail on their own are left, and drop and count just those."""
+        rows: list[tuple[Any, ...]] = []
+        entries: list[LogEntry] = []
+        for entry in batch:
             try:
-                conn.executemany(_INSERT, rows)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+                rows.append(_row(entry))
+                entries.append(entry)
+            except Exception as exc:  # made_safe() never raises; this is the last line of defence
+                self._refused(1, exc)
+        pending = [(0, len(rows))]
+        while pending:
+            start, end = pending.pop()
+            try:
+                if self._before_write is not None:
+                    self._before_write(entries[start:end])
+                self._insert(conn, rows[start:end])
+            except Exception as exc:
+                if end - start == 1:
+                    self._refused(1, exc)
+                    continue
+                middle = (start + end) // 2
+                pending.extend([(middle, end), (start, middle)])  # first half first: keep order
+                continue
+            self.written += end - start
+            prometheus.EVENTLOG_ENTRIES_WRITTEN.inc(end - start)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+        conn.execute("BEGIN")
+        try:
+            conn.executemany(_INSERT, rows)
             conn.execute("COMMIT")
-        except Exception:
-            # The writer must outlive a bad batch (disk full, locked file…): count and go on.
-            logger.exception("Event-log writer failed to write %d entries to %s", len(batch), self.path)
-            self._drop(len(batch), "write failed")
-            return
-        self.written += len(batch)
-        prometheus.EVENTLOG_ENTRIES_WRITTEN.inc(len(batch))
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _refused(self, count: int, exc: Exception) -> None:
+        # The writer must outlive a bad entry (and a bad disk): count, warn now and then, go on.
+        if self._failure_warning.due():
+            logger.warning("Event-log writer could not write an entry to %s: %r", self.path, exc)
+        self._drop(count, EventLogDropReason.WRITE_FAILED)
 
     # --- queries ---------------------------------------------------------------------------
 

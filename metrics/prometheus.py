@@ -52,6 +52,15 @@ class TokenRejectCode(StrEnum):
     ROOM_MISMATCH = "room_mismatch"
 
 
+class EventLogDropReason(StrEnum):
+    """Why an event-log entry was lost: the writer was behind (queue full), the log was already
+    closed, or SQLite refused the entry itself (its batch-mates are written all the same)."""
+
+    QUEUE_FULL = "queue_full"
+    CLOSED = "closed"
+    WRITE_FAILED = "write_failed"
+
+
 class WsDirection(StrEnum):
     INBOUND = "in"
     OUTBOUND = "out"
@@ -130,7 +139,9 @@ EVENTLOG_ENTRIES_WRITTEN: Final = Counter(
 )
 EVENTLOG_ENTRIES_DROPPED: Final = Counter(
     "eventlog_entries_dropped",
-    "Event-log entries lost because the writer fell behind, failed, or the log was closed",
+    "Event-log entries lost, by reason: writer behind (queue_full), log closed, or the entry"
+    " itself refused by SQLite (write_failed)",
+    ["reason"],
     namespace=NAMESPACE,
 )
 EVENTLOG_ENTRIES_QUEUED: Final = Gauge(
@@ -160,6 +171,8 @@ def _precreate() -> None:
         RTP_BYTES_FORWARDED.labels(kind=kind.value)
     for drop_reason in DatagramDropReason:
         MEDIA_DATAGRAMS_DROPPED.labels(reason=drop_reason.value)
+    for log_drop_reason in EventLogDropReason:
+        EVENTLOG_ENTRIES_DROPPED.labels(reason=log_drop_reason.value)
     for direction in WsDirection:
         for result in WsResult:
             WS_MESSAGES.labels(direction=direction.value, result=result.value)

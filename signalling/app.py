@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
+import asyncio
 import weakref
 from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
+from aiohttp.typedefs import Handler
 
 from media import aiortc_internals
 from media.router import Router
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[coded_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[committed_replies, coded_errors], client_max_size=1024 * 1024)
     config.data_path.mkdir(parents=True, exist_ok=True)
     app[CONFIG_KEY] = config
     app[TOKENS_KEY] = TokenAuthority.from_config(config)
@@ -53,6 +55,25 @@ def create_app(config: Config) -> web.Application:
     add_staff_routes(app)
     app.router.add_get("/ws", websocket_handler)
     return app
+
+
+@web.middleware
+async def committed_replies(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A reply to a request that appended event-log entries waits until they are committed,
+    so nothing a client is told survives only in memory (the WebSocket does the same per
+    request, see ``ws._logged``)."""
+    eventlog = request.app[EVENTLOG_KEY]
+    mark = eventlog.appended
+    try:
+        response = await handler(request)
+    except asyncio.CancelledError:
+        raise
+    except BaseException:
+        await eventlog.committed_since(mark)
+        raise
+    if not isinstance(response, web.WebSocketResponse):  # a socket's replies wait one by one
+        await eventlog.committed_since(mark)
+    return response
 
 
 async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from metrics import prometheus as prom
+from metrics.eventlog import EventLog
 from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
 from signalling.codec import SUBPROTOCOLS, Codec, error_response, response_ok
@@ -24,6 +26,7 @@ from signalling.errors import InternalError, OpenConsultError, ProtocolError, co
 from signalling.hub import Client, Hub
 from signalling.keys import (
     CONFIG_KEY,
+    EVENTLOG_KEY,
     HUB_KEY,
     SHUTTING_DOWN_KEY,
     SOCKETS_KEY,
@@ -84,7 +87,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             prom.WS_MESSAGES.labels(direction="in", result="ok").inc()
             request_id = request_msg.get("id")
             try:
-                data = await _dispatch(hub, workflow, client, request_msg)
+                data = await _logged(request.app[EVENTLOG_KEY], _dispatch(hub, workflow, client, request_msg))
             except (OpenConsultError, RoomsError) as exc:
                 error = coded(exc)  # the one place domain errors become wire errors
                 send(error_response(request_id, error))
@@ -153,6 +156,24 @@ async def _write_loop(ws: web.WebSocketResponse, codec: Codec, queue: asyncio.Qu
         except (ConnectionError, RuntimeError):
             return
         prom.WS_MESSAGES.labels(direction="out", result="ok").inc()
+
+
+_T = TypeVar("_T")
+
+
+async def _logged(eventlog: EventLog, request: Awaitable[_T]) -> _T:
+    """Run a request; before its reply (or coded error) goes out, wait until what was logged
+    meanwhile is committed, so nothing a client is told survives only in memory."""
+    mark = eventlog.appended
+    try:
+        result = await request
+    except asyncio.CancelledError:
+        raise  # shutting down: no reply goes out
+    except BaseException:
+        await eventlog.committed_since(mark)
+        raise
+    await eventlog.committed_since(mark)
+    return result
 
 
 async def _dispatch(hub: Hub, workflow: Workflow, client: Client, msg: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from metrics import prometheus
+from metrics.prometheus import EventLogDropReason
 from metrics.eventlog import EventLog
 from metrics.events import (
     NO_SESSION,
@@ -50,10 +51,15 @@ def log(db_path: Path) -> Iterator[EventLog]:
     event_log.close()
 
 
-def counter_value(name: str) -> float:
-    value = prometheus.REGISTRY.get_sample_value(name)
+def counter_value(name: str, **labels: str) -> float:
+    value = prometheus.REGISTRY.get_sample_value(name, labels)
     assert value is not None
     return value
+
+
+def dropped_total() -> float:
+    """The process-wide dropped counter, summed over its reasons."""
+    return sum(counter_value("openconsult_eventlog_entries_dropped_total", reason=r.value) for r in EventLogDropReason)
 
 
 def test_append_flush_query_order(log: EventLog) -> None:
@@ -118,7 +124,7 @@ def test_unserialisable_payload_values_do_not_lose_entries(log: EventLog) -> Non
     rows = log.events_sync("s_1")
     assert [r["payload"] for r in rows] == [
         {"path": "/x", "kinds": "{1}"},
-        {"payload_error": "not serialisable: RuntimeError"},
+        {"bad": "<unprintable: RuntimeError>"},
         {"ok": 1},
     ]
     assert log.dropped == 0
@@ -301,7 +307,7 @@ def test_sessions_search(log: EventLog) -> None:
 def test_append_never_blocks_when_writer_is_slow(db_path: Path) -> None:
     release = threading.Event()
     event_log = EventLog(db_path, max_queue=50, batch_max=10, before_write=lambda batch: release.wait(30))
-    dropped_before = counter_value("openconsult_eventlog_entries_dropped_total")
+    dropped_before = counter_value("openconsult_eventlog_entries_dropped_total", reason="queue_full")
     try:
         started = time.perf_counter()
         for i in range(2_000):
@@ -310,7 +316,8 @@ def test_append_never_blocks_when_writer_is_slow(db_path: Path) -> None:
         assert elapsed < 1.0, f"append blocked: {elapsed:.3f}s for 2000 entries"
         # The writer holds at most one batch; the queue holds at most max_queue.
         assert 2_000 - 50 - 10 <= event_log.dropped <= 2_000 - 50
-        assert counter_value("openconsult_eventlog_entries_dropped_total") - dropped_before == event_log.dropped
+        dropped_after = counter_value("openconsult_eventlog_entries_dropped_total", reason="queue_full")
+        assert dropped_after - dropped_before == event_log.dropped
         release.set()
         assert event_log.flush_sync(timeout=10)
         assert len(event_log.events_sync("s_1", limit=5_000)) == 2_000 - event_log.dropped
@@ -319,22 +326,24 @@ def test_append_never_blocks_when_writer_is_slow(db_path: Path) -> None:
         event_log.close()
 
 
-def test_writer_survives_a_failed_batch(db_path: Path) -> None:
-    fail = [True]
+def test_writer_survives_a_failing_disk(db_path: Path) -> None:
+    # Every write fails while the "disk" is full: each entry is tried on its own, then dropped.
+    full = [True]
 
-    def flaky(batch: Sequence[LogEntry]) -> None:
-        if fail[0]:
-            fail[0] = False
+    def disk(batch: Sequence[LogEntry]) -> None:
+        if full[0]:
             raise OSError("disk full")
 
-    event_log = EventLog(db_path, before_write=flaky)
+    event_log = EventLog(db_path, before_write=disk)
     try:
-        event_log.append(entry(text="lost"))
+        event_log.extend(entry(text=f"lost-{i}") for i in range(5))
         assert event_log.flush_sync(timeout=10)
+        assert event_log.dropped == 5
+        full[0] = False
         event_log.append(entry(text="kept"))
         assert event_log.flush_sync(timeout=10)
         assert [e["text"] for e in event_log.events_sync("s_1")] == ["kept"]
-        assert event_log.dropped == 1
+        assert event_log.dropped == 5
     finally:
         event_log.close()
 

@@ -2,7 +2,7 @@
 separately SIGKILL) and start it on the same data dir; queues, positions and chat are intact.
 
 The workflow store commits synchronously, so even a SIGKILL loses nothing it acknowledged
-(the event log's 50 ms write batch may lose its last entries on SIGKILL; it is not checked here).
+(the event log's side of that promise is checked in tests/test_durability.py).
 A dropped connection keeps the patient's place: they come back with the same link."""
 
 from __future__ import annotations
