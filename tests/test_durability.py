@@ -65,7 +65,7 @@ class Acknowledged:
 
     joins: list[tuple[str, str]] = field(default_factory=list)  # (session_id, connection_id)
     leaves: list[tuple[str, str]] = field(default_factory=list)
-    streams: list[tuple[str, str, str]] = field(default_factory=list)  # (session_id, stream_id, kind)
+    streams: list[tuple[str, str, str]] = field(default_factory=list)  # (session_id, stream_id, kind|kind…)
     chats: list[tuple[str, str]] = field(default_factory=list)  # (session_id, message_id)
     refusals: int = 0
 
@@ -105,10 +105,11 @@ async def publish_loop(server: ServerProcess, tokens: TokenAuthority, room: str,
             try:
                 data = await client.request("publish", offer={"type": "offer", "sdp": pc.localDescription.sdp},
                                             timeout=10)
-                ack.streams.append((session_id, data["stream_id"], "streamCreated"))
+                ack.streams.append((session_id, data["stream_id"], "publishSuccess"))
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=data["answer"]["sdp"], type="answer"))
                 await client.request("unpublish", stream_id=data["stream_id"], timeout=10)
-                ack.streams.append((session_id, data["stream_id"], "streamDestroyed"))
+                # A stream whose media connected ends destroyed; one that had not yet, as a failed publish.
+                ack.streams.append((session_id, data["stream_id"], "streamDestroyed|publishFailure"))
             finally:
                 await pc.close()
     except GONE:
@@ -200,7 +201,7 @@ def missing_entries(server: ServerProcess, tokens: TokenAuthority, ack: Acknowle
             missing.append(f"disconnect {s} {c}")
     logged_streams = {(s, kind, stream) for s, kind, _, stream, _, _ in logged}
     for s, stream, kind in ack.streams:
-        if (s, kind, stream) not in logged_streams:
+        if not any((s, one, stream) in logged_streams for one in kind.split("|")):
             missing.append(f"{kind} {s} {stream}")
     logged_chats = {(s, message) for s, kind, _, _, message, _ in logged if kind == "Chat"}
     missing.extend(f"Chat {s} {m}" for s, m in ack.chats if (s, m) not in logged_chats)
