@@ -121,8 +121,8 @@ class TokenAuthority:
         alg = header.get("alg")
         if alg != self.algorithm:
             # ascii(): the header is the client's; a lone surrogate or control character stays text.
-            shown = ascii(alg)[:40] if isinstance(alg, str) else type(alg).__name__
-            raise Unauthorized(f"token algorithm {shown} is not the configured {self.algorithm}")
+            shown = _shown(alg) if isinstance(alg, str) else type(alg).__name__
+            raise Unauthorized(f'token algorithm "{shown}" is not the configured {self.algorithm}')
         try:
             data: dict[str, Any] = jwt.decode(
                 token, self._verify_key, algorithms=[self.algorithm],
@@ -133,7 +133,7 @@ class TokenAuthority:
         except jwt.MissingRequiredClaimError as exc:
             raise Unauthorized(f'token lacks the "{exc.claim}" claim') from None
         except (jwt.PyJWTError, ValueError) as exc:
-            raise Unauthorized(f"token is invalid: {ascii(str(exc))[:120]}") from None
+            raise Unauthorized(f"token is invalid: {_shown(str(exc), 120)}") from None
         # The window is checked here rather than by PyJWT so the error names which end failed.
         t = time.time() if now is None else now
         nbf, exp = data["nbf"], data["exp"]
@@ -144,7 +144,7 @@ class TokenAuthority:
         if t > exp + self.leeway_s:
             raise TokenExpired(f"token expired at {_iso(exp)}, it is now {_iso(int(t))}: too late")
         if not isinstance(data["role"], str) or data["role"] not in set(Role):
-            raise Unauthorized(f'token role {ascii(data["role"])[:40]} is not one of {", ".join(Role)}')
+            raise Unauthorized(f'token role "{_shown(str(data["role"]))}" is not one of {", ".join(Role)}')
         role = Role(data["role"])
         if not isinstance(data["room"], str) or not ROOM_PATTERN.match(data["room"]):
             raise Unauthorized("token room claim is malformed")
@@ -189,6 +189,12 @@ def unverified_room(token: str) -> str | None:
     except jwt.PyJWTError:
         return None
     return room if isinstance(room, str) and ROOM_PATTERN.match(room) else None
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """Client text quoted in an error message: non-ASCII and control characters escaped (a lone
+    surrogate stays encodable), at most ``limit`` characters."""
+    return ascii(text[:limit])[1:-1]
 
 
 def _iso(t: int) -> str:

@@ -232,7 +232,7 @@ def _coerce(path: str, value: Any, typ: Any) -> Any:
         try:
             return _coerce(path, value, bool)
         except ConfigError:
-            raise ConfigError(f'{path} must be true, false or "auto", got {value!r}') from None
+            raise ConfigError(f'{path} must be true or false (or "auto"), got {value!r}') from None
     if typ is bool:
         if isinstance(value, bool):
             return value

@@ -285,6 +285,7 @@ async def resend_link(request: web.Request) -> web.Response:
     service = workflow.service
     sid = SessionId(request.match_info["session_id"])
     c = await service.consultation(actor, sid)
+    service.authorize(actor, Action.INVITE, c.department)  # refused before the body is looked at
     room_id = _text(body, "waiting_room", required=False, pattern=True)
     if room_id is None:
         segments = (await service.queue_entry(actor, sid)).segments
