@@ -23,6 +23,7 @@ from signalling.errors import (
     NotFound,
     OpenConsultError,
     RateLimited,
+    RoomMismatch,
     Unauthorized,
     coded,
 )
@@ -69,11 +70,14 @@ def bearer_claims(request: web.Request, roles: tuple[Role, ...], room: str | Non
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         raise Unauthorized("an Authorization: Bearer <token> header is required")
-    claims = request.app[TOKENS_KEY].verify(header[len("Bearer "):].strip(), room=room)
+    claims = request.app[TOKENS_KEY].verify(header[len("Bearer "):].strip())
+    # The order of the refusals is the one docs/openapi.yaml documents: demo, role, room.
     if claims.demo:
         raise Forbidden("a demo token may only join a media room; it may not use the HTTP API")
     if claims.role not in roles:
         raise Forbidden(f'role "{claims.role}" may not read this; it needs {" or ".join(roles)}')
+    if room is not None and claims.room != room:
+        raise RoomMismatch(f'token is for room "{claims.room}", not "{room}" (the room of this API)')
     return claims
 
 

@@ -24,8 +24,9 @@ NAME_MAX = 80
 DEPARTMENTS_MAX = 64
 #: Optional string claims of consultation join links (see signalling.workflow).
 LINK_CLAIMS = ("consultation", "waiting_room", "link")
-#: Longest token accepted, in characters: far above any token OpenConsult mints (~1 KiB).
-TOKEN_MAX = 8192
+#: Longest token accepted, in characters: above any token OpenConsult mints (a staff token with
+#: 64 departments of 64 characters is ~6 KB), below aiohttp's 8190-byte header line.
+TOKEN_MAX = 8000
 #: The ``sub`` namespace of demo tokens: no workflow identity lives there.
 DEMO_SUB_PREFIX = "demo:"
 
