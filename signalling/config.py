@@ -140,13 +140,21 @@ class Config:
     @property
     def demo_served(self) -> bool:
         """Whether POST /api/demo/token is served (see :class:`DemoConfig`)."""
+        if not self._can_sign:
+            return False
         if self.demo.enabled is None:
             return is_loopback(self.server.host)
         return self.demo.enabled
 
+    @property
+    def _can_sign(self) -> bool:
+        return self.auth.algorithm != "RS256" or bool(self.auth.private_key_file)
+
     def demo_status(self) -> str:
         """One line for start-up: whether the demo token endpoint is on, and why."""
         host = self.server.host
+        if not self._can_sign:
+            return "demo token endpoint off: RS256 without auth.private_key_file, this node signs no tokens"
         if self.demo.enabled is None:
             if is_loopback(host):
                 return f"demo token endpoint on: the server listens on loopback ({host}) only"
