@@ -3,7 +3,6 @@ token endpoint, Prometheus metrics and the static pages."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -151,8 +150,10 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body, or a coded error saying what is wrong with it."""
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidMessage("the body must be JSON") from None
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer over Python's
+        # digit limit; RecursionError a body nested deeper than the parser goes.
+        raise InvalidMessage("the body must be JSON (UTF-8, nested at most a few hundred levels)") from None
     if not isinstance(body, dict):
         raise InvalidMessage("the body must be a JSON object")
     return body
