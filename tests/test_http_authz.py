@@ -344,3 +344,22 @@ def test_demo_endpoint_follows_the_listen_address(tmp_path: Path, host: str, con
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+@pytest.mark.parametrize("host, enabled, served", [
+    ("127.0.0.1", None, True), ("::1", None, True), ("localhost", None, True), ("127.0.0.2", None, True),
+    ("0.0.0.0", None, False), ("::", None, False), ("192.168.1.5", None, False), ("example.org", None, False),
+    ("0.0.0.0", "true", True), ("127.0.0.1", "false", False), ("127.0.0.1", "auto", True), ("0.0.0.0", "auto", False),
+])
+def test_demo_switch(host: str, enabled: str | None, served: bool) -> None:
+    env = {"OPENCONSULT_SERVER__HOST": host}
+    if enabled is not None:
+        env["OPENCONSULT_DEMO__ENABLED"] = enabled
+    config = load_config(env=env)
+    assert config.demo_served is served
+    assert config.demo_status().startswith(f"demo token endpoint {'on' if served else 'off'}: "), config.demo_status()
+
+
+def test_demo_switch_refuses_other_values() -> None:
+    with pytest.raises(ValueError, match='demo.enabled must be true or false \\(or "auto"\\)'):
+        load_config(env={"OPENCONSULT_DEMO__ENABLED": "maybe"})
