@@ -1,6 +1,8 @@
 """Who may do what: one permission table, role × action → scope.
 
-Scopes: ``none``; ``own`` (a patient acting on their own consultation, queue place, chat);
+Scopes: ``none``; ``own`` (a patient acting on their own consultation, queue place, chat; where
+the resource belongs to one consultation — a consultation's chat — the patient's token must also
+have been issued for that consultation, so a patient reference and a session id are not enough);
 ``department`` (the resource's department must be one of the actor's — only while the
 organisation has strict department separation on; with it off, staff see the whole organisation);
 ``all``. Organisation admins see everything; support sees inspector data, queues and consultation
@@ -101,6 +103,8 @@ class Actor:
     role: Role
     user_id: str
     departments: frozenset[str] = field(default_factory=frozenset)
+    #: The consultation the actor's token was issued for (a patient's join link), if any.
+    consultation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,8 @@ class Resource:
 
     department: str
     patient_ref: str | None = None
+    #: The one consultation the resource belongs to (a consultation's chat), if it is bound to one.
+    session_id: str | None = None
 
 
 def scope(role: Role, action: Action) -> Scope:
@@ -120,7 +126,8 @@ def allowed(actor: Actor, action: Action, resource: Resource, strict_departments
     if granted is Scope.ALL:
         return True
     if granted is Scope.OWN:
-        return resource.patient_ref is not None and resource.patient_ref == actor.user_id
+        return (resource.patient_ref is not None and resource.patient_ref == actor.user_id
+                and (resource.session_id is None or resource.session_id == actor.consultation))
     if granted is Scope.DEPARTMENT:
         return not strict_departments or resource.department in actor.departments
     return False

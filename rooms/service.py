@@ -200,8 +200,25 @@ class WorkflowService:
         doc = await self._load_doc(CHANNEL, channel_id, "chat channel")
         return doc.version, ChatChannel.from_doc(doc.body)
 
-    def _check(self, actor: Actor, action: Action, department: str, patient_ref: str | None = None) -> None:
-        check(actor, action, Resource(department, patient_ref), self.config.strict_departments)
+    def _check(self, actor: Actor, action: Action, department: str, patient_ref: str | None = None,
+               session_id: str | None = None) -> None:
+        check(actor, action, Resource(department, patient_ref, session_id), self.config.strict_departments)
+
+    async def _check_chat(self, actor: Actor, action: Action, ch: ChatChannel) -> None:
+        """Chat access: the table, then membership. A consultation's chat is a patient's only on a
+        token issued for that consultation; a pair chat only on a token for a consultation of that
+        patient with that clinician. A clinician reads a pair chat only if it is theirs."""
+        session_id = ch.session_id
+        if actor.role is Role.PATIENT and ch.kind is ChannelKind.PAIR:
+            doc = None if actor.consultation is None else await self.store.get(CONSULTATION, actor.consultation)
+            c = None if doc is None else Consultation.from_doc(doc.body)
+            if c is None or c.patient_ref != ch.patient_ref or ch.clinician not in (c.admitted_by, c.clinician):
+                raise Forbidden(f'patient "{actor.user_id}" may not {action.value} in chat "{ch.channel_id}" '
+                                "with this token: it was not issued for a consultation with that clinician")
+            session_id = c.session_id
+        self._check(actor, action, ch.department, ch.patient_ref, session_id)
+        if actor.role is Role.CLINICIAN and ch.kind is ChannelKind.PAIR and ch.clinician != actor.user_id:
+            raise Forbidden(f'clinician "{actor.user_id}" is not part of chat "{ch.channel_id}"')
 
     @staticmethod
     def _check_time(now_ms: int) -> None:
@@ -721,9 +738,7 @@ class WorkflowService:
 
         async def attempt() -> Result[ChatMessage]:
             v, ch = await self._channel(channel_id)
-            self._check(actor, Action.SEND_CHAT, ch.department, ch.patient_ref)
-            if actor.role is Role.CLINICIAN and ch.kind is ChannelKind.PAIR and ch.clinician != actor.user_id:
-                raise Forbidden(f'clinician "{actor.user_id}" is not part of chat "{channel_id}"')
+            await self._check_chat(actor, Action.SEND_CHAT, ch)
             ch.move(chat.Event.SEND)  # closed channels refuse
             body = chat.validate_text(text, self.config.chat_max_bytes)
             msg = ChatMessage(new_id("m"), channel_id, actor.user_id, actor.role.value, body, now_ms, ch.state)
@@ -739,15 +754,13 @@ class WorkflowService:
     async def chat_history(self, actor: Actor, channel_id: str) -> list[ChatMessage]:
         """All kept messages of a channel, oldest first (support may not read chat content)."""
         _, ch = await self._channel(channel_id)
-        self._check(actor, Action.READ_CHAT, ch.department, ch.patient_ref)
-        if actor.role is Role.CLINICIAN and ch.kind is ChannelKind.PAIR and ch.clinician != actor.user_id:
-            raise Forbidden(f'clinician "{actor.user_id}" is not part of chat "{channel_id}"')
+        await self._check_chat(actor, Action.READ_CHAT, ch)
         return [ChatMessage.from_doc(d) for d in await self.store.read_log(CHAT_LOG, channel_id)]
 
     async def chat_channel(self, actor: Actor, channel_id: str) -> ChatChannel:
         """Channel metadata (state, department); support may see it, not the messages."""
         _, ch = await self._channel(channel_id)
-        self._check(actor, Action.VIEW_CONSULTATION, ch.department, ch.patient_ref)
+        await self._check_chat(actor, Action.VIEW_CONSULTATION, ch)
         return ch
 
     async def purge_chat(self, actor: Actor, *, now_ms: int) -> Result[int]:

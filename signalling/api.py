@@ -3,7 +3,6 @@ token endpoint, Prometheus metrics and the static pages."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,22 +13,31 @@ from metrics import prometheus as prom
 from metrics.events import EventKind
 from rooms.errors import RoomsError
 from rooms.model import Role
+from rooms.service import CONSULTATION
 from signalling import __version__
 from signalling.auth import ROOM_PATTERN, Claims
 from signalling.errors import (
     Forbidden,
     InvalidMessage,
+    NotFound,
     OpenConsultError,
     RateLimited,
+    RoomMismatch,
     Unauthorized,
     coded,
 )
-from signalling.keys import CONFIG_KEY, EVENTLOG_KEY, HUB_KEY, STARTED_KEY, TOKENS_KEY
+from signalling.keys import CONFIG_KEY, EVENTLOG_KEY, HUB_KEY, STARTED_KEY, TOKENS_KEY, WORKFLOW_KEY
 
 STATIC_DIR = Path(__file__).parent / "static"
 #: What the event list shows: every kind but the quality timeline (read via /quality).
 EVENT_KINDS = [str(k) for k in EventKind if k is not EventKind.QUALITY_SAMPLE]
 INSPECTOR_ROLES = (Role.SUPPORT, Role.ADMIN)
+#: The room claim an inspector token must carry: the inspector reads every session's log, so its
+#: token names the inspector, not one media room (a token for a call's room cannot read the logs).
+INSPECTOR_ROOM = "support"
+#: Bounds of the inspector's query parameters (a time in UTC ms, a number of entries).
+TIME_MS_MAX = 2**53 - 1
+EVENTS_LIMIT_MAX = 10_000
 
 STATUS = {
     "invalid_message": 400, "invalid_input": 400, "unauthorized": 401, "token_expired": 401,
@@ -55,14 +63,26 @@ async def coded_errors(request: web.Request, handler: Any) -> web.StreamResponse
         return error_json(exc)
 
 
-def bearer_claims(request: web.Request, roles: tuple[Role, ...]) -> Claims:
+def bearer_claims(request: web.Request, roles: tuple[Role, ...], room: str | None = None) -> Claims:
+    """The verified claims of the request's bearer token, if its role is one of ``roles`` (and its
+    room claim is ``room`` when given). Demo tokens are refused here: no HTTP API serves them."""
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         raise Unauthorized("an Authorization: Bearer <token> header is required")
     claims = request.app[TOKENS_KEY].verify(header[len("Bearer "):].strip())
+    # The order of the refusals is the one docs/openapi.yaml documents: demo, role, room.
+    if claims.demo:
+        raise Forbidden("a demo token may only join a media room; it may not use the HTTP API")
     if claims.role not in roles:
         raise Forbidden(f'role "{claims.role}" may not read this; it needs {" or ".join(roles)}')
+    if room is not None and claims.room != room:
+        raise RoomMismatch(f'token is for room "{claims.room}", not "{room}" (the room of this API)')
     return claims
+
+
+def inspector_claims(request: web.Request) -> Claims:
+    """A support or admin token for the inspector: its room claim must be ``support``."""
+    return bearer_claims(request, INSPECTOR_ROLES, room=INSPECTOR_ROOM)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -75,10 +95,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def session_events(request: web.Request) -> web.Response:
-    bearer_claims(request, INSPECTOR_ROLES)
+    inspector_claims(request)
     session_id = request.match_info["session_id"]
-    since = _int_query(request, "since_ms")
-    limit = _int_query(request, "limit") or 10_000
+    since = _int_query(request, "since_ms", 0, TIME_MS_MAX)
+    limit = _int_query(request, "limit", 1, EVENTS_LIMIT_MAX) or EVENTS_LIMIT_MAX
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)  # read what was logged up to this request
     events = await eventlog.events(session_id, kinds=EVENT_KINDS, since_ms=since, limit=limit)
@@ -87,61 +107,76 @@ async def session_events(request: web.Request) -> web.Response:
 
 async def session_quality(request: web.Request) -> web.Response:
     """The session's quality timeline: one sample per track and interval."""
-    bearer_claims(request, INSPECTOR_ROLES)
+    inspector_claims(request)
     session_id = request.match_info["session_id"]
+    since = _int_query(request, "since_ms", 0, TIME_MS_MAX)
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)
-    since = _int_query(request, "since_ms")
     entries = await eventlog.events(session_id, kinds=[EventKind.QUALITY_SAMPLE], since_ms=since, limit=100_000)
     samples = [{"connection_id": e["connection_id"], **e["payload"]} for e in entries]
     return web.json_response({"session_id": session_id, "samples": samples})
 
 
 async def sessions(request: web.Request) -> web.Response:
-    bearer_claims(request, INSPECTOR_ROLES)
+    inspector_claims(request)
     now = int(time.time() * 1000)
-    since = _int_query(request, "since_ms") or now - 7 * 86_400_000
-    until = _int_query(request, "until_ms") or now + 60_000
+    since = _int_query(request, "since_ms", 0, TIME_MS_MAX)
+    until = _int_query(request, "until_ms", 0, TIME_MS_MAX)
+    since = now - 7 * 86_400_000 if since is None else since
+    until = now + 60_000 if until is None else until
     text = request.query.get("q") or None
     await request.app[EVENTLOG_KEY].flush(timeout=5)
     found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text)
     return web.json_response({"sessions": found})
 
 
-def _int_query(request: web.Request, name: str) -> int | None:
+def _int_query(request: web.Request, name: str, low: int, high: int) -> int | None:
+    """An integer query parameter within ``low``-``high``, None when absent; else 400 invalid_message
+    naming the parameter and its bounds."""
     value = request.query.get(name)
     if value is None:
         return None
     try:
-        return int(value)
+        number = int(value) if len(value) <= 20 else None
     except ValueError:
-        raise InvalidMessage(f'query parameter "{name}" must be an integer, got "{value[:40]}"') from None
+        number = None
+    if number is None or not low <= number <= high:
+        raise InvalidMessage(f'query parameter "{name}" must be an integer of {low}-{high}, '
+                             f"got {ascii(value[:40])}")
+    return number
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body, or a coded error saying what is wrong with it."""
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidMessage("the body must be JSON") from None
+    except (ValueError, RecursionError):
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer over Python's
+        # digit limit; RecursionError a body nested deeper than the parser goes.
+        raise InvalidMessage("the body must be JSON (UTF-8, nested at most a few hundred levels)") from None
     if not isinstance(body, dict):
         raise InvalidMessage("the body must be a JSON object")
     return body
 
 
 async def demo_token(request: web.Request) -> web.Response:
-    """Mint a patient or clinician token for the demo page (off when demo.enabled is false)."""
-    if not request.app[CONFIG_KEY].demo.enabled:
-        raise web.HTTPNotFound()
+    """Mint a media-only patient or clinician token for the demo page. Served only as
+    ``Config.demo_served`` says (loopback listen address, or [demo] enabled = true); the token is
+    marked demo, its ``sub`` is the server's own (``demo:…``), it carries no workflow claim, and a
+    consultation's room is refused: the workflow and its calls stay out of reach."""
+    if not request.app[CONFIG_KEY].demo_served:
+        raise NotFound("the demo token endpoint is off on this server (see [demo] enabled)")
     body = await json_body(request)
     room, name, role = body.get("room"), body.get("name"), body.get("role", "patient")
     if not isinstance(room, str) or not ROOM_PATTERN.match(room):
         raise InvalidMessage('"room" must be 1-64 characters of A-Z a-z 0-9 _ . : -')
-    if not isinstance(name, str) or not 0 < len(name.strip()) <= 80:
-        raise InvalidMessage('"name" must be 1-80 characters')
+    if not isinstance(name, str) or not 0 < len(name.strip()) <= 80 or not name.isprintable():
+        raise InvalidMessage('"name" must be 1-80 printable characters')
     if role not in (Role.PATIENT, Role.CLINICIAN):
         raise InvalidMessage('"role" must be "patient" or "clinician"')
-    token = request.app[TOKENS_KEY].mint(room, Role(role), name.strip(), ttl_s=4 * 3600)
+    if await request.app[WORKFLOW_KEY].service.store.get(CONSULTATION, room) is not None:
+        raise Forbidden(f'room "{room}" is a consultation\'s room; a demo token may not join it')
+    token = request.app[TOKENS_KEY].mint(room, Role(role), name.strip(), ttl_s=4 * 3600, demo=True)
     return web.json_response({"token": token})
 
 

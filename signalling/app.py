@@ -3,11 +3,12 @@ and hub, each with its own lifetime (cleanup_ctx), and serves the routes."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-import asyncio
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, MutableMapping
+from typing import Any, Final
 
 from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Handler
@@ -40,8 +41,48 @@ from signalling.ws import websocket_handler
 logger = logging.getLogger(__name__)
 
 
+#: Every response's security headers. The pages load only their own scripts and styles (no inline
+#: code), connect only to this host (HTTP and the /ws WebSocket), are never framed, and never send
+#: a Referer (a consultation link's token must not leak to another site).
+SECURITY_HEADERS: Final[Mapping[str, str]] = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+CSP: Final = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+              "media-src 'self' blob: mediastream:; connect-src 'self' {ws}; frame-ancestors 'none'; "
+              "object-src 'none'; base-uri 'none'; form-action 'self'")
+
+
+def _csp(request: web.Request) -> str:
+    """The CSP with ``connect-src`` naming this host's WebSocket origin (older browsers do not
+    count ws(s) of the same host as 'self')."""
+    host = request.host
+    ws = f"ws://{host} wss://{host}" if host and all(c.isalnum() or c in ".-:[]_" for c in host) else ""
+    return CSP.format(ws=ws)
+
+
+@web.middleware
+async def security_headers(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Set the security headers on every response, errors included (HTTPException responses too)."""
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException as exc:
+        _add_security_headers(request, exc.headers)
+        raise
+    if not response.prepared:  # a WebSocket has sent its headers already
+        _add_security_headers(request, response.headers)
+    return response
+
+
+def _add_security_headers(request: web.Request, headers: MutableMapping[str, str]) -> None:
+    headers.update(SECURITY_HEADERS)
+    headers["Content-Security-Policy"] = _csp(request)
+
+
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[committed_replies, coded_errors], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[committed_replies, security_headers, coded_errors],
+                          client_max_size=1024 * 1024)
     config.data_path.mkdir(parents=True, exist_ok=True)
     app[CONFIG_KEY] = config
     app[TOKENS_KEY] = TokenAuthority.from_config(config)

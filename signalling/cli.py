@@ -101,9 +101,11 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
         pass
-    if config.demo.enabled and config.server.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.warning("demo.enabled is on and the server listens on %s: anyone who reaches it can mint "
-                        "tokens. Set [demo] enabled = false for a real deployment.", config.server.host)
+    # Whether anyone may mint demo tokens is said at every start, with the reason.
+    if config.demo_served and config.demo.enabled:
+        logging.warning("%s", config.demo_status())
+    else:
+        logging.info("%s", config.demo_status())
     try:
         app = create_app(config)
     except (ConfigError, OSError) as exc:

@@ -81,9 +81,21 @@ class MediaConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    #: Serve POST /api/demo/token, which mints patient/clinician tokens for any
-    #: room. Convenient on a laptop; turn it off on a real deployment.
-    enabled: bool = True
+    #: POST /api/demo/token mints media-only patient/clinician tokens for any room that is not a
+    #: consultation's (never a workflow identity). "auto" (the default): served only while
+    #: server.host is a loopback address, so a laptop demo works and a reachable node does not
+    #: hand out tokens; true: served on any address (say so on purpose); false: never.
+    enabled: bool | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (``0.0.0.0`` and ``::`` listen everywhere: not loopback)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 CHAT_RETENTIONS = ("keep", "delete_on_call_end", "delete_after_days")
@@ -130,6 +142,34 @@ class Config:
     @property
     def data_path(self) -> Path:
         return Path(self.server.data_dir)
+
+    @property
+    def demo_served(self) -> bool:
+        """Whether POST /api/demo/token is served (see :class:`DemoConfig`)."""
+        if not self._can_sign:
+            return False
+        if self.demo.enabled is None:
+            return is_loopback(self.server.host)
+        return self.demo.enabled
+
+    @property
+    def _can_sign(self) -> bool:
+        return self.auth.algorithm != "RS256" or bool(self.auth.private_key_file)
+
+    def demo_status(self) -> str:
+        """One line for start-up: whether the demo token endpoint is on, and why."""
+        host = self.server.host
+        if not self._can_sign:
+            return "demo token endpoint off: RS256 without auth.private_key_file, this node signs no tokens"
+        if self.demo.enabled is None:
+            if is_loopback(host):
+                return f"demo token endpoint on: the server listens on loopback ({host}) only"
+            return (f"demo token endpoint off: the server listens on {host}, not loopback "
+                    "(set [demo] enabled = true to serve it anyway)")
+        if self.demo.enabled:
+            return (f"demo token endpoint on: [demo] enabled = true (listening on {host}); anyone who reaches "
+                    "it can mint media-only demo tokens")
+        return "demo token endpoint off: [demo] enabled = false"
 
     def validate(self) -> Config:
         s, a, m = self.server, self.auth, self.media
@@ -204,6 +244,13 @@ class Config:
 
 def _coerce(path: str, value: Any, typ: Any) -> Any:
     """Check/convert one value against its annotated type; name the key on error."""
+    if typ == bool | None:  # a switch with an automatic default: true, false or "auto"
+        if isinstance(value, str) and value.lower() == "auto":
+            return None
+        try:
+            return _coerce(path, value, bool)
+        except ConfigError:
+            raise ConfigError(f'{path} must be true or false (or "auto"), got {value!r}') from None
     if typ is bool:
         if isinstance(value, bool):
             return value

@@ -183,7 +183,7 @@ async def walk_in_link(request: web.Request) -> web.Response:
                                          not_before=nbf, expires=exp, waiting_room=room.room_id)
     await workflow.record(Result(None, (workflow.walk_in_link_issued(actor, room.room_id, room.name,
                                                                       token_preview(token), exp * 1000),)))
-    return web.json_response({"waiting_room": room.room_id, "walk_in_link": f"{_base(request)}/?walk_in={token}",
+    return web.json_response({"waiting_room": room.room_id, "walk_in_link": f"{_base(request)}/#walk_in={token}",
                               "walk_in_token": token, "valid_from_ms": nbf * 1000, "valid_until_ms": exp * 1000},
                              status=201)
 
@@ -212,7 +212,7 @@ async def walk_in(request: web.Request) -> web.Response:
     return web.json_response({
         "consultation": consultation_json(c), "queue_entry": queue_entry_json(qe),
         "position": await workflow.service.position(SYSTEM, sid),
-        "patient_token": token, "patient_link": f"{_base(request)}/?token={token}",
+        "patient_token": token, "patient_link": f"{_base(request)}/#token={token}",
     }, status=201)
 
 
@@ -250,7 +250,7 @@ async def create_consultation(request: web.Request) -> web.Response:
         clinician_token = request.app[TOKENS_KEY].mint(
             c.session_id, Role.CLINICIAN, clinician_name, sub=clinician, not_before=nbf, expires=exp,
             departments=(department,), consultation=c.session_id)
-        out.update(clinician_link=f"{_base(request)}/?token={clinician_token}", clinician_token=clinician_token)
+        out.update(clinician_link=f"{_base(request)}/#token={clinician_token}", clinician_token=clinician_token)
     return web.json_response(out, status=201)
 
 
@@ -272,7 +272,7 @@ def _patient_link(request: web.Request, c: Consultation, room_id: str, patient_n
     return {
         "consultation": consultation_json(c), "waiting_room": room_id,
         "links_valid_from_ms": nbf * 1000, "links_valid_until_ms": exp * 1000,
-        "patient_link": f"{_base(request)}/?token={patient_token}", "patient_token": patient_token,
+        "patient_link": f"{_base(request)}/#token={patient_token}", "patient_token": patient_token,
     }
 
 
@@ -285,6 +285,7 @@ async def resend_link(request: web.Request) -> web.Response:
     service = workflow.service
     sid = SessionId(request.match_info["session_id"])
     c = await service.consultation(actor, sid)
+    service.authorize(actor, Action.INVITE, c.department)  # refused before the body is looked at
     room_id = _text(body, "waiting_room", required=False, pattern=True)
     if room_id is None:
         segments = (await service.queue_entry(actor, sid)).segments

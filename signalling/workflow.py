@@ -98,7 +98,11 @@ def workflow_config(settings: WorkflowSettings) -> WorkflowConfig:
 
 
 def actor_of(claims: Claims) -> Actor:
-    return Actor(claims.role, claims.sub, frozenset(claims.departments))
+    """The workflow's actor for a verified token: a patient acts on the consultation their link was
+    issued for (its ``consultation`` claim). Demo tokens have no workflow identity: refused."""
+    if claims.demo:
+        raise Forbidden("a demo token may only join a media room; it may not use the clinical workflow")
+    return Actor(claims.role, claims.sub, frozenset(claims.departments), claims.consultation)
 
 
 # --- wire shapes ------------------------------------------------------------------------------
@@ -190,6 +194,8 @@ class Workflow:
         """One validated workflow request from a joined connection."""
         if client.claims is None:
             raise InvalidState("join the session first")
+        if client.claims.demo:
+            raise Forbidden("a demo token may only join a media room; it may not use the clinical workflow")
         return await self.handlers[msg["type"]](client, msg)
 
     def forget(self, client: Client) -> None:
@@ -467,8 +473,12 @@ class Workflow:
             claims = other.claims
             if claims is None:
                 continue
-            if ((claims.role is Role.PATIENT and claims.sub == ch.patient_ref)
-                    or (claims.role is Role.CLINICIAN and claims.sub in clinicians)):
+            if claims.demo:
+                continue
+            # A patient hears a consultation's chat only on a token issued for that consultation.
+            patient = (claims.role is Role.PATIENT and claims.sub == ch.patient_ref
+                       and (ch.session_id is None or claims.consultation == ch.session_id))
+            if patient or (claims.role is Role.CLINICIAN and claims.sub in clinicians):
                 targets.append(other)
         self._push((t for t in targets if t is not exclude), "chatMessage", {"message": message_json(message)})
 
@@ -478,7 +488,8 @@ class Workflow:
         session = None if session_id is None else self.hub.registry.sessions.get(session_id)
         if session is None:
             return []
-        return [c for cid in list(session.connections) if (c := self.hub.clients.get(cid)) is not None]
+        return [c for cid in list(session.connections)
+                if (c := self.hub.clients.get(cid)) is not None and not (c.claims is not None and c.claims.demo)]
 
     def _patients_in_room(self, room: str) -> list[Client]:
         return [c for c in self._in_room(room) if c.claims is not None and c.claims.role is Role.PATIENT]

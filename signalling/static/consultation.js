@@ -1,15 +1,15 @@
 /*
  * OpenConsult consultation pages (signalling/static/index.html), built on the SDK in openconsult.js.
  *
- * A consultation link `/?token=<JWT>` switches the page from the demo form to:
+ * A consultation link `/#token=<JWT>` (or an old `/?token=<JWT>`) switches the page from the demo form to:
  *   - the patient's waiting room (token role `patient` with a `consultation` claim): device check
  *     (camera preview + microphone level), "You are early / on time / late", the live place in
  *     line, the clinic's announcements, chat, "Leave waiting room"; on `admitted` the call
  *     (publish camera and microphone, receive the clinician), chat stays; then "The consultation
  *     has ended". On load the page reads the consultation (`consultation.get`), so a reload
  *     mid-call goes straight back to the call and a reload after the end shows the outcome;
- *   - a shared walk-in link `/?walk_in=<JWT>`: the patient gives their name, the page trades the
- *     link for their own token (`POST /api/walk-in`), replaces the address with `/?token=<their
+ *   - a shared walk-in link `/#walk_in=<JWT>`: the patient gives their name, the page trades the
+ *     link for their own token (`POST /api/walk-in`), replaces the address with `/#token=<their
  *     token>` (a reload keeps the place) and goes on as the patient's waiting room above;
  *   - the clinician's desk (a staff token with a `consultation` or `departments` claim, or a
  *     `?waiting_room=` parameter): the live queue of the department's waiting rooms (arrival
@@ -76,7 +76,8 @@
   };
   window.consult = consult;
 
-  const params = new URLSearchParams(location.search);
+  // Join links carry the token in the fragment (/#token=…); an old /?token=… is moved there.
+  const params = OpenConsult.pageParams();
   // A walk-in replaces these with the patient's own token (see startWalkIn).
   let token = (params.get('token') || '').trim();
   let claims = token ? OpenConsult.decodeToken(token) : null;
@@ -986,7 +987,7 @@
       token = walked.patient_token;
       claims = OpenConsult.decodeToken(token);
       consult.claims = claims;
-      history.replaceState(null, '', location.pathname + '?token=' + encodeURIComponent(token));
+      history.replaceState(null, '', location.pathname + '#token=' + encodeURIComponent(token));
       section.remove();
       startPatient();
     });

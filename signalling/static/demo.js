@@ -7,7 +7,7 @@
  * "Reconnecting… (attempt N)", keeps the local preview, and remote tiles come back as the
  * streams are announced again. Query parameters `?room=…&name=…&role=…&autojoin=1` pre-fill and auto-join;
  * `&ice=relay` sends all media through the TURN server (a test of the deployment's TURN);
- * `?token=…` pre-fills the token unless it is a consultation link (then consultation.js runs the page).
+ * `#token=…` (or `?token=…`) pre-fills the token unless it is a consultation link (then consultation.js runs the page).
  *
  * For tests and support staff the page exposes `window.demo`:
  *   demo.state            'idle' | 'joining' | 'joined' | 'reconnecting' | 'error'
@@ -435,7 +435,7 @@
     }
   });
 
-  const params = new URLSearchParams(location.search);
+  const params = OpenConsult.pageParams();
   if (params.has('name')) {
     $('name').value = params.get('name');
   }
@@ -445,7 +445,7 @@
   if (params.get('role') === 'patient' || params.get('role') === 'clinician') {
     $('role').value = params.get('role');
   }
-  // A consultation link (?token=…) is shown by consultation.js; any other token is pre-filled.
+  // A consultation link (#token=…) is shown by consultation.js; any other token is pre-filled.
   const consultationPage = Boolean(window.consult && window.consult.active);
   if (params.has('token') && !consultationPage) {
     $('token').value = params.get('token');

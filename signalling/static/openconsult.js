@@ -29,6 +29,8 @@
  * queueUpdated, positionChanged, admitted, consultationChanged, chatMessage, announcement,
  * removedFromQueue.
  * `OpenConsult.decodeToken(jwt)` reads a token's claims (unverified) so a page can pick its view.
+ * `OpenConsult.pageParams()` reads a page's parameters from its query and its fragment (join links
+ * carry their token as `/#token=…`; an old `/?token=…` is moved into the fragment).
  * `OpenConsult.walkIn({ token, name })` trades a shared walk-in link's token for the patient's own
  * (`POST /api/walk-in`): `{consultation, position, patient_token, …}`; then connect with it.
  *
@@ -1363,6 +1365,37 @@
     return data;
   }
 
+  /** The link parameters that hold a token: kept in the URL fragment, which never reaches a server. */
+  const LINK_TOKEN_PARAMS = ['token', 'walk_in'];
+
+  /**
+   * A page's parameters: the query string plus the URL fragment (`/#token=…`, `/#walk_in=…`),
+   * the fragment winning. A token still in the query of an old link (`/?token=…`) is moved into
+   * the fragment with history.replaceState, so it leaves the address bar's query (and so the
+   * next request's logs and Referer). Returns a URLSearchParams.
+   */
+  function pageParams() {
+    const params = new URLSearchParams(location.search);
+    const fragment = new URLSearchParams(location.hash.replace(/^#/, ''));
+    fragment.forEach((value, key) => params.set(key, value));
+    const query = new URLSearchParams(location.search);
+    let moved = false;
+    for (const key of LINK_TOKEN_PARAMS) {
+      if (query.has(key)) {
+        if (!fragment.has(key)) {
+          fragment.set(key, query.get(key));
+        }
+        query.delete(key);
+        moved = true;
+      }
+    }
+    if (moved && typeof history !== 'undefined' && history.replaceState) {
+      const rest = query.toString();
+      history.replaceState(history.state, '', location.pathname + (rest ? '?' + rest : '') + '#' + fragment.toString());
+    }
+    return params;
+  }
+
   /**
    * The claims of a JWT, decoded but NOT verified (the server verifies at `join`): for a page to
    * decide what to show, e.g. a patient's waiting room for a consultation link. Null if unreadable.
@@ -1434,6 +1467,7 @@
     connect: connect,
     walkIn: walkIn,
     decodeToken: decodeToken,
+    pageParams: pageParams,
     OpenConsultError: OpenConsultError,
     Session: Session,
     Publisher: Publisher,

@@ -1,10 +1,10 @@
 """The consultation pages in real headless Chromium against a real server subprocess.
 
-A consultation is booked over the staff HTTP API; the patient opens their link (`/?token=…`) and
+A consultation is booked over the staff HTTP API; the patient opens their link (`/#token=…`) and
 gets the waiting room (early, number 1 in line, the clinic's announcement, device check), the
 clinician opens theirs and gets the live queue; Admit puts both in a call where each page decodes
 the other's video; chat with HTML in it stays text; End tells the patient the consultation ended.
-A walk-in patient opens a shared link (`/?walk_in=…`), gives a name and is in line, seen by name
+A walk-in patient opens a shared link (`/#walk_in=…`), gives a name and is in line, seen by name
 on the clinician's page; a patient page reloaded while waiting or mid-call comes back where it was.
 """
 
@@ -119,7 +119,7 @@ def book(server: ServerHandle, *, minutes_from_now: int = 30) -> Booking:
     assert booked["clinician_link"], booked
     desk = tokens.mint(f"desk-{suffix}", Role.CLINICIAN, "Dr Who", sub="dr-who", departments=(department,), ttl_s=3600)
     return Booking(booked["consultation"]["session_id"], room_id, booked["patient_link"], booked["clinician_link"],
-                   admin, f"{server.url}/?token={desk}")
+                   admin, f"{server.url}/?token={desk}")  # an old-style link: still works (see open_clinician)
 
 
 def consult_state(driver: Any) -> dict[str, Any]:
@@ -177,13 +177,19 @@ def type_into(driver: Any, selector: str, text: str) -> None:
 
 def open_clinician(browser: BrowserFactory, booking: Booking, *, desk: bool = False) -> Any:
     clinician = browser()
-    clinician.get(booking.desk_link if desk else booking.clinician_link)
+    link = booking.desk_link if desk else booking.clinician_link
+    assert ("/?token=" if desk else "/#token=") in link, link
+    clinician.get(link)
     wait_page(clinician, "the clinician's queue", lambda s: s["state"] == "queue")
+    # The token lives in the fragment: an old ?token= link has been moved there.
+    url = clinician.current_url
+    assert "?token=" not in url and url.split("#token=", 1)[1] == link.split("token=", 1)[1], url
     return clinician
 
 
 def open_patient(browser: BrowserFactory, booking: Booking) -> Any:
     patient = browser()
+    assert "/#token=" in booking.patient_link and "?" not in booking.patient_link, booking.patient_link
     patient.get(booking.patient_link)
     wait_page(patient, "the patient's waiting room", lambda s: s["state"] == "waiting")
     return patient
@@ -337,7 +343,7 @@ def test_walk_in_link_asks_the_name_and_the_clinician_sees_it(
     api_ok(server, "POST", f"/api/waiting-rooms/{booking.room_id}/announcements", booking.admin_token,
            {"text": "Walk-in hours until 16:00", "expires_in_s": 600})
     link = api_ok(server, "POST", f"/api/waiting-rooms/{booking.room_id}/walk-in-link", booking.admin_token)
-    assert link["walk_in_link"] == f"{server.url}/?walk_in={link['walk_in_token']}", link
+    assert link["walk_in_link"] == f"{server.url}/#walk_in={link['walk_in_token']}", link
 
     # The desk lists the room's current announcement as soon as it loads.
     clinician = open_clinician(browser, booking, desk=True)
@@ -359,7 +365,7 @@ def test_walk_in_link_asks_the_name_and_the_clinician_sees_it(
     assert state["announcements"] == ["Walk-in hours until 16:00"], state
     # The address is now the patient's own link; the walk-in form is gone.
     url = patient.current_url
-    assert url.startswith(f"{server.url}/?token=") and "walk_in" not in url, url
+    assert url.startswith(f"{server.url}/#token=") and "walk_in" not in url, url
     assert patient.execute_script("return document.getElementById('walk-in') === null;")
 
     # The clinician sees the walk-in by name, with the Walk-in badge; the name is text, not markup.

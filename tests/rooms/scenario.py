@@ -45,3 +45,8 @@ async def waiting(svc: WorkflowService, patient: str = "p1", room: str = "cardio
     sid = await ready(svc, patient, dept=dept)
     await svc.enter_waiting_room(Actor(Role.PATIENT, patient), sid, room_id=room, now_ms=T0 - MIN)
     return sid
+
+
+def patient_of(channel_id: str, patient: str = "p1") -> Actor:
+    """The patient with a token for the consultation whose chat is ``channel_id`` (chat is bound to it)."""
+    return Actor(Role.PATIENT, patient, consultation=channel_id.removeprefix("consultation:"))

@@ -7,12 +7,14 @@ only for their own consultation, clinicians and department admins only in their 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from rooms import chat
+from rooms.errors import Forbidden
 from rooms.model import Role, SessionId
 from rooms.permissions import PERMISSIONS, Action, Actor, Resource, Scope, allowed
 from rooms.service import WorkflowConfig, WorkflowService
@@ -108,6 +110,11 @@ async def _in_progress(svc: WorkflowService) -> SessionId:
     return sid
 
 
+def _for(actor: Actor, sid: SessionId) -> Actor:
+    """The actor with a token issued for consultation ``sid`` (what a patient's link carries)."""
+    return dataclasses.replace(actor, consultation=sid) if actor.role is Role.PATIENT else actor
+
+
 def _setups() -> dict[Action, Setup]:
     async def book(svc: WorkflowService) -> Callable[[Actor], Awaitable[Any]]:
         return lambda a: svc.book(a, department=CARDIO, clinician=None, patient_ref="p1", appointment_ms=T0, now_ms=T0)
@@ -151,14 +158,15 @@ def _setups() -> dict[Action, Setup]:
         sid = await _booked(svc)
         return lambda a: svc.consultation(a, sid)
 
+    # A patient's chat access is tied to the consultation their token was issued for.
     async def send_chat(svc: WorkflowService) -> Callable[[Actor], Awaitable[Any]]:
         sid = await _booked(svc)
-        return lambda a: svc.send_chat(a, chat.consultation_channel_id(sid), "hello", now_ms=T0)
+        return lambda a: svc.send_chat(_for(a, sid), chat.consultation_channel_id(sid), "hello", now_ms=T0)
 
     async def read_chat(svc: WorkflowService) -> Callable[[Actor], Awaitable[Any]]:
         sid = await _booked(svc)
         await svc.send_chat(CLIN, chat.consultation_channel_id(sid), "hello", now_ms=T0)
-        return lambda a: svc.chat_history(a, chat.consultation_channel_id(sid))
+        return lambda a: svc.chat_history(_for(a, sid), chat.consultation_channel_id(sid))
 
     async def queue(svc: WorkflowService) -> Callable[[Actor], Awaitable[Any]]:
         await waiting(svc)
@@ -229,3 +237,33 @@ async def test_service_enforces_the_matrix(role: Role, action: Action, same: boo
             await run(who)
         assert getattr(err.value, "code", None) == "forbidden", repr(err.value)
         assert store.snapshot() == before
+
+
+async def test_patient_chat_is_bound_to_the_consultation_of_the_token() -> None:
+    """Knowing a patient ref and a session id is not enough: a patient reads and posts in a
+    consultation's chat (and the pair chat that follows it) only on a token for that consultation."""
+    svc = WorkflowService(MemoryStore(), WorkflowConfig(strict_departments=True))
+    await rooms(svc)
+    first = await _in_progress(svc)
+    await svc.end(CLIN, first, now_ms=T0 + MIN)
+    second = await _booked(svc)  # the same patient p1, another consultation
+    own, pair = chat.consultation_channel_id(first), chat.pair_channel_id("p1", CLIN.user_id)
+    right = Actor(Role.PATIENT, "p1", consultation=first)
+    refused = [Actor(Role.PATIENT, "p1"), Actor(Role.PATIENT, "p1", consultation=second),
+               Actor(Role.PATIENT, "p1", consultation="s_unknown"), Actor(Role.PATIENT, "p2", consultation=first)]
+    await svc.send_chat(right, own, "hello", now_ms=T0 + 2 * MIN)
+    await svc.send_chat(right, pair, "after", now_ms=T0 + 2 * MIN)
+    assert [m.text for m in await svc.chat_history(right, own)] == ["hello"]
+    assert [m.text for m in await svc.chat_history(right, pair)] == ["after"]
+    outcomes = []
+    for actor in refused:
+        for channel in (own, pair):
+            for attempt in (lambda: svc.send_chat(actor, channel, "x", now_ms=T0 + 3 * MIN),
+                            lambda: svc.chat_history(actor, channel)):
+                with pytest.raises(Forbidden):
+                    await attempt()
+                outcomes.append("forbidden")
+    assert outcomes == ["forbidden"] * 16
+    # Nothing was written by the refused attempts.
+    assert [m.text for m in await svc.chat_history(CLIN, own)] == ["hello"]
+    assert [m.text for m in await svc.chat_history(CLIN, pair)] == ["after"]

@@ -25,6 +25,7 @@ from tests.rooms.scenario import (
     PAT2,
     SUPPORT,
     T0,
+    patient_of,
     rooms,
     waiting,
 )
@@ -198,18 +199,18 @@ async def test_chat_before_during_after_and_verbatim_html(svc: WorkflowService) 
     sid = await waiting(svc, "p1")
     cid = chat.consultation_channel_id(sid)
     evil = "<script>alert('x')</script><b>hi</b> &amp;"
-    r = await svc.send_chat(PAT, cid, evil, now_ms=T0)
+    r = await svc.send_chat(patient_of(cid), cid, evil, now_ms=T0)
     assert r.entries[0].kind is LogKind.CHAT and evil not in r.entries[0].text
     assert "text" not in r.entries[0].payload
     await svc.admit(CLIN, sid, now_ms=T0 + MIN)
     await svc.send_chat(CLIN, cid, "during", now_ms=T0 + 2 * MIN)
     await svc.end(CLIN, sid, now_ms=T0 + 3 * MIN)
-    await svc.send_chat(PAT, cid, "after", now_ms=T0 + 4 * MIN)
+    await svc.send_chat(patient_of(cid), cid, "after", now_ms=T0 + 4 * MIN)
     hist = await svc.chat_history(CLIN, cid)
     assert [(m.text, m.phase) for m in hist] == [
         (evil, chat.State.BEFORE_CALL), ("during", chat.State.IN_CALL), ("after", chat.State.AFTER_CALL)]
     pair = chat.pair_channel_id("p1", "dr_hansen")
-    await svc.send_chat(PAT, pair, "follow-up question", now_ms=T0 + 86_400_000)
+    await svc.send_chat(patient_of(cid), pair, "follow-up question", now_ms=T0 + 86_400_000)
     assert [m.text for m in await svc.chat_history(CLIN, pair)] == ["follow-up question"]
     with pytest.raises(RoomsError) as err:
         await svc.chat_history(CLIN2, pair)  # another clinician of the department
@@ -224,12 +225,12 @@ async def test_retention_delete_on_call_end() -> None:
     await rooms(svc)
     sid = await waiting(svc, "p1")
     cid = chat.consultation_channel_id(sid)
-    await svc.send_chat(PAT, cid, "hello", now_ms=T0)
+    await svc.send_chat(patient_of(cid), cid, "hello", now_ms=T0)
     await svc.admit(CLIN, sid, now_ms=T0)
     await svc.end(CLIN, sid, now_ms=T0 + MIN)
     assert await svc.chat_history(CLIN, cid) == []
     with pytest.raises(RoomsError) as err:
-        await svc.send_chat(PAT, cid, "late", now_ms=T0 + 2 * MIN)
+        await svc.send_chat(patient_of(cid), cid, "late", now_ms=T0 + 2 * MIN)
     assert err.value.code == "invalid_state"
 
 
@@ -238,13 +239,13 @@ async def test_retention_delete_after_days() -> None:
     await rooms(svc)
     sid = await waiting(svc, "p1")
     cid = chat.consultation_channel_id(sid)
-    await svc.send_chat(PAT, cid, "old", now_ms=T0)
-    await svc.send_chat(PAT, cid, "new", now_ms=T0 + 2 * 86_400_000)
+    await svc.send_chat(patient_of(cid), cid, "old", now_ms=T0)
+    await svc.send_chat(patient_of(cid), cid, "new", now_ms=T0 + 2 * 86_400_000)
     with pytest.raises(RoomsError):
         await svc.purge_chat(CLIN, now_ms=T0)
     r = await svc.purge_chat(ORG_ADMIN, now_ms=T0 + 2 * 86_400_000 + 1)
     assert r.value == 1 and r.entries[0].session_id == sid
-    assert [m.text for m in await svc.chat_history(PAT, cid)] == ["new"]
+    assert [m.text for m in await svc.chat_history(patient_of(cid), cid)] == ["new"]
 
 
 async def test_link_window_token_and_device_check(svc: WorkflowService) -> None:
@@ -297,10 +298,10 @@ async def test_bad_input_is_coded_and_changes_nothing(svc: WorkflowService, case
         "wrong_state_end": lambda: svc.end(CLIN, sid, now_ms=T0),
         "duplicate_admit": lambda: svc.admit(CLIN2, other, now_ms=T0 + 1),
         "second_queue": lambda: svc.walk_in(PAT, room_id="cardio2", now_ms=T0),
-        "chat_too_big": lambda: svc.send_chat(PAT, cid, "x" * 4097, now_ms=T0),
-        "chat_empty": lambda: svc.send_chat(PAT, cid, "   ", now_ms=T0),
-        "chat_not_text": lambda: svc.send_chat(PAT, cid, b"bytes", now_ms=T0),
-        "chat_control_char": lambda: svc.send_chat(PAT, cid, "a\x00b", now_ms=T0),
+        "chat_too_big": lambda: svc.send_chat(patient_of(cid), cid, "x" * 4097, now_ms=T0),
+        "chat_empty": lambda: svc.send_chat(patient_of(cid), cid, "   ", now_ms=T0),
+        "chat_not_text": lambda: svc.send_chat(patient_of(cid), cid, b"bytes", now_ms=T0),
+        "chat_control_char": lambda: svc.send_chat(patient_of(cid), cid, "a\x00b", now_ms=T0),
         "duplicate_room": lambda: svc.create_waiting_room(ORG_ADMIN, room_id="cardio", name="x", department=CARDIO, now_ms=T0),
         "negative_time": lambda: svc.admit(CLIN, sid, now_ms=-1),
         "transfer_same_room": lambda: svc.transfer(CLIN, sid, to_room_id="cardio", now_ms=T0),
@@ -315,6 +316,6 @@ async def test_bad_input_is_coded_and_changes_nothing(svc: WorkflowService, case
 async def test_chat_size_limit_is_utf8_bytes(svc: WorkflowService) -> None:
     sid = await waiting(svc, "p1")
     cid = chat.consultation_channel_id(sid)
-    await svc.send_chat(PAT, cid, "x" * 4096, now_ms=T0)
+    await svc.send_chat(patient_of(cid), cid, "x" * 4096, now_ms=T0)
     with pytest.raises(RoomsError):
-        await svc.send_chat(PAT, cid, "æ" * 2049, now_ms=T0)  # 4098 bytes
+        await svc.send_chat(patient_of(cid), cid, "æ" * 2049, now_ms=T0)  # 4098 bytes

@@ -12,7 +12,7 @@ from rooms.service import WorkflowService
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
 from rooms.waiting_room import Outcome
-from tests.rooms.scenario import CLIN, MIN, ORG_ADMIN, PAT, SUPPORT, T0, rooms, waiting
+from tests.rooms.scenario import CLIN, MIN, ORG_ADMIN, SUPPORT, T0, patient_of, rooms, waiting
 
 
 async def test_workflow_on_every_store(store: Store) -> None:
@@ -21,14 +21,14 @@ async def test_workflow_on_every_store(store: Store) -> None:
     s1 = await waiting(svc, "p1")
     s2 = await waiting(svc, "p2")
     cid = chat.consultation_channel_id(s1)
-    await svc.send_chat(PAT, cid, "<img src=x onerror=alert(1)>", now_ms=T0)
+    await svc.send_chat(patient_of(cid), cid, "<img src=x onerror=alert(1)>", now_ms=T0)
     await svc.transfer(CLIN, s2, to_room_id="cardio2", now_ms=T0 + MIN)
     await svc.admit(CLIN, s1, now_ms=T0 + 2 * MIN)
     c = (await svc.end(CLIN, s1, now_ms=T0 + 12 * MIN)).value
     assert c.duration_ms == 10 * MIN
     await svc.complete(CLIN, s1, now_ms=T0 + 13 * MIN)
     assert (await svc.consultation(SUPPORT, s1)).state is C.COMPLETED
-    assert [m.text for m in await svc.chat_history(PAT, cid)] == ["<img src=x onerror=alert(1)>"]
+    assert [m.text for m in await svc.chat_history(patient_of(cid), cid)] == ["<img src=x onerror=alert(1)>"]
     qe = await svc.queue_entry(ORG_ADMIN, s2)
     assert [(s.room_id, s.outcome) for s in qe.segments] == [("cardio", Outcome.TRANSFERRED), ("cardio2", None)]
     assert await svc.position(Actor(Role.PATIENT, "p2"), s2) == 1
@@ -40,7 +40,7 @@ async def test_sqlite_restart_keeps_queues_positions_and_chat(tmp_path: Path) ->
     svc = WorkflowService(store)
     await rooms(svc)
     sessions = [await waiting(svc, f"p{i}") for i in range(1, 5)]
-    p1, p2 = Actor(Role.PATIENT, "p1"), Actor(Role.PATIENT, "p3")
+    p1, p2 = Actor(Role.PATIENT, "p1", consultation=sessions[0]), Actor(Role.PATIENT, "p3")
     await svc.transfer(CLIN, sessions[1], to_room_id="cardio2", now_ms=T0)
     cid = chat.consultation_channel_id(sessions[0])
     for i, text in enumerate(["hello", "<script>x</script>", "æøå"]):

@@ -41,7 +41,7 @@ async def test_full_consultation_over_the_wire(clinic: Clinic) -> None:
     booking = await clinic.book(admin, department="cardio", room_id="wr-cardio", patient="p-anna",
                                 clinician="dr-who", appointment_ms=now_ms() + 30 * MINUTE_MS)
     sid = booking["consultation"]["session_id"]
-    assert booking["patient_link"].endswith(f"/?token={booking['patient_token']}")
+    assert booking["patient_link"].endswith(f"/#token={booking['patient_token']}")
     await clinic.ok("POST", "/api/waiting-rooms/wr-cardio/announcements", admin,
                     {"text": "Running 10 minutes late", "expires_in_s": 600})
 

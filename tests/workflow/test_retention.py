@@ -8,6 +8,7 @@ to organisation admins only, and it stops with the server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import signal
 from collections.abc import AsyncIterator
@@ -70,7 +71,7 @@ async def chat_at(svc: WorkflowService, times_ms: list[int]) -> SessionId:
                             appointment_ms=T0, now_ms=min(times_ms))
     sid = booked.value.session_id
     for t in times_ms:
-        await svc.send_chat(PATIENT, f"consultation:{sid}", f"message at {t}", now_ms=t)
+        await svc.send_chat(dataclasses.replace(PATIENT, consultation=sid), f"consultation:{sid}", f"message at {t}", now_ms=t)
     return sid
 
 

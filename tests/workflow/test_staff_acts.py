@@ -254,7 +254,7 @@ async def test_walk_in_link_and_walk_in(clinic: Clinic) -> None:
 
     before = now_ms()
     link = await clinic.ok("POST", f"/api/waiting-rooms/{room}/walk-in-link", d["admin"], {"valid_for_min": 90})
-    assert link["walk_in_link"].endswith(f"/?walk_in={link['walk_in_token']}")
+    assert link["walk_in_link"].endswith(f"/#walk_in={link['walk_in_token']}")
     assert before // 1000 * 1000 <= link["valid_from_ms"] and link["valid_until_ms"] - link["valid_from_ms"] == 90 * 60_000
     default = await clinic.ok("POST", f"/api/waiting-rooms/{room}/walk-in-link", d["doctor"])
     assert default["valid_until_ms"] - default["valid_from_ms"] == 480 * 60_000
