@@ -30,9 +30,8 @@ class ServerConfig:
     #: Interval of WebSocket pings; a client that does not answer one within half
     #: of it is dropped as networkDisconnected.
     heartbeat_s: float = 10.0
-    #: Longest one outbound frame may wait for the client to read before the connection is
-    #: dropped as a slow consumer (close 4008, reason slowConsumer). Also bounds how long a full
-    #: send queue may stay full.
+    #: Longest one outbound frame may wait for the client to read it before the connection is
+    #: dropped as a slow consumer (close 4008, reason slowConsumer).
     write_timeout_s: float = 10.0
     #: Streams one connection may publish at once (camera, screen, …).
     max_publishes_per_connection: int = 4
