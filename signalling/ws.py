@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.base_protocol import BaseProtocol
 
 from metrics import prometheus as prom
 from rooms.errors import RoomsError
@@ -173,7 +174,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     outbox = Outbox()
     client = Client(outbox.push, remote_ip=request.remote or "", user_agent=request.headers.get("User-Agent", ""))
     transport = request.transport
-    writer = asyncio.create_task(_write_loop(ws, transport, codec, outbox, write_timeout, client.remote_ip))
+    writer = asyncio.create_task(_write_loop(ws, request.protocol, transport, codec, outbox, write_timeout,
+                                             client.remote_ip))
     sockets = request.app[SOCKETS_KEY]
     sockets.add(ws)
     reason = DisconnectReason.NETWORK_DISCONNECTED
@@ -276,18 +278,25 @@ def _abort(transport: asyncio.Transport | None) -> None:
         transport.abort()
 
 
-async def _write_loop(ws: web.WebSocketResponse, transport: asyncio.Transport | None, codec: Codec,
-                      outbox: Outbox, timeout: float, remote: str) -> None:
+async def _write_loop(ws: web.WebSocketResponse, protocol: BaseProtocol, transport: asyncio.Transport | None,
+                      codec: Codec, outbox: Outbox, timeout: float, remote: str) -> None:
     opcode = WSMsgType.BINARY if codec.binary else WSMsgType.TEXT
     sent = prom.WS_MESSAGES.labels(direction="out", result="ok")
+    # A write that leaves the transport's buffer under its high-water mark cannot pause writing,
+    # so it cannot wait for the client: only a write that could wait pays for a deadline.
+    high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
     try:
         while (message := await outbox.get()) is not None:
             payload = _payload(codec, message)
             if payload is None:
                 continue
             try:
-                async with asyncio.timeout(timeout):
+                if (transport is not None and not protocol.writing_paused
+                        and transport.get_write_buffer_size() + len(payload) + 16 < high_water):
                     await ws.send_frame(payload, opcode)
+                else:
+                    async with asyncio.timeout(timeout):
+                        await ws.send_frame(payload, opcode)
             except TimeoutError:
                 # The client has not read for ``timeout``: a close frame would not reach it either.
                 outbox.slow_consumer = True

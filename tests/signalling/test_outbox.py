@@ -90,3 +90,12 @@ def test_log_limiter_lets_one_line_through_per_interval_and_counts_the_rest() ->
     assert [limiter.allow(t) for t in (101.0, 105.0, 109.9)] == [None, None, None]
     assert limiter.allow(110.0) == 3
     assert limiter.allow(110.1) is None
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "301", "soon"])
+def test_write_timeout_is_checked(value: str) -> None:
+    from signalling.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="server.write_timeout_s"):
+        load_config(env={"OPENCONSULT_SERVER__WRITE_TIMEOUT_S": value})
+    assert load_config(env={"OPENCONSULT_SERVER__WRITE_TIMEOUT_S": "2.5"}).server.write_timeout_s == 2.5
