@@ -38,6 +38,9 @@ class DisconnectReason(StrEnum):
     NETWORK_DISCONNECTED = "networkDisconnected"
     FORCE_DISCONNECTED = "forceDisconnected"
     SERVER_SHUTDOWN = "serverShutdown"
+    #: The client did not read what the server sent it (a write waited past
+    #: ``server.write_timeout_s`` or its send queue overflowed).
+    SLOW_CONSUMER = "slowConsumer"
 
 
 class StreamDestroyedReason(StrEnum):
@@ -47,6 +50,7 @@ class StreamDestroyedReason(StrEnum):
     NETWORK_DISCONNECTED = "networkDisconnected"
     FORCE_DISCONNECTED = "forceDisconnected"
     SERVER_SHUTDOWN = "serverShutdown"
+    SLOW_CONSUMER = "slowConsumer"
     MEDIA_STOPPED = "mediaStopped"
     FORCE_UNPUBLISHED = "forceUnpublished"
 

@@ -2,11 +2,25 @@
 
 Two encodings with the same message structure (docs/protocol.md): JSON in text frames
 (:class:`JsonCodec`, the default) and msgpack in binary frames (:class:`MsgpackCodec`, chosen by
-the ``openconsult.v1.msgpack`` subprotocol). ``decode`` enforces the size limit, parses, checks
-the envelope and validates the message against its JSON schema in ``signalling/schemas/``;
-anything wrong raises a :class:`~signalling.errors.ProtocolError` whose message names the field
-and the problem (``"offer.sdp" must be a string``) and which carries the request ``id``
-whenever it could be read. ``decode`` raises nothing else, whatever the input.
+the ``openconsult.v1.msgpack`` subprotocol). ``decode`` enforces the size limit, parses, makes
+the strings safe, checks the envelope and validates the message against its JSON schema in
+``signalling/schemas/``; anything wrong raises a :class:`~signalling.errors.ProtocolError` whose
+message names the field and the problem (``"offer.sdp" must be a string``) and which carries the
+request ``id`` whenever it could be read. ``decode`` raises nothing else, whatever the input.
+
+Strings from clients are made safe here, where they arrive, so that nothing downstream (an echo
+in an error message, a broadcast to a msgpack peer, an event-log batch) can fail on them:
+
+* a lone UTF-16 surrogate (legal in a JSON ``\\u`` escape, not in UTF-8) becomes U+FFFD in every
+  string value and every key, before anything else looks at the message;
+* control characters (C0, DEL, C1) are refused in every string except ``sdp`` (which may hold
+  tab, CR and LF) and free ``text`` (chat and announcements: the workflow decides, e.g. chat
+  refuses C0 other than tab and newline with ``invalid_input``);
+* names echoed in an error message (an unknown ``type``, a key that is not allowed) are cut to
+  40 characters with control characters escaped.
+
+``payload`` turns an outbound message into frame bytes; the WebSocket writer pairs it with
+:func:`scrubbed` so that encoding a reply can never end a connection.
 
 Schemas are loaded and their validators compiled once, at import.
 """
@@ -207,6 +221,7 @@ class Codec(ABC):
         if size > self.max_message_bytes:
             raise MessageTooLarge(f"message is {size} bytes, more than the limit of {self.max_message_bytes}")
         message = self._parse(frame)
+        _replace_lone_surrogates(message)
         if not isinstance(message, dict):
             raise InvalidMessage(f"message must be an object, not {_type_name(message)}")
         request_id = _readable_id(message)
@@ -219,14 +234,15 @@ class Codec(ABC):
             raise InvalidMessage(f'"type" must be a string, not {_type_name(message_type)}', request_id)
         validator = VALIDATORS.get(message_type)
         if validator is None:
-            shown = message_type[:_MAX_ECHOED_TYPE_CHARS]
+            shown = _echo(message_type)
             raise InvalidMessage(f'unknown message type "{shown}"; expected one of {_KNOWN_TYPES}', request_id)
         error = best_match(validator.iter_errors(message))
         if error is not None:
             raise InvalidMessage(_describe(error), request_id)
-        bad_path = _lone_surrogate_path(message)
-        if bad_path is not None:
-            raise InvalidMessage(f'"{bad_path}" is not valid Unicode (lone surrogate)', request_id)
+        control = _control_character(message)
+        if control is not None:
+            where, char = control
+            raise InvalidMessage(f'"{where}" contains control character U+{ord(char):04X}', request_id)
         return message
 
     @abstractmethod
@@ -236,6 +252,15 @@ class Codec(ABC):
     @abstractmethod
     def encode(self, message: Mapping[str, Any]) -> str | bytes:
         """One outbound frame for ``message`` (str for a text frame, bytes for a binary one)."""
+
+    def payload(self, message: Mapping[str, Any]) -> bytes:
+        """The bytes of one outbound frame: UTF-8 JSON for a text frame, msgpack for a binary one.
+
+        Raises ``ValueError`` (a lone surrogate, a NaN), ``TypeError`` or ``OverflowError`` when
+        ``message`` cannot be encoded; the caller decides what goes out instead.
+        """
+        frame = self.encode(message)
+        return frame if isinstance(frame, bytes) else frame.encode("utf-8")
 
 
 class JsonCodec(Codec):
@@ -310,37 +335,93 @@ def _readable_id(message: Mapping[Any, Any]) -> RequestId | None:
     if isinstance(raw, float):
         return int(raw) if raw.is_integer() and -_MAX_SAFE_INT <= raw <= _MAX_SAFE_INT else None
     if isinstance(raw, str):
-        return raw if 0 < len(raw) <= _MAX_ID_CHARS and _lone_surrogate_path(raw) is None else None
+        return raw if 0 < len(raw) <= _MAX_ID_CHARS and not _CONTROL.search(raw) else None
     return None
 
 
 _SURROGATE: Final = re.compile("[\ud800-\udfff]")
+#: C0, DEL and C1 control characters.
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: Control characters but tab, LF and CR (allowed in SDP).
+_CONTROL_BUT_LINES: Final = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: Keys whose string values are multi-line: ``sdp`` may hold tab/CR/LF, ``text`` is judged by the workflow.
+_LINE_KEYS: Final = frozenset({"sdp"})
+_FREE_TEXT_KEYS: Final = frozenset({"text"})
 
 
-def _lone_surrogate_path(value: object, path: str = "") -> str | None:
-    """Path of the first string holding a lone surrogate (legal in JSON escapes, not in UTF-8).
+def _replace_lone_surrogates(value: object) -> None:
+    """Replace every lone surrogate in the strings and keys of ``value`` by U+FFFD, in place.
 
-    Such a string could not be re-encoded for a msgpack peer or a text frame, so it is refused
-    here rather than failing later in someone else's send.
+    A Python string only holds a surrogate code point when it is lone (a JSON escape pair is
+    joined into one character by the parser), and such a string cannot be encoded as UTF-8: it
+    would fail later in a text frame, a msgpack peer's frame or an SQLite batch. Iterative, so
+    nesting as deep as the parser allows cannot exhaust the stack.
     """
-    stack: list[tuple[str, object]] = [(path, value)]
+    stack: list[object] = [value]
     while stack:
-        where, item = stack.pop()
-        if isinstance(item, str):
-            if _SURROGATE.search(item):
-                return where or "message"
-        elif isinstance(item, dict):
+        item = stack.pop()
+        if isinstance(item, dict):
+            if any(isinstance(key, str) and _SURROGATE.search(key) for key in item):
+                fixed = {(_SURROGATE.sub("\ufffd", k) if isinstance(k, str) else k): v for k, v in item.items()}
+                item.clear()
+                item.update(fixed)
             for key, child in item.items():
-                if isinstance(key, str) and _SURROGATE.search(key):
-                    return _join(where, key)
-                stack.append((_join(where, key), child))
+                if isinstance(child, str):
+                    if _SURROGATE.search(child):
+                        item[key] = _SURROGATE.sub("\ufffd", child)
+                elif isinstance(child, dict | list):
+                    stack.append(child)
         elif isinstance(item, list):
-            stack.extend((f"{where}[{i}]", child) for i, child in enumerate(item))
+            for index, child in enumerate(item):
+                if isinstance(child, str):
+                    if _SURROGATE.search(child):
+                        item[index] = _SURROGATE.sub("\ufffd", child)
+                elif isinstance(child, dict | list):
+                    stack.append(child)
+
+
+def scrubbed(value: Any) -> Any:
+    """A copy of an outbound ``value`` whose strings and keys hold no lone surrogate.
+
+    For the writer's second attempt after an encoding failure; server-made messages are shallow.
+    """
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, Mapping):
+        return {scrubbed(k): scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrubbed(v) for v in value]
+    return value
+
+
+def _control_character(message: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Path and character of the first control character in a string not allowed to hold it.
+
+    Runs after schema validation, so every key is a known field name.
+    """
+    stack: list[tuple[str, str, object]] = [("", "", message)]
+    while stack:
+        where, key, item = stack.pop()
+        if isinstance(item, str):
+            if key in _FREE_TEXT_KEYS:
+                continue
+            found = (_CONTROL_BUT_LINES if key in _LINE_KEYS else _CONTROL).search(item)
+            if found:
+                return where, found.group()
+        elif isinstance(item, dict):
+            stack.extend((_join(where, k), str(k), child) for k, child in item.items())
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", key, child) for i, child in enumerate(item))
     return None
 
 
+def _echo(name: str) -> str:
+    """A client's name for the echo in an error message: short, control characters escaped."""
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", name[:_MAX_ECHOED_TYPE_CHARS])
+
+
 def _join(path: str, key: object) -> str:
-    name = key if isinstance(key, str) else repr(key)
+    name = _echo(key) if isinstance(key, str) else _echo(repr(key))
     return f"{path}.{name}" if path else name
 
 

@@ -30,6 +30,9 @@ class ServerConfig:
     #: Interval of WebSocket pings; a client that does not answer one within half
     #: of it is dropped as networkDisconnected.
     heartbeat_s: float = 10.0
+    #: Longest one outbound frame may wait for the client to read it before the connection is
+    #: dropped as a slow consumer (close 4008, reason slowConsumer).
+    write_timeout_s: float = 10.0
     #: Streams one connection may publish at once (camera, screen, …).
     max_publishes_per_connection: int = 4
     #: Subscriptions one connection may hold at once.
@@ -181,6 +184,8 @@ class Config:
             raise ConfigError("server.max_invalid_messages must be >= 1")
         if s.heartbeat_s <= 0:
             raise ConfigError("server.heartbeat_s must be > 0")
+        if not 0.1 <= s.write_timeout_s <= 300:
+            raise ConfigError(f"server.write_timeout_s must be 0.1-300 seconds, got {s.write_timeout_s}")
         if not 1 <= s.max_publishes_per_connection <= 64 or not 1 <= s.max_subscriptions_per_connection <= 1024:
             raise ConfigError("server.max_publishes_per_connection must be 1-64 and "
                               "server.max_subscriptions_per_connection 1-1024")

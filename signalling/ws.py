@@ -1,28 +1,47 @@
 """The WebSocket endpoint: frames in, coded replies and events out.
 
-The read loop never raises: every bad frame becomes an error reply and the
-socket stays usable, except a failed join (closed with 4001 after the reply)
-and abuse (too many invalid frames, or oversized ones: 1009). Outbound
-messages go through a bounded queue drained by one writer task, so a slow
-client cannot stall its session; a client whose queue overflows is dropped.
+The read loop never raises: every bad frame becomes an error reply and the socket stays usable,
+except a failed join (closed with 4001 after the reply) and abuse: too many invalid frames
+(4001) or a frame over ``server.max_message_bytes`` (1009). aiohttp enforces that limit where the
+bytes arrive, before buffering a frame's payload and while inflating a compressed one, so a
+deflate bomb costs at most the limit.
+
+Outbound messages go through one bounded :class:`Outbox` per connection, drained by one writer
+task. Replies to the client's own requests wait for room in it, which pauses reading that
+client: a client that sends faster than it reads slows itself down and nothing else. Pushed
+events never wait; an event that finds the outbox full marks a slow consumer. Every write has a
+deadline (``server.write_timeout_s``); a slow consumer is dropped with close code 4008 and
+disconnect reason ``slowConsumer``. Encoding a message can never end a connection: a message that
+cannot be encoded is logged (rate-limited), retried with lone surrogates replaced, and otherwise
+replaced by an ``internal_error`` reply (a response) or dropped (an event).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections import deque
+from collections.abc import Awaitable, Mapping
+from typing import Any, Final, TypeVar
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.base_protocol import BaseProtocol
 
 from metrics import prometheus as prom
 from metrics.eventlog import EventLog
 from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
-from signalling.codec import SUBPROTOCOLS, Codec, error_response, response_ok
-from signalling.errors import InternalError, OpenConsultError, ProtocolError, coded
+from signalling.codec import SUBPROTOCOLS, Codec, error_response, response_error, response_ok, scrubbed
+from signalling.errors import (
+    ErrorCode,
+    InternalError,
+    MessageTooLarge,
+    OpenConsultError,
+    ProtocolError,
+    coded,
+)
 from signalling.hub import Client, Hub
 from signalling.keys import (
     CONFIG_KEY,
@@ -36,37 +55,140 @@ from signalling.workflow import Workflow
 
 logger = logging.getLogger(__name__)
 
-CLOSE_POLICY = 4001
-SEND_QUEUE_MAX = 512
+CLOSE_POLICY: Final = 4001
+#: The client did not read what it was sent (reason ``slowConsumer``).
+CLOSE_SLOW_CONSUMER: Final = 4008
+#: Messages an outbox holds at most; a pushed event that finds it full marks a slow consumer.
+SEND_QUEUE_MAX: Final = 512
+#: A reply waits while the outbox holds this many messages, so replies never crowd out events.
+REPLY_WINDOW: Final = 64
 JOIN_ERRORS = ("unauthorized", "token_expired", "token_not_yet_valid", "room_mismatch")
+_ENCODE_ERRORS: Final = (ValueError, TypeError, OverflowError)
+
+
+class LogLimiter:
+    """At most one log line per ``interval_s``, telling how many were held back. Time is passed in."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._next = -math.inf
+        self._held = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: stay quiet. Otherwise log now, mentioning the returned number of held-back lines."""
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held = self._held, 0
+        self._next = now + self.interval_s
+        return held
+
+
+# Shared by every connection: a flood from many sockets is one line per interval, not one each.
+_ENCODE_FAILURES: Final = LogLimiter(10.0)
+_SLOW_CONSUMERS: Final = LogLimiter(10.0)
+
+
+class Outbox:
+    """The outbound messages of one connection, drained by its writer task.
+
+    ``push`` (pushed events, called by the hub and the workflow) never waits: a full outbox
+    marks the client a slow consumer and drops what it held. ``put_reply`` (replies to the
+    client's own requests, awaited by the read loop) waits while ``reply_window`` or more
+    messages are queued, which is backpressure on that client's reading.
+    """
+
+    def __init__(self, limit: int = SEND_QUEUE_MAX, reply_window: int = REPLY_WINDOW) -> None:
+        self.limit = limit
+        self.reply_window = reply_window
+        self._items: deque[Mapping[str, Any]] = deque()
+        self._readable = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        #: No more messages are taken (``finish`` or ``abandon``).
+        self.closed = False
+        #: The client did not read: its outbox overflowed or a write missed its deadline.
+        self.slow_consumer = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, message: Mapping[str, Any]) -> None:
+        """Queue a pushed event without waiting."""
+        if self.closed:
+            prom.WS_MESSAGES.labels(direction="out", result="dropped").inc()
+            return
+        if len(self._items) >= self.limit:
+            self.slow_consumer = True
+            self.abandon()
+            return
+        self._items.append(message)
+        self._readable.set()
+
+    async def put_reply(self, message: Mapping[str, Any]) -> None:
+        """Queue a reply once there is room for it (dropped if the outbox closes meanwhile)."""
+        while not self.closed and len(self._items) >= self.reply_window:
+            self._room.clear()
+            await self._room.wait()
+        if self.closed:
+            prom.WS_MESSAGES.labels(direction="out", result="dropped").inc()
+            return
+        self._items.append(message)
+        self._readable.set()
+
+    async def get(self) -> Mapping[str, Any] | None:
+        """The next message to send; None once closed and empty."""
+        while not self._items:
+            if self.closed:
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+        message = self._items.popleft()
+        if len(self._items) < self.reply_window:
+            self._room.set()
+        return message
+
+    def finish(self) -> None:
+        """Take no more messages; the writer sends those queued, then stops."""
+        self.closed = True
+        self._readable.set()
+        self._room.set()
+
+    def abandon(self) -> None:
+        """Take no more messages and drop those queued; the writer stops."""
+        if self._items:
+            prom.WS_MESSAGES.labels(direction="out", result="dropped").inc(len(self._items))
+            self._items.clear()
+        self.finish()
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     config = request.app[CONFIG_KEY]
     hub = request.app[HUB_KEY]
     workflow = request.app[WORKFLOW_KEY]
+    write_timeout = config.server.write_timeout_s
+    # aiohttp refuses a data frame whose payload is >= max_msg_size before buffering it, and a
+    # compressed one as soon as it inflates past it; both close 1009. +1: the limit itself is fine.
     ws = web.WebSocketResponse(protocols=SUBPROTOCOLS, heartbeat=config.server.heartbeat_s,
-                               max_msg_size=0)
+                               max_msg_size=config.server.max_message_bytes + 1)
     await ws.prepare(request)
     codec = Codec.for_subprotocol(ws.ws_protocol, config.server.max_message_bytes)
-    queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(SEND_QUEUE_MAX)
-    overflow = asyncio.Event()
-
-    def send(message: dict[str, Any]) -> None:
-        try:
-            queue.put_nowait(message)
-        except asyncio.QueueFull:
-            overflow.set()
-
-    client = Client(send, remote_ip=request.remote or "", user_agent=request.headers.get("User-Agent", ""))
-    writer = asyncio.create_task(_write_loop(ws, codec, queue, overflow))
+    outbox = Outbox()
+    client = Client(outbox.push, remote_ip=request.remote or "", user_agent=request.headers.get("User-Agent", ""))
+    transport = request.transport
+    writer = asyncio.create_task(_write_loop(ws, request.protocol, transport, codec, outbox, write_timeout,
+                                             client.remote_ip))
     sockets = request.app[SOCKETS_KEY]
     sockets.add(ws)
     reason = DisconnectReason.NETWORK_DISCONNECTED
-    invalid = oversized = 0
+    invalid = 0
     try:
         async for msg in ws:
-            if msg.type == WSMsgType.CLOSE:
+            if outbox.slow_consumer:
+                break  # the writer is cutting this client off: read no more of it
+            if msg.type == WSMsgType.ERROR:
+                # aiohttp has closed the socket already: 1009 for a frame over the limit
+                # (compressed or not), 1002 for a broken frame, 1006 for a missed heartbeat.
                 break
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 continue
@@ -75,13 +197,14 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             except ProtocolError as exc:
                 invalid += 1
                 prom.WS_MESSAGES.labels(direction="in", result="invalid").inc()
-                send(error_response(exc.request_id, exc))
-                oversized += exc.code == "message_too_large"
-                if oversized >= 3:
-                    await _close_after(queue, writer, ws, WSCloseCode.MESSAGE_TOO_BIG, b"messages too large")
+                await outbox.put_reply(error_response(exc.request_id, exc))
+                if isinstance(exc, MessageTooLarge):
+                    await _close_after(outbox, writer, ws, transport, WSCloseCode.MESSAGE_TOO_BIG,
+                                       b"message too large", write_timeout)
                     break
                 if invalid >= config.server.max_invalid_messages:
-                    await _close_after(queue, writer, ws, CLOSE_POLICY, b"too many invalid messages")
+                    await _close_after(outbox, writer, ws, transport, CLOSE_POLICY, b"too many invalid messages",
+                                       write_timeout)
                     break
                 continue
             prom.WS_MESSAGES.labels(direction="in", result="ok").inc()
@@ -90,72 +213,141 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                 data = await _logged(request.app[EVENTLOG_KEY], _dispatch(hub, workflow, client, request_msg))
             except (OpenConsultError, RoomsError) as exc:
                 error = coded(exc)  # the one place domain errors become wire errors
-                send(error_response(request_id, error))
+                await outbox.put_reply(error_response(request_id, error))
                 if request_msg["type"] == "join" and error.code in JOIN_ERRORS:
-                    await _close_after(queue, writer, ws, CLOSE_POLICY, b"join refused")
+                    await _close_after(outbox, writer, ws, transport, CLOSE_POLICY, b"join refused", write_timeout)
                     break
                 continue
             except Exception:
                 logger.exception("request %s failed", request_msg.get("type"))
-                send(error_response(request_id, InternalError("the server failed to handle this request")))
+                await outbox.put_reply(
+                    error_response(request_id, InternalError("the server failed to handle this request")))
                 continue
-            send(response_ok(request_id, data))
+            # The one place a request's reply is queued after dispatch.
+            await outbox.put_reply(response_ok(request_id, data))
             if request_msg["type"] == "leave":
                 reason = DisconnectReason.CLIENT_DISCONNECTED
-                await _close_after(queue, writer, ws, WSCloseCode.OK, b"left")
+                await _close_after(outbox, writer, ws, transport, WSCloseCode.OK, b"left", write_timeout)
                 break
         else:
             # The loop ended without a close frame from us: a close frame from the
             # client is a client disconnect, anything else (timeout, reset) a network one.
             if ws.close_code in (WSCloseCode.OK, WSCloseCode.GOING_AWAY):
                 reason = DisconnectReason.CLIENT_DISCONNECTED
-        if overflow.is_set():
-            reason = DisconnectReason.NETWORK_DISCONNECTED
     except asyncio.CancelledError:
         reason = DisconnectReason.SERVER_SHUTDOWN
         raise
     finally:
+        if outbox.slow_consumer:
+            reason = DisconnectReason.SLOW_CONSUMER
         if request.app.get(SHUTTING_DOWN_KEY):
             reason = DisconnectReason.SERVER_SHUTDOWN
         sockets.discard(ws)
+        outbox.abandon()
         workflow.forget(client)
         await hub.disconnect(client, reason)
-        writer.cancel()
+        if not writer.done():
+            writer.cancel()
         if not ws.closed:
-            await ws.close()
+            await _close(ws, transport, WSCloseCode.OK, b"", write_timeout)
     return ws
 
 
-async def _close_after(queue: asyncio.Queue[dict[str, Any] | None], writer: asyncio.Task[None],
-                       ws: web.WebSocketResponse, code: int, message: bytes) -> None:
-    """Flush queued replies, then close with ``code``."""
+async def _close_after(outbox: Outbox, writer: asyncio.Task[None], ws: web.WebSocketResponse,
+                       transport: asyncio.Transport | None, code: int, message: bytes, timeout: float) -> None:
+    """Flush queued replies (each write has its deadline), then close with ``code``."""
+    outbox.finish()
     try:
-        queue.put_nowait(None)
-        await asyncio.wait_for(asyncio.shield(writer), timeout=5)
-    except (asyncio.QueueFull, asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(writer), timeout=2 * timeout)
+    except asyncio.TimeoutError:
         pass
-    await ws.close(code=code, message=message)
+    await _close(ws, transport, code, message, timeout)
 
 
-async def _write_loop(ws: web.WebSocketResponse, codec: Codec, queue: asyncio.Queue[dict[str, Any] | None],
-                      overflow: asyncio.Event) -> None:
-    while True:
-        message = await queue.get()
-        if message is None or ws.closed:
-            return
-        if overflow.is_set():
-            # The client could not keep up: drop it rather than let it stall the session.
-            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"send queue overflow")
-            return
-        frame = codec.encode(message)
+async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport | None, code: int, message: bytes,
+                 timeout: float) -> None:
+    """Close with ``code``; a client that does not take the close frame in time is cut off."""
+    try:
+        async with asyncio.timeout(timeout):
+            await ws.close(code=code, message=message)
+    except TimeoutError:
+        _abort(transport)
+
+
+def _abort(transport: asyncio.Transport | None) -> None:
+    # close() would wait to flush what the client never reads; abort() frees it now.
+    if transport is not None:
+        transport.abort()
+
+
+async def _write_loop(ws: web.WebSocketResponse, protocol: BaseProtocol, transport: asyncio.Transport | None,
+                      codec: Codec, outbox: Outbox, timeout: float, remote: str) -> None:
+    opcode = WSMsgType.BINARY if codec.binary else WSMsgType.TEXT
+    sent = prom.WS_MESSAGES.labels(direction="out", result="ok")
+    # A write that leaves the transport's buffer under its high-water mark cannot pause writing,
+    # so it cannot wait for the client: only a write that could wait pays for a deadline.
+    high_water = transport.get_write_buffer_limits()[1] if transport is not None else 0
+    try:
+        while (message := await outbox.get()) is not None:
+            payload = _payload(codec, message)
+            if payload is None:
+                continue
+            try:
+                if (transport is not None and not protocol.writing_paused
+                        and transport.get_write_buffer_size() + len(payload) + 16 < high_water):
+                    await ws.send_frame(payload, opcode)
+                else:
+                    async with asyncio.timeout(timeout):
+                        await ws.send_frame(payload, opcode)
+            except TimeoutError:
+                # The client has not read for ``timeout``: a close frame would not reach it either.
+                outbox.slow_consumer = True
+                _log_slow_consumer(remote, f"a write waited more than {timeout:g} s")
+                outbox.abandon()
+                _abort(transport)
+                return
+            except (ConnectionError, RuntimeError):
+                return
+            sent.inc()
+        if outbox.slow_consumer:
+            _log_slow_consumer(remote, f"its send queue overflowed ({outbox.limit} messages)")
+            await _close(ws, transport, CLOSE_SLOW_CONSUMER, b"slow consumer", timeout)
+    finally:
+        # However the writer ends, a read loop waiting for room in the outbox must not wait forever.
+        outbox.abandon()
+
+
+def _log_slow_consumer(remote: str, why: str) -> None:
+    held = _SLOW_CONSUMERS.allow(time.monotonic())
+    if held is not None:
+        logger.warning("dropped a slow consumer from %s: %s (%d more not logged)", remote, why, held)
+
+
+def _payload(codec: Codec, message: Mapping[str, Any]) -> bytes | None:
+    """Frame bytes for ``message``; never raises. None: the message is dropped."""
+    try:
+        return codec.payload(message)
+    except _ENCODE_ERRORS as exc:
+        failure = exc
+    prom.WS_MESSAGES.labels(direction="out", result="invalid").inc()
+    held = _ENCODE_FAILURES.allow(time.monotonic())
+    if held is not None:
+        logger.error("could not encode a %s %s: %s: %s (%d more not logged)", message.get("type"),
+                     message.get("event", ""), type(failure).__name__, str(failure)[:200], held)
+    try:
+        return codec.payload(scrubbed(message))  # lone surrogates: the one known cause
+    except _ENCODE_ERRORS:
+        pass
+    if message.get("type") != "response":
+        return None
+    request_id = message.get("id")
+    for reply_id in (request_id, None):
         try:
-            if isinstance(frame, bytes):
-                await ws.send_bytes(frame)
-            else:
-                await ws.send_str(frame)
-        except (ConnectionError, RuntimeError):
-            return
-        prom.WS_MESSAGES.labels(direction="out", result="ok").inc()
+            return codec.payload(response_error(reply_id, ErrorCode.INTERNAL_ERROR,
+                                                "the server could not encode its reply"))
+        except _ENCODE_ERRORS:
+            continue
+    return None  # pragma: no cover - a fixed reply with a null id always encodes
 
 
 _T = TypeVar("_T")

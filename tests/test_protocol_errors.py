@@ -61,12 +61,25 @@ async def test_malformed_frames_get_coded_errors_and_the_socket_survives(client:
         ("{not json", "invalid_message"),
         ("[1, 2, 3]", "invalid_message"),
         (json.dumps({"type": "teleport", "id": 5}), "invalid_message"),
-        ("x" * (MAX_BYTES + 10), "message_too_large"),
+        (json.dumps({"type": "\ud800", "id": 6}), "invalid_message"),
+        ('{"type":"ping","id":7,"name":"\u0007"}', "invalid_message"),
     ]:
         await client.send_raw(frame)
         response = await client.next_response()
         assert response["ok"] is False and response["error"]["code"] == code, (frame[:40], response)
     await assert_usable(client)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+async def test_a_frame_over_the_limit_closes_1009(server: ServerProcess, binary: bool) -> None:
+    client = await SignallingClient(server.ws_url).connect()
+    try:
+        await assert_usable(client)
+        await client.send_raw(b"x" * (MAX_BYTES + 1) if binary else "x" * (MAX_BYTES + 1))
+        await client.closed.wait()
+        assert client.close_code == 1009
+    finally:
+        await client.close()
 
 
 async def test_wrong_field_types_name_the_field(client: SignallingClient, tokens: TokenAuthority) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
@@ -36,6 +36,7 @@ from signalling.codec import (
     response_error,
     response_ok,
 )
+from signalling.codec import scrubbed
 from signalling.errors import (
     ERRORS_BY_CODE,
     AuthError,
@@ -46,6 +47,7 @@ from signalling.errors import (
     OpenConsultError,
     ProtocolError,
 )
+from tests.signalling.hostile import fuzz_settings, hostile_values, json_frames, msgpack_frames, near_valid
 
 SDP = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
 
@@ -409,15 +411,55 @@ def test_deeply_nested_input_is_refused_cleanly() -> None:
         MsgpackCodec().decode(packed)
 
 
-def test_lone_surrogates_are_refused() -> None:
+def test_lone_surrogates_become_replacement_characters_in_values_and_keys() -> None:
     codec = JsonCodec()
-    error = decode_error(codec, {"type": "publish", "id": 1, "offer": {"type": "offer", "sdp": SDP}, "name": "\ud800"})
-    assert error.message == '"name" is not valid Unicode (lone surrogate)'
-    assert error.request_id == 1
+    decoded = codec.decode(json.dumps({"type": "publish", "id": 1, "offer": {"type": "offer", "sdp": SDP},
+                                       "name": "a\ud800b\udfff"}))
+    assert decoded["name"] == "a\ufffdb\ufffd"
     # An escaped surrogate *pair* is just an emoji.
     decoded = codec.decode('{"type":"publish","id":1,"offer":{"type":"offer","sdp":"x"},"name":"\\ud83d\\ude00"}')
     assert decoded["name"] == "\U0001f600"
-    assert decode_error(codec, {"type": "ping", "id": "\udc00"}).request_id is None
+    # A string id is echoed as the client will see it, replaced.
+    assert codec.decode(json.dumps({"type": "ping", "id": "\udc00"}))["id"] == "\ufffd"
+    # CESU-8 surrogates in a binary frame holding JSON (json.loads decodes bytes with surrogatepass).
+    decoded = codec.decode(b'{"type":"publish","id":1,"offer":{"type":"offer","sdp":"x"},"name":"\xed\xa0\x80"}')
+    assert decoded["name"] == "\ufffd"
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=["json", "msgpack"])
+def test_every_echo_of_client_text_encodes_on_both_codecs(codec: Codec) -> None:
+    """The unknown ``type`` and a refused key's name are echoed; neither may break an encoder."""
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("json", {"type": "\ud800tele\x07port", "id": 1}, 'unknown message type "\ufffdtele\\u0007port"'),
+        ("json", {"type": "ping", "id": 2, "\udbff\x00key": 1}, '"\ufffd\\u0000key" is not allowed'),
+        ("json", {"type": "ping", "id": 3, "k" * 5000: 1}, '"' + "k" * 40 + '" is not allowed'),
+    ]
+    for _, message, expected in cases:
+        data = json.dumps(message)  # lone surrogates travel as \u escapes
+        error = decode_error_from(JsonCodec(), data)
+        assert error.message.startswith(expected), error.message
+        reply = error_response(None, error)
+        assert isinstance(codec.payload(reply), bytes)
+        check_outbound(reply)
+
+
+def test_control_characters_are_refused_by_field() -> None:
+    codec = JsonCodec()
+    publish = {"type": "publish", "id": 1, "offer": {"type": "offer", "sdp": SDP}}
+    assert decode_error(codec, {**publish, "name": "Cam\x1b[31m"}).message == '"name" contains control character U+001B'
+    assert decode_error(codec, {**publish, "name": "Cam\x85"}).message == '"name" contains control character U+0085'
+    assert decode_error(codec, {"type": "join", "id": 2, "token": "t\x00"}).message == (
+        '"token" contains control character U+0000')
+    nul_sdp = {"type": "publish", "id": 3, "offer": {"type": "offer", "sdp": "v=0\r\n\x00"}}
+    assert decode_error(codec, nul_sdp).message == '"offer.sdp" contains control character U+0000'
+    # SDP lines: tab, CR and LF are fine.
+    assert codec.decode(json.dumps({**publish, "offer": {"type": "offer", "sdp": "v=0\r\n\ta"}}))["id"] == 1
+    # Free text is judged by the workflow (chat refuses C0 with invalid_input), not here.
+    chat = {"type": "chat.send", "id": 4, "channel_id": "consultation:s_1", "text": "bell\x07\nline"}
+    assert codec.decode(json.dumps(chat))["text"] == "bell\x07\nline"
+    # An id holding control characters is not echoed.
+    error = decode_error(codec, {"type": "ping", "id": "a\x07"})
+    assert (error.message, error.request_id) == ('"id" contains control character U+0007', None)
 
 
 def test_msgpack_garbage_and_wrong_frame_type() -> None:
@@ -560,34 +602,10 @@ def test_validators_are_compiled_once() -> None:
 
 # --- fuzz ------------------------------------------------------------------------------------
 
-# database=None: no .hypothesis/ folder in the work tree; every run explores afresh.
-FUZZ = settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=20,
-)
-
-
-def near_valid_messages() -> st.SearchStrategy[dict[str, Any]]:
-    """Valid examples with fields dropped, replaced or added: close enough to reach the schemas."""
-
-    def mutate(base: dict[str, Any], drop: list[str], replace: dict[str, Any], add: dict[str, Any]) -> dict[str, Any]:
-        message = {k: v for k, v in base.items() if k not in drop}
-        message.update({k: v for k, v in replace.items() if k in base})
-        message.update(add)
-        return message
-
-    bases = st.sampled_from([*VALID.values(), *MINIMAL.values()])
-    keys = st.sampled_from(sorted({k for m in VALID.values() for k in m} | {"sdp", "candidate", "zzz"}))
-    return st.builds(
-        mutate,
-        bases,
-        st.lists(keys, max_size=2),
-        st.dictionaries(keys, json_values, max_size=2),
-        st.dictionaries(keys, json_values, max_size=1),
-    )
+FUZZ = fuzz_settings(300)
+BASES: list[dict[str, Any]] = [*VALID.values(), *MINIMAL.values()]
+#: How every codec error message starts: it names the field (quoted) or speaks of the message.
+NAMED = ("message ", "\"", "unknown message type \"", "expected a binary msgpack frame")
 
 
 def assert_only_protocol_errors(codec: Codec, data: str | bytes) -> None:
@@ -595,16 +613,21 @@ def assert_only_protocol_errors(codec: Codec, data: str | bytes) -> None:
         decoded = codec.decode(data)
     except ProtocolError as exc:
         assert exc.code in ("invalid_message", "message_too_large")
-        assert exc.message
+        assert exc.message.startswith(NAMED), exc.message
+        assert len(exc.message) < 400, exc.message
         assert exc.request_id is None or isinstance(exc.request_id, int | str)
         # Whatever we answer must itself be encodable for either kind of client.
         for out in CODECS:
-            out.encode(error_response(None, exc))
+            assert isinstance(out.payload(error_response(None, exc)), bytes)
         return
-    # Anything accepted is a valid request and can be sent back out on either encoding.
+    # Anything accepted is a valid request, holds no lone surrogate, and can be sent back out.
     assert VALIDATORS[decoded["type"]].is_valid(decoded)
     for out in CODECS:
-        out.encode(decoded)
+        assert isinstance(out.payload(decoded), bytes)
+
+
+def test_every_message_type_is_fuzzed() -> None:
+    assert {m["type"] for m in BASES} == {t.value for t in MessageType}
 
 
 @FUZZ
@@ -621,14 +644,45 @@ def test_fuzz_binary_both_codecs(data: bytes) -> None:
 
 
 @FUZZ
-@given(json_values)
+@given(hostile_values)
 def test_fuzz_structured_values(value: Any) -> None:
     assert_only_protocol_errors(JsonCodec(), json.dumps(value))
-    assert_only_protocol_errors(MsgpackCodec(), msgpack.packb(value, use_bin_type=True))
+    packed = msgpack.packb(value, use_bin_type=True, unicode_errors="surrogatepass")
+    assert_only_protocol_errors(MsgpackCodec(), packed)
 
 
 @FUZZ
-@given(near_valid_messages())
+@given(near_valid(BASES))
 def test_fuzz_near_valid_messages(message: dict[str, Any]) -> None:
     assert_only_protocol_errors(JsonCodec(), json.dumps(message))
-    assert_only_protocol_errors(MsgpackCodec(), msgpack.packb(message, use_bin_type=True))
+    packed = msgpack.packb(message, use_bin_type=True, unicode_errors="surrogatepass")
+    assert_only_protocol_errors(MsgpackCodec(), packed)
+
+
+@FUZZ
+@given(json_frames(BASES))
+def test_fuzz_json_frames(frame: str | bytes) -> None:
+    """Raw JSON tricks too: duplicate keys, nesting to the parser's limit, 5000-digit numbers."""
+    assert_only_protocol_errors(JsonCodec(max_message_bytes=1 << 20), frame)
+
+
+@FUZZ
+@given(msgpack_frames(BASES))
+def test_fuzz_msgpack_frames(frame: str | bytes) -> None:
+    assert_only_protocol_errors(MsgpackCodec(max_message_bytes=1 << 20), frame)
+
+
+def test_duplicate_keys_the_last_one_wins_and_is_validated() -> None:
+    codec = JsonCodec()
+    assert codec.decode('{"type":"join","id":1,"type":"ping","id":2}') == {"type": "ping", "id": 2}
+    error = decode_error_from(codec, '{"type":"ping","id":1,"type":"join"}')
+    assert error.message == '"token" is required'
+
+
+@FUZZ
+@given(hostile_values)
+def test_fuzz_outbound_scrubbed_always_encodes(value: Any) -> None:
+    """What the writer falls back to: any server-made value with client text in it encodes."""
+    message = event(EventName.CONNECTION_CREATED, {"connection": {"name": value}})
+    for out in CODECS:
+        assert isinstance(out.payload(scrubbed(message)), bytes)
