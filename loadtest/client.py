@@ -1,12 +1,18 @@
 """A wire-protocol client (protocol v1 over aiohttp's WebSocket client), used by
-the load tester, the benchmarks and the tests. It speaks only the wire protocol."""
+the load tester, the benchmarks and the tests. It speaks only the wire protocol.
+
+With ``SignallingClient.check_frames`` on (the test suite turns it on), every frame the
+server sends is validated against ``signalling/schemas/_response.json`` / ``_event.json``;
+a frame that does not match is kept in ``SCHEMA_VIOLATIONS`` (the tests fail on it) and
+fails the request it answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import msgpack
@@ -21,9 +27,34 @@ class RequestFailed(Exception):
         self.message = message
 
 
+class SchemaViolation(Exception):
+    """The server sent a frame its own schemas do not allow."""
+
+
+#: Every server frame that failed its schema while ``check_frames`` was on: (frame, error).
+SCHEMA_VIOLATIONS: list[tuple[dict[str, Any], str]] = []
+
+
+def _schema_error(message: Any) -> str | None:
+    """Why ``message`` is not a valid server frame, or None if it is."""
+    from signalling.codec import check_outbound  # only when checking: the load tester needs no schemas
+    from signalling.errors import InvalidMessage
+
+    if not isinstance(message, dict):
+        return f"a server frame must be an object, not {type(message).__name__}"
+    try:
+        check_outbound(message)
+    except InvalidMessage as exc:
+        return exc.message
+    return None
+
+
 class SignallingClient:
     """One WebSocket to ``/ws``: ``request()`` returns a response's data or raises
     ``RequestFailed``; pushed events collect in ``events`` and wake ``next_event()``."""
+
+    #: Validate every received frame against the outbound schemas (tests turn this on).
+    check_frames: ClassVar[bool] = False
 
     def __init__(self, ws_url: str, msgpack_frames: bool = False) -> None:
         self.ws_url = ws_url
@@ -119,10 +150,16 @@ class SignallingClient:
                 else:
                     break
                 self.raw.append(data)
+                error = _schema_error(data) if self.check_frames else None
+                if error is not None:
+                    SCHEMA_VIOLATIONS.append((data, error))
                 if data.get("type") == "response":
                     future = self._pending.get(data.get("id")) or self._pending.get(None)
                     if future is not None and not future.done():
-                        future.set_result(data)
+                        if error is None:
+                            future.set_result(data)
+                        else:
+                            future.set_exception(SchemaViolation(f"server frame breaks its schema: {error}: {data}"))
                 elif data.get("type") == "event":
                     async with self._event_cond:
                         self.events.append(data)
