@@ -13,3 +13,9 @@ class MediaError(Exception):
 
 class PeerNotFound(MediaError):
     code: ClassVar[str] = "not_found"
+
+
+class AlreadyAnswered(MediaError):
+    """A subscription's offer was answered already (or an answer is being applied)."""
+
+    code: ClassVar[str] = "invalid_state"
