@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 CLOSE_POLICY = 4001
 SEND_QUEUE_MAX = 512
-JOIN_ERRORS = ("unauthorized", "token_expired", "token_not_yet_valid", "room_mismatch")
+JOIN_ERRORS = ("unauthorized", "token_expired", "token_not_yet_valid", "room_mismatch", "forbidden")
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
