@@ -211,7 +211,9 @@ async def worker_main() -> None:
 
     limit = raise_fd_limit(0)
     loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()  # all of stdin through one reader: a buffered readline could eat commands
+    # All of stdin through one reader (a buffered readline could eat the commands behind the
+    # config line); the config line holds every token, hence the large line limit.
+    stdin = asyncio.StreamReader(limit=2**26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     config = json.loads(await stdin.readline())
     ws_url: str = config["ws_url"]
