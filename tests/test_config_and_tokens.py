@@ -46,14 +46,15 @@ def test_the_sample_config_shows_the_defaults() -> None:
 
 
 def test_the_sample_config_still_loads_with_every_commented_out_key_uncommented(tmp_path: Path) -> None:
-    lines, uncommented = [], []
+    lines: list[str] = []
+    uncommented: list[tuple[str, str]] = []  # (table or "", key)
     table = ""
     for line in SAMPLE.read_text().splitlines():
         if header := TABLE.match(line):
             table = header.group(1)
-        if key := COMMENTED_KEY.match(line):
+        if commented := COMMENTED_KEY.match(line):
             line = line.lstrip("#").lstrip()
-            uncommented.append((table, key.group(1)))
+            uncommented.append((table, commented.group(1)))
         lines.append(line)
     assert uncommented, "the sample has no commented-out keys to check"
     config = load_config(write(tmp_path, "\n".join(lines) + "\n"), env={})
