@@ -12,9 +12,9 @@ Three states are measured, each after the server has settled:
   holds a live connection, its session and its event-log entries.
 
 For each state it prints the server's RSS (``VmRSS`` from /proc), the RSS per
-connection above the baseline, and the ``/healthz`` latency (p50 / p95 over
+connection above the baseline, the ``/healthz`` latency (p50 / p95 over
 ``--samples`` sequential requests on one keep-alive connection, spread over at
-least one heartbeat interval). RLIMIT_NOFILE is raised to its hard limit here,
+least one heartbeat interval) and the server's CPU meanwhile (% of one core). RLIMIT_NOFILE is raised to its hard limit here,
 and the server and client processes inherit it.
 
     .venv/bin/python benchmarks/idle_connections.py [--connections 10000] [--processes 2] [--samples 400]
@@ -42,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO_ROOT))
 
+TICKS = os.sysconf("SC_CLK_TCK")
 #: File descriptors a process needs beside its sockets (logs, SQLite, epoll, pipes).
 FD_HEADROOM = 256
 
@@ -67,6 +68,13 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads) in seconds, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
@@ -80,6 +88,7 @@ class Row:
     per_connection_kib: float | None
     healthz_p50_ms: float
     healthz_p95_ms: float
+    cpu_pct: float  # server CPU while measuring, % of one core (idle work plus the /healthz requests)
 
 
 async def healthz_latency(url: str, samples: int, span_s: float) -> tuple[float, float, dict[str, Any]]:
@@ -161,11 +170,13 @@ async def run(connections: int, processes: int, samples: int, span_s: float, set
 
             async def measure(state: str, count: int) -> None:
                 await asyncio.sleep(settle_s)
+                cpu0, t0 = process_cpu_s(pid), time.monotonic()
                 p50, p95, body = await healthz_latency(server.url, samples, span_s)
+                cpu_pct = 100 * (process_cpu_s(pid) - cpu0) / (time.monotonic() - t0)
                 rss = rss_kib(pid)
                 base = rows[0].rss_kib if rows else rss
                 per = (rss - base) / count if count else None
-                rows.append(Row(state, count, rss, per, p50, p95))
+                rows.append(Row(state, count, rss, per, p50, p95, cpu_pct))
                 print(f"  {state}: {count} connections, healthz says {body.get('connections')} joined, "
                       f"RSS {rss / 1024:.1f} MiB", file=sys.stderr)
 
@@ -195,11 +206,11 @@ async def run(connections: int, processes: int, samples: int, span_s: float, set
 
 def format_rows(rows: list[Row]) -> str:
     lines = [f"{'state':<10} {'connections':>11} {'server RSS MiB':>15} {'KiB/connection':>15} "
-             f"{'/healthz p50 ms':>16} {'p95 ms':>8}"]
+             f"{'/healthz p50 ms':>16} {'p95 ms':>8} {'server CPU %':>13}"]
     for r in rows:
         per = f"{r.per_connection_kib:.1f}" if r.per_connection_kib is not None else "-"
         lines.append(f"{r.state:<10} {r.connections:>11} {r.rss_kib / 1024:>15.1f} {per:>15} "
-                     f"{r.healthz_p50_ms:>16.2f} {r.healthz_p95_ms:>8.2f}")
+                     f"{r.healthz_p50_ms:>16.2f} {r.healthz_p95_ms:>8.2f} {r.cpu_pct:>13.1f}")
     return "\n".join(lines)
 
 
