@@ -93,6 +93,10 @@ async def test_a_second_answer_is_invalid_state(server: ServerProcess, tokens: T
         bob.subscribers[stream_id] = subscriber
         answer = {"type": "answer", "sdp": await subscriber.answer(data["offer"]["sdp"])}
         sub_id = data["subscription_id"]
+        # An answer that cannot be applied does not count: the corrected one is taken.
+        with pytest.raises(RequestFailed) as broken:
+            await bob.client.request("answer", subscription_id=sub_id, answer={"type": "answer", "sdp": "v=0\r\n"})
+        assert broken.value.code == "media_error"
         # Two answers at once and one after: exactly one is taken, the others are invalid_state.
         results = await asyncio.gather(*(bob.client.request("answer", subscription_id=sub_id, answer=answer)
                                          for _ in range(2)), return_exceptions=True)
