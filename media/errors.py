@@ -19,3 +19,9 @@ class OverCapacity(MediaError):
     """This node holds ``media.max_peer_connections`` peer connections already."""
 
     code: ClassVar[str] = "over_capacity"
+
+
+class AlreadyAnswered(MediaError):
+    """A subscription's offer was answered already (or an answer is being applied)."""
+
+    code: ClassVar[str] = "invalid_state"

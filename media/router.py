@@ -49,7 +49,7 @@ from aiortc.rtp import (
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from media import aiortc_internals as internals
-from media.errors import MediaError, OverCapacity, PeerNotFound
+from media.errors import AlreadyAnswered, MediaError, OverCapacity, PeerNotFound
 from media.events import (
     DatagramDropReason,
     DatagramsDropped,
@@ -552,13 +552,15 @@ class SubscribePeer(Peer):
             self.senders[0].send(reports)
 
     async def accept_answer(self, answer_sdp: str) -> None:
+        # Claimed before the await: a second answer racing the first is refused the same way.
         if self.answered:
-            raise MediaError("this subscription already has an answer")
+            raise AlreadyAnswered(f'subscription "{self.peer_id}" already has an answer')
+        self.answered = True
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
         except Exception as exc:
+            self.answered = False  # the offer still stands: a corrected answer may follow
             raise MediaError(f"cannot apply the answer: {exc}") from None
-        self.answered = True
 
     async def close(self) -> None:
         for fwd in self.senders:

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from media.errors import MediaError as MediaPlaneError
+from media.errors import AlreadyAnswered, PeerNotFound
 from media.errors import OverCapacity as MediaOverCapacity
-from media.errors import PeerNotFound
 from media.events import (
     DatagramsDropped,
     DimensionsChanged,
@@ -290,6 +290,8 @@ class Hub:
             await self.router.answer(subscription_id, answer["sdp"])
         except PeerNotFound as exc:
             raise NotFound(str(exc)) from None
+        except AlreadyAnswered as exc:
+            raise InvalidState(str(exc)) from None
         except MediaPlaneError as exc:
             self.log(session.session_id, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: {exc}",
                      connection_id=connection.connection_id, stream_id=subscription.stream_id)

@@ -62,7 +62,7 @@ CLOSE_SLOW_CONSUMER: Final = 4008
 SEND_QUEUE_MAX: Final = 512
 #: A reply waits while the outbox holds this many messages, so replies never crowd out events.
 REPLY_WINDOW: Final = 64
-JOIN_ERRORS = ("unauthorized", "token_expired", "token_not_yet_valid", "room_mismatch")
+JOIN_ERRORS = ("unauthorized", "token_expired", "token_not_yet_valid", "room_mismatch", "forbidden")
 _ENCODE_ERRORS: Final = (ValueError, TypeError, OverflowError)
 
 

@@ -3,6 +3,7 @@ and JWT verification with HS256 and RS256."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -33,6 +34,35 @@ def test_defaults_file_env_and_overrides_in_order(tmp_path: Path) -> None:
     config = load_config(path, env={"OPENCONSULT_SERVER__PORT": "9100"}, overrides={"server": {"host": "::1"}})
     assert (config.server.port, config.server.host, config.media.ice_addresses) == (9100, "::1", ("10.0.0.5",))
     assert load_config(None, env={}) == Config()
+
+
+SAMPLE = ROOT / "deploy" / "openconsult.sample.toml"
+COMMENTED_KEY = re.compile(r"^#\s*([A-Za-z_][A-Za-z0-9_]*)\s*=")
+TABLE = re.compile(r"^\[([A-Za-z_][A-Za-z0-9_]*)\]")
+
+
+def test_the_sample_config_shows_the_defaults() -> None:
+    assert load_config(SAMPLE, env={}) == Config()
+
+
+def test_the_sample_config_still_loads_with_every_commented_out_key_uncommented(tmp_path: Path) -> None:
+    lines: list[str] = []
+    uncommented: list[tuple[str, str]] = []  # (table or "", key)
+    table = ""
+    for line in SAMPLE.read_text().splitlines():
+        if header := TABLE.match(line):
+            table = header.group(1)
+        if commented := COMMENTED_KEY.match(line):
+            line = line.lstrip("#").lstrip()
+            uncommented.append((table, commented.group(1)))
+        lines.append(line)
+    assert uncommented, "the sample has no commented-out keys to check"
+    config = load_config(write(tmp_path, "\n".join(lines) + "\n"), env={})
+    for table, key in uncommented:
+        # Each example lands where the loader reads it, with a value other than the default.
+        value, default = (getattr(getattr(x, table), key) if table else getattr(x, key) for x in (config, Config()))
+        assert value != default, f"{table or '(top level)'}.{key} in the sample does not change anything"
+    assert config.redis_url.startswith("redis://")
 
 
 @pytest.mark.parametrize("text, env, message", [
