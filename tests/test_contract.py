@@ -88,6 +88,7 @@ async def test_a_second_answer_is_invalid_state(server: ServerProcess, tokens: T
         await alice.join(tokens, r)
         await bob.join(tokens, r)
         stream_id = await alice.publish()
+        await bob.client.wait_event("streamCreated", stream__stream_id=stream_id)  # its media is up
         data = await bob.client.request("subscribe", stream_id=stream_id)
         subscriber = Subscriber()
         bob.subscribers[stream_id] = subscriber
@@ -177,7 +178,9 @@ async def test_trickled_candidates_are_what_the_server_connects_over(server: Ser
                                    candidate={"candidate": candidates[0][1], "sdpMid": bundle_mid}) == {}
         await publisher.setRemoteDescription(RTCSessionDescription(sdp=data["answer"]["sdp"], type="answer"))
 
-        # Subscribe: candidates trickled with the BUNDLE mid before the answer (which has none).
+        # Subscribe (once the stream is live): candidates trickled with the BUNDLE mid before the
+        # answer (which has none).
+        await bob.wait_event("streamCreated", stream__stream_id=stream_id)
         offer_data = await bob.request("subscribe", stream_id=stream_id)
         answer, sub_candidates, sub_bundle = split_candidates(await subscriber.answer(offer_data["offer"]["sdp"]))
         sub_id = offer_data["subscription_id"]
