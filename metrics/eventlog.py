@@ -563,3 +563,87 @@ class EventLog:
     ) -> list[dict[str, Any]]:
         """:meth:`sessions_sync` in a worker thread."""
         return await asyncio.to_thread(self.sessions_sync, since_ms, until_ms, text, limit)
+
+    # --- retention -------------------------------------------------------------------------
+
+    def _write_connection(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def delete_before_sync(self, before_ms: int) -> int:
+        """Retention: delete every entry older than ``before_ms`` (event log, quality timeline and
+        client stats alike). Returns how many were deleted."""
+        conn = self._write_connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            deleted = conn.execute("DELETE FROM events WHERE time_ms < ?", (before_ms,)).rowcount
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return int(deleted)
+
+    def anonymise_before_sync(self, before_ms: int, chunk: int = 1_000) -> int:
+        """Retention: replace the personal data of every entry older than ``before_ms`` (see
+        :func:`anonymised`), ``chunk`` entries per transaction. Entries anonymised earlier are
+        left alone. Returns how many were changed."""
+        changed = 0
+        conn = self._write_connection()
+        try:
+            last = 0
+            while True:
+                rows = conn.execute(
+                    "SELECT seq, kind, payload FROM events WHERE time_ms < ? AND seq > ?"
+                    " AND json_extract(payload, '$.anonymised') IS NULL ORDER BY seq LIMIT ?",
+                    (before_ms, last, chunk)).fetchall()
+                if not rows:
+                    return changed
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for row in rows:
+                        text, payload = anonymised(row["kind"], json.loads(row["payload"]))
+                        conn.execute("UPDATE events SET text = ?, payload = ? WHERE seq = ?",
+                                     (text, json.dumps(payload, separators=(",", ":"), ensure_ascii=False),
+                                      row["seq"]))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                changed += len(rows)
+                last = rows[-1]["seq"]
+        finally:
+            conn.close()
+
+    async def delete_before(self, before_ms: int) -> int:
+        return await asyncio.to_thread(self.delete_before_sync, before_ms)
+
+    async def anonymise_before(self, before_ms: int) -> int:
+        return await asyncio.to_thread(self.anonymise_before_sync, before_ms)
+
+
+#: Payload keys that hold personal data: names, patient and staff references, IP addresses, user
+#: agents. Anonymisation removes them at every nesting level.
+PERSONAL_KEYS: Final = frozenset({
+    "name", "patient_name", "clinician_name", "display_name", "user", "user_name",
+    "patient", "patient_ref", "clinician", "sender", "by", "author", "admitted_by", "added_by", "sub",
+    "ip", "client_ip", "remote_ip", "address", "remote_address", "forwarded_for",
+    "user_agent", "userAgent", "ua",
+})
+
+
+def _without_personal(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_personal(v) for k, v in value.items() if k not in PERSONAL_KEYS}
+    if isinstance(value, list):
+        return [_without_personal(v) for v in value]
+    return value
+
+
+def anonymised(kind: str, payload: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An entry's text and payload without personal data: the text (a sentence that names people)
+    becomes a neutral one naming the kind; personal payload keys (:data:`PERSONAL_KEYS`) go; what
+    support and statistics need (times, durations, reasons, figures, random ids) stays, and the
+    payload is marked ``"anonymised": true``."""
+    kept = _without_personal(payload)
+    return f"{kind} entry (personal data removed by the retention policy).", {**kept, "anonymised": True}

@@ -54,6 +54,9 @@ class EventKind(StrEnum):
     QUEUE = "Queue"
     VIDEO_SESSION = "VideoSession"
     CHAT = "Chat"
+    CALL_ENDED = "CallEnded"
+    DOCTOR_TO_PATIENT_CALL = "DoctorToPatientCall"
+    PATIENT_TO_DOCTOR_CALL = "PatientToDoctorCall"
 
 
 class Component(StrEnum):

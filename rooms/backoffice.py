@@ -22,6 +22,12 @@ class LogKind(StrEnum):
     QUEUE = "Queue"
     VIDEO_SESSION = "VideoSession"
     CHAT = "Chat"
+    #: A video call ended: when, and how long it lasted (statistics).
+    CALL_ENDED = "CallEnded"
+    #: Who started a call: the clinician calling a booked patient in, or a patient who walked in
+    #: without a booking being answered.
+    DOCTOR_TO_PATIENT_CALL = "DoctorToPatientCall"
+    PATIENT_TO_DOCTOR_CALL = "PatientToDoctorCall"
 
 
 @dataclass(frozen=True, slots=True)

@@ -602,6 +602,7 @@ class WorkflowService:
                       f"consultation between {who}.", session_id, now_ms, video_session_id=video),
                 entry(LogKind.CONSULTATION, f"Video consultation is in progress between {who}.",
                       session_id, now_ms, clinician=actor.user_id, patient=c.patient_ref),
+                _call_started(qe.current.arrival, c, actor.user_id, now_ms),
             ))
 
         return await self._retry(attempt)
@@ -633,8 +634,13 @@ class WorkflowService:
             await self._after_commit_purge(session_id, purge)
             text = (f"Video consultation between patient and clinician has ended and lasted "
                     f"{seconds(c.duration_ms or 0)} seconds. Patient: {c.patient_ref} Clinician: {c.admitted_by}.")
+            ended = (f"Call ended at {format_time(now_ms)} and lasted {seconds(c.duration_ms or 0)} seconds. "
+                     f"Patient: {c.patient_ref} Clinician: {c.admitted_by}.")
             return Result(c, (entry(LogKind.CONSULTATION, text, session_id, now_ms, duration_ms=c.duration_ms,
-                                    started_ms=c.started_ms, ended_ms=c.ended_ms),))
+                                    started_ms=c.started_ms, ended_ms=c.ended_ms),
+                              entry(LogKind.CALL_ENDED, ended, session_id, now_ms, duration_ms=c.duration_ms,
+                                    started_ms=c.started_ms, ended_ms=c.ended_ms, patient=c.patient_ref,
+                                    clinician=c.admitted_by)))
 
         return await self._retry(attempt)
 
@@ -847,3 +853,14 @@ def _with_acting_clinician(c: Consultation, actor: Actor) -> Consultation:
     if c.admitted_by is None and c.clinician is None and actor.role is Role.CLINICIAN:
         return dataclasses.replace(c, clinician=actor.user_id)
     return c
+
+
+def _call_started(arrival: waiting_room.Arrival, c: Consultation, clinician: str, now_ms: int) -> BackofficeEntry:
+    """Who started the call being admitted: a walk-in patient called the clinic (answered now);
+    otherwise the clinician called the booked patient in."""
+    if arrival is waiting_room.Arrival.WALK_IN:
+        return entry(LogKind.PATIENT_TO_DOCTOR_CALL, f"Patient {c.patient_ref} called without a booking and was "
+                     f"answered by clinician {clinician}.", c.session_id, now_ms, patient=c.patient_ref,
+                     clinician=clinician)
+    return entry(LogKind.DOCTOR_TO_PATIENT_CALL, f"Clinician {clinician} called patient {c.patient_ref} into the "
+                 f"video consultation.", c.session_id, now_ms, patient=c.patient_ref, clinician=clinician)

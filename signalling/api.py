@@ -15,6 +15,7 @@ from rooms.errors import RoomsError
 from rooms.model import Role
 from rooms.service import CONSULTATION
 from signalling import __version__
+from signalling.audit import CLAIMS_KEY, TOKEN_DIGEST_KEY, audit_lookup, token_digest
 from signalling.auth import ROOM_PATTERN, Claims
 from signalling.errors import (
     Forbidden,
@@ -69,7 +70,8 @@ def bearer_claims(request: web.Request, roles: tuple[Role, ...], room: str | Non
     header = request.headers.get("Authorization", "")
     if not header.startswith("Bearer "):
         raise Unauthorized("an Authorization: Bearer <token> header is required")
-    claims = request.app[TOKENS_KEY].verify(header[len("Bearer "):].strip())
+    token = header[len("Bearer "):].strip()
+    claims = request.app[TOKENS_KEY].verify(token)
     # The order of the refusals is the one docs/openapi.yaml documents: demo, role, room.
     if claims.demo:
         raise Forbidden("a demo token may only join a media room; it may not use the HTTP API")
@@ -77,6 +79,8 @@ def bearer_claims(request: web.Request, roles: tuple[Role, ...], room: str | Non
         raise Forbidden(f'role "{claims.role}" may not read this; it needs {" or ".join(roles)}')
     if room is not None and claims.room != room:
         raise RoomMismatch(f'token is for room "{claims.room}", not "{room}" (the room of this API)')
+    request[CLAIMS_KEY] = claims  # for the sign-in audit (signalling.audit.staff_sign_ins)
+    request[TOKEN_DIGEST_KEY] = token_digest(token)
     return claims
 
 
@@ -95,10 +99,11 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def session_events(request: web.Request) -> web.Response:
-    inspector_claims(request)
+    claims = inspector_claims(request)
     session_id = request.match_info["session_id"]
     since = _int_query(request, "since_ms", 0, TIME_MS_MAX)
     limit = _int_query(request, "limit", 1, EVENTS_LIMIT_MAX) or EVENTS_LIMIT_MAX
+    await audit_lookup(request, claims, "session", session_id)
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)  # read what was logged up to this request
     events = await eventlog.events(session_id, kinds=EVENT_KINDS, since_ms=since, limit=limit)
@@ -107,9 +112,10 @@ async def session_events(request: web.Request) -> web.Response:
 
 async def session_quality(request: web.Request) -> web.Response:
     """The session's quality timeline: one sample per track and interval."""
-    inspector_claims(request)
+    claims = inspector_claims(request)
     session_id = request.match_info["session_id"]
     since = _int_query(request, "since_ms", 0, TIME_MS_MAX)
+    await audit_lookup(request, claims, "session", session_id)
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)
     entries = await eventlog.events(session_id, kinds=[EventKind.QUALITY_SAMPLE], since_ms=since, limit=100_000)
@@ -118,13 +124,14 @@ async def session_quality(request: web.Request) -> web.Response:
 
 
 async def sessions(request: web.Request) -> web.Response:
-    inspector_claims(request)
+    claims = inspector_claims(request)
     now = int(time.time() * 1000)
     since = _int_query(request, "since_ms", 0, TIME_MS_MAX)
     until = _int_query(request, "until_ms", 0, TIME_MS_MAX)
     since = now - 7 * 86_400_000 if since is None else since
     until = now + 60_000 if until is None else until
     text = request.query.get("q") or None
+    await audit_lookup(request, claims, "query", f"sessions q={text or ''} since_ms={since} until_ms={until}")
     await request.app[EVENTLOG_KEY].flush(timeout=5)
     found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text)
     return web.json_response({"sessions": found})

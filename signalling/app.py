@@ -15,12 +15,15 @@ from aiohttp.typedefs import Handler
 
 from media import aiortc_internals
 from media.router import Router
+from metrics.audit import AuditLog
 from metrics.eventlog import EventLog
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
 from signalling.api import add_routes, coded_errors
+from signalling.audit import AUDIT_KEY, SIGN_INS_KEY, SignIns, staff_sign_ins
 from signalling.auth import TokenAuthority
+from signalling.backoffice_api import add_backoffice_routes
 from signalling.config import Config
 from signalling.hub import Hub
 from signalling.keys import (
@@ -35,7 +38,7 @@ from signalling.keys import (
     WORKFLOW_KEY,
 )
 from signalling.staff_api import add_staff_routes
-from signalling.workflow import Workflow
+from signalling.workflow import DataRetention, Workflow
 from signalling.ws import websocket_handler
 
 logger = logging.getLogger(__name__)
@@ -81,19 +84,22 @@ def _add_security_headers(request: web.Request, headers: MutableMapping[str, str
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[committed_replies, security_headers, coded_errors],
+    app = web.Application(middlewares=[committed_replies, security_headers, coded_errors, staff_sign_ins],
                           client_max_size=1024 * 1024)
     config.data_path.mkdir(parents=True, exist_ok=True)
     app[CONFIG_KEY] = config
     app[TOKENS_KEY] = TokenAuthority.from_config(config)
     app[SOCKETS_KEY] = weakref.WeakSet()
     app[STARTED_KEY] = time.monotonic()
+    app[SIGN_INS_KEY] = SignIns(config.audit.sign_in_window_min * 60.0)
     app.cleanup_ctx.append(_eventlog_ctx)
+    app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_media_ctx)
     app.cleanup_ctx.append(_workflow_ctx)
     app.on_shutdown.append(_close_sockets)
     add_routes(app)
     add_staff_routes(app)
+    add_backoffice_routes(app)
     app.router.add_get("/ws", websocket_handler)
     return app
 
@@ -124,6 +130,14 @@ async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     await eventlog.aclose()
 
 
+async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The audit log (Login and LookUp entries): its own file, append-only (see metrics.audit)."""
+    audit = AuditLog(app[CONFIG_KEY].data_path / "audit.sqlite3")
+    app[AUDIT_KEY] = audit
+    yield
+    await audit.aclose()
+
+
 async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     media = app[CONFIG_KEY].media
     aiortc_internals.configure_ice_addresses(media.ice_addresses)
@@ -144,9 +158,10 @@ async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     store: Store = (RedisStore(config.redis_url) if config.redis_url
                     else SqliteStore(config.data_path / "workflow.sqlite3"))
-    workflow = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[EVENTLOG_KEY], app[TOKENS_KEY])
+    data = DataRetention(app[EVENTLOG_KEY], app[AUDIT_KEY], config.retention)
+    workflow = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[EVENTLOG_KEY], app[TOKENS_KEY], data)
     app[WORKFLOW_KEY] = workflow
-    workflow.start()  # scheduled jobs (the chat retention sweep), stopped before the store closes
+    workflow.start()  # scheduled jobs (the retention sweep), stopped before the store closes
     yield
     await workflow.stop_jobs()
     await store.close()

@@ -132,6 +132,31 @@ class WorkflowSettings:
     public_url: str = ""
 
 
+EVENTLOG_RETENTION_POLICIES = ("delete", "anonymise")
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long the event log and the audit log keep what they hold (the organisation's policy).
+    Runs with the workflow's retention job, every ``workflow.retention_sweep_s``."""
+
+    #: Event-log entries (events, quality timeline, client stats) older than this many days are
+    #: deleted or anonymised (``eventlog_policy``); 0 keeps them.
+    eventlog_days: int = 0
+    #: "delete" (the entries go) or "anonymise" (names, patient references, IP addresses and
+    #: user agents are removed; times, durations, reasons and figures stay).
+    eventlog_policy: str = "delete"
+    #: Audit-log entries (Login, LookUp) older than this many days are deleted; 0 keeps them.
+    audit_days: int = 0
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    #: A staff token's first request is a sign-in (a Login entry); the same token (told apart by a
+    #: digest) counts as signing in again once it has not been used for this many minutes.
+    sign_in_window_min: int = 720
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -139,6 +164,8 @@ class Config:
     media: MediaConfig = field(default_factory=MediaConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     #: Redis URL for running several nodes; empty: one node, no Redis.
     redis_url: str = ""
 
@@ -216,9 +243,22 @@ class Config:
         if not 1 <= m.max_peer_connections <= 100_000:
             raise ConfigError(f"media.max_peer_connections must be 1-100000, got {m.max_peer_connections}")
         self._validate_workflow()
+        self._validate_retention()
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f'redis_url must start with redis://, rediss:// or unix://, got "{self.redis_url}"')
         return self
+
+    def _validate_retention(self) -> None:
+        r = self.retention
+        if not 0 <= r.eventlog_days <= 36500:
+            raise ConfigError(f"retention.eventlog_days must be 0-36500 (0: keep), got {r.eventlog_days}")
+        if r.eventlog_policy not in EVENTLOG_RETENTION_POLICIES:
+            raise ConfigError(f'retention.eventlog_policy must be one of {", ".join(EVENTLOG_RETENTION_POLICIES)}, '
+                              f'got "{r.eventlog_policy}"')
+        if not 0 <= r.audit_days <= 36500:
+            raise ConfigError(f"retention.audit_days must be 0-36500 (0: keep), got {r.audit_days}")
+        if not 1 <= self.audit.sign_in_window_min <= 7 * 24 * 60:
+            raise ConfigError(f"audit.sign_in_window_min must be 1-10080 minutes, got {self.audit.sign_in_window_min}")
 
     def _validate_workflow(self) -> None:
         w = self.workflow

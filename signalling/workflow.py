@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final, TypeVar
 
+from metrics.audit import DAY_MS, AuditLog
 from metrics.eventlog import EventLog
 from metrics.events import LogEntry, room_session_id
 from rooms.announcement import Announcement
@@ -61,7 +62,7 @@ from rooms.waiting_room import QueueEntry
 from rooms.waiting_room import State as QState
 from signalling.auth import Claims, TokenAuthority
 from signalling.codec import event
-from signalling.config import WorkflowSettings
+from signalling.config import RetentionSettings, WorkflowSettings
 from signalling.errors import Forbidden, InvalidMessage, InvalidState
 from signalling.hub import Client, Hub
 
@@ -174,9 +175,9 @@ class Workflow:
 
     @classmethod
     def from_settings(cls, store: Store, settings: WorkflowSettings, hub: Hub, eventlog: EventLog,
-                      tokens: TokenAuthority) -> Workflow:
+                      tokens: TokenAuthority, data: DataRetention | None = None) -> Workflow:
         workflow = cls(WorkflowService(store, workflow_config(settings)), hub, eventlog, tokens)
-        workflow.retention = RetentionJob(workflow.service, workflow.record, settings.retention_sweep_s)
+        workflow.retention = RetentionJob(workflow.service, workflow.record, settings.retention_sweep_s, data=data)
         workflow.walk_in_limiter = WalkInLimiter(settings.walk_in_per_link_per_min)
         return workflow
 
@@ -557,26 +558,73 @@ class JobRun:
     finished_ms: int
     duration_ms: float
     ok: bool
-    deleted: int
+    deleted: int  # chat messages
     error: str | None = None
+    #: The event-log and audit-log parts of the run (None when their policy keeps everything):
+    #: ``{"policy", "before_ms", "deleted" | "anonymised"}``.
+    eventlog: dict[str, Any] | None = None
+    audit: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
+@dataclass(frozen=True, slots=True)
+class DataRetention:
+    """The ``[retention]`` policy for the event log (events, quality timeline, client stats:
+    deleted or anonymised after ``eventlog_days``) and the audit log (deleted after
+    ``audit_days``). A part whose days are 0 keeps everything."""
+
+    eventlog: EventLog
+    audit: AuditLog
+    settings: RetentionSettings
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.eventlog_days > 0 or self.settings.audit_days > 0
+
+    def policy(self) -> dict[str, Any]:
+        s = self.settings
+        return {"eventlog_days": s.eventlog_days, "eventlog_policy": s.eventlog_policy, "audit_days": s.audit_days}
+
+    async def run(self, now_ms: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """One run: what each part did, or None for a part that keeps everything."""
+        s = self.settings
+        events: dict[str, Any] | None = None
+        audit: dict[str, Any] | None = None
+        if s.eventlog_days > 0:
+            before = now_ms - s.eventlog_days * DAY_MS
+            await self.eventlog.flush(timeout=5)
+            if s.eventlog_policy == "anonymise":
+                events = {"policy": "anonymise", "before_ms": before,
+                          "anonymised": await self.eventlog.anonymise_before(before)}
+            else:
+                events = {"policy": "delete", "before_ms": before, "deleted": await self.eventlog.delete_before(before)}
+        if s.audit_days > 0:
+            before = now_ms - s.audit_days * DAY_MS
+            audit = {"policy": "delete", "before_ms": before,
+                     "deleted": await asyncio.to_thread(self.audit.purge_sync, before, now_ms)}
+        return events, audit
+
+
 class RetentionJob:
-    """The chat retention sweep (``delete_after_days``): ``purge_chat`` every ``period_s``.
+    """The retention sweep, every ``period_s``: the chat's (``delete_after_days``: ``purge_chat``)
+    and, when ``data`` is given and its policy is on, the event log's and the audit log's
+    (:class:`DataRetention`).
 
     One task runs the sweeps one after another (a run starts ``period_s`` after the previous one
     ended, so runs never overlap; a lock also keeps a manual :meth:`run_once` from overlapping the
     loop). Each run is logged (deleted count and duration, or the error) and kept in a bounded
     history; its back-office entries go to the event log through ``record``. It only runs while
-    the organisation's policy is ``delete_after_days``. ``clock`` gives the time in UTC ms.
+    the organisation's chat policy is ``delete_after_days`` or ``data`` is enabled. ``clock`` gives
+    the time in UTC ms.
     """
 
     def __init__(self, service: WorkflowService, record: Callable[[Result[int]], Awaitable[object]],
-                 period_s: float, *, clock: Callable[[], int] = now_ms, history: int = 100) -> None:
+                 period_s: float, *, clock: Callable[[], int] = now_ms, history: int = 100,
+                 data: DataRetention | None = None) -> None:
         self.service = service
+        self.data = data
         self.record = record
         self.period_s = period_s
         self.clock = clock
@@ -587,8 +635,12 @@ class RetentionJob:
         self._task: asyncio.Task[None] | None = None
 
     @property
-    def enabled(self) -> bool:
+    def chat_enabled(self) -> bool:
         return self.service.config.retention.kind is RetentionKind.DELETE_AFTER_DAYS
+
+    @property
+    def enabled(self) -> bool:
+        return self.chat_enabled or (self.data is not None and self.data.enabled)
 
     async def run_once(self) -> JobRun:
         async with self._lock:
@@ -596,16 +648,24 @@ class RetentionJob:
             started = self.clock()
             t0 = time.perf_counter()
             try:
-                result = await self.service.purge_chat(SYSTEM, now_ms=started)
-                await self.record(result)
+                deleted = 0
+                if self.chat_enabled:
+                    result = await self.service.purge_chat(SYSTEM, now_ms=started)
+                    await self.record(result)
+                    deleted = result.value
+                events, audit = (None, None) if self.data is None else await self.data.run(started)
             except Exception as exc:  # a failed run is recorded, the job goes on
                 duration = (time.perf_counter() - t0) * 1000
                 run = JobRun(started, self.clock(), round(duration, 3), False, 0, f"{type(exc).__name__}: {exc}")
-                logger.exception("chat retention sweep failed after %.1f ms: %s", duration, run.error)
+                logger.exception("retention sweep failed after %.1f ms: %s", duration, run.error)
             else:
                 duration = (time.perf_counter() - t0) * 1000
-                run = JobRun(started, self.clock(), round(duration, 3), True, result.value)
-                logger.info("chat retention sweep: deleted %d chat messages in %.1f ms", result.value, duration)
+                run = JobRun(started, self.clock(), round(duration, 3), True, deleted, eventlog=events, audit=audit)
+                if self.chat_enabled:
+                    logger.info("chat retention sweep: deleted %d chat messages in %.1f ms", deleted, duration)
+                if events is not None or audit is not None:
+                    logger.info("event/audit log retention: event log %s, audit log %s (%.1f ms)", events, audit,
+                                duration)
             finally:
                 self.running = False
             self.runs.append(run)
@@ -615,7 +675,7 @@ class RetentionJob:
         """Run now, then every ``period_s``; does nothing unless the policy deletes after N days."""
         if self.enabled and self._task is None:
             self._stopping.clear()
-            self._task = asyncio.get_running_loop().create_task(self._loop(), name="chat-retention-sweep")
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="retention-sweep")
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
@@ -641,4 +701,5 @@ class RetentionJob:
         retention = self.service.config.retention
         return {"job": "chat_retention", "enabled": self.enabled, "running": self.running,
                 "period_s": self.period_s, "policy": {"kind": retention.kind.value, "days": retention.days},
+                "data_policy": None if self.data is None else self.data.policy(),
                 "runs": [r.to_json() for r in reversed(self.runs)]}
