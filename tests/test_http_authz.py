@@ -158,7 +158,8 @@ def refusal(op: dict[str, Any], caller: Caller) -> str | None:
         return "department"
     if scope == "walk_in_link" and not caller.walk_in_link:
         return "walk_in_link"
-    assert scope in ("all", "department", "walk_in_link"), scope
+    # own_departments: never refused for the department; the answer is filtered instead.
+    assert scope in ("all", "department", "walk_in_link", "own_departments"), scope
     return None
 
 

@@ -68,8 +68,8 @@ async def test_whole_booked_consultation(svc: WorkflowService) -> None:
     assert all(e.session_id == sid for e in log)
     assert [e.kind for e in log] == [
         LogKind.CONSULTATION, LogKind.CONSULTATION, LogKind.CONSULTATION, LogKind.CONSULTATION,
-        LogKind.QUEUE, LogKind.QUEUE, LogKind.VIDEO_SESSION, LogKind.CONSULTATION,
-        LogKind.CONSULTATION, LogKind.CONSULTATION, LogKind.CONSULTATION,
+        LogKind.QUEUE, LogKind.QUEUE, LogKind.VIDEO_SESSION, LogKind.CONSULTATION, LogKind.DOCTOR_TO_PATIENT_CALL,
+        LogKind.CONSULTATION, LogKind.CALL_ENDED, LogKind.CONSULTATION, LogKind.CONSULTATION,
     ]
     t = [e.text for e in log]
     assert t[0] == "Booked a consultation at 2022-06-29 09:15:00 UTC."
@@ -79,9 +79,12 @@ async def test_whole_booked_consultation(svc: WorkflowService) -> None:
     assert t[6] == ("Video session id (v_1) has been created for video consultation between "
                     "patient p1 and clinician dr_hansen.")
     assert t[7] == "Video consultation is in progress between patient p1 and clinician dr_hansen."
-    assert t[8].startswith("Video consultation between patient and clinician has ended and lasted 65.08 seconds.")
-    assert t[9] == "Consultation completed, waiting for journal."
-    assert log[8].payload["duration_ms"] == 65_080
+    assert t[8] == "Clinician dr_hansen called patient p1 into the video consultation."
+    assert t[9].startswith("Video consultation between patient and clinician has ended and lasted 65.08 seconds.")
+    assert t[10] == ("Call ended at 2022-06-29 09:16:05 UTC and lasted 65.08 seconds. "
+                     "Patient: p1 Clinician: dr_hansen.")
+    assert t[11] == "Consultation completed, waiting for journal."
+    assert log[9].payload["duration_ms"] == log[10].payload["duration_ms"] == 65_080
 
 
 async def test_walk_in_and_announcements(svc: WorkflowService) -> None:
