@@ -86,8 +86,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: UPDATE refused'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 WHEN OLD.time_ms >= (SELECT COALESCE(MAX(before_ms), 0) FROM audit_purges)
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: DELETE refused (retention deletes only entries '
-                          'older than a cut-off recorded in audit_purges)'); END;
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: DELETE refused (retention deletes only entries older than a cut-off recorded in audit_purges)'); END;
 CREATE TRIGGER IF NOT EXISTS audit_purges_no_update BEFORE UPDATE ON audit_purges
 BEGIN SELECT RAISE(ABORT, 'audit_purges is append-only: UPDATE refused'); END;
 CREATE TRIGGER IF NOT EXISTS audit_purges_no_delete BEFORE DELETE ON audit_purges
