@@ -198,9 +198,15 @@ class AuditLog:
         return self._write([entry.row()])[0]
 
     async def aclose(self) -> None:
+        """Close once the commits under way are done (later appends raise)."""
         self._closed = True
         if self._committer is not None:
             await self._committer
+        self.close()
+
+    def close(self) -> None:
+        """Close at once (use :meth:`aclose` while appends may be pending)."""
+        self._closed = True
         with self._lock:
             self._conn.close()
 
