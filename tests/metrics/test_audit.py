@@ -293,3 +293,57 @@ async def test_the_retention_job_runs_every_policy_and_the_audit_log_survives(
     assert status["runs"][0]["eventlog"]["anonymised"] == 1 and status["runs"][0]["deleted"] == 0
     eventlog.close()
     await audit.aclose()
+
+
+# --- sign-ins and config ------------------------------------------------------------------------
+
+
+def test_a_token_signs_in_on_first_use_and_again_after_the_window() -> None:
+    from signalling.audit import SignIns, token_digest
+
+    t = [0.0]
+    sign_ins = SignIns(600, max_tokens=2, clock=lambda: t[0])
+    a, b, c = (token_digest(x) for x in ("a", "b", "c"))
+    seen = []
+    for now, digest in [(0, a), (1, a), (599, a), (1_199, a), (1_200, b), (1_201, c), (1_202, a), (1_203, c)]:
+        t[0] = now
+        seen.append(sign_ins.first_use(digest))
+    # a: first use, then used within 600 s each time (599 - 1 < 600, 1199 - 599 = 600: signs in
+    # again); b, c new; a was forgotten (only two kept), so it signs in again; c was kept.
+    assert seen == [True, False, False, True, True, True, True, False]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"retention": {"eventlog_days": -1}}, "retention.eventlog_days must be 0-36500"),
+    ({"retention": {"eventlog_policy": "shred"}}, "retention.eventlog_policy must be one of delete, anonymise"),
+    ({"retention": {"audit_days": 36501}}, "retention.audit_days must be 0-36500"),
+    ({"audit": {"sign_in_window_min": 0}}, "audit.sign_in_window_min must be 1-10080"),
+    ({"retention": {"keep_forever": True}}, 'unknown config key "retention.keep_forever"'),
+])
+def test_retention_config_is_checked(overrides: dict[str, Any], message: str) -> None:
+    from signalling.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=message.replace("(", "\\(").replace(".", "\\.")):
+        load_config(env={}, overrides=overrides)
+
+
+async def test_who_started_the_call_and_when_it_ended_are_logged(store: SqliteStore) -> None:
+    from rooms.backoffice import LogKind
+    from rooms.model import Role
+    from rooms.permissions import Actor
+
+    svc = WorkflowService(store)
+    org = Actor(Role.ORGANISATION_ADMIN, "olga")
+    doctor = Actor(Role.CLINICIAN, "dr-who", frozenset({"cardio"}))
+    await svc.create_waiting_room(org, room_id="cardio", name="Cardiology", department="cardio", clinician=None,
+                                  now_ms=1_000)
+    walk_in = await svc.walk_in(Actor(Role.PATIENT, "p-walk"), room_id="cardio", now_ms=2_000, patient_ref="p-walk")
+    admitted = await svc.admit(doctor, walk_in.value.session_id, now_ms=3_000, video_session_id="v1")
+    ended = await svc.end(doctor, walk_in.value.session_id, now_ms=68_080)
+    calls = [(e.kind, e.text) for e in (*admitted.entries, *ended.entries)
+             if e.kind in (LogKind.PATIENT_TO_DOCTOR_CALL, LogKind.DOCTOR_TO_PATIENT_CALL, LogKind.CALL_ENDED)]
+    assert calls == [
+        (LogKind.PATIENT_TO_DOCTOR_CALL, "Patient p-walk called without a booking and was answered by clinician dr-who."),
+        (LogKind.CALL_ENDED, "Call ended at 1970-01-01 00:01:08 UTC and lasted 65.08 seconds. Patient: p-walk "
+                             "Clinician: dr-who."),
+    ]

@@ -141,7 +141,7 @@ async def test_other_policies_do_not_schedule_the_job(store: SqliteStore) -> Non
     await asyncio.sleep(0.05)
     await job.stop()
     assert job.status() == {"job": "chat_retention", "enabled": False, "running": False, "period_s": 0.01,
-                            "policy": {"kind": "keep", "days": 0}, "runs": []}
+                            "policy": {"kind": "keep", "days": 0}, "data_policy": None, "runs": []}
 
 
 SWEEPING = '[workflow]\nchat_retention = "delete_after_days"\nchat_retention_days = 1\nretention_sweep_s = 0.2\n'
