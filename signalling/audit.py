@@ -7,7 +7,8 @@ before they answer: ``await audit_lookup(request, claims, "session", session_id)
 What counts as a sign-in: OpenConsult has no password form; a staff member signs in by using the
 token their identity provider (or ``openconsult token``) gave them. So a staff token's first
 request to this node is a sign-in, and so is its first request after it went unused for
-``audit.sign_in_window_min`` minutes. Tokens are told apart by a SHA-256 digest (the token itself
+``audit.sign_in_window_min`` minutes — over HTTP (any route that accepts the token) or as a
+WebSocket ``join`` (a clinician's desk). Tokens are told apart by a SHA-256 digest (the token itself
 is not kept); the table of digests is bounded and per node (after a restart, or on another node,
 the next request signs in again — an extra Login entry, never a missing one). Patient tokens are
 not staff: their use is logged in the session's event log, not here.
@@ -82,6 +83,13 @@ async def sign_in(request: web.Request, claims: Claims) -> None:
     if digest is None or claims.role not in STAFF or claims.demo:
         return
     if request.app[SIGN_INS_KEY].first_use(digest):
+        await request.app[AUDIT_KEY].append(_entry(request, claims, AuditKind.LOGIN, "sign-in", ""))
+
+
+async def join_sign_in(request: web.Request, claims: Claims, token: str) -> None:
+    """A staff token joining over the WebSocket signs in the same way as over HTTP (the clinician's
+    desk and calls): called once the join succeeded, before its reply."""
+    if claims.role in STAFF and not claims.demo and request.app[SIGN_INS_KEY].first_use(token_digest(token)):
         await request.app[AUDIT_KEY].append(_entry(request, claims, AuditKind.LOGIN, "sign-in", ""))
 
 

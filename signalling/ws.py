@@ -33,6 +33,7 @@ from metrics import prometheus as prom
 from metrics.eventlog import EventLog
 from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
+from signalling.audit import join_sign_in
 from signalling.codec import SUBPROTOCOLS, Codec, error_response, response_error, response_ok, scrubbed
 from signalling.errors import (
     ErrorCode,
@@ -211,6 +212,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             request_id = request_msg.get("id")
             try:
                 data = await _logged(request.app[EVENTLOG_KEY], _dispatch(hub, workflow, client, request_msg))
+                if request_msg["type"] == "join" and client.claims is not None:
+                    await join_sign_in(request, client.claims, request_msg["token"])  # staff: a Login entry
             except (OpenConsultError, RoomsError) as exc:
                 error = coded(exc)  # the one place domain errors become wire errors
                 await outbox.put_reply(error_response(request_id, error))

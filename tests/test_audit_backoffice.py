@@ -125,6 +125,16 @@ async def test_each_lookup_is_audited_exactly_once(clinic: Clinic) -> None:
     assert len([e for e in body["entries"] if e["staff"] == "Sue Support (sue-audit)"]) == 9
 
 
+async def test_a_staff_join_over_the_websocket_is_a_sign_in(clinic: Clinic) -> None:
+    doctor = clinic.tokens.mint("desk-ws", Role.CLINICIAN, "Dr Ws", sub="dr-ws", departments=(CARDIO,))
+    patient = clinic.tokens.mint("desk-ws", Role.PATIENT, "Pat", sub="p-ws")
+    for token in (doctor, doctor, patient):
+        client = await clinic.connect(token)
+        await client.close()
+    assert audit_rows(clinic.server, "dr-ws") == [("Login", "clinician", "sign-in", "", "127.0.0.1")]
+    assert audit_rows(clinic.server, "p-ws") == []
+
+
 async def test_the_csv_holds_what_the_search_pages_through(clinic: Clinic) -> None:
     since = now_ms()
     # A staff name a spreadsheet would run as a formula: its Login entry's staff cell.
