@@ -161,7 +161,10 @@ async def run(connections: int, processes: int, samples: int, span_s: float, set
     raise_fd_limit(connections + FD_HEADROOM)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="idle-") as tmp:
-        server = await asyncio.to_thread(start_server, Path(tmp) / "server")
+        # The "connected" state holds unjoined sockets for a while: raise the join deadline (which
+        # closes unjoined sockets) to its maximum and the node's socket cap above the load.
+        limits = f"[server]\njoin_timeout_s = 600\nmax_connections = {connections + 100}\n"
+        server = await asyncio.to_thread(start_server, Path(tmp) / "server", limits)
         workers: list[Worker] = []
         try:
             pid = server.proc.pid

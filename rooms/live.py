@@ -98,7 +98,3 @@ class LiveRegistry:
         if self.by_room.get(session.room) == session.session_id:
             del self.by_room[session.room]
         return True
-
-    @property
-    def connection_count(self) -> int:
-        return sum(len(s.connections) for s in self.sessions.values())

@@ -44,6 +44,7 @@ STATUS = {
     "invalid_message": 400, "invalid_input": 400, "unauthorized": 401, "token_expired": 401,
     "token_not_yet_valid": 401, "room_mismatch": 403, "forbidden": 403, "not_found": 404, "invalid_state": 409,
     "conflict": 409, "too_early": 409, "too_late": 409, "message_too_large": 413, "rate_limited": 429,
+    "over_capacity": 503,
 }
 
 
@@ -94,7 +95,8 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok", "version": __version__,
         "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 1),
-        "rooms": len(hub.registry.sessions), "connections": hub.registry.connection_count,
+        # len() of the hub's joined clients: O(1), where summing over sessions cost a few ms at 10k sockets.
+        "rooms": len(hub.registry.sessions), "connections": len(hub.clients),
     })
 
 

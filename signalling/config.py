@@ -33,6 +33,12 @@ class ServerConfig:
     #: Longest one outbound frame may wait for the client to read it before the connection is
     #: dropped as a slow consumer (close 4008, reason slowConsumer).
     write_timeout_s: float = 10.0
+    #: Seconds a new WebSocket may stay without a successful join before it is closed (4001):
+    #: an unauthenticated socket costs memory and a file descriptor, so it gets little time.
+    join_timeout_s: float = 15.0
+    #: WebSocket connections this node holds at once (joined or not); more are refused with HTTP
+    #: 503 before the upgrade. Keep the process's open-file limit above it.
+    max_connections: int = 20000
     #: Streams one connection may publish at once (camera, screen, …).
     max_publishes_per_connection: int = 4
     #: Subscriptions one connection may hold at once.
@@ -211,6 +217,10 @@ class Config:
             raise ConfigError("server.max_invalid_messages must be >= 1")
         if s.heartbeat_s <= 0:
             raise ConfigError("server.heartbeat_s must be > 0")
+        if not 1 <= s.join_timeout_s <= 600:
+            raise ConfigError(f"server.join_timeout_s must be 1-600 seconds, got {s.join_timeout_s}")
+        if not 1 <= s.max_connections <= 1_000_000:
+            raise ConfigError(f"server.max_connections must be 1-1000000, got {s.max_connections}")
         if not 0.1 <= s.write_timeout_s <= 300:
             raise ConfigError(f"server.write_timeout_s must be 0.1-300 seconds, got {s.write_timeout_s}")
         if not 1 <= s.max_publishes_per_connection <= 64 or not 1 <= s.max_subscriptions_per_connection <= 1024:

@@ -40,6 +40,7 @@ from signalling.errors import (
     InternalError,
     MessageTooLarge,
     OpenConsultError,
+    OverCapacity,
     ProtocolError,
     coded,
 )
@@ -168,6 +169,11 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     hub = request.app[HUB_KEY]
     workflow = request.app[WORKFLOW_KEY]
     write_timeout = config.server.write_timeout_s
+    sockets = request.app[SOCKETS_KEY]
+    if len(sockets) >= config.server.max_connections:
+        # Refused before the upgrade, so a flood of sockets costs this node nothing it keeps.
+        raise OverCapacity(f"this node holds {config.server.max_connections} connections "
+                                 "(server.max_connections); try again later")
     # aiohttp refuses a data frame whose payload is >= max_msg_size before buffering it, and a
     # compressed one as soon as it inflates past it; both close 1009. +1: the limit itself is fine.
     ws = web.WebSocketResponse(protocols=SUBPROTOCOLS, heartbeat=config.server.heartbeat_s,
@@ -179,8 +185,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     transport = request.transport
     writer = asyncio.create_task(_write_loop(ws, request.protocol, transport, codec, outbox, write_timeout,
                                              client.remote_ip))
-    sockets = request.app[SOCKETS_KEY]
     sockets.add(ws)
+    # A socket that has not joined in time is closed: unauthenticated sockets cannot pile up.
+    join_deadline = asyncio.get_running_loop().call_later(
+        config.server.join_timeout_s, _close_unjoined, client, outbox, ws)
     reason = DisconnectReason.NETWORK_DISCONNECTED
     invalid = 0
     try:
@@ -241,6 +249,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         reason = DisconnectReason.SERVER_SHUTDOWN
         raise
     finally:
+        join_deadline.cancel()
         if outbox.slow_consumer:
             reason = DisconnectReason.SLOW_CONSUMER
         if request.app.get(SHUTTING_DOWN_KEY):
@@ -254,6 +263,19 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         if not ws.closed:
             await _close(ws, transport, WSCloseCode.OK, b"", write_timeout)
     return ws
+
+
+def _close_unjoined(client: Client, outbox: Outbox, ws: web.WebSocketResponse) -> None:
+    if client.session is not None or ws.closed:
+        return
+    outbox.finish()
+    # ws.close() sends the close frame and ends the read loop.
+    task = asyncio.get_running_loop().create_task(ws.close(code=CLOSE_POLICY, message=b"no join in time"))
+    _CLOSING.add(task)  # the loop keeps only a weak reference to a task
+    task.add_done_callback(_CLOSING.discard)
+
+
+_CLOSING: Final[set[asyncio.Task[bool]]] = set()
 
 
 async def _close_after(outbox: Outbox, writer: asyncio.Task[None], ws: web.WebSocketResponse,

@@ -90,6 +90,33 @@ async def test_dropped_socket_is_a_network_disconnect(server: ServerProcess) -> 
         await bob.close()
 
 
+async def test_a_socket_closed_without_a_close_frame_is_a_network_disconnect(server: ServerProcess) -> None:
+    """A TCP FIN with no WebSocket close frame (a killed app, a dropped proxy) is a network loss;
+    a close frame is the client hanging up."""
+    tokens = authority(server.data_dir)
+    r = room()
+    watcher, bob, carol = (Participant(server.ws_url, name) for name in ("Watcher", "Bob", "Carol"))
+    before = get_json(f"{server.url}/healthz", "")["connections"]
+    try:
+        await watcher.join(tokens, r, Role.CLINICIAN)
+        await bob.join(tokens, r)
+        await carol.join(tokens, r)
+        assert get_json(f"{server.url}/healthz", "")["connections"] == before + 3
+        assert bob.client.ws is not None and carol.client.ws is not None
+        transport = bob.client.ws._response.connection.transport  # type: ignore[union-attr]
+        assert transport is not None
+        transport.close()  # FIN, no close frame
+        gone = await watcher.client.wait_event("connectionDestroyed", connection__name="Bob")
+        assert gone["data"]["reason"] == "networkDisconnected"
+        assert get_json(f"{server.url}/healthz", "")["connections"] == before + 2
+        await carol.client.ws.close()  # a close frame (1000) without "leave"
+        gone = await watcher.client.wait_event("connectionDestroyed", connection__name="Carol")
+        assert gone["data"]["reason"] == "clientDisconnected"
+    finally:
+        for p in (watcher, bob, carol):
+            await p.close()
+
+
 @pytest.fixture
 def limited(tmp_path: Path) -> Iterator[ServerProcess]:
     proc = start_server(tmp_path, extra_config="answer_timeout_s = 1.0\n[server]\nmax_publishes_per_connection = 1\n"
