@@ -320,10 +320,14 @@ def search(events_db: Path, audit_db: Path, query: LogQuery) -> list[dict[str, A
             where.append("(text LIKE ? ESCAPE '\\' OR session_id LIKE ? ESCAPE '\\')")
             params.extend([_like(query.text)] * 2)
         error_kinds = ", ".join(f"'{k}'" for k in ERROR_EVENT_KINDS)
+        # Each side sorted and cut on its own first: newest first walks the time index backwards
+        # and stops after offset + limit rows, instead of sorting every match in the range.
         parts.append(
-            f"SELECT 0 AS src, seq, time_ms, CASE WHEN kind IN ({error_kinds}) THEN 'Error' ELSE kind END AS type,"
+            "SELECT * FROM (SELECT 0 AS src, seq, time_ms,"
+            f" CASE WHEN kind IN ({error_kinds}) THEN 'Error' ELSE kind END AS type,"
             " session_id, text, '' AS staff, '' AS role, '' AS ip, payload"
-            f" FROM main.events WHERE {' AND '.join(where)}")
+            f" FROM main.events WHERE {' AND '.join(where)} ORDER BY time_ms DESC, seq DESC LIMIT ?)")
+        params.append(query.offset + query.limit)
     audit_kinds = [str(t) for t in query.types if t in AUDIT_TYPES] if query.include_audit else []
     if audit_kinds:
         where = ["time_ms >= ?", "time_ms < ?", f"kind IN ({', '.join('?' * len(audit_kinds))})"]
@@ -332,10 +336,11 @@ def search(events_db: Path, audit_db: Path, query: LogQuery) -> list[dict[str, A
             where.append("(text LIKE ? ESCAPE '\\' OR target LIKE ? ESCAPE '\\')")
             params.extend([_like(query.text)] * 2)
         parts.append(
-            "SELECT 1 AS src, seq, time_ms, kind AS type,"
+            "SELECT * FROM (SELECT 1 AS src, seq, time_ms, kind AS type,"
             " CASE WHEN what = 'session' THEN target ELSE '' END AS session_id, text,"
             " name || ' (' || sub || ')' AS staff, role, ip, '{}' AS payload"
-            f" FROM audit.audit WHERE {' AND '.join(where)}")
+            f" FROM audit.audit WHERE {' AND '.join(where)} ORDER BY time_ms DESC, seq DESC LIMIT ?)")
+        params.append(query.offset + query.limit)
     if not parts:
         return []
     sql = (f"SELECT * FROM ({' UNION ALL '.join(parts)})"
