@@ -301,6 +301,9 @@ def search(events_db: Path, audit_db: Path, query: LogQuery) -> list[dict[str, A
     """The back-office log: entries of ``query.types`` in ``[since_ms, until_ms)``, newest first
     (ties: event log before audit, newer insertion first), ``limit`` from ``offset``.
 
+    ``text`` (case-insensitive for ASCII letters) matches an event-log entry's text, session id
+    or payload (patient references, clinician ids), an audit entry's text or target.
+
     Each row: ``id`` (``e<seq>`` for an event-log entry, ``a<seq>`` for an audit entry),
     ``time_ms``, ``type``, ``session_id``, ``text``, ``staff``/``role``/``ip`` (audit entries),
     ``payload`` (event-log entries; chat content keys removed when ``hide_chat_content``).
@@ -317,8 +320,11 @@ def search(events_db: Path, audit_db: Path, query: LogQuery) -> list[dict[str, A
             where.append("session_id IN (SELECT value FROM json_each(?))")
             params.append(json.dumps(sorted(query.sessions)))
         if query.text:
-            where.append("(text LIKE ? ESCAPE '\\' OR session_id LIKE ? ESCAPE '\\')")
-            params.extend([_like(query.text)] * 2)
+            # A caller who may not read chat content may not search it either.
+            chat = " AND kind != 'Chat'" if query.hide_chat_content else ""
+            where.append("(text LIKE ? ESCAPE '\\' OR session_id LIKE ? ESCAPE '\\'"
+                         f" OR (payload LIKE ? ESCAPE '\\'{chat}))")
+            params.extend([_like(query.text)] * 3)
         error_kinds = ", ".join(f"'{k}'" for k in ERROR_EVENT_KINDS)
         # Each side sorted and cut on its own first: newest first walks the time index backwards
         # and stops after offset + limit rows, instead of sorting every match in the range.

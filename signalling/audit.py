@@ -16,6 +16,7 @@ not staff: their use is logged in the session's event log, not here.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -106,8 +107,17 @@ async def staff_sign_ins(request: web.Request, handler: Handler) -> web.StreamRe
     """Every request whose bearer token was accepted as a staff token may be a sign-in: recorded
     (committed) before the reply, whatever the handler answered."""
     try:
-        return await handler(request)
-    finally:
-        claims = request.get(CLAIMS_KEY)
-        if claims is not None:
-            await sign_in(request, claims)
+        response = await handler(request)
+    except asyncio.CancelledError:
+        raise  # the client went away: nothing is answered
+    except BaseException:
+        await _signed_in(request)
+        raise
+    await _signed_in(request)
+    return response
+
+
+async def _signed_in(request: web.Request) -> None:
+    claims = request.get(CLAIMS_KEY)
+    if claims is not None:
+        await sign_in(request, claims)

@@ -208,6 +208,11 @@ def test_role_filters(eventlog: EventLog, audit: AuditLog) -> None:
     assert chat["payload"] == {"sender": "p1", "chars": 5}
     [chat] = search(eventlog.path, audit.path, q(types=frozenset({LogType.CHAT})))
     assert chat["payload"]["text"] == "hello"
+    # Free text matches payloads too (a patient reference), but never chat content for support.
+    assert [r["type"] for r in search(eventlog.path, audit.path, q(text="hello"))] == ["Chat"]
+    assert search(eventlog.path, audit.path, q(text="hello", hide_chat_content=True)) == []
+    assert [r["type"] for r in search(eventlog.path, audit.path, q(text="p1", hide_chat_content=True))] == []
+    assert [r["type"] for r in search(eventlog.path, audit.path, q(text="p1"))] == ["Chat"]
 
 
 # --- event-log retention ----------------------------------------------------------------------
