@@ -13,6 +13,7 @@
   const LIMIT = 100;
   const $ = (id) => document.getElementById(id);
   let offset = 0;
+  let finished = 0; // searches answered (or failed): data-done on #status, for tests and tools
 
   function setStatus(state, text) {
     const el = $('status');
@@ -100,8 +101,10 @@
       setStatus(data.entries.length ? 'loaded' : 'empty',
                 data.entries.length ? 'Newest first.' : 'Nothing matches these filters.');
     } catch (err) {
+      render([]);
       setStatus('error', err.message);
     }
+    $('status').dataset.done = String(++finished);
   }
 
   async function download() {
