@@ -86,7 +86,7 @@ async def _query(request: web.Request, claims: Claims, limit_max: int, default_l
         sessions = await _department_sessions(request, claims)
     return LogQuery(
         since_ms=now - DEFAULT_DAYS * 86_400_000 if since is None else since,
-        until_ms=now + 60_000 if until is None else until,
+        until_ms=now + 1 if until is None else until,  # up to this request, so pages stay put
         types=_types(request), text=text, limit=default_limit if limit is None else limit,
         offset=offset or 0, sessions=sessions, include_audit=claims.role is not Role.DEPARTMENT_ADMIN,
         hide_chat_content=claims.role is Role.SUPPORT)
@@ -112,7 +112,8 @@ async def backoffice_log(request: web.Request) -> web.Response:
     await audit_lookup(request, claims, "query", _described(query))
     rows = await _search(request, query)
     next_offset = query.offset + len(rows) if len(rows) == query.limit else None
-    return web.json_response({"entries": rows, "offset": query.offset, "limit": query.limit,
+    return web.json_response({"entries": rows, "since_ms": query.since_ms, "until_ms": query.until_ms,
+                              "offset": query.offset, "limit": query.limit,
                               "next_offset": next_offset if next_offset is None or next_offset <= SEARCH_OFFSET_MAX
                               else None})
 

@@ -14,6 +14,7 @@
   const $ = (id) => document.getElementById(id);
   let offset = 0;
   let finished = 0; // searches answered (or failed): data-done on #status, for tests and tools
+  let pinnedUntil = null; // the server's window end of a new search: later pages and the CSV show the same rows
 
   function setStatus(state, text) {
     const el = $('status');
@@ -32,6 +33,7 @@
     const until = utcMs($('until'));
     if (since !== null && !Number.isNaN(since)) p.set('since_ms', String(since));
     if (until !== null && !Number.isNaN(until)) p.set('until_ms', String(until));
+    else if (pinnedUntil !== null) p.set('until_ms', String(pinnedUntil));
     const checked = TYPES.filter((t) => $('type-' + t).checked);
     if (checked.length && checked.length < TYPES.length) p.set('type', checked.join(','));
     const text = $('text').value.trim();
@@ -88,10 +90,12 @@
       return;
     }
     sessionStorage.setItem(TOKEN_KEY, $('staff-token').value.trim());
+    if (at === 0) pinnedUntil = null;
     setStatus('loading', 'Searching…');
     try {
       const response = await call('/api/backoffice/log?' + params({ limit: LIMIT, offset: at }));
       const data = await response.json();
+      pinnedUntil = data.until_ms;
       offset = data.offset;
       render(data.entries);
       $('prev').disabled = offset === 0;
