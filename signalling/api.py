@@ -3,6 +3,7 @@ token endpoint, Prometheus metrics and the static pages."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from rooms.model import Role
 from rooms.service import CONSULTATION
 from signalling import __version__
 from signalling.auth import ROOM_PATTERN, Claims
+from signalling.client_reports import BEACON_MAX_BYTES, validate_beacon
 from signalling.errors import (
     Forbidden,
     InvalidMessage,
+    MessageTooLarge,
     NotFound,
     OpenConsultError,
     RateLimited,
@@ -159,6 +162,49 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+#: Who may post client events: whoever may join a call (the beacon names its own connection).
+CALLER_ROLES = tuple(Role)
+
+
+async def client_events(request: web.Request) -> web.Response:
+    """The tab-closed beacon: one ``client.event`` over HTTP, for when the socket may be gone.
+
+    ``navigator.sendBeacon`` cannot set headers, so the join token may come in the body
+    (``"token"``) instead of ``Authorization: Bearer``; either way it is checked like a bearer
+    token (demo tokens refused) and must be the one the named connection joined with."""
+    if request.content_length is not None and request.content_length > BEACON_MAX_BYTES:
+        raise MessageTooLarge(f"the body is {request.content_length} bytes, more than the limit of {BEACON_MAX_BYTES}")
+    raw = await request.content.read(BEACON_MAX_BYTES + 1)
+    if len(raw) > BEACON_MAX_BYTES:
+        raise MessageTooLarge(f"the body is more than the limit of {BEACON_MAX_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidMessage("the body must be JSON (UTF-8)") from None
+    if not isinstance(body, dict):
+        raise InvalidMessage("the body must be a JSON object")
+    if "Authorization" in request.headers or not isinstance(body.get("token"), str):
+        claims = bearer_claims(request, CALLER_ROLES)
+    else:
+        claims = _body_token_claims(request, body["token"])
+    connection_id, message = validate_beacon(body)
+    eventlog = request.app[EVENTLOG_KEY]
+    mark = eventlog.appended
+    request.app[HUB_KEY].client_beacon(claims, connection_id, message)
+    await eventlog.committed_since(mark)  # accepted means stored
+    return web.json_response({}, status=202)
+
+
+def _body_token_claims(request: web.Request, token: str) -> Claims:
+    """:func:`bearer_claims` for a token carried in the body."""
+    if not 0 < len(token) <= 8192:
+        raise Unauthorized('"token" must be a join token')
+    claims = request.app[TOKENS_KEY].verify(token)
+    if claims.demo:
+        raise Forbidden("a demo token may only join a media room; it may not use the HTTP API")
+    return claims
+
+
 async def demo_token(request: web.Request) -> web.Response:
     """Mint a media-only patient or clinician token for the demo page. Served only as
     ``Config.demo_served`` says (loopback listen address, or [demo] enabled = true); the token is
@@ -204,4 +250,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions/{session_id}/events", session_events)
     app.router.add_get("/api/sessions/{session_id}/quality", session_quality)
     app.router.add_post("/api/demo/token", demo_token)
+    app.router.add_post("/api/client-events", client_events)
     app.router.add_static("/static/", STATIC_DIR)
