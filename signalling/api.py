@@ -127,10 +127,28 @@ async def sessions(request: web.Request) -> web.Response:
     until = _int_query(request, "until_ms", 0, TIME_MS_MAX)
     since = now - 7 * 86_400_000 if since is None else since
     until = now + 60_000 if until is None else until
-    text = request.query.get("q") or None
+    text, room, name, session_id = (_text_query(request, key) for key in ("q", "room", "name", "session_id"))
+    if since > until:
+        raise InvalidMessage(f'query parameter "since_ms" ({since}) must not be after "until_ms" ({until})')
     await request.app[EVENTLOG_KEY].flush(timeout=5)
-    found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text)
+    found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text, room=room, name=name,
+                                                     session_id=session_id)
     return web.json_response({"sessions": found})
+
+
+#: Longest free-text search parameter.
+SEARCH_TEXT_MAX = 200
+
+
+def _text_query(request: web.Request, name: str) -> str | None:
+    """A search text parameter (None when absent or empty); over :data:`SEARCH_TEXT_MAX` characters or
+    with control characters: 400 invalid_message naming it."""
+    value = request.query.get(name, "").strip()
+    if not value:
+        return None
+    if len(value) > SEARCH_TEXT_MAX or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
+        raise InvalidMessage(f'query parameter "{name}" must be at most {SEARCH_TEXT_MAX} printable characters')
+    return value
 
 
 def _int_query(request: web.Request, name: str, low: int, high: int) -> int | None:
