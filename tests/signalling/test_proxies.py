@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import aiohttp
 import pytest
 
+from rooms.model import Role
 from signalling.config import ConfigError, load_config
 from signalling.proxies import client_ip, networks
+from tests.call_helpers import authority
+from tests.server import start_server
 
 TRUSTED = networks(["10.0.0.5", "10.1.0.0/16", "fd00::/8"])
 
@@ -44,3 +50,25 @@ def test_config_key() -> None:
         load_config(env={}, overrides={"server": {"trusted_proxies": ["nope"]}})
     with pytest.raises(ConfigError, match="server.client_reports_per_min must be 1-10000"):
         load_config(env={}, overrides={"server": {"client_reports_per_min": 0}})
+
+
+@pytest.mark.parametrize(("trusted", "expected"), [("127.0.0.1", "198.51.100.7"), ("10.9.9.9", "127.0.0.1")])
+async def test_the_hub_records_the_forwarded_ip_only_from_a_trusted_proxy(
+        tmp_path: Path, trusted: str, expected: str) -> None:
+    server = start_server(tmp_path, f'\n[server]\ntrusted_proxies = ["{trusted}"]\n')
+    try:
+        tokens = authority(server.data_dir)
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(server.ws_url, protocols=("openconsult.v1",),
+                                       headers={"X-Forwarded-For": "6.6.6.6, 198.51.100.7"}) as ws:
+                await ws.send_json({"type": "join", "id": 1, "token": tokens.mint("ip-room", Role.PATIENT, "Anna")})
+                joined = await ws.receive_json(timeout=10)
+                assert joined["ok"], joined
+            support = tokens.mint("support", Role.SUPPORT, "Sue")
+            async with http.get(f"{server.url}/api/sessions/{joined['data']['session_id']}/events",
+                                headers={"Authorization": f"Bearer {support}"}) as response:
+                events = (await response.json())["events"]
+        connect = next(e for e in events if e["kind"] == "serverDetectedConnect")
+        assert connect["payload"]["ip"] == expected
+    finally:
+        server.stop()
