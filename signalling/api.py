@@ -192,7 +192,12 @@ async def client_events(request: web.Request) -> web.Response:
     token (demo tokens refused) and must be the one the named connection joined with."""
     if request.content_length is not None and request.content_length > BEACON_MAX_BYTES:
         raise MessageTooLarge(f"the body is {request.content_length} bytes, more than the limit of {BEACON_MAX_BYTES}")
-    raw = await request.content.read(BEACON_MAX_BYTES + 1)
+    raw = bytearray()
+    while len(raw) <= BEACON_MAX_BYTES:  # a chunked body has no length: read no more than the limit
+        chunk = await request.content.read(BEACON_MAX_BYTES + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
     if len(raw) > BEACON_MAX_BYTES:
         raise MessageTooLarge(f"the body is more than the limit of {BEACON_MAX_BYTES} bytes")
     try:

@@ -240,6 +240,13 @@ async def test_tab_closed_beacon(server: ServerProcess, http: aiohttp.ClientSess
         status, data = await post({"token": token, "connection_id": cid, "event": "tabClosed",
                                    "data": {"error_message": "x" * 9000}})
         assert (status, data["error"]["code"]) == (413, "message_too_large")
+        # A chunked body (no Content-Length) is cut at the limit too.
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(20):
+                yield b" " * 1024
+
+        async with http.post(url, data=chunks()) as response:
+            assert (response.status, (await response.json())["error"]["code"]) == (413, "message_too_large")
         # The header works too (what non-browser SDKs send).
         status, _ = await post({"connection_id": cid, "event": "pageHidden"}, {"Authorization": f"Bearer {token}"})
         assert status == 202
