@@ -1,5 +1,6 @@
 """HTTP endpoints: health, the inspector API (support/admin tokens), the demo
-token endpoint, Prometheus metrics and the static pages."""
+token endpoint, the tab-closed beacon (POST /api/client-events), Prometheus metrics and the
+static pages."""
 
 from __future__ import annotations
 

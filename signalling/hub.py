@@ -8,6 +8,10 @@ pushed events and event-log entries. Nothing here parses frames or knows HTTP.
 A publish is announced (``streamCreated``, join's ``streams``) only once its peer
 connection is connected: until then it waits in ``pending_streams``, and one the
 router reaps for not connecting in time is logged as a publish failure.
+
+What the browser saw (``client.event``, ``client.stats`` and the tab-closed beacon) is stored in
+the sender's session with component ``client`` (``signalling.client_reports`` builds the entries),
+counted against ``server.client_reports_per_min`` per connection.
 """
 
 from __future__ import annotations
