@@ -1,6 +1,7 @@
 """What the browser saw, in real headless Chromium against a real server: the patient page's
 device check with the camera denied (through the DevTools protocol) lands in the consultation's
-event log as a deviceCheck client event with the error name; during a call each page posts a
+event log as a deviceCheck client event with the error name, and closing that page logs tabClosed
+through the beacon; during a call each page posts a
 getStats() summary per track every ~5 s; the inspector opened for the finished call shows charts
 with data points and event markers, the user table with the browser and OS the server parsed,
 and, served the diagnosis and summary documents, the diagnosis first with its evidence linked
@@ -100,6 +101,19 @@ def test_camera_denied_on_the_patient_page_is_logged_with_its_error_name(
     connects = [e for e in api_get(server, f"/api/sessions/{booking.session_id}/events", token)["events"]
                 if e["kind"] == "serverDetectedConnect"]
     assert {e["connection_id"] for e in found} == {c["connection_id"] for c in connects if c["payload"]["role"] == "patient"}
+
+    # Closing the page sends the tabClosed beacon (the socket goes with the page).
+    patient.get("about:blank")
+    closed: list[dict[str, Any]] = []
+
+    def tab_closed() -> bool:
+        nonlocal closed
+        closed = [e for e in client_entries(server, booking.session_id, token, "clientEvent")
+                  if e["payload"]["event"] == "tabClosed"]
+        return bool(closed)
+
+    wait_until_sync(tab_closed, timeout=TIMEOUT, interval=0.5, message="the tabClosed beacon")
+    assert [e["connection_id"] for e in closed] == [found[0]["connection_id"]], closed
 
 
 @contextmanager
