@@ -522,13 +522,20 @@ class EventLog:
         until_ms: int,
         text: str | None = None,
         limit: int = 1_000,
+        *,
+        room: str | None = None,
+        name: str | None = None,
+        session_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """Back-office search: sessions with entries in ``[since_ms, until_ms)``, newest first.
 
         ``text`` (case-insensitive substring) keeps sessions where some entry in the window
         mentions it in its session, connection or stream id, or its text (names, roles…).
-        Each dict: ``session_id``, ``first_ms``, ``last_ms``, ``count`` (counted over the
-        window).
+        ``room`` keeps sessions of that room (exactly: a consultation's session id, or the
+        ``room`` of its connect and video-session entries); ``name`` (substring) sessions a
+        participant of that name joined; ``session_id`` (substring) sessions whose id holds it.
+        The filters combine. Each dict: ``session_id``, ``first_ms``, ``last_ms``, ``count``
+        (counted over the window).
         """
         params: list[Any] = [since_ms, until_ms]
         text_filter = ""
@@ -541,6 +548,23 @@ class EventLog:
                 " OR stream_id LIKE ? ESCAPE '\\' OR text LIKE ? ESCAPE '\\'))"
             )
             params.extend([since_ms, until_ms, pattern, pattern, pattern, pattern])
+        if room:
+            text_filter += (
+                " AND (session_id = ? OR session_id IN (SELECT DISTINCT session_id FROM events"
+                " WHERE time_ms >= ? AND time_ms < ? AND kind = 'VideoSession'"
+                " AND json_extract(payload, '$.room') = ?))"
+            )
+            params.extend([room, since_ms, until_ms, room])
+        if name:
+            text_filter += (
+                " AND session_id IN (SELECT DISTINCT session_id FROM events"
+                " WHERE time_ms >= ? AND time_ms < ? AND kind = 'serverDetectedConnect'"
+                " AND json_extract(payload, '$.name') LIKE ? ESCAPE '\\')"
+            )
+            params.extend([since_ms, until_ms, f"%{_like_escape(name)}%"])
+        if session_id:
+            text_filter += " AND session_id LIKE ? ESCAPE '\\'"
+            params.append(f"%{_like_escape(session_id)}%")
         params.append(limit)
         sql = (
             "SELECT session_id, MIN(time_ms) AS first_ms, MAX(time_ms) AS last_ms, COUNT(*) AS count"
@@ -560,9 +584,14 @@ class EventLog:
         until_ms: int,
         text: str | None = None,
         limit: int = 1_000,
+        *,
+        room: str | None = None,
+        name: str | None = None,
+        session_id: str | None = None,
     ) -> list[dict[str, Any]]:
         """:meth:`sessions_sync` in a worker thread."""
-        return await asyncio.to_thread(self.sessions_sync, since_ms, until_ms, text, limit)
+        return await asyncio.to_thread(lambda: self.sessions_sync(since_ms, until_ms, text, limit, room=room,
+                                                                  name=name, session_id=session_id))
 
     # --- retention -------------------------------------------------------------------------
 

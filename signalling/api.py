@@ -1,8 +1,10 @@
 """HTTP endpoints: health, the inspector API (support/admin tokens), the demo
-token endpoint, Prometheus metrics and the static pages."""
+token endpoint, the tab-closed beacon (POST /api/client-events), Prometheus metrics and the
+static pages."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,11 @@ from rooms.service import CONSULTATION
 from signalling import __version__
 from signalling.audit import CLAIMS_KEY, TOKEN_DIGEST_KEY, audit_lookup, token_digest
 from signalling.auth import ROOM_PATTERN, Claims
+from signalling.client_reports import BEACON_MAX_BYTES, validate_beacon
 from signalling.errors import (
     Forbidden,
     InvalidMessage,
+    MessageTooLarge,
     NotFound,
     OpenConsultError,
     RateLimited,
@@ -132,11 +136,31 @@ async def sessions(request: web.Request) -> web.Response:
     until = _int_query(request, "until_ms", 0, TIME_MS_MAX)
     since = now - 7 * 86_400_000 if since is None else since
     until = now + 60_000 if until is None else until
-    text = request.query.get("q") or None
-    await audit_lookup(request, claims, "query", f"sessions q={text or ''} since_ms={since} until_ms={until}")
+    text, room, name, session_id = (_text_query(request, key) for key in ("q", "room", "name", "session_id"))
+    if since > until:
+        raise InvalidMessage(f'query parameter "since_ms" ({since}) must not be after "until_ms" ({until})')
+    await audit_lookup(request, claims, "query",
+                       f"sessions q={text or ''} room={room or ''} name={name or ''} session_id={session_id or ''}"
+                       f" since_ms={since} until_ms={until}")
     await request.app[EVENTLOG_KEY].flush(timeout=5)
-    found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text)
+    found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text, room=room, name=name,
+                                                     session_id=session_id)
     return web.json_response({"sessions": found})
+
+
+#: Longest free-text search parameter.
+SEARCH_TEXT_MAX = 200
+
+
+def _text_query(request: web.Request, name: str) -> str | None:
+    """A search text parameter (None when absent or empty); over :data:`SEARCH_TEXT_MAX` characters or
+    with control characters: 400 invalid_message naming it."""
+    value = request.query.get(name, "").strip()
+    if not value:
+        return None
+    if len(value) > SEARCH_TEXT_MAX or any(ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in value):
+        raise InvalidMessage(f'query parameter "{name}" must be at most {SEARCH_TEXT_MAX} printable characters')
+    return value
 
 
 def _int_query(request: web.Request, name: str, low: int, high: int) -> int | None:
@@ -166,6 +190,54 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise InvalidMessage("the body must be a JSON object")
     return body
+
+
+#: Who may post client events: whoever may join a call (the beacon names its own connection).
+CALLER_ROLES = tuple(Role)
+
+
+async def client_events(request: web.Request) -> web.Response:
+    """The tab-closed beacon: one ``client.event`` over HTTP, for when the socket may be gone.
+
+    ``navigator.sendBeacon`` cannot set headers, so the join token may come in the body
+    (``"token"``) instead of ``Authorization: Bearer``; either way it is checked like a bearer
+    token (demo tokens refused) and must be the one the named connection joined with."""
+    if request.content_length is not None and request.content_length > BEACON_MAX_BYTES:
+        raise MessageTooLarge(f"the body is {request.content_length} bytes, more than the limit of {BEACON_MAX_BYTES}")
+    raw = bytearray()
+    while len(raw) <= BEACON_MAX_BYTES:  # a chunked body has no length: read no more than the limit
+        chunk = await request.content.read(BEACON_MAX_BYTES + 1 - len(raw))
+        if not chunk:
+            break
+        raw += chunk
+    if len(raw) > BEACON_MAX_BYTES:
+        raise MessageTooLarge(f"the body is more than the limit of {BEACON_MAX_BYTES} bytes")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidMessage("the body must be JSON (UTF-8)") from None
+    if not isinstance(body, dict):
+        raise InvalidMessage("the body must be a JSON object")
+    if "Authorization" in request.headers or not isinstance(body.get("token"), str):
+        claims = bearer_claims(request, CALLER_ROLES)
+    else:
+        claims = _body_token_claims(request, body["token"])
+    connection_id, message = validate_beacon(body)
+    eventlog = request.app[EVENTLOG_KEY]
+    mark = eventlog.appended
+    request.app[HUB_KEY].client_beacon(claims, connection_id, message)
+    await eventlog.committed_since(mark)  # accepted means stored
+    return web.json_response({}, status=202)
+
+
+def _body_token_claims(request: web.Request, token: str) -> Claims:
+    """:func:`bearer_claims` for a token carried in the body."""
+    if not 0 < len(token) <= 8192:
+        raise Unauthorized('"token" must be a join token')
+    claims = request.app[TOKENS_KEY].verify(token)
+    if claims.demo:
+        raise Forbidden("a demo token may only join a media room; it may not use the HTTP API")
+    return claims
 
 
 async def demo_token(request: web.Request) -> web.Response:
@@ -213,4 +285,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions/{session_id}/events", session_events)
     app.router.add_get("/api/sessions/{session_id}/quality", session_quality)
     app.router.add_post("/api/demo/token", demo_token)
+    app.router.add_post("/api/client-events", client_events)
     app.router.add_static("/static/", STATIC_DIR)

@@ -93,6 +93,9 @@ class MessageType(StrEnum):
     CHAT_HISTORY = "chat.history"
     ANNOUNCEMENT_POST = "announcement.post"
     ANNOUNCEMENT_WITHDRAW = "announcement.withdraw"
+    # What the browser saw (stored with component client).
+    CLIENT_EVENT = "client.event"
+    CLIENT_STATS = "client.stats"
 
 
 class EventName(StrEnum):

@@ -43,6 +43,14 @@ class ServerConfig:
     max_publishes_per_connection: int = 4
     #: Subscriptions one connection may hold at once.
     max_subscriptions_per_connection: int = 32
+    #: Client reports (client.event, client.stats, the tab-closed beacon) one connection may send
+    #: per minute (bursts of a quarter of it); more get ``rate_limited``. The SDK sends one stats
+    #: message every 5 s (12 a minute) and a few events.
+    client_reports_per_min: int = 60
+    #: Reverse proxies (addresses or CIDRs) whose X-Forwarded-For / Forwarded headers are believed
+    #: for the client's IP (shown in the inspector). Empty: those headers are ignored and the IP is
+    #: the TCP peer's.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -226,6 +234,13 @@ class Config:
         if not 1 <= s.max_publishes_per_connection <= 64 or not 1 <= s.max_subscriptions_per_connection <= 1024:
             raise ConfigError("server.max_publishes_per_connection must be 1-64 and "
                               "server.max_subscriptions_per_connection 1-1024")
+        if not 1 <= s.client_reports_per_min <= 10_000:
+            raise ConfigError(f"server.client_reports_per_min must be 1-10000, got {s.client_reports_per_min}")
+        for proxy in s.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ConfigError(f'server.trusted_proxies: "{proxy}" is not an IP address or CIDR') from None
         if a.algorithm not in ("HS256", "RS256"):
             raise ConfigError(f'auth.algorithm must be "HS256" or "RS256", got "{a.algorithm}"')
         if a.algorithm == "RS256" and not a.public_key_file:

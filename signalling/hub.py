@@ -8,13 +8,19 @@ pushed events and event-log entries. Nothing here parses frames or knows HTTP.
 A publish is announced (``streamCreated``, join's ``streams``) only once its peer
 connection is connected: until then it waits in ``pending_streams``, and one the
 router reaps for not connecting in time is logged as a publish failure.
+
+What the browser saw (``client.event``, ``client.stats`` and the tab-closed beacon) is stored in
+the sender's session with component ``client`` (``signalling.client_reports`` builds the entries),
+counted against ``server.client_reports_per_min`` per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,7 +41,8 @@ from media.events import (
 from media.router import Router
 from metrics import prometheus as prom
 from metrics.eventlog import EventLog
-from metrics.events import EventKind, LogEntry, token_rejected
+from metrics.events import EventKind, LogEntry, now_ms, token_rejected
+from metrics.useragent import parse as parse_user_agent
 from rooms.live import (
     LiveConnection,
     LiveRegistry,
@@ -54,10 +61,15 @@ from rooms.model import (
 )
 from signalling import turn
 from signalling.auth import Claims, TokenAuthority, unverified_room
+from signalling.client_reports import ReportLimiter, event_entry, stats_entries
 from signalling.config import Config
 from signalling.errors import Forbidden, InvalidState, MediaError, NotFound, OpenConsultError, OverCapacity
 
 logger = logging.getLogger(__name__)
+
+#: Connections remembered after they joined, for the tab-closed beacon that may come after the
+#: socket is gone (bounded: the oldest are forgotten first).
+KNOWN_CONNECTIONS_MAX = 10_000
 
 
 @dataclass
@@ -96,6 +108,10 @@ class Hub:
         self.peers: dict[str, PeerOwner] = {}
         #: Publishes answered but not connected yet: not announced, not subscribable.
         self.pending_streams: dict[StreamId, LiveStream] = {}
+        #: Client reports (client.event, client.stats, beacons) per connection.
+        self.report_limiter = ReportLimiter(self.config.server.client_reports_per_min)
+        #: connection id -> (session id, token sub, room) of connections that joined lately.
+        self.known_connections: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
         router.observer = self.on_media_event
 
     # --- helpers ----------------------------------------------------------------------
@@ -134,7 +150,8 @@ class Hub:
 
     # --- requests ---------------------------------------------------------------------
 
-    async def join(self, client: Client, token: str, room: str | None, user_agent: str | None) -> dict[str, Any]:
+    async def join(self, client: Client, token: str, room: str | None, user_agent: str | None,
+                   sdk_version: str | None = None) -> dict[str, Any]:
         if client.session is not None:
             raise InvalidState("this connection has already joined")
         try:
@@ -154,15 +171,20 @@ class Hub:
             prom.SESSIONS_ACTIVE.inc()
             self.log(sid, EventKind.VIDEO_SESSION,
                      f'Video session id ({sid}) has been created for room "{claims.room}"', room=claims.room)
+        user_data = {"user_agent": connection.user_agent, "ip": connection.ip, "sdk_version": sdk_version or "",
+                     **parse_user_agent(connection.user_agent)}
         self.log(sid, EventKind.CONNECT_ATTEMPT, f"Connect attempt: {claims.name} ({claims.role})",
-                 connection_id=connection.connection_id, user_agent=connection.user_agent, ip=connection.ip)
+                 connection_id=connection.connection_id, **user_data)
         client.claims, client.session, client.connection = claims, session, connection
+        self.known_connections[connection.connection_id] = (sid, claims.sub, claims.room)
+        if len(self.known_connections) > KNOWN_CONNECTIONS_MAX:
+            self.known_connections.popitem(last=False)
         session.connections[connection.connection_id] = connection
         self.clients[connection.connection_id] = client
         prom.CONNECTIONS_ACTIVE.inc()
         self.log(sid, EventKind.SERVER_DETECTED_CONNECT, f"Server detected connect: {claims.name} ({claims.role})",
                  connection_id=connection.connection_id, role=str(claims.role), name=claims.name, user=claims.sub,
-                 user_agent=connection.user_agent, ip=connection.ip)
+                 **user_data)
         self.broadcast(session, "connectionCreated", {"connection": connection.public()},
                        exclude=connection.connection_id)
         self.log(sid, EventKind.SUCCESSFULLY_JOINED, f"Successfully joined the session: {claims.name}",
@@ -319,6 +341,33 @@ class Hub:
         except MediaPlaneError as exc:
             raise MediaError(str(exc)) from None
         return {}
+
+    # --- what the browser saw ---------------------------------------------------------
+
+    def client_event(self, client: Client, message: Mapping[str, Any]) -> dict[str, Any]:
+        """A validated ``client.event``: one ``clientEvent`` entry in the sender's session."""
+        session, connection = self.joined(client)
+        self.report_limiter.check(connection.connection_id, time.monotonic())
+        self.eventlog.append(event_entry(session.session_id, connection.connection_id, message, now_ms()))
+        return {}
+
+    def client_stats(self, client: Client, message: Mapping[str, Any]) -> dict[str, Any]:
+        """A validated ``client.stats``: one ``clientStats`` entry per track in the sender's session."""
+        session, connection = self.joined(client)
+        self.report_limiter.check(connection.connection_id, time.monotonic())
+        known = set(session.streams)
+        for entry in stats_entries(session.session_id, connection.connection_id, message, now_ms(), known):
+            self.eventlog.append(entry)
+        return {}
+
+    def client_beacon(self, claims: Claims, connection_id: str, message: Mapping[str, Any]) -> None:
+        """A ``client.event`` sent over HTTP (the tab is closing; the socket may be gone): stored in
+        the session that connection joined, if the token is the one it joined with (same user, room)."""
+        known = self.known_connections.get(connection_id)
+        if known is None or known[1:] != (claims.sub, claims.room):
+            raise NotFound(f'No connection "{connection_id}" joined with this token on this node')
+        self.report_limiter.check(connection_id, time.monotonic())
+        self.eventlog.append(event_entry(known[0], connection_id, message, now_ms()))
 
     def _own_subscription(self, session: LiveSession, connection: LiveConnection,
                           subscription_id: str) -> LiveSubscription:

@@ -45,6 +45,7 @@ from signalling.errors import (
     coded,
 )
 from signalling.hub import Client, Hub
+from signalling.proxies import client_ip, networks
 from signalling.keys import (
     CONFIG_KEY,
     EVENTLOG_KEY,
@@ -181,7 +182,8 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     codec = Codec.for_subprotocol(ws.ws_protocol, config.server.max_message_bytes)
     outbox = Outbox()
-    client = Client(outbox.push, remote_ip=request.remote or "", user_agent=request.headers.get("User-Agent", ""))
+    remote_ip = client_ip(request.remote, request.headers, networks(config.server.trusted_proxies))
+    client = Client(outbox.push, remote_ip=remote_ip, user_agent=request.headers.get("User-Agent", ""))
     transport = request.transport
     writer = asyncio.create_task(_write_loop(ws, request.protocol, transport, codec, outbox, write_timeout,
                                              client.remote_ip))
@@ -398,7 +400,7 @@ async def _dispatch(hub: Hub, workflow: Workflow, client: Client, msg: dict[str,
     if kind in workflow.handlers:
         return await workflow.handle(client, msg)
     if kind == "join":
-        return await hub.join(client, msg["token"], msg.get("room"), msg.get("user_agent"))
+        return await hub.join(client, msg["token"], msg.get("room"), msg.get("user_agent"), msg.get("sdk_version"))
     if kind == "ping":
         return {"time": time.time_ns() // 1_000_000}
     if kind == "leave":
@@ -418,4 +420,8 @@ async def _dispatch(hub: Hub, workflow: Workflow, client: Client, msg: dict[str,
         return await hub.unsubscribe(client, msg["subscription_id"])
     if kind == "ice":
         return await hub.ice(client, msg["peer_id"], msg.get("candidate"))
+    if kind == "client.event":
+        return hub.client_event(client, msg)
+    if kind == "client.stats":
+        return hub.client_stats(client, msg)
     raise ProtocolError(f'unknown message type "{kind}"', msg.get("id"))  # schemas make this unreachable

@@ -597,8 +597,11 @@
     node.textContent = text;
   }
 
-  /** Camera preview and microphone level; resolves true when both work (false after `waitMs`). */
-  function deviceCheck(waitMs) {
+  /**
+   * Camera preview and microphone level; resolves true when both work (false after `waitMs`).
+   * The result, with the browser's error name, goes to the session's event log (`deviceCheck`).
+   */
+  function deviceCheck(waitMs, session) {
     $('device-check').hidden = false;
     const check = getCamera().then(
       (stream) => {
@@ -613,9 +616,12 @@
         if (audio) {
           startMeter(stream);
         }
+        session.reportDeviceCheck(video ? 'ok' : 'not_found', audio ? 'ok' : 'not_found', null);
         return video && audio;
       },
       (err) => {
+        const kind = OpenConsult.deviceErrorKind(err);
+        session.reportDeviceCheck(kind, kind, err, { audio: true, video: true });
         const denied = err && (err.name === 'NotAllowedError' || err.name === 'SecurityError');
         const text = denied ? 'not allowed — allow camera and microphone in your browser' : 'not available';
         markCheck('camera-check', false, 'Camera: ' + text);
@@ -880,7 +886,7 @@
     }
     if (!deviceChecked) {
       say('connecting', 'Checking your camera and microphone…');
-      deviceChecked = deviceCheck(5000);
+      deviceChecked = deviceCheck(5000, session);
     }
     const passed = await deviceChecked;
     if (session.state !== 'connected' || consult.state === 'in_call' || consult.state === 'ended') {

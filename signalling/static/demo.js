@@ -283,8 +283,11 @@
           audio: true,
           video: { width: 640, height: 480 },
         });
+        session.reportDeviceCheck('ok', 'ok', null);
       } catch (err) {
         demo.localStream = null;
+        const kind = OpenConsult.deviceErrorKind(err);
+        session.reportDeviceCheck(kind, kind, err, { audio: true, video: true });
         warn({ code: 'media_unavailable', message: (err.name || 'Error') + ': ' + err.message }, 'No camera or microphone, receiving only');
       } finally {
         ready();

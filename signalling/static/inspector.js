@@ -3,11 +3,18 @@
  *
  * Support staff paste a session id (or open /inspector?session=<id>) and a support or admin
  * token; the page reads
- *   GET /api/sessions/{id}/events   the session's event log
- *   GET /api/sessions/{id}/quality  the quality samples (per publisher / subscriber track)
- *   GET /api/sessions?q=…           a search over the last 7 days
- * with `Authorization: Bearer <token>` and shows meeting stats with a one-line verdict and
- * warnings, the participants, quality charts (inline SVG) and a filterable event log.
+ *   GET /api/sessions/{id}/diagnosis  the findings: cause, participant, direction, time, next step
+ *   GET /api/sessions/{id}/summary    meeting stats, participants with scores, error log
+ *   GET /api/sessions/{id}/events     the session's event log
+ *   GET /api/sessions/{id}/quality    the quality samples (per publisher / subscriber track)
+ *   GET /api/sessions?since_ms=…&until_ms=…&room=…&name=…&session_id=…&q=…   the search
+ * with `Authorization: Bearer <token>` and shows the diagnosis on top, meeting stats, the
+ * participants (browser, OS and device as the server parsed them), the error log, quality charts
+ * (inline SVG) with the events as markers and a zoom on a time range, and a filterable event log.
+ *
+ * The page only renders: the diagnosis, scores and failure counts come from the server. A server
+ * without the diagnosis or summary routes (404) gets "not available" in those panels, and the
+ * older client-side meeting stats and warnings stand in.
  *
  * Everything that comes from the server (names, texts, payloads) is written with textContent
  * or setAttribute, never parsed as HTML: names and texts are user-supplied.
@@ -20,8 +27,11 @@
  *   inspector.sessionId the session shown
  *   inspector.events / inspector.samples   what the API returned
  *   inspector.stats     {users, connections, streams, subscribers, streamedMinutes, ...}
- *   inspector.warnings  [{level, text}]
- *   inspector.load(sessionId) / inspector.search(text)
+ *   inspector.warnings  [{level, text}] (only shown while the server has no diagnosis)
+ *   inspector.diagnosis {available, findings, reason} / inspector.summary {available, data, reason}
+ *   inspector.markers   how many event markers the charts show; inspector.zoom {from, until} or null
+ *   inspector.load(sessionId) / inspector.search(text | {since, until, room, name, sessionId, text})
+ *   inspector.zoomTo(fromMs, untilMs) / inspector.resetZoom()
  */
 (function () {
   'use strict';
@@ -39,8 +49,14 @@
     stats: null,
     warnings: [],
     verdict: '',
+    diagnosis: { available: false, findings: [], reason: '' },
+    summary: { available: false, data: null, reason: '' },
+    markers: 0,
+    zoom: null,
     load: load,
     search: search,
+    zoomTo: zoomTo,
+    resetZoom: resetZoom,
   };
   window.inspector = inspector;
 
@@ -110,18 +126,6 @@
     return n + ' ' + word + (n === 1 ? '' : 's');
   }
 
-  function shortAgent(agent) {
-    if (!agent) return '—';
-    const text = String(agent);
-    const browser = /(Edg|OPR|Firefox|Chrome|Chromium|Safari)\/([\d]+)/.exec(text);
-    const os = /(Windows|Android|iPhone|iPad|Mac OS X|Linux|CrOS)/.exec(text);
-    if (browser || os) {
-      const name = browser ? browser[1].replace('Edg', 'Edge').replace('OPR', 'Opera') + ' ' + browser[2] : '';
-      return [name, os ? os[1].replace('Mac OS X', 'macOS') : ''].filter(Boolean).join(' on ');
-    }
-    return text.length > 40 ? text.slice(0, 40) + '…' : text;
-  }
-
   // ---- API ---------------------------------------------------------------------------------
 
   class ApiError extends Error {
@@ -160,6 +164,16 @@
     return body;
   }
 
+  /** An optional route: its body, or {unavailable: reason} when the server has no such route (404). */
+  async function optionalApi(path) {
+    try {
+      return await api(path);
+    } catch (err) {
+      if (err.status === 404) return { unavailable: 'not available on this server' };
+      return { unavailable: explain(err) };
+    }
+  }
+
   function explain(err) {
     if (err.status === 401 || err.status === 403) {
       return 'This token is not a support/admin token (' + err.message + ' [' + err.code + ']).';
@@ -195,8 +209,12 @@
     const path = '/api/sessions/' + encodeURIComponent(id);
     let events;
     let quality;
+    let diagnosis;
+    let summary;
     try {
-      [events, quality] = await Promise.all([api(path + '/events'), api(path + '/quality')]);
+      [events, quality, diagnosis, summary] = await Promise.all([
+        api(path + '/events'), api(path + '/quality'), optionalApi(path + '/diagnosis'), optionalApi(path + '/summary'),
+      ]);
     } catch (err) {
       if (seq !== loadSeq) return;
       inspector.error = { status: err.status || 0, code: err.code || 'error', message: err.message };
@@ -207,6 +225,13 @@
     if (seq !== loadSeq) return;
     inspector.events = events.events || [];
     inspector.samples = (quality && quality.samples) || [];
+    inspector.diagnosis = diagnosis.unavailable
+      ? { available: false, findings: [], reason: diagnosis.unavailable }
+      : { available: true, findings: Array.isArray(diagnosis.findings) ? diagnosis.findings : [], reason: '' };
+    inspector.summary = summary.unavailable
+      ? { available: false, data: null, reason: summary.unavailable }
+      : { available: true, data: summary, reason: '' };
+    inspector.zoom = null;
     if (inspector.events.length === 0) {
       $('report').hidden = true;
       setStatus('empty', 'No events for this session id (' + id + '). Check the id, or search below.');
@@ -240,7 +265,7 @@
         connections.set(ev.connection_id, {
           id: ev.connection_id, name: p.name || ev.connection_id, role: p.role || '', user: p.user || '',
           userAgent: p.user_agent || '', ip: p.ip || '', joinedMs: ev.time_ms, leftMs: null, reason: null,
-          streams: [],
+          streams: [], browser: p.browser || '', os: p.os || '', device: p.device || '', sdk: p.sdk_version || '',
         });
       }
     }
@@ -423,14 +448,125 @@
 
   // ---- rendering ---------------------------------------------------------------------------
 
+  let lastModel = null;
+
   function render(events, samples, nowMs) {
     const m = model(events, samples, nowMs);
+    lastModel = m;
     inspector.stats = m.stats;
-    inspector.warnings = m.warnings;
+    inspector.warnings = inspector.diagnosis.available ? [] : m.warnings;
+    renderDiagnosis(inspector.diagnosis, m);
     renderSummary(m);
     renderParticipants(m);
+    renderErrors(inspector.summary, m);
     renderCharts(samples, m);
     renderEvents(events, m);
+  }
+
+  // ---- diagnosis (from the server) ---------------------------------------------------------
+
+  const DIRECTIONS = { send: 'sending', recv: 'receiving' };
+
+  function timeRange(fromMs, untilMs) {
+    if (typeof fromMs !== 'number') return '';
+    if (typeof untilMs !== 'number' || untilMs <= fromMs) return localTime(fromMs);
+    return localTime(fromMs) + '–' + localTime(untilMs) + ' (' + duration(untilMs - fromMs) + ')';
+  }
+
+  function renderDiagnosis(d, m) {
+    const status = $('diagnosis-status');
+    const list = $('findings');
+    if (!d.available) {
+      status.textContent = 'Diagnosis: ' + d.reason + '.';
+      status.dataset.level = 'unavailable';
+      list.replaceChildren();
+      return;
+    }
+    const problems = d.findings.filter((f) => f.severity === 'problem').length;
+    const warnings = d.findings.filter((f) => f.severity === 'warning').length;
+    status.dataset.level = problems ? 'problem' : warnings ? 'warning' : 'ok';
+    status.textContent = d.findings.length
+      ? plural(problems, 'problem') + ', ' + plural(warnings, 'warning') + ', ' +
+        plural(d.findings.length - problems - warnings, 'note') + '.'
+      : 'No problems found in this session.';
+    list.replaceChildren(...d.findings.map((f) => {
+      const who = f.participant
+        ? (f.participant.name || f.participant.connection_id) + (f.participant.role ? ' (' + f.participant.role + ')' : '')
+        : '';
+      const meta = [who, DIRECTIONS[f.direction] || '', timeRange(f.from_ms, f.until_ms)].filter(Boolean).join(' · ');
+      const evidence = (f.evidence && Array.isArray(f.evidence.entries)) ? f.evidence.entries : [];
+      const links = evidence.slice(0, 20).map((seq) => {
+        const button = el('button', { className: 'link', text: '#' + seq,
+                                      attrs: { type: 'button', 'data-seq': seq, title: 'Show this entry in the event log' } });
+        button.addEventListener('click', () => showEntry(seq));
+        return button;
+      });
+      const zoom = typeof f.from_ms === 'number' && typeof f.until_ms === 'number' && f.until_ms > f.from_ms
+        ? el('button', { className: 'link', text: 'Zoom the charts to this', attrs: { type: 'button' } }) : null;
+      if (zoom) zoom.addEventListener('click', () => zoomTo(f.from_ms, f.until_ms));
+      return el('li', { className: 'finding', attrs: { 'data-severity': f.severity || 'info', 'data-type': f.type || '' } }, [
+        el('p', { className: 'cause' }, [el('span', { className: 'severity', text: f.severity || 'info' }),
+                                         el('span', { text: ' ' + (f.cause || f.type || '') })]),
+        meta ? el('p', { className: 'meta muted', text: meta }) : null,
+        f.next_step ? el('p', { className: 'next', text: 'Next step: ' + f.next_step }) : null,
+        links.length || zoom
+          ? el('p', { className: 'evidence muted' }, [links.length ? el('span', { text: 'Evidence: ' }) : null, ...links,
+                                                      zoom ? el('span', { text: ' ' }) : null, zoom])
+          : null,
+      ]);
+    }));
+  }
+
+  /** Scroll to an event-log entry (clearing filters that hide it) and flash it. */
+  function showEntry(seq) {
+    const row = document.getElementById('ev-' + seq);
+    if (!row) return;
+    if (row.hidden) {
+      $('kind-filter').value = '';
+      $('text-filter').value = '';
+      applyFilter();
+    }
+    row.classList.add('flash');
+    row.scrollIntoView({ block: 'center' });
+    setTimeout(() => row.classList.remove('flash'), 2000);
+  }
+
+  // ---- error log (from the server's summary) -----------------------------------------------
+
+  function renderErrors(summary, m) {
+    const status = $('errors-status');
+    const rates = $('error-rates');
+    const log = $('error-log');
+    const errors = summary.available && summary.data ? summary.data.errors : null;
+    if (!errors) {
+      status.textContent = 'Error log: ' + (summary.available ? 'the summary has none' : summary.reason) + '.';
+      rates.replaceChildren();
+      log.replaceChildren();
+      return;
+    }
+    const rows = [['Connect', errors.connect], ['Publish', errors.publish], ['Subscribe', errors.subscribe]];
+    rates.replaceChildren(...rows.map(([label, counts]) => {
+      const attempts = (counts && counts.attempts) || 0;
+      const failures = (counts && counts.failures) || 0;
+      const rate = attempts ? Math.round((100 * failures) / attempts) + '% failed' : 'no attempts';
+      return el('div', { className: 'stat' + (failures ? ' bad' : ''),
+                         attrs: { 'data-stat': label.toLowerCase() + '-failures' } }, [
+        el('dt', { text: label }),
+        el('dd', { text: failures + ' of ' + attempts + ' · ' + rate }),
+      ]);
+    }));
+    const entries = Array.isArray(errors.log) ? errors.log : [];
+    status.textContent = entries.length ? plural(entries.length, 'error') + ':' : 'No errors.';
+    log.replaceChildren(...entries.map((ev) => {
+      const who = ev.connection_id ? m.nameOf(ev.connection_id) : '';
+      const button = el('button', { className: 'link', text: localTime(ev.time_ms, true), title: utc(ev.time_ms),
+                                    attrs: { type: 'button' } });
+      button.addEventListener('click', () => showEntry(ev.seq));
+      return el('li', { attrs: { 'data-kind': ev.kind || '' } }, [
+        button, el('span', { className: 'kind', text: ' ' + (ev.kind || '') + ' ' }),
+        who ? el('strong', { text: who + ': ' }) : null, el('span', { text: ev.text || '' }),
+      ]);
+    }));
   }
 
   function verdictText(stats) {
@@ -444,14 +580,18 @@
   function renderSummary(m) {
     const stats = m.stats;
     $('report-session').textContent = inspector.sessionId;
-    const hasError = m.warnings.some((w) => w.level === 'error');
+    const d = inspector.diagnosis;
+    const hasError = d.available ? d.findings.some((f) => f.severity === 'problem')
+                                 : m.warnings.some((w) => w.level === 'error');
+    const hasWarning = d.available ? d.findings.some((f) => f.severity === 'warning') : m.warnings.length > 0;
     inspector.verdict = verdictText(stats);
     const verdict = $('verdict');
     verdict.textContent = inspector.verdict;
-    verdict.dataset.level = hasError ? 'error' : m.warnings.length ? 'warn' : 'ok';
+    verdict.dataset.level = hasError ? 'error' : hasWarning ? 'warn' : 'ok';
 
     const list = $('warnings');
-    list.replaceChildren(...m.warnings.map((w) => el('li', { className: w.level, text: w.text })));
+    list.replaceChildren(...inspector.warnings.map((w) => el('li', { className: w.level, text: w.text })));
+    list.hidden = inspector.diagnosis.available;
 
     const rows = [
       ['Users', stats.users, 'distinct display names'],
@@ -476,26 +616,56 @@
       ])));
   }
 
+  function scoresText(scores) {
+    if (!scores) return '—';
+    const parts = [];
+    if (typeof scores.audio_mos === 'number') parts.push('MOS ' + scores.audio_mos.toFixed(1));
+    if (scores.video_level !== undefined && scores.video_level !== null) parts.push('video ' + scores.video_level);
+    if (typeof scores.freezes === 'number') parts.push(plural(scores.freezes, 'freeze'));
+    if (typeof scores.time_to_first_media_ms === 'number') parts.push('first media ' + duration(scores.time_to_first_media_ms));
+    return parts.length ? parts.join(' · ') : '—';
+  }
+
+  function publishedText(m, connectionId) {
+    const c = m.connections.get(connectionId);
+    if (!c) return '';
+    return c.streams.map((sid) => {
+      const s = m.streams.get(sid);
+      return [s.hasAudio ? 'audio' : '', s.hasVideo ? 'video' : ''].filter(Boolean).join('+') || 'stream';
+    }).join(', ');
+  }
+
+  /** The user table: the server's summary when it has one, else the connect entries as they are. */
   function renderParticipants(m) {
     const body = $('participants').tBodies[0];
-    const rows = [];
-    for (const c of m.connections.values()) {
-      const published = c.streams.map((sid) => {
-        const s = m.streams.get(sid);
-        return [s.hasAudio ? 'audio' : '', s.hasVideo ? 'video' : ''].filter(Boolean).join('+') || 'stream';
-      });
-      rows.push(el('tr', {}, [
+    const summary = inspector.summary.available && inspector.summary.data ? inspector.summary.data : null;
+    const people = summary && Array.isArray(summary.participants)
+      ? summary.participants.map((p) => ({
+        id: p.connection_id, name: p.name || p.connection_id, role: p.role || '', user: p.user || '',
+        joinedMs: p.joined_ms, leftMs: typeof p.left_ms === 'number' ? p.left_ms : null, reason: p.reason || '',
+        browser: p.browser || '', os: p.os || '', device: p.device || '', ip: p.ip || '', sdk: p.sdk_version || '',
+        userAgent: p.user_agent || '', scores: scoresText(p.scores),
+      }))
+      : Array.from(m.connections.values()).map((c) => Object.assign({}, c, { scores: '—' }));
+    const rows = people.map((c) => {
+      const published = publishedText(m, c.id);
+      return el('tr', { attrs: { 'data-connection': c.id } }, [
         el('td', { text: c.name, title: c.id + (c.user ? ' · user ' + c.user : '') }),
         el('td', { text: c.role || '—' }),
-        el('td', { text: localTime(c.joinedMs), title: utc(c.joinedMs) }),
+        el('td', { text: typeof c.joinedMs === 'number' ? localTime(c.joinedMs) : '—',
+                   title: typeof c.joinedMs === 'number' ? utc(c.joinedMs) : '' }),
         el('td', c.leftMs === null ? { text: 'still connected', className: 'muted' }
                                  : { text: localTime(c.leftMs) + ' · ' + (c.reason || '?'), title: utc(c.leftMs) }),
-        el('td', { text: published.length ? published.join(', ') : 'never', className: published.length ? '' : 'bad' }),
-        el('td', { text: shortAgent(c.userAgent), title: c.userAgent || '' }),
+        el('td', { text: published || 'never', className: published ? '' : 'bad' }),
+        el('td', { className: 'browser', text: c.browser || '—', title: c.userAgent || '' }),
+        el('td', { className: 'os', text: c.os || '—' }),
+        el('td', { className: 'device', text: c.device || '—' }),
         el('td', { text: c.ip || '—' }),
-      ]));
-    }
-    if (!rows.length) rows.push(el('tr', {}, [el('td', { text: 'Nobody connected.', attrs: { colspan: 7 } })]));
+        el('td', { className: 'sdk', text: c.sdk || '—' }),
+        el('td', { className: 'scores', text: c.scores }),
+      ]);
+    });
+    if (!rows.length) rows.push(el('tr', {}, [el('td', { text: 'Nobody connected.', attrs: { colspan: 11 } })]));
     body.replaceChildren(...rows);
   }
 
@@ -574,7 +744,22 @@
       t0 = Math.min(t0, s.time_ms - (s.interval_s || 0) * 1000);
       t1 = Math.max(t1, s.time_ms);
     }
+    const markers = inspector.events.filter(isMarker);
+    for (const ev of markers) {
+      t0 = Math.min(t0, ev.time_ms);
+      t1 = Math.max(t1, ev.time_ms);
+    }
     if (t1 - t0 < 1000) t1 = t0 + 1000;
+    if (inspector.zoom) {
+      t0 = Math.max(t0, inspector.zoom.from);
+      t1 = Math.min(t1, inspector.zoom.until);
+      if (t1 - t0 < 1000) t1 = t0 + 1000;
+    }
+    const shown = markers.filter((ev) => ev.time_ms >= t0 && ev.time_ms <= t1);
+    inspector.markers = shown.length;
+    $('zoom-reset').hidden = !inspector.zoom;
+    $('zoom-range').textContent = (inspector.zoom ? 'Zoomed to ' : 'Whole call: ') + localTime(t0) + '–' +
+      localTime(t1) + ' (' + duration(t1 - t0) + '), ' + plural(shown.length, 'event marker') + '.';
 
     legend.replaceChildren(...tracks.map((t) => {
       const swatch = svg('svg', { width: 26, height: 10, 'aria-hidden': 'true' });
@@ -590,8 +775,70 @@
       return el('li', {}, [button]);
     }));
 
-    charts.replaceChildren(...METRICS.map((metric) => chart(metric, tracks, t0, t1)));
+    charts.replaceChildren(...METRICS.map((metric) => chart(metric, tracks, t0, t1, shown, m)));
     applyHidden();
+  }
+
+  // ---- event markers and zoom --------------------------------------------------------------
+
+  const MARKER_KINDS = new Set(['serverDetectedConnect', 'disconnect', 'streamCreated', 'streamDestroyed',
+                                'publishFailure', 'subscribeFailure', 'tokenRejected', 'qualityAlert', 'clientEvent',
+                                'Consultation', 'Queue']);
+
+  function isMarker(ev) {
+    if (MARKER_KINDS.has(ev.kind)) return true;
+    return (ev.kind === 'iceStateChanged' || ev.kind === 'dtlsStateChanged') && (ev.payload || {}).state === 'failed';
+  }
+
+  function zoomTo(fromMs, untilMs) {
+    const from = Number(fromMs);
+    const until = Number(untilMs);
+    if (!isFinite(from) || !isFinite(until) || until <= from) return;
+    inspector.zoom = { from: from, until: until };
+    if (lastModel) renderCharts(inspector.samples, lastModel);
+  }
+
+  function resetZoom() {
+    inspector.zoom = null;
+    if (lastModel) renderCharts(inspector.samples, lastModel);
+  }
+
+  /** Drag across a chart to zoom to that time range. */
+  function brush(root, t0, t1) {
+    const plotW = W - M.left - M.right;
+    const toTime = (clientX) => {
+      const box = root.getBoundingClientRect();
+      const x = ((clientX - box.left) * W) / Math.max(1, box.width);
+      return t0 + ((Math.min(Math.max(x, M.left), W - M.right) - M.left) / plotW) * (t1 - t0);
+    };
+    const toX = (ms) => M.left + ((ms - t0) / (t1 - t0)) * plotW;
+    let start = null;
+    const band = svg('rect', { class: 'brush', x: 0, y: M.top, width: 0, height: H - M.top - M.bottom });
+    band.style.display = 'none';
+    root.append(band);
+    root.addEventListener('pointerdown', (event) => {
+      start = toTime(event.clientX);
+      band.style.display = '';
+      band.setAttribute('x', toX(start));
+      band.setAttribute('width', 0);
+      root.setPointerCapture(event.pointerId);
+    });
+    root.addEventListener('pointermove', (event) => {
+      if (start === null) return;
+      const now = toTime(event.clientX);
+      band.setAttribute('x', toX(Math.min(start, now)));
+      band.setAttribute('width', Math.abs(toX(now) - toX(start)));
+    });
+    root.addEventListener('pointerup', (event) => {
+      if (start === null) return;
+      const end = toTime(event.clientX);
+      const from = Math.min(start, end);
+      const until = Math.max(start, end);
+      start = null;
+      band.style.display = 'none';
+      // A click (or a tiny drag) is not a zoom.
+      if (until - from >= (t1 - t0) / 100 && until - from >= 500) zoomTo(from, until);
+    });
   }
 
   function applyHidden() {
@@ -602,7 +849,7 @@
     }
   }
 
-  function chart(metric, tracks, t0, t1) {
+  function chart(metric, tracks, t0, t1, markers, m) {
     const plotW = W - M.left - M.right;
     const plotH = H - M.top - M.bottom;
     let max = 0;
@@ -610,7 +857,7 @@
     for (const t of tracks) {
       for (const s of t.samples) {
         const v = s[metric.key];
-        if (typeof v === 'number' && isFinite(v)) {
+        if (s.time_ms >= t0 && s.time_ms <= t1 && typeof v === 'number' && isFinite(v)) {
           any = true;
           max = Math.max(max, v);
         }
@@ -648,6 +895,17 @@
                                 class: 'nodata' }, 'No ' + metric.title.toLowerCase() + ' data'));
     }
 
+    const marks = svg('g', { class: 'markers' });
+    for (const ev of markers) {
+      const xx = x(ev.time_ms).toFixed(1);
+      const who = ev.connection_id ? m.nameOf(ev.connection_id) + ': ' : '';
+      const line = svg('line', { class: 'marker ' + severity(ev), x1: xx, x2: xx, y1: M.top, y2: M.top + plotH,
+                                 'data-kind': ev.kind, 'data-seq': ev.seq });
+      line.append(svg('title', {}, localTime(ev.time_ms, true) + ' ' + ev.kind + ' · ' + who + (ev.text || '')));
+      marks.append(line);
+    }
+    root.append(marks);
+
     for (const t of tracks) {
       const group = svg('g', { 'data-track': t.key });
       group.append(svg('title', {}, t.label));
@@ -665,6 +923,11 @@
         segment = [];
       };
       for (const s of t.samples) {
+        if (s.time_ms < t0 || s.time_ms > t1) {
+          flush();
+          prev = null;
+          continue;
+        }
         const v = s[metric.key];
         const gap = prev && s.time_ms - prev.time_ms > 2.5 * Math.max(1, s.interval_s || 1) * 1000;
         if (typeof v !== 'number' || !isFinite(v) || gap) flush();
@@ -676,6 +939,7 @@
       flush();
       root.append(group);
     }
+    brush(root, t0, t1);
     return el('figure', { className: 'chart' }, [
       el('figcaption', {}, [el('strong', { text: metric.title }), el('span', { className: 'muted', text: ' ' + metric.unit })]),
       root,
@@ -685,11 +949,14 @@
   // ---- event log ---------------------------------------------------------------------------
 
   const BAD_KINDS = new Set(['publishFailure', 'subscribeFailure', 'tokenRejected', 'qualityAlert']);
+  const BAD_CLIENT_EVENTS = new Set(['getUserMediaFailed', 'iceFailed', 'connectionFailed', 'reconnecting']);
   let eventRows = [];
 
   function severity(ev) {
     const p = ev.payload || {};
     if (BAD_KINDS.has(ev.kind) || p.state === 'failed') return 'bad';
+    if (ev.kind === 'clientEvent' && (BAD_CLIENT_EVENTS.has(p.event) ||
+        (p.event === 'deviceCheck' && (p.camera !== 'ok' || p.microphone !== 'ok')))) return 'bad';
     if (ev.kind === 'disconnect' && p.reason && p.reason !== 'clientDisconnected') return 'bad';
     if (ev.kind === 'serverDetectedConnect' || ev.kind === 'streamCreated') return 'good';
     return '';
@@ -700,7 +967,7 @@
     eventRows = events.map((ev) => {
       const c = ev.connection_id ? m.connections.get(ev.connection_id) : null;
       const who = ev.connection_id ? m.nameOf(ev.connection_id) : '';
-      const row = el('tr', { className: severity(ev), attrs: { 'data-kind': ev.kind } });
+      const row = el('tr', { className: severity(ev), attrs: { 'data-kind': ev.kind, id: 'ev-' + ev.seq } });
       const time = el('time', { text: (multiDay ? localDate(ev.time_ms) + ' ' : '') + localTime(ev.time_ms, true),
                                 title: utc(ev.time_ms), attrs: { datetime: new Date(ev.time_ms).toISOString() } });
       const toggle = el('button', { className: 'link', text: 'Show',
@@ -764,7 +1031,22 @@
 
   // ---- search ------------------------------------------------------------------------------
 
-  async function search(text) {
+  /** The search form's fields: dates as UTC ms (from the local-time inputs), texts trimmed. */
+  function searchForm() {
+    const when = (id) => {
+      const value = $(id).value;
+      const ms = value ? new Date(value).getTime() : NaN;
+      return isFinite(ms) ? ms : null;
+    };
+    return {
+      since: when('search-from'), until: when('search-until'), room: $('search-room').value.trim(),
+      name: $('search-name').value.trim(), sessionId: $('search-session').value.trim(),
+      text: $('search-text').value.trim(),
+    };
+  }
+
+  async function search(criteria) {
+    const c = typeof criteria === 'object' && criteria !== null ? criteria : { text: criteria || '' };
     const status = $('search-status');
     const results = $('search-results');
     if (!token()) {
@@ -775,7 +1057,12 @@
     status.textContent = 'Searching…';
     results.replaceChildren();
     const query = new URLSearchParams();
-    if (text) query.set('q', text);
+    if (typeof c.since === 'number') query.set('since_ms', String(Math.max(0, Math.round(c.since))));
+    if (typeof c.until === 'number') query.set('until_ms', String(Math.max(0, Math.round(c.until))));
+    if (c.room) query.set('room', c.room);
+    if (c.name) query.set('name', c.name);
+    if (c.sessionId) query.set('session_id', c.sessionId);
+    if (c.text) query.set('q', c.text);
     let found;
     try {
       found = (await api('/api/sessions?' + query.toString())).sessions || [];
@@ -809,13 +1096,16 @@
     $('support-token').value = '';
     setStatus('idle', 'Token forgotten.');
   });
-  $('search').addEventListener('click', () => search($('search-text').value.trim()));
-  $('search-text').addEventListener('keydown', (event) => {
-    if (event.key === 'Enter') {
-      event.preventDefault();
-      search($('search-text').value.trim());
-    }
-  });
+  $('search').addEventListener('click', () => search(searchForm()));
+  for (const id of ['search-text', 'search-room', 'search-name', 'search-session']) {
+    $(id).addEventListener('keydown', (event) => {
+      if (event.key === 'Enter') {
+        event.preventDefault();
+        search(searchForm());
+      }
+    });
+  }
+  $('zoom-reset').addEventListener('click', resetZoom);
   $('kind-filter').addEventListener('change', applyFilter);
   $('text-filter').addEventListener('input', applyFilter);
   $('text-filter').addEventListener('change', applyFilter);

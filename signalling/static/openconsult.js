@@ -34,6 +34,14 @@
  * `OpenConsult.walkIn({ token, name })` trades a shared walk-in link's token for the patient's own
  * (`POST /api/walk-in`): `{consultation, position, patient_token, …}`; then connect with it.
  *
+ * What the browser saw reaches the support inspector (docs/protocol.md, client.event /
+ * client.stats): the SDK reports ICE/connection failures with the candidate types it had,
+ * reconnecting/reconnected, page hidden/visible, the tab closing (a beacon), and every 5 s a
+ * getStats() summary per track; pages report their device check with
+ * `session.reportDeviceCheck(camera, microphone, error)` (`OpenConsult.deviceErrorKind(err)` names
+ * a getUserMedia error) and anything else with `session.reportEvent(name, data)`. Options
+ * `clientReports: false` turns this off, `statsInterval` (ms, default 5000; 0: no stats) paces it.
+ *
  * Server design decides the shape of the media side: one RTCPeerConnection per published
  * stream and one per subscription. The server puts all its candidates in its SDP; the client
  * trickles its own with `ice` messages addressed by `peer_id` (stream id or subscription id).
@@ -72,6 +80,17 @@
   const RETRYABLE_CODES = ['connection_failed', 'connection_closed', 'timeout', 'internal_error', 'rate_limited'];
   // How often one stream's peer connection is rebuilt after it failed (ICE broke).
   const MAX_MEDIA_RESTARTS = 3;
+  // Client reports (docs/protocol.md, client.event / client.stats): what the browser saw.
+  const CLIENT_EVENT_NAMES = ['deviceCheck', 'getUserMediaFailed', 'iceFailed', 'connectionFailed', 'reconnecting',
+    'reconnected', 'pageHidden', 'pageVisible', 'tabClosed'];
+  const CANDIDATE_TYPES = ['host', 'srflx', 'prflx', 'relay'];
+  // Reports kept while the socket is down (sent once joined again); older ones beyond are dropped.
+  const MAX_QUEUED_REPORTS = 20;
+  const MAX_STATS_SAMPLES = 16;
+  // getStats() fields copied as they are (W3C names), per direction.
+  const RECV_STATS = ['framesDecoded', 'framesDropped', 'freezeCount', 'totalFreezesDuration', 'jitterBufferDelay',
+    'concealedSamples', 'packetsReceived', 'bytesReceived', 'frameWidth', 'frameHeight', 'framesPerSecond'];
+  const SEND_STATS = ['bytesSent', 'frameWidth', 'frameHeight', 'framesPerSecond'];
 
   // Workflow events (docs/protocol.md, "Workflow events"), emitted with the server's data as is.
   const WORKFLOW_EVENTS = [
@@ -158,6 +177,171 @@
     }
     const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
     return scheme + '//' + location.host + '/ws';
+  }
+
+  /** The HTTP(S) URL of `path` on the server of a ws(s):// URL. */
+  function httpUrl(wsUrl, path) {
+    const url = new URL(wsUrl, typeof location !== 'undefined' ? location.href : undefined);
+    url.protocol = url.protocol === 'wss:' ? 'https:' : 'http:';
+    url.pathname = path;
+    url.search = '';
+    url.hash = '';
+    return url.toString();
+  }
+
+  /** A finite number >= 0, else null (what the stats schema accepts). */
+  function statNumber(value) {
+    return typeof value === 'number' && isFinite(value) && value >= 0 ? Math.min(value, 1e15) : null;
+  }
+
+  /** Text a client report may carry: no control characters, at most `max` characters. */
+  function reportText(value, max) {
+    return String(value === undefined || value === null ? '' : value)
+      .replace(/[\u0000-\u001f\u007f-\u009f]/g, ' ')
+      .slice(0, max);
+  }
+
+  /**
+   * What a getUserMedia error says about a device, as the `deviceCheck` event names it:
+   * 'denied' | 'not_found' | 'in_use' | 'error'.
+   */
+  function deviceErrorKind(err) {
+    const name = err && err.name;
+    if (name === 'NotAllowedError' || name === 'SecurityError' || name === 'PermissionDeniedError') {
+      return 'denied';
+    }
+    if (name === 'NotFoundError' || name === 'DevicesNotFoundError' || name === 'OverconstrainedError') {
+      return 'not_found';
+    }
+    if (name === 'NotReadableError' || name === 'TrackStartError' || name === 'AbortError') {
+      return 'in_use';
+    }
+    return 'error';
+  }
+
+  /** A DOMException's name as the schema allows it (letters, digits, underscore; 64 at most). */
+  function errorName(err) {
+    return reportText((err && err.name) || 'Error', 64).replace(/[^A-Za-z0-9_]/g, '');
+  }
+
+  /** The selected candidate pair of a stats report and its two candidates, or null. */
+  function selectedPair(report) {
+    const byId = new Map();
+    report.forEach((stat) => byId.set(stat.id, stat));
+    let pair = null;
+    report.forEach((stat) => {
+      if (stat.type === 'transport' && stat.selectedCandidatePairId && byId.has(stat.selectedCandidatePairId)) {
+        pair = byId.get(stat.selectedCandidatePairId);
+      }
+    });
+    if (!pair) {
+      report.forEach((stat) => {
+        if (!pair && stat.type === 'candidate-pair' && stat.nominated && stat.state === 'succeeded') {
+          pair = stat;
+        }
+      });
+    }
+    if (!pair) {
+      return null;
+    }
+    const local = byId.get(pair.localCandidateId) || {};
+    const remote = byId.get(pair.remoteCandidateId) || {};
+    return {
+      stat: pair,
+      json: {
+        local_type: CANDIDATE_TYPES.indexOf(local.candidateType) >= 0 ? local.candidateType : null,
+        remote_type: CANDIDATE_TYPES.indexOf(remote.candidateType) >= 0 ? remote.candidateType : null,
+        protocol: local.protocol === 'udp' || local.protocol === 'tcp' ? local.protocol : null,
+      },
+    };
+  }
+
+  /**
+   * One `client.stats` sample per track of one peer connection (docs/protocol.md): the
+   * inbound-rtp (recv) or outbound-rtp (send) figures, RTT, and the selected pair's types.
+   */
+  async function statsSamples(pc, streamId, subscriptionId, direction) {
+    let report;
+    try {
+      report = await pc.getStats();
+    } catch (err) {
+      return [];
+    }
+    const byId = new Map();
+    report.forEach((stat) => byId.set(stat.id, stat));
+    const pair = selectedPair(report);
+    const wanted = direction === 'send' ? 'outbound-rtp' : 'inbound-rtp';
+    const samples = [];
+    report.forEach((stat) => {
+      const kind = stat.kind || stat.mediaType;
+      if (stat.type !== wanted || (kind !== 'audio' && kind !== 'video')) {
+        return;
+      }
+      const sample = { stream_id: streamId, kind: kind, direction: direction };
+      if (subscriptionId) {
+        sample.subscription_id = subscriptionId;
+      }
+      for (const name of direction === 'send' ? SEND_STATS : RECV_STATS) {
+        const value = statNumber(stat[name]);
+        if (value !== null) {
+          sample[name] = value;
+        }
+      }
+      if (direction === 'recv') {
+        // packetsLost is signed in inbound-rtp (duplicates can make it negative).
+        if (typeof stat.packetsLost === 'number') {
+          sample.packetsLost = Math.max(0, stat.packetsLost);
+        }
+        const rtt = pair ? statNumber(pair.stat.currentRoundTripTime) : null;
+        if (rtt !== null) {
+          sample.roundTripTime = rtt;
+        }
+      } else {
+        const remote = stat.remoteId ? byId.get(stat.remoteId) : null;
+        const rtt = statNumber(remote && remote.roundTripTime);
+        if (rtt !== null) {
+          sample.roundTripTime = rtt;
+        }
+        if (remote && typeof remote.packetsLost === 'number') {
+          sample.packetsLost = Math.max(0, remote.packetsLost);
+        }
+        const reason = stat.qualityLimitationReason;
+        if (['none', 'cpu', 'bandwidth', 'other'].indexOf(reason) >= 0) {
+          sample.qualityLimitationReason = reason;
+        }
+        const available = pair ? statNumber(pair.stat.availableOutgoingBitrate) : null;
+        if (available !== null) {
+          sample.availableOutgoingBitrate = available;
+        }
+      }
+      if (pair) {
+        sample.candidate_pair = pair.json;
+      }
+      samples.push(sample);
+    });
+    return samples;
+  }
+
+  /** The candidate types a peer connection gathered (local) and received (remote). */
+  async function candidateTypes(pc) {
+    const local = new Set();
+    const remote = new Set();
+    try {
+      const report = await pc.getStats();
+      report.forEach((stat) => {
+        if (CANDIDATE_TYPES.indexOf(stat.candidateType) === -1) {
+          return;
+        }
+        if (stat.type === 'local-candidate') {
+          local.add(stat.candidateType);
+        } else if (stat.type === 'remote-candidate') {
+          remote.add(stat.candidateType);
+        }
+      });
+    } catch (err) {
+      // A closed peer connection has no stats: report what we have (nothing).
+    }
+    return { local: Array.from(local).sort(), remote: Array.from(remote).sort() };
   }
 
   function candidateToJSON(candidate) {
@@ -413,6 +597,147 @@
       this._pastStreamIds = new Set(); // streams this client published before a reconnect
       this._resubscribes = new Map(); // stream id → times its subscription was rebuilt
       this._livePublishers = new Set(); // every Publisher not closed, also while published again
+      // Client reports: events and a getStats() summary every `statsInterval` ms (0: none).
+      this._reportsEnabled = options.clientReports !== false;
+      this._statsInterval = options.statsInterval === undefined ? 5000 : options.statsInterval;
+      this._statsTimer = null;
+      this._queuedReports = [];
+      this._pageListeners = null;
+    }
+
+    /**
+     * Tell the server something the browser saw (`client.event`, docs/protocol.md): `name` is one
+     * of deviceCheck, getUserMediaFailed, iceFailed, connectionFailed, reconnecting, reconnected,
+     * pageHidden, pageVisible, tabClosed. While the socket is down the report waits (a few at most)
+     * and goes out once joined again. Resolves true once stored, false otherwise; never rejects.
+     */
+    reportEvent(name, data) {
+      if (!this._reportsEnabled || this.state === 'disconnected' || CLIENT_EVENT_NAMES.indexOf(name) === -1) {
+        return Promise.resolve(false);
+      }
+      const fields = { event: name };
+      if (data && Object.keys(data).length > 0) {
+        fields.data = data;
+      }
+      if (this.state !== 'connected' || !this._isOpen()) {
+        this._queuedReports.push(fields);
+        this._queuedReports = this._queuedReports.slice(-MAX_QUEUED_REPORTS);
+        return Promise.resolve(false);
+      }
+      return this._request('client.event', fields).then(() => true, () => false);
+    }
+
+    /**
+     * Report a device check: `camera` / `microphone` each 'ok' | 'denied' | 'not_found' | 'in_use' |
+     * 'skipped' | 'error'; `error` the getUserMedia error if there was one (its name is sent, and a
+     * getUserMediaFailed event with its message and the `constraints` asked for).
+     */
+    reportDeviceCheck(camera, microphone, error, constraints) {
+      const data = { camera: camera, microphone: microphone };
+      if (error) {
+        data.error_name = errorName(error);
+        const asked = constraints || { audio: true, video: true };
+        this.reportEvent('getUserMediaFailed', {
+          error_name: data.error_name,
+          error_message: reportText(error.message, 300),
+          constraints: { audio: Boolean(asked.audio), video: Boolean(asked.video) },
+        });
+      }
+      return this.reportEvent('deviceCheck', data);
+    }
+
+    _flushReports() {
+      const queued = this._queuedReports;
+      this._queuedReports = [];
+      for (const fields of queued) {
+        this._request('client.event', fields).catch(() => {});
+      }
+    }
+
+    _startStats() {
+      this._stopStats();
+      if (this._reportsEnabled && this._statsInterval > 0) {
+        this._statsTimer = setInterval(() => this._sendStats(), this._statsInterval);
+      }
+    }
+
+    _stopStats() {
+      if (this._statsTimer) {
+        clearInterval(this._statsTimer);
+        this._statsTimer = null;
+      }
+    }
+
+    /** One `client.stats` with a sample per track of every publish and subscription. */
+    async _sendStats() {
+      if (this.state !== 'connected') {
+        return;
+      }
+      const peers = [];
+      for (const publisher of this.publishers.values()) {
+        if (publisher.pc && publisher.streamId) {
+          peers.push(statsSamples(publisher.pc, publisher.streamId, null, 'send'));
+        }
+      }
+      for (const subscription of this.subscriptions.values()) {
+        if (subscription.pc && !subscription.closed) {
+          peers.push(statsSamples(subscription.pc, subscription.streamId, subscription.id, 'recv'));
+        }
+      }
+      const samples = [].concat(...(await Promise.all(peers))).slice(0, MAX_STATS_SAMPLES);
+      if (samples.length > 0 && this.state === 'connected' && this._isOpen()) {
+        this._request('client.stats', { samples: samples }).catch(() => {});
+      }
+    }
+
+    /** Page hidden / visible as client events; the tab closing as a beacon (the socket may be gone). */
+    _watchPage() {
+      if (this._pageListeners || !this._reportsEnabled || typeof document === 'undefined'
+          || typeof window === 'undefined') {
+        return;
+      }
+      const visibility = () => {
+        this.reportEvent(document.visibilityState === 'hidden' ? 'pageHidden' : 'pageVisible');
+      };
+      const pagehide = () => this._beacon('tabClosed');
+      document.addEventListener('visibilitychange', visibility);
+      window.addEventListener('pagehide', pagehide);
+      this._pageListeners = { visibility: visibility, pagehide: pagehide };
+    }
+
+    _unwatchPage() {
+      if (this._pageListeners) {
+        document.removeEventListener('visibilitychange', this._pageListeners.visibility);
+        window.removeEventListener('pagehide', this._pageListeners.pagehide);
+        this._pageListeners = null;
+      }
+    }
+
+    /** `POST /api/client-events` with navigator.sendBeacon (it outlives the page). */
+    _beacon(name) {
+      if (!this.connectionId || typeof navigator === 'undefined' || typeof navigator.sendBeacon !== 'function') {
+        return false;
+      }
+      const body = JSON.stringify({ token: this._token, connection_id: this.connectionId, event: name });
+      try {
+        return navigator.sendBeacon(httpUrl(this.url, '/api/client-events'), body);
+      } catch (err) {
+        return false;
+      }
+    }
+
+    /** A peer connection failed: which candidate types each side had, as iceFailed / connectionFailed. */
+    async _reportPeerFailure(pc, peerId) {
+      const types = await candidateTypes(pc);
+      const data = {
+        local_candidate_types: types.local,
+        remote_candidate_types: types.remote,
+        ice_servers: Math.min(64, this.iceServers.length),
+      };
+      if (peerId) {
+        data.peer_id = peerId;
+      }
+      this.reportEvent(pc.iceConnectionState === 'failed' ? 'iceFailed' : 'connectionFailed', data);
     }
 
     _rtcConfiguration() {
@@ -469,6 +794,7 @@
             // The schema caps it at 512 characters; the SDK version is appended for support staff.
             join.user_agent = (userAgent + ' OpenConsultJS/' + VERSION).slice(-512);
           }
+          join.sdk_version = VERSION;
           this._request('join', join).then((data) => {
             settled = true;
             resolve(data);
@@ -595,6 +921,7 @@
       const jittered = Math.round(base * (0.75 + Math.random() * 0.5));
       const delay = Math.max(0, Math.min(jittered, this._reconnectMaxDelay, this._reconnectTimeout - elapsed));
       attempt.timer = setTimeout(() => this._attemptReconnect(attempt), delay);
+      this.reportEvent('reconnecting', { attempt: attempt.attempt });
       this._emit('reconnecting', {
         attempt: attempt.attempt,
         code: attempt.code,
@@ -673,6 +1000,7 @@
         }
       }
       this._emit('reconnected', Object.assign({ attempts: attempt.attempt }, data));
+      this.reportEvent('reconnected', { attempt: attempt.attempt });
       // Our streams again, from the same MediaStreams.
       for (const publisher of Array.from(this._livePublishers)) {
         this._republish(publisher, null);
@@ -715,6 +1043,9 @@
       if (this._pingInterval > 0) {
         this._pingTimer = setInterval(() => this._keepalive(), this._pingInterval);
       }
+      this._flushReports();
+      this._startStats();
+      this._watchPage();
     }
 
     /** Ping; a ping left unanswered means the socket is dead without a close (a half-open TCP). */
@@ -901,6 +1232,9 @@
       const wasJoined = this.state === 'connected' || this.state === 'reconnecting';
       this.state = 'disconnected';
       this._stopPing();
+      this._stopStats();
+      this._unwatchPage();
+      this._queuedReports = [];
       if (this._reconnect) {
         clearTimeout(this._reconnect.timer);
         this._reconnect = null;
@@ -943,8 +1277,11 @@
     }
 
     /** Call `onFailed` when the peer connection's transport fails for good (e.g. ICE after a network change). */
-    _watchPeer(pc, onFailed) {
+    _watchPeer(pc, onFailed, peerId) {
       pc.addEventListener('connectionstatechange', () => {
+        if (pc.connectionState === 'failed') {
+          this._reportPeerFailure(pc, peerId());
+        }
         if (pc.connectionState === 'failed' && this.state === 'connected') {
           onFailed();
         }
@@ -990,7 +1327,7 @@
         if (publisher.pc === pc && !publisher.closed) {
           this._restartPublisher(publisher);
         }
-      });
+      }, () => publisher.streamId);
       for (const track of tracks) {
         const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [publisher.mediaStream] });
         if (track.kind === 'video') {
@@ -1103,7 +1440,7 @@
         }
         subscription._emit('track', event.track);
       });
-      this._watchPeer(pc, () => this._restartSubscription(subscription));
+      this._watchPeer(pc, () => this._restartSubscription(subscription), () => subscription.id);
       try {
         await pc.setRemoteDescription(data.offer);
         const answer = await pc.createAnswer();
@@ -1460,6 +1797,7 @@
 
   return {
     VERSION: VERSION,
+    deviceErrorKind: deviceErrorKind,
     inboundVideoStats: inboundVideoStats,
     PROTOCOL: PROTOCOL,
     EVENTS: SESSION_EVENTS,

@@ -52,6 +52,15 @@ from tests.signalling.hostile import fuzz_settings, hostile_values, json_frames,
 SDP = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
 
 VALID: dict[str, dict[str, Any]] = {
+    "client.event": {"type": "client.event", "id": 30, "event": "iceFailed",
+                     "data": {"peer_id": "st_1", "local_candidate_types": ["host", "srflx"],
+                              "remote_candidate_types": ["host"], "ice_servers": 1, "camera": "ok",
+                              "microphone": "denied", "error_name": "NotAllowedError", "error_message": "denied",
+                              "constraints": {"audio": True, "video": False}, "attempt": 1}},
+    "client.stats": {"type": "client.stats", "id": 31, "samples": [
+        {"stream_id": "st_1", "subscription_id": "sub_1", "kind": "video", "direction": "recv", "framesDecoded": 300,
+         "freezeCount": 0, "qualityLimitationReason": None,
+         "candidate_pair": {"local_type": "host", "remote_type": "host", "protocol": "udp"}}]},
     "join": {"type": "join", "id": 1, "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig", "room": "clinic-7", "user_agent": "Firefox"},
     "publish": {
         "type": "publish",
@@ -251,7 +260,7 @@ def cases(kind: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
                 del parent[name]
                 yield message_type, path, message
         elif kind == "wrong_type":
-            for path, _ in walk_properties(schema):
+            for path, prop in walk_properties(schema):
                 if path in ("type", "id"):
                     continue
                 message = copy.deepcopy(base)
@@ -259,7 +268,8 @@ def cases(kind: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
                     parent, name = get_parent(message, path)
                 except (KeyError, TypeError):
                     continue
-                parent[name] = [1, 2]  # no field of any message may be an array
+                # Only the array fields (client reports' lists) take an array.
+                parent[name] = "x" if prop.get("type") == "array" else [1, 2]
                 yield message_type, path, message
         elif kind == "extra":
             for path, prop in [("", schema), *walk_properties(schema)]:
