@@ -139,9 +139,9 @@ async def sessions(request: web.Request) -> web.Response:
     text, room, name, session_id = (_text_query(request, key) for key in ("q", "room", "name", "session_id"))
     if since > until:
         raise InvalidMessage(f'query parameter "since_ms" ({since}) must not be after "until_ms" ({until})')
-    await audit_lookup(request, claims, "query",
-                       f"sessions q={text or ''} room={room or ''} name={name or ''} session_id={session_id or ''}"
-                       f" since_ms={since} until_ms={until}")
+    filters = "".join(f" {key}={value}" for key, value in
+                      (("q", text), ("room", room), ("name", name), ("session_id", session_id)) if value)
+    await audit_lookup(request, claims, "query", f"sessions{filters} since_ms={since} until_ms={until}")
     await request.app[EVENTLOG_KEY].flush(timeout=5)
     found = await request.app[EVENTLOG_KEY].sessions(since, until, text=text, room=room, name=name,
                                                      session_id=session_id)
