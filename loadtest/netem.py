@@ -161,9 +161,11 @@ class NetworkImpairment:
                 hooks.wrap_datagram_received(protocol, _impaired_receive(self.down, loop))
 
 
-def _impaired_send(impairment: Impairment, protocol: Any,
-                   loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[bytes, Any], None]], Callable[[bytes, Any], None]]:
-    def wrap(sendto: Callable[[bytes, Any], None]) -> Callable[[bytes, Any], None]:
+Sink = Callable[[bytes, Any], None]
+
+
+def _impaired_send(impairment: Impairment, protocol: Any, loop: asyncio.AbstractEventLoop) -> Callable[[Sink], Sink]:
+    def wrap(sendto: Sink) -> Sink:
         def send(data: bytes, addr: Any) -> None:
             if not _is_media(data):
                 sendto(data, addr)
@@ -180,15 +182,14 @@ def _impaired_send(impairment: Impairment, protocol: Any,
     return wrap
 
 
-def _send_if_open(protocol: Any, sendto: Callable[[bytes, Any], None], data: bytes, addr: Any) -> None:
+def _send_if_open(protocol: Any, sendto: Sink, data: bytes, addr: Any) -> None:
     transport = getattr(protocol, "transport", None)
     if transport is not None and not transport.is_closing():
         sendto(data, addr)
 
 
-def _impaired_receive(impairment: Impairment,
-                      loop: asyncio.AbstractEventLoop) -> Callable[[Callable[[bytes, Any], None]], Callable[[bytes, Any], None]]:
-    def wrap(received: Callable[[bytes, Any], None]) -> Callable[[bytes, Any], None]:
+def _impaired_receive(impairment: Impairment, loop: asyncio.AbstractEventLoop) -> Callable[[Sink], Sink]:
+    def wrap(received: Sink) -> Sink:
         def datagram_received(data: bytes, addr: Any) -> None:
             if not _is_media(data):
                 received(data, addr)

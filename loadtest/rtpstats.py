@@ -28,6 +28,7 @@ NACK_RETRY_S: Final = 0.05
 NACK_RETRIES: Final = 10
 NACK_GIVE_UP_S: Final = 1.0
 MAX_TRACKED_GAP: Final = 1000  # a bigger jump (a new sender, a restart) is counted, not NACKed
+MAX_MISSING: Final = 2000      # open gaps tracked at once; beyond, new gaps are counted, not NACKed
 FREEZE_WINDOW: Final = 30
 FREEZE_MIN_INCREASE_S: Final = 0.150
 
@@ -85,14 +86,14 @@ class ReceiveCounter:
             self.first = self.highest = ext
             arrival = Arrival.NEW
         elif ext > self.highest:
-            if ext - self.highest - 1 <= MAX_TRACKED_GAP:
+            if ext - self.highest - 1 <= MAX_TRACKED_GAP and len(self._missing) < MAX_MISSING:
                 for lost in range(self.highest + 1, ext):
                     self._missing[lost] = [now, 0.0, 0.0]
             self.highest = ext
             arrival = Arrival.NEW
         elif ext < self.first:
             # Older than the first packet seen: it widens the range (expected grows too).
-            if self.first - ext - 1 <= MAX_TRACKED_GAP:
+            if self.first - ext - 1 <= MAX_TRACKED_GAP and len(self._missing) < MAX_MISSING:
                 for lost in range(ext + 1, self.first):
                     self._missing[lost] = [now, 0.0, 0.0]
             self.first = ext

@@ -243,7 +243,9 @@ class Participant:
                  cache_dir: Path | None = None) -> None:
         self.client = SignallingClient(ws_url)
         self.name = name
-        self.network = NetworkImpairment(network) if network is not None else None
+        self.network = network
+        #: What the profile did to this client's datagrams (``.up`` / ``.down`` ``.counts``).
+        self.impairment = NetworkImpairment(network) if network is not None else None
         self.cache_dir = cache_dir
         self.stream_id: str | None = None
         self._publish_pc: RTCPeerConnection | None = None
@@ -271,8 +273,8 @@ class Participant:
                 hooks.on_keyframe_request(sender, track.request_keyframe)
                 tracks.append((sender, track))
         await pc.setLocalDescription(await pc.createOffer())
-        if self.network is not None:
-            self.network.install(pc)
+        if self.impairment is not None:
+            self.impairment.install(pc)
         data = await self.client.request("publish", offer={"type": "offer", "sdp": pc.localDescription.sdp})
         await pc.setRemoteDescription(RTCSessionDescription(sdp=data["answer"]["sdp"], type="answer"))
         self.stream_id = str(data["stream_id"])
@@ -316,8 +318,8 @@ class Participant:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=data["offer"]["sdp"], type="offer"))
             tracks = [_RecvTrack(t.receiver, t.kind, stream_id, peer_name) for t in pc.getTransceivers()]
             await pc.setLocalDescription(await pc.createAnswer())
-            if self.network is not None:
-                self.network.install(pc)
+            if self.impairment is not None:
+                self.impairment.install(pc)
             subscription_id = str(data["subscription_id"])
             self._subscriptions[stream_id] = _Subscription(subscription_id, pc, tracks)
             await self.client.request("answer", subscription_id=subscription_id,

@@ -8,6 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loadtest.rtpstats import (
+    MAX_MISSING,
+    MAX_TRACKED_GAP,
     NACK_GIVE_UP_S,
     NACK_RETRIES,
     NACK_RETRY_S,
@@ -112,6 +114,14 @@ def test_a_huge_jump_is_counted_as_loss_but_not_nacked_packet_by_packet() -> Non
     counter.add(0, 0, 10, 0.0)
     counter.add(30000, 0, 10, 0.0)
     assert counter.expected == 30001 and counter.missing == 0 and counter.nacks_due(0.0) == []
+
+
+def test_open_gaps_are_bounded_whatever_the_sender_does() -> None:
+    counter = ReceiveCounter(90000)
+    for i in range(100):  # every packet 999 ahead of the last: 998 new gaps each time
+        counter.add((i * 999) & 0xFFFF, 0, 10, 0.0)
+    assert counter.missing <= MAX_MISSING + MAX_TRACKED_GAP
+    assert counter.expected == 99 * 999 + 1 and counter.packets == 100
 
 
 def test_jitter_is_zero_for_perfect_pacing_and_follows_rfc_3550_otherwise() -> None:

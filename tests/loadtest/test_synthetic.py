@@ -70,7 +70,7 @@ async def joined(server: ServerProcess, room: str, *participants: Participant) -
     return session_id
 
 
-async def test_downstream_loss_shows_on_the_lossy_subscriber_only_and_mute_stops_one_kind(
+async def test_downstream_loss_shows_on_the_lossy_subscriber_only(
         server: ServerProcess, media_cache: Path) -> None:
     room = f"room-{uuid.uuid4().hex[:8]}"
     pub = Participant(server.ws_url, "Pub", cache_dir=media_cache)
@@ -102,6 +102,8 @@ async def test_downstream_loss_shows_on_the_lossy_subscriber_only_and_mute_stops
         assert video.recovered > 0.5 * (video.packets_expected - video.packets) and video.nacks > 0, video
         assert video.residual_loss_pct < 2, video
         assert video.frames > 0
+        assert lossy.impairment is not None and lossy.impairment.up is None and lossy.impairment.down is not None
+        assert lossy.impairment.down.counts.lost_random > 0 and lossy.impairment.down.counts.passed > 0
         audio = track(lossy, "audio")  # no NACK for audio: the loss stays (fewer packets, wider bounds)
         assert 4 <= audio.loss_pct <= 16 and audio.recovered == 0, audio
         # Only receive tracks at the subscribers; the publisher's send tracks count what it sent.
@@ -121,24 +123,6 @@ async def test_downstream_loss_shows_on_the_lossy_subscriber_only_and_mute_stops
             return True
         await wait_until(rtcp_seen, timeout=30, message="receiver reports, REMB and NACKs at the server")
 
-        # Muting video stops it at the publisher and the subscriber while audio goes on;
-        # unmuting resumes it with a keyframe, and the gap shows as a freeze.
-        await pub.set_muted("video", True)
-        muted_at, muted_packets = time.monotonic(), track(pub, "video", "send").packets
-        audio_at = track(clean, "audio").packets
-        await wait_until(lambda: track(clean, "audio").packets >= audio_at + 100, message="two seconds of audio")
-        assert track(pub, "video", "send").packets <= muted_packets + 20  # at most the frame on its way
-        before = track(clean, "video")
-        await pub.set_muted("video", False)
-        muted_for = time.monotonic() - muted_at
-        await wait_until(lambda: track(clean, "video").frames >= before.frames + 30, message="video again")
-        after = track(clean, "video")
-        assert after.freezes > before.freezes, (before, after)
-        assert after.freeze_duration_s - before.freeze_duration_s >= 0.5 * muted_for, (muted_for, before, after)
-        assert track(pub, "video", "send").packets > muted_packets + 20
-        with pytest.raises(ValueError, match="screen"):
-            await pub.set_muted("screen", True)
-
         await lossy.unsubscribe(stream)
         await pub.unpublish()
         assert [pub.stream_id] == [None]  # (a list: mypy still holds the str from above)
@@ -150,7 +134,7 @@ async def test_downstream_loss_shows_on_the_lossy_subscriber_only_and_mute_stops
         await pub.close()  # idempotent
 
 
-async def test_upstream_loss_shows_at_the_subscriber_and_a_bandwidth_cap_as_bitrate(
+async def test_upstream_loss_shows_at_the_subscriber_a_bandwidth_cap_as_bitrate_and_mute_stops_one_kind(
         server: ServerProcess, media_cache: Path) -> None:
     room = f"room-{uuid.uuid4().hex[:8]}"
     pub = Participant(server.ws_url, "Pub", NetworkProfile(loss_pct=10, direction="up"), media_cache)
@@ -173,6 +157,26 @@ async def test_upstream_loss_shows_at_the_subscriber_and_a_bandwidth_cap_as_bitr
         assert 4 <= track(sub, "audio").loss_pct <= 16
         # The publisher's own stats are what it sent: the loss is not on its side.
         assert track(pub, "video", "send").loss_pct == 0
+
+        # Muting video stops it at the publisher and the subscriber while audio goes on;
+        # unmuting resumes it with a keyframe, and the gap shows as a freeze.
+        await pub.set_muted("video", True)
+        muted_at, muted_packets = time.monotonic(), track(pub, "video", "send").packets
+        audio_at = track(sub, "audio").packets_expected
+        await wait_until(lambda: track(sub, "audio").packets_expected >= audio_at + 100,
+                         message="two seconds of audio")
+        assert track(pub, "video", "send").packets <= muted_packets + 20  # at most the frame on its way
+        before = track(sub, "video")
+        await pub.set_muted("video", False)
+        muted_for = time.monotonic() - muted_at
+        await wait_until(lambda: track(sub, "video").frames >= before.frames + 30, message="video again")
+        after = track(sub, "video")
+        assert after.freezes > before.freezes, (before, after)
+        assert after.freeze_duration_s - before.freeze_duration_s >= 0.5 * muted_for, (muted_for, before, after)
+        assert track(pub, "video", "send").packets > muted_packets + 20
+        with pytest.raises(ValueError, match="screen"):
+            await pub.set_muted("screen", True)
+
         # 2 Mbit/s offered through a 300 kbit/s downlink: what arrives stays under the cap.
         received = sum(track(capped, kind).bitrate_kbps for kind in ("audio", "video"))
         assert 0 < received < 300, received
@@ -184,7 +188,7 @@ async def test_upstream_loss_shows_at_the_subscriber_and_a_bandwidth_cap_as_bitr
 
 async def test_media_is_encoded_once_near_its_target_and_then_read_from_the_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(synthetic, "MEDIA_SECONDS", 3.0)
+    monkeypatch.setattr(synthetic, "MEDIA_SECONDS", 2.0)
     spec = MediaSpec(width=320, height=240, bitrate_kbps=400)
     media = await encoded_media(spec, tmp_path)
     files = list(tmp_path.glob("*.media"))
