@@ -272,11 +272,18 @@ class Participant:
                 sender = pc.addTransceiver(track, direction="sendonly").sender
                 hooks.on_keyframe_request(sender, track.request_keyframe)
                 tracks.append((sender, track))
-        await pc.setLocalDescription(await pc.createOffer())
-        if self.impairment is not None:
-            self.impairment.install(pc)
-        data = await self.client.request("publish", offer={"type": "offer", "sdp": pc.localDescription.sdp})
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=data["answer"]["sdp"], type="answer"))
+        try:
+            await pc.setLocalDescription(await pc.createOffer())
+            if self.impairment is not None:
+                self.impairment.install(pc)
+            data = await self.client.request("publish", offer={"type": "offer", "sdp": pc.localDescription.sdp})
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=data["answer"]["sdp"], type="answer"))
+        except BaseException:
+            self._publish_pc = None
+            for _, track in tracks:
+                track.stop()
+            await pc.close()
+            raise
         self.stream_id = str(data["stream_id"])
         self._send = {track.kind: _SendTrack(sender, track, self.stream_id) for sender, track in tracks}
         return self.stream_id
@@ -351,12 +358,13 @@ class Participant:
 
     async def leave(self) -> None:
         """Say "leave" to the server, then close the peers and the socket."""
-        if not self._closed and self.client.ws is not None and not self.client.closed.is_set():
-            try:
+        try:
+            if not self._closed and self.client.ws is not None and not self.client.closed.is_set():
                 await self.client.request("leave", timeout=5.0)
-            except (ConnectionError, asyncio.TimeoutError):
-                pass
-        await self.close()
+        except (ConnectionError, asyncio.TimeoutError):
+            pass  # the server is gone or slow: closing is all that is left
+        finally:
+            await self.close()
 
     async def close(self) -> None:
         """Close every peer connection and the socket; idempotent. Stats stay readable."""

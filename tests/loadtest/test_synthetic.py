@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from loadtest import synthetic
+from loadtest.client import RequestFailed
 from loadtest.synthetic import MediaSpec, NetworkProfile, Participant, TrackStats, encoded_media
 from media import aiortc_internals
 from rooms.model import Role
@@ -207,3 +208,22 @@ async def test_media_is_encoded_once_near_its_target_and_then_read_from_the_cach
         await encoded_media(MediaSpec(width=320, height=240, bitrate_kbps=500), tmp_path)
     with pytest.raises(ValueError, match="codec"):
         MediaSpec(codec="h265")
+
+
+async def test_a_refused_publish_leaves_the_participant_free_to_publish_and_leave(
+        server: ServerProcess, media_cache: Path) -> None:
+    p = Participant(server.ws_url, "Early", cache_dir=media_cache)
+    try:
+        await p.client.connect()
+        with pytest.raises(RequestFailed):
+            await p.publish(FAST)  # not joined yet: the server refuses
+        assert (p.stream_id, p.track_stats()) == (None, [])
+        await p.client.join(authority(server.data_dir).mint(f"room-{uuid.uuid4().hex[:8]}", Role.PATIENT, "Early"))
+        stream = await p.publish(FAST)
+        with pytest.raises(RuntimeError, match="already publishes"):
+            await p.publish(FAST)
+        assert {s.kind for s in p.track_stats()} == {"audio", "video"} and p.stream_id == stream
+    finally:
+        await p.leave()
+    await p.leave()  # and again: nothing left to do
+    assert p.client.closed.is_set()
