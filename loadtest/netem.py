@@ -15,8 +15,9 @@ the datagram is delivered, or that it is dropped. In order:
    earlier than the previous datagram's delivery, so jitter does not reorder
    (a retransmission is the only packet a receiver sees late).
 
-``impair(pc, profile)`` puts one ``Impairment`` per direction on every ICE socket
-of an aiortc peer connection: ``up`` wraps the socket's data send
+``NetworkImpairment(profile).install(pc)`` puts one ``Impairment`` per direction on
+every ICE socket of an aiortc peer connection (the same two for every peer connection
+of a participant, as one access link carries them all): ``up`` wraps the socket's data send
 (``StunProtocol.send_data``), ``down`` its ``datagram_received``. Only SRTP/SRTCP
 datagrams (first byte 128-191, RFC 7983) are impaired: STUN (ICE checks and
 consent) and DTLS (the handshake) pass untouched, so a lossy profile changes the
