@@ -1,17 +1,21 @@
 """Pre-encoded media for synthetic clients: no encoder in the hot loop.
 
-At start-up ``encode_media()`` encodes a few seconds of moving, textured 640x480
-video at 30 fps to VP8 (aiortc's own ``Vp8Encoder``, ~1 Mbps, a keyframe every
-``keyframe_interval`` frames and at frame 0) and a tone to Opus (aiortc's
-``OpusEncoder``, 20 ms frames). The VP8 RTP payloads the encoder returns are
-depayloaded back to raw VP8 frames, because aiortc's sender re-packetizes what
-a track hands it: when ``track.recv()`` returns an ``av.Packet`` instead of an
-``av.Frame``, ``RTCRtpSender`` calls ``encoder.pack(packet)``, which for VP8
-splits ``bytes(packet)`` into RTP payloads (with a fresh picture id) and for
-Opus sends it as is; ``pts``/``time_base`` give the RTP timestamp.
+At start-up ``encode_media()`` encodes a few seconds of moving, textured video
+(640x480 at 30 fps by default) to VP8 with libvpx through PyAV, configured as
+aiortc's own ``Vp8Encoder`` is (real-time CBR) but without its 250 kbps-1.5 Mbps
+clamp, at the target bitrate (one more pass at a corrected target when the
+first lands more than ``BITRATE_TOLERANCE`` off it), a keyframe every
+``keyframe_interval`` frames and at frame 0; and a tone to Opus (aiortc's
+``OpusEncoder``, 20 ms frames). The frames are raw VP8, because aiortc's sender
+packetizes what a track hands it: when ``track.recv()`` returns an ``av.Packet``
+instead of an ``av.Frame``, ``RTCRtpSender`` calls ``encoder.pack(packet)``,
+which for VP8 splits ``bytes(packet)`` into RTP payloads (with a fresh picture
+id) and for Opus sends it as is; ``pts``/``time_base`` give the RTP timestamp.
 
 ``PreEncodedTrack`` replays those frames in a loop at real-time pace with ever
-increasing timestamps. Keyframes: the sequence starts with one and has one
+increasing timestamps; ``set_muted(True)`` stops it sending (its ``recv()`` waits)
+and ``set_muted(False)`` resumes at real-time pace, timestamps advanced by the
+muted time (no catch-up burst), video with a keyframe. Keyframes: the sequence starts with one and has one
 every ``keyframe_interval`` frames (2 s by default), and ``request_keyframe()``
 (hooked to the sender's PLI/FIR handling by ``loadtest.hooks``) makes the next
 frame the sequence's first keyframe, so a new subscriber does not wait 2 s.
@@ -29,12 +33,12 @@ from pathlib import Path
 import av
 import numpy
 from aiortc.codecs.opus import OpusEncoder
-from aiortc.codecs.vpx import Vp8Encoder, vp8_depayload
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 VIDEO_CLOCK = 90000
 AUDIO_CLOCK = 48000
 AUDIO_SAMPLES = 960  # 20 ms at 48 kHz, what aiortc's OpusEncoder produces per packet
+BITRATE_TOLERANCE = 0.1
 
 
 @dataclass(frozen=True)
@@ -109,17 +113,46 @@ def _audio_frames(count: int) -> list[av.AudioFrame]:
     return frames
 
 
+def _encode_vp8(frames: list[av.VideoFrame], bitrate: int, keyframe_interval: int) -> list[EncodedFrame]:
+    """libvpx in real-time CBR mode, settings as aiortc's ``Vp8Encoder`` (see its source)."""
+    first = frames[0]
+    codec = av.CodecContext.create("libvpx", "w")
+    codec.width = first.width
+    codec.height = first.height
+    codec.bit_rate = bitrate
+    codec.pix_fmt = "yuv420p"
+    codec.gop_size = 3000  # keyframes only where forced
+    codec.qmin = 2
+    codec.qmax = 56
+    codec.options = {"bufsize": str(bitrate), "cpu-used": "-6", "deadline": "realtime", "lag-in-frames": "0",
+                     "minrate": str(bitrate), "maxrate": str(bitrate), "noise-sensitivity": "4",
+                     "overshoot-pct": "15", "partitions": "0", "static-thresh": "1", "undershoot-pct": "100"}
+    codec.thread_count = 2
+    encoded: list[EncodedFrame] = []
+    for i, frame in enumerate(frames):
+        frame = frame.reformat(format="yuv420p")
+        frame.pict_type = av.video.frame.PictureType.I if i % keyframe_interval == 0 else \
+            av.video.frame.PictureType.NONE
+        data = b"".join(bytes(packet) for packet in codec.encode(frame))
+        encoded.append(EncodedFrame(data, vp8_is_keyframe(data)))
+    return encoded
+
+
 def encode_media(seconds: float = 10.0, fps: int = 30, width: int = 640, height: int = 480,
                  bitrate: int = 1_000_000, keyframe_interval: int = 60) -> EncodedMedia:
-    """Encode ``seconds`` of video and audio once (a few seconds of CPU for 10 s)."""
+    """Encode ``seconds`` of video and audio once (a few seconds of CPU for 10 s).
+    The video's mean bitrate lands within ``BITRATE_TOLERANCE`` of ``bitrate``
+    when the content allows it (a second pass corrects the first's error)."""
     count = max(1, round(seconds * fps))
-    encoder = Vp8Encoder()
-    encoder.target_bitrate = bitrate
-    video = []
-    for i, frame in enumerate(_video_frames(count, width, height, fps)):
-        payloads, _ = encoder.encode(frame, force_keyframe=i % keyframe_interval == 0)
-        data = b"".join(vp8_depayload(p) for p in payloads)
-        video.append(EncodedFrame(data, vp8_is_keyframe(data)))
+    frames = _video_frames(count, width, height, fps)
+    target = bitrate
+    video: list[EncodedFrame] = []
+    for _ in range(3):
+        video = _encode_vp8(frames, target, keyframe_interval)
+        actual = sum(len(f.data) for f in video) * 8 * fps / count
+        if abs(actual - bitrate) <= BITRATE_TOLERANCE * bitrate or actual <= 0:
+            break
+        target = max(10_000, round(target * bitrate / actual))
     opus = OpusEncoder()
     audio: list[bytes] = []
     for audio_frame in _audio_frames(max(1, round(seconds * AUDIO_CLOCK / AUDIO_SAMPLES))):
@@ -152,7 +185,30 @@ class PreEncodedTrack(MediaStreamTrack):
         self._index = 0
         self._sent = 0
         self._start: float | None = None
+        self._unmuted = asyncio.Event()
+        self._unmuted.set()
+        self._muted_at = 0.0
         self.keyframe_requests = 0
+
+    @property
+    def muted(self) -> bool:
+        return not self._unmuted.is_set()
+
+    def set_muted(self, muted: bool) -> None:
+        """Stop sending (``recv()`` waits) or resume at real-time pace: the frames
+        the muted time would have held are skipped in the timestamps, not sent."""
+        if muted == self.muted:
+            return
+        if muted:
+            self._muted_at = time.monotonic()
+            self._unmuted.clear()
+            return
+        if self._start is not None:
+            self._sent += int((time.monotonic() - self._muted_at) / self._period)
+            self._start = time.monotonic() - self._sent * self._period
+        if self.kind == "video":
+            self._index = self._keyframes[0]
+        self._unmuted.set()
 
     def request_keyframe(self) -> None:
         """Make the next frame a keyframe: jump back to the sequence's first one."""
@@ -162,6 +218,10 @@ class PreEncodedTrack(MediaStreamTrack):
     async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
+        if not self._unmuted.is_set():
+            await self._unmuted.wait()
+            if self.readyState != "live":
+                raise MediaStreamError
         now = time.monotonic()
         if self._start is None:
             self._start = now
