@@ -41,6 +41,9 @@ def main(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console(highlight=False)
+    if not console.is_terminal:
+        # Off a terminal (CI logs, files) the tables get room rather than 80 columns.
+        console = Console(highlight=False, width=max(console.width, 160))
     if args.script == "compare":
         return _compare(args, console)
     from loadtest.runner import RunError, Target, read_secret

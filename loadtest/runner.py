@@ -110,7 +110,7 @@ def read_secret(secret: str | None, data_dir: str | None) -> str:
     return value
 
 
-async def preflight(url: str, timeout: float = 4.0) -> None:
+async def preflight(url: str, timeout: float = 2.5) -> None:
     """Fail fast (within ``timeout``) with a clear message when the server is not there."""
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
@@ -552,16 +552,18 @@ class _Person:
         self.note_first_frames()
 
     def note_first_frames(self) -> None:
-        if self.participant is None:
+        """Time to first frame per subscription: subscribe sent -> first complete video frame
+        (or first audio packet for an audio-only stream)."""
+        if self.participant is None or not self.subscribed_at:
             return
+        firsts: dict[str, dict[str, float | None]] = {}
         for t in self.participant.track_stats():
-            at = self.subscribed_at.get(t.stream_id)
-            if t.direction == "recv" and at is not None and (t.first_frame_at or (t.kind == "audio" and t.first_packet_at)):
-                if t.kind == "video" or not any(x.kind == "video" and x.stream_id == t.stream_id
-                                                for x in self.participant.track_stats()):
-                    first = t.first_frame_at if t.kind == "video" else t.first_packet_at
-                    self.first_frame_ms.append(round((first - at) * 1000, 1))
-                    del self.subscribed_at[t.stream_id]
+            if t.direction == "recv" and t.stream_id in self.subscribed_at:
+                firsts.setdefault(t.stream_id, {})[t.kind] = t.first_frame_at if t.kind == "video" else t.first_packet_at
+        for stream_id, kinds in firsts.items():
+            first = kinds["video"] if "video" in kinds else kinds.get("audio")
+            if first is not None:
+                self.first_frame_ms.append(round((first - self.subscribed_at.pop(stream_id)) * 1000, 1))
 
     async def publish(self) -> None:
         if self.plan.publish is None or self.participant is None:

@@ -224,6 +224,15 @@ def load_script(path: str | Path) -> CallScript:
 def _check_group(name: str, root: yaml.Node | None, gi: int, group: dict[str, Any]) -> None:
     """The rules a schema cannot say: workflow step order and the roles a step needs."""
     roles = [p["role"] for p in group["participants"]]
+    for pi, p in enumerate(group["participants"]):
+        burst = (p.get("network") or {}).get("burst")
+        if burst and burst["length_ms"] > burst["every_s"] * 1000:
+            raise ScriptError(f"{_where(name, root, ['groups', gi, 'participants', pi, 'network', 'burst'])}: "
+                              "length_ms must not be longer than every_s")
+        publish = p.get("publish")
+        if isinstance(publish, dict) and publish.get("audio") is False and publish.get("video") is False:
+            raise ScriptError(f"{_where(name, root, ['groups', gi, 'participants', pi, 'publish'])}: "
+                              "a publish needs audio or video (say publish: false to publish nothing)")
     workflow = group.get("workflow")
     if workflow is None:
         for pi, p in enumerate(group["participants"]):
