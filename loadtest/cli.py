@@ -49,27 +49,26 @@ def main(args: argparse.Namespace) -> int:
     from loadtest.runner import RunError, Target, read_secret
     from loadtest.script import ScriptError, load_script, resolve
 
-    err = Console(stderr=True, highlight=False)
     try:
         script = load_script(resolve(args.script))
     except ScriptError as exc:
-        err.print(f"openconsult loadtest: {exc}", markup=False)
+        print(f"openconsult loadtest: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     if not args.url:
-        err.print("openconsult loadtest: --url is required (the server's base URL)", markup=False)
+        print("openconsult loadtest: --url is required (the server's base URL)", file=sys.stderr)
         return EXIT_UNUSABLE
     if args.processes < 1:
-        err.print("openconsult loadtest: --processes must be at least 1", markup=False)
+        print("openconsult loadtest: --processes must be at least 1", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
         target = Target(args.url.rstrip("/"), read_secret(args.secret, args.data_dir))
     except RunError as exc:
-        err.print(f"openconsult loadtest: {exc}", markup=False)
+        print(f"openconsult loadtest: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
         return asyncio.run(_run(script, target, args, console))
     except RunError as exc:
-        err.print(f"openconsult loadtest: {exc}", markup=False)
+        print(f"openconsult loadtest: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
 
 
