@@ -70,10 +70,10 @@ def loadtest(*args: str) -> list[str]:
     return [sys.executable, "-m", "signalling.cli", "loadtest", *args]
 
 
-def run_cli(server: ServerProcess, script: Path, out: Path, cache: Path,
+def run_cli(server: ServerProcess, script: Path, out: Path, cache: Path, *extra: str,
             timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(loadtest(str(script), "--url", server.url, "--data-dir", str(server.data_dir),
-                                   "--out", str(out), "--cache-dir", str(cache), "--no-png"),
+                                   "--out", str(out), "--cache-dir", str(cache), *extra),
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -95,7 +95,8 @@ def test_short_workflow_script_against_a_live_server(server: ServerProcess, tmp_
     script = tmp_path / "short.yaml"
     script.write_text(SHORT)
     before = metrics(server)
-    done = run_cli(server, script, tmp_path / "out", media_cache)
+    # Two generator processes: one room each, chat and stats gathered across them.
+    done = run_cli(server, script, tmp_path / "out", media_cache, "--processes", "2")
     assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
     report: dict[str, Any] = json.loads((tmp_path / "out" / "report.json").read_text())
     assert not report["partial"] and report["errors"] == []
@@ -147,8 +148,9 @@ def test_short_workflow_script_against_a_live_server(server: ServerProcess, tmp_
     # The server's CPU and RSS over time, and how busy the generator was.
     assert report["server"]["rss_mb"]["count"] >= 5 and report["server"]["rss_mb"]["max"] > 10
     assert report["server"]["cpu_pct"]["count"] >= 5
-    assert [w["index"] for w in report["generator"]["workers"]] == [0]
-    assert report["generator"]["workers"][0]["cpu_s"] > 0
+    assert [w["index"] for w in report["generator"]["workers"]] == [0, 1]
+    assert all(w["cpu_s"] > 0 and not w["failed"] for w in report["generator"]["workers"])
+    assert (tmp_path / "out" / "report.png").stat().st_size > 10_000
     assert "chat delivered" in done.stdout and "consultations completed" in done.stdout
 
     # compare puts two runs side by side.
@@ -164,7 +166,7 @@ def test_threshold_violation_sets_exit_code_and_is_named(server: ServerProcess, 
     script = tmp_path / "strict.yaml"
     script.write_text("name: strict\nduration_s: 1\ngroups:\n  - participants:\n      - role: patient\n"
                       "        publish: false\nthresholds:\n  p95_join_ms: 0\n  max_failed_joins: 0\n")
-    done = run_cli(server, script, tmp_path / "out", media_cache)
+    done = run_cli(server, script, tmp_path / "out", media_cache, "--no-png")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FAILED threshold p95_join_ms: limit 0" in done.stdout
     assert "FAILED threshold max_failed_joins" not in done.stdout
