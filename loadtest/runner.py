@@ -184,6 +184,9 @@ async def run(script: CallScript, target: Target, processes: int = 1, cache_dir:
     await preflight(target.url)
     await open_waiting_rooms(target, script)
     await prepare_media(script, cache_dir)
+    stop_requested = stop_requested or asyncio.Event()
+    if stop_requested.is_set():  # Ctrl-C while encoding: nothing ran, an empty partial report
+        return RunResult(script, target.url, 0, time.time(), partial=True, stop_reason="interrupted")
     processes = max(1, min(processes, len(script.rooms)))
     ctx = multiprocessing.get_context("spawn")
     results: multiprocessing.Queue[tuple[Any, ...]] = ctx.Queue()
@@ -191,7 +194,6 @@ async def run(script: CallScript, target: Target, processes: int = 1, cache_dir:
     workers = [ctx.Process(target=worker_main, name=f"loadtest-worker-{i}", daemon=True,
                            args=(WorkerArgs(i, target, rooms, script.duration_s, cache_dir), results, start, stop))
                for i, rooms in enumerate(deal(script.rooms, processes))]
-    stop_requested = stop_requested or asyncio.Event()
     result = RunResult(script, target.url, processes, time.time())
     latest: dict[int, dict[str, Any]] = {}
     finals: dict[int, dict[str, Any]] = {}
