@@ -241,3 +241,56 @@ def test_ctrl_c_stops_cleanly_and_writes_the_partial_report(server: ServerProces
     after = metrics(server)
     key = 'openconsult_connections_closed_total{reason="clientDisconnected"}'
     assert after[key] - before.get(key, 0.0) == 2
+
+
+PLAIN = """\
+name: plain
+duration_s: 9
+defaults:
+  publish: {width: 320, height: 240, fps: 15, bitrate_kbps: 300}
+groups:
+  - name: r
+    participants:
+      - role: clinician
+        name: doc
+      - role: patient
+        name: anna
+        join: 0.5
+        actions:
+          - {at_s: 1.5, do: mute, kind: video}
+          - {at_s: 2, do: leave}
+          - {at_s: 3, do: rejoin}
+      - role: patient
+        name: ben
+        join: {uniform: [0, 1]}
+        publish: false
+        subscribe: {role: clinician}
+"""
+
+
+@pytest.mark.slow
+def test_plain_room_actions_and_subscribe_rules(server: ServerProcess, tmp_path: Path, media_cache: Path) -> None:
+    script = tmp_path / "plain.yaml"
+    script.write_text(PLAIN)
+    before = metrics(server)
+    done = run_cli(server, script, tmp_path / "out", media_cache, "--no-png")
+    assert done.returncode == 0, done.stdout + done.stderr + server.log_tail()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    # anna joined twice (rejoin), the others once.
+    assert report["joins"] == {"ok": 4, "failed": 0, "failed_by_code": {}}
+    recv = [t for t in report["tracks"]["list"] if t["direction"] == "recv"]
+
+    def streams(participant: str, source: str) -> set[str]:
+        return {t["stream_id"] for t in recv if t["participant"].startswith(f"r-0-{participant}-")
+                and t["peer_name"].startswith(f"r-0-{source}-")}
+
+    # The clinician received anna's first publish and, after her rejoin, her second one.
+    assert len(streams("doc", "anna")) == 2
+    assert len(streams("anna", "doc")) == 1
+    # ben subscribes to clinicians only and publishes nothing.
+    assert len(streams("ben", "doc")) == 1 and streams("ben", "anna") == set()
+    assert not [t for t in report["tracks"]["list"] if t["participant"].startswith("r-0-ben-")
+                and t["direction"] == "send"]
+    after = metrics(server)
+    key = 'openconsult_connections_closed_total{reason="clientDisconnected"}'
+    assert after[key] - before.get(key, 0.0) == 4  # anna's leave, then everyone at the end
