@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -81,6 +82,8 @@ async def run_step(calls: int, target: Any, args: argparse.Namespace) -> dict[st
         "freezes_per_min": report["tracks"]["freezes_per_min"],
         "server_rss_mb": report["server"]["rss_mb"]["max"],
         "generator_cpu_pct": [w["cpu_pct"] for w in report["generator"]["workers"]],
+        # On a shared machine a starved server shows low CPU and high latency: the host's load says so.
+        "host_load_1min": round(os.getloadavg()[0], 2),
     }
     loss = row["loss_pct"] if row["loss_pct"] is not None else 100.0
     row["passed"] = (loss <= args.max_loss and cpu is not None and cpu < args.max_cpu and row["joins_failed"] == 0)
@@ -105,13 +108,14 @@ async def main_async(args: argparse.Namespace) -> int:
         rows: list[dict[str, Any]] = []
         try:
             print(f"{'calls':>5} {'srv CPU %':>9} {'CPU/call':>8} {'loss %':>7} {'p95 join':>8} "
-                  f"{'p95 1st frame':>13} {'freezes/min':>11} {'RSS MB':>7}  generator CPU %", flush=True)
+                  f"{'p95 1st frame':>13} {'freezes/min':>11} {'RSS MB':>7} {'host load':>9}  generator CPU %",
+                  flush=True)
             for calls in steps:
                 row = await run_step(calls, target, args)
                 rows.append(row)
                 print(f"{row['calls']:>5} {_f(row['server_cpu_pct']):>9} {_f(row['server_cpu_pct_per_call']):>8} "
                       f"{_f(row['loss_pct']):>7} {_f(row['p95_join_ms']):>8} {_f(row['p95_first_frame_ms']):>13} "
-                      f"{_f(row['freezes_per_min']):>11} {_f(row['server_rss_mb']):>7}  "
+                      f"{_f(row['freezes_per_min']):>11} {_f(row['server_rss_mb']):>7} {_f(row['host_load_1min']):>9}  "
                       f"{' '.join(_f(c) for c in row['generator_cpu_pct'])}"
                       f"{'' if row['passed'] else '  <- over the limit'}", flush=True)
                 if not row["passed"]:
@@ -126,7 +130,8 @@ async def main_async(args: argparse.Namespace) -> int:
     best = passed[-1]
     stopped = "" if len(passed) == len(rows) else f" (at {rows[-1]['calls']} calls: loss {_f(rows[-1]['loss_pct'])} %, " \
         f"server CPU {_f(rows[-1]['server_cpu_pct'])} %)"
-    print(f"\nmaximum: {best['calls']} concurrent 1:1 audio+video consultations on one server process{stopped}; "
+    print(f"\nhost: {os.cpu_count()} cores, 1-minute load {os.getloadavg()[0]:.2f} at the end")
+    print(f"maximum: {best['calls']} concurrent 1:1 audio+video consultations on one server process{stopped}; "
           f"server CPU {_f(best['server_cpu_pct_per_call'])} % of a core per call, loss {_f(best['loss_pct'])} %, "
           f"p95 join {_f(best['p95_join_ms'])} ms, p95 time to first frame {_f(best['p95_first_frame_ms'])} ms")
     if args.json:
