@@ -72,6 +72,10 @@ async def run_step(calls: int, target: Any, args: argparse.Namespace) -> dict[st
     script = call_script(calls, args.step_s, ramp_s)
     result = await run(script, target, processes=args.processes, cache_dir=args.cache_dir)
     report = build_report(result)
+    if args.out:
+        from loadtest.report import write_json
+
+        write_json(report, Path(args.out) / f"report-{calls}.json")
     cpu = steady_cpu(report, ramp_s, args.step_s)
     row = {
         "calls": calls, "server_cpu_pct": cpu,
@@ -157,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="pre-encoded media cache (default: the load tester's)")
     parser.add_argument("--fresh-cache", action="store_true", help="encode the media into a temp dir")
     parser.add_argument("--json", help="also write the steps and the maximum to this file")
+    parser.add_argument("--out", help="write each step's load-test report here (report-<calls>.json)")
     return asyncio.run(main_async(parser.parse_args(argv)))
 
 
