@@ -54,6 +54,10 @@ def main(args: argparse.Namespace) -> int:
     except ScriptError as exc:
         print(f"openconsult loadtest: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
+    if args.reports:
+        print(f"openconsult loadtest: unexpected arguments {' '.join(args.reports)} (only `compare` takes two reports)",
+              file=sys.stderr)
+        return EXIT_UNUSABLE
     if not args.url:
         print("openconsult loadtest: --url is required (the server's base URL)", file=sys.stderr)
         return EXIT_UNUSABLE
