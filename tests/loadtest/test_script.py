@@ -94,3 +94,13 @@ def test_percentiles_and_thresholds() -> None:
     checked = {t["name"]: t["ok"] for t in check_thresholds(
         report, {"p95_join_ms": 1500, "max_loss_pct": 0.5, "min_chat_delivered_pct": 100})}
     assert checked == {"p95_join_ms": False, "max_loss_pct": True, "min_chat_delivered_pct": None}
+
+
+def test_rooms_are_dealt_round_robin_in_start_order() -> None:
+    from loadtest.runner import Target, deal
+
+    script = parse_script(GOOD.replace("rooms: 2", "rooms: 5") + "ramp_s: 4\n", "t.yaml")
+    dealt = deal(script.rooms, 2)
+    assert [[r.start_s for r in rooms] for rooms in dealt] == [[0.0, 1.6, 3.2], [0.8, 2.4]]
+    assert Target("https://video.example.org/base/", "s").ws_url == "wss://video.example.org/base/ws"
+    assert Target("http://127.0.0.1:8080", "s").ws_url == "ws://127.0.0.1:8080/ws"
