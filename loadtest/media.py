@@ -3,11 +3,11 @@
 At start-up ``encode_media()`` encodes a few seconds of moving, textured video
 (640x480 at 30 fps by default) to VP8 with libvpx through PyAV, configured as
 aiortc's own ``Vp8Encoder`` is (real-time CBR) but without its 250 kbps-1.5 Mbps
-clamp, at the target bitrate (one more pass at a corrected target when the
-first lands more than ``BITRATE_TOLERANCE`` off it), a keyframe every
+clamp, at the target bitrate (up to two more passes at a corrected target when
+a pass lands more than ``BITRATE_TOLERANCE`` off it), a keyframe every
 ``keyframe_interval`` frames and at frame 0; and a tone to Opus (aiortc's
-``OpusEncoder``, 20 ms frames). The frames are raw VP8, because aiortc's sender
-packetizes what a track hands it: when ``track.recv()`` returns an ``av.Packet``
+``OpusEncoder`` at ``audio_bitrate``, 20 ms frames). The frames are raw VP8,
+because aiortc's sender packetizes what a track hands it: when ``track.recv()`` returns an ``av.Packet``
 instead of an ``av.Frame``, ``RTCRtpSender`` calls ``encoder.pack(packet)``,
 which for VP8 splits ``bytes(packet)`` into RTP payloads (with a fresh picture
 id) and for Opus sends it as is; ``pts``/``time_base`` give the RTP timestamp.
@@ -75,21 +75,24 @@ def vp8_is_keyframe(frame: bytes) -> bool:
 
 
 def _video_frames(count: int, width: int, height: int, fps: int) -> list[av.VideoFrame]:
-    """Textured content that moves every frame (a scrolling noise field, a sweeping
-    bar and a slowly changing tint), so the encoder has real work at 1 Mbps."""
+    """Camera-like content that moves every frame: a smooth texture scrolling, a
+    sweeping bar, a slowly changing tint and a little sensor grain. Smooth enough
+    that a keyframe is ~10x a delta frame, as from a camera, not ~25x as from noise."""
     rng = numpy.random.default_rng(1234)
-    texture = rng.integers(0, 256, (height, width * 2, 3), dtype=numpy.uint8)
-    # Blur the noise a little so it behaves like texture, not like sensor noise.
-    texture = ((texture.astype(numpy.uint16) + numpy.roll(texture, 1, axis=0) + numpy.roll(texture, 1, axis=1)
-                + numpy.roll(texture, 1, axis=(0, 1))) // 4).astype(numpy.uint8)
+    low = rng.integers(0, 256, (height // 4 + 1, width // 2 + 1, 3), dtype=numpy.uint8)
+    texture = numpy.repeat(numpy.repeat(low, 4, axis=0), 4, axis=1)[:height, : width * 2].astype(numpy.int16)
+    for _ in range(2):  # blur the blocks into texture
+        texture = (texture + numpy.roll(texture, 2, axis=0) + numpy.roll(texture, 2, axis=1)
+                   + numpy.roll(texture, 2, axis=(0, 1))) // 4
+    grain = [rng.integers(-4, 5, (height, width, 3), dtype=numpy.int16) for _ in range(7)]
     frames = []
     for i in range(count):
         x = (i * 4) % width
-        image = numpy.ascontiguousarray(texture[:, x : x + width])
+        image = texture[:, x : x + width] + grain[i % len(grain)]
         bar = (i * 12) % width
         image[:, bar : bar + 40, 1] = 255
-        image[:, :, 2] = (image[:, :, 2] // 2 + (i * 3) % 128).astype(numpy.uint8)
-        frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+        image[:, :, 2] = image[:, :, 2] // 2 + (i * 3) % 128
+        frame = av.VideoFrame.from_ndarray(numpy.clip(image, 0, 255).astype(numpy.uint8), format="bgr24")
         frame.pts = i * (VIDEO_CLOCK // fps)
         frame.time_base = fractions.Fraction(1, VIDEO_CLOCK)
         frames.append(frame)
@@ -126,7 +129,9 @@ def _encode_vp8(frames: list[av.VideoFrame], bitrate: int, keyframe_interval: in
     codec.qmax = 56
     codec.options = {"bufsize": str(bitrate), "cpu-used": "-6", "deadline": "realtime", "lag-in-frames": "0",
                      "minrate": str(bitrate), "maxrate": str(bitrate), "noise-sensitivity": "4",
-                     "overshoot-pct": "15", "partitions": "0", "static-thresh": "1", "undershoot-pct": "100"}
+                     "overshoot-pct": "15", "partitions": "0", "static-thresh": "1", "undershoot-pct": "100",
+                     # As libwebrtc: a keyframe at most 9x a frame's share (its MaxIntraTarget at 30 fps).
+                     "max-intra-rate": "900"}
     codec.thread_count = 2
     encoded: list[EncodedFrame] = []
     for i, frame in enumerate(frames):
@@ -139,7 +144,8 @@ def _encode_vp8(frames: list[av.VideoFrame], bitrate: int, keyframe_interval: in
 
 
 def encode_media(seconds: float = 10.0, fps: int = 30, width: int = 640, height: int = 480,
-                 bitrate: int = 1_000_000, keyframe_interval: int = 60) -> EncodedMedia:
+                 bitrate: int = 1_000_000, keyframe_interval: int = 60,
+                 audio_bitrate: int = 96_000) -> EncodedMedia:
     """Encode ``seconds`` of video and audio once (a few seconds of CPU for 10 s).
     The video's mean bitrate lands within ``BITRATE_TOLERANCE`` of ``bitrate``
     when the content allows it (a second pass corrects the first's error)."""
@@ -154,6 +160,7 @@ def encode_media(seconds: float = 10.0, fps: int = 30, width: int = 640, height:
             break
         target = max(10_000, round(target * bitrate / actual))
     opus = OpusEncoder()
+    opus.codec.bit_rate = audio_bitrate  # aiortc's default is 96 kbps; its codec opens on first use
     audio: list[bytes] = []
     for audio_frame in _audio_frames(max(1, round(seconds * AUDIO_CLOCK / AUDIO_SAMPLES))):
         packets, _ = opus.encode(audio_frame)

@@ -131,7 +131,7 @@ class ReceiveCounter:
                     del self._missing[ext]
                     self._nacked.discard(ext)
                 continue
-            if sent == 0 or now - last >= NACK_RETRY_S:
+            if sent == 0 or now - last >= NACK_RETRY_S - 1e-9:
                 entry[1] = sent + 1
                 entry[2] = now
                 self._nacked.add(ext)

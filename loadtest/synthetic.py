@@ -45,7 +45,8 @@ __all__ = ["BurstLoss", "EncodedMedia", "MediaSpec", "NetworkProfile", "Particip
 CODECS = ("vp8",)
 MEDIA_SECONDS = 10.0
 KEYFRAME_INTERVAL_S = 2.0
-CACHE_FORMAT = 1  # bump when the encoding or the file layout changes
+AUDIO_BITRATE = 32_000  # Opus voice, as browsers send it
+CACHE_FORMAT = 2  # bump when the encoding or the file layout changes
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,8 @@ async def encoded_media(spec: MediaSpec, cache_dir: Path | None = None) -> Encod
         if media is None:
             media = await asyncio.to_thread(
                 encode_media, seconds=MEDIA_SECONDS, fps=spec.fps, width=spec.width, height=spec.height,
-                bitrate=spec.bitrate_kbps * 1000, keyframe_interval=max(1, round(KEYFRAME_INTERVAL_S * spec.fps)))
+                bitrate=spec.bitrate_kbps * 1000, keyframe_interval=max(1, round(KEYFRAME_INTERVAL_S * spec.fps)),
+                audio_bitrate=AUDIO_BITRATE)
             directory.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{os.getpid()}.partial")
             await asyncio.to_thread(save_media, media, partial)
