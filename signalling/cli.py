@@ -1,4 +1,5 @@
-"""The ``openconsult`` command: ``serve`` runs a node, ``token`` prints a signed join token."""
+"""The ``openconsult`` command: ``serve`` runs a node, ``token`` prints a signed join token,
+``loadtest`` replays a call script against a server (``loadtest/cli.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from loadtest.cli import add_parser as add_loadtest
 from rooms.model import Role
 from signalling.config import ConfigError, load_config
 
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--expires", type=_timestamp, help="end of the access window (Unix seconds or ISO 8601)")
     token.add_argument("--data-dir")
     token.add_argument("--config")
+    add_loadtest(sub)
     return parser
 
 
@@ -63,6 +66,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "loadtest":
+        from loadtest.cli import main as loadtest_main
+
+        return loadtest_main(args)
     try:
         config = load_config(args.config, overrides=_overrides(args))
     except ConfigError as exc:
