@@ -3,6 +3,7 @@ token endpoint, Prometheus metrics and the static pages."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from aiohttp import web
 
 from metrics import prometheus as prom
+from metrics.diagnosis import diagnose
+from metrics.summary import summary
 from metrics.events import EventKind
 from rooms.errors import RoomsError
 from rooms.model import Role
@@ -117,6 +120,33 @@ async def session_quality(request: web.Request) -> web.Response:
     return web.json_response({"session_id": session_id, "samples": samples})
 
 
+#: Most entries one summary or diagnosis reads: a 4-hour call of 6 participants with client stats
+#: stays far under it; beyond it the oldest part is what is judged.
+ANALYSIS_LIMIT = 200_000
+
+
+async def _all_entries(request: web.Request, session_id: str) -> list[dict[str, Any]]:
+    eventlog = request.app[EVENTLOG_KEY]
+    await eventlog.flush(timeout=5)
+    return await eventlog.events(session_id, limit=ANALYSIS_LIMIT)
+
+
+async def session_summary(request: web.Request) -> web.Response:
+    """Meeting stats, participants with scores and quality over time, and the error log."""
+    inspector_claims(request)
+    session_id = request.match_info["session_id"]
+    entries = await _all_entries(request, session_id)
+    return web.json_response(await asyncio.to_thread(summary, session_id, entries))
+
+
+async def session_diagnosis(request: web.Request) -> web.Response:
+    """Why the call went wrong: findings, problems first."""
+    inspector_claims(request)
+    session_id = request.match_info["session_id"]
+    entries = await _all_entries(request, session_id)
+    return web.json_response(await asyncio.to_thread(diagnose, session_id, entries))
+
+
 async def sessions(request: web.Request) -> web.Response:
     inspector_claims(request)
     now = int(time.time() * 1000)
@@ -203,5 +233,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions", sessions)
     app.router.add_get("/api/sessions/{session_id}/events", session_events)
     app.router.add_get("/api/sessions/{session_id}/quality", session_quality)
+    app.router.add_get("/api/sessions/{session_id}/summary", session_summary)
+    app.router.add_get("/api/sessions/{session_id}/diagnosis", session_diagnosis)
     app.router.add_post("/api/demo/token", demo_token)
     app.router.add_static("/static/", STATIC_DIR)
