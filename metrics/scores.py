@@ -65,6 +65,8 @@ def audio_mos(loss_pct: float, rtt_ms: float | None, jitter_ms: float | None,
     the round trip, a jitter buffer of twice the jitter, Opus framing and look-ahead) and
     ``Ie_eff = Ie + (95 - Ie) * Ppl / (Ppl + Bpl)`` (random loss, BurstR = 1)."""
     ppl = min(100.0, max(0.0, loss_pct))
+    if ppl >= 100.0:
+        return 1.0  # nothing arrived: no speech at all
     one_way = (rtt_ms or 0.0) / 2 + 2 * (jitter_ms or 0.0) + OPUS_CODEC_DELAY_MS
     ie = opus_ie(bitrate_kbps)
     ie_eff = ie + (95.0 - ie) * ppl / (ppl + OPUS_BPL)
