@@ -250,11 +250,13 @@ def test_low_bitrate_on_the_receivers_downlink() -> None:
 ])
 def test_impairment_on_the_uplink_is_not_blamed_on_the_downlink(field: str, value: float, kind: FindingType,
                                                                words: str) -> None:
-    log = call(**{field: value})
+    over: dict[str, Any] = {field: value}
+    log = call(**over)
     # The subscriber sees the publisher's loss and jitter too (the SFU forwards the gaps).
     if field != "rtt_ms":
+        downstream: dict[str, Any] = {field: value + 1}
         for _ in range(3):
-            log.sample("c_pat", "st_doc", "sub_pat", "out", **{field: value + 1})
+            log.sample("c_pat", "st_doc", "sub_pat", "out", **downstream)
     f = one(found(log), kind)
     assert f["participant"]["name"] == "Dr Who" and f["direction"] == "send"
     assert words in f["cause"] and f["evidence"]["samples"]

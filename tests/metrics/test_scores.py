@@ -3,6 +3,8 @@ LiveKit-style connection quality, each against figures worked out by hand."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from metrics import scores
@@ -73,7 +75,7 @@ def test_freezes_by_the_w3c_rule() -> None:
 
 
 def test_freezes_from_client_stats_counts_increments_and_restarts() -> None:
-    samples = [{"freezeCount": 0, "totalFreezesDuration": 0.0}, {"freezeCount": 2, "totalFreezesDuration": 1.5},
+    samples: list[dict[str, Any]] = [{"freezeCount": 0, "totalFreezesDuration": 0.0}, {"freezeCount": 2, "totalFreezesDuration": 1.5},
                {"freezeCount": "x"}, {"freezeCount": 3, "totalFreezesDuration": 2.0},
                {"freezeCount": 1, "totalFreezesDuration": 0.4}]  # a new track after a reconnect
     assert scores.freezes_from_client_stats(samples) == (4, 2.4)
