@@ -33,10 +33,15 @@ OPUS_CODEC_DELAY_MS: Final = 26.5
 OPUS_IE_DEFAULT: Final = 6.0
 
 
+#: Below this, Opus is not coding speech but silence (DTX, comfort noise): the measured bitrate
+#: says nothing about the codec's quality, so the default Ie is used.
+OPUS_SPEECH_MIN_KBPS: Final = 6.0
+
+
 def opus_ie(bitrate_kbps: float | None) -> float:
     """Equipment impairment Ie of Opus at ``bitrate_kbps``: ``55 - 4.6 ln(bps)``, kept in
-    0-30 (0 above ~160 kbps, 30 below ~230 bps)."""
-    if bitrate_kbps is None or bitrate_kbps <= 0:
+    0-30 (0 above ~160 kbps); under 6 kbps (silence) :data:`OPUS_IE_DEFAULT`."""
+    if bitrate_kbps is None or bitrate_kbps < OPUS_SPEECH_MIN_KBPS:
         return OPUS_IE_DEFAULT
     return min(30.0, max(0.0, 55.0 - 4.6 * math.log(bitrate_kbps * 1000)))
 

@@ -28,7 +28,9 @@ def test_opus_ie_from_bitrate() -> None:
     assert scores.opus_ie(None) == scores.OPUS_IE_DEFAULT
     assert scores.opus_ie(40) == pytest.approx(55 - 4.6 * 10.5966, abs=1e-3)  # ln(40000)
     assert scores.opus_ie(1000) == 0.0
-    assert scores.opus_ie(0.1) == 30.0
+    assert scores.opus_ie(7) == pytest.approx(55 - 4.6 * 8.8537, abs=1e-3)  # ln(7000)
+    assert scores.opus_ie(1) == scores.OPUS_IE_DEFAULT  # silence (DTX): not a codec quality
+    assert scores.opus_ie(100_000) == 0.0
 
 
 def test_audio_mos_clean_line_is_excellent_and_loss_degrades_it() -> None:
