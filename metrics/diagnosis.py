@@ -9,6 +9,7 @@ their thresholds. A clean call yields no ``problem``.
 
 from __future__ import annotations
 
+import bisect
 import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -399,11 +400,11 @@ def network_impairments(view: SessionView) -> list[Finding]:
             legs.setdefault((owner, "send"), []).append(s)
         elif s.get("direction") == "out":
             legs.setdefault((str(s.get("connection_id")), "recv"), []).append(s)
-    upstream: dict[str, list[dict[str, Any]]] = {}
+    upstream: dict[str, _Upstream] = {}
     for (_, direction), samples in legs.items():
         if direction == "send":
             for s in samples:
-                upstream.setdefault(str(s.get("stream_id")), []).append(s)
+                upstream.setdefault(f'{s.get("stream_id")}/{s.get("kind")}', _Upstream()).add(s)
     for (cid, direction), samples in legs.items():
         name = view.name(cid)
         leg = "uplink (what they send)" if direction == "send" else "downlink (what they receive)"
@@ -423,20 +424,35 @@ def network_impairments(view: SessionView) -> list[Finding]:
     return found
 
 
-def _own_share(sample: Mapping[str, Any], name: str, direction: str,
-               upstream: Mapping[str, Sequence[Mapping[str, Any]]]) -> float:
+class _Upstream:
+    """One stream's upstream samples (oldest first), found by time."""
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self.samples: list[Mapping[str, Any]] = []
+
+    def add(self, sample: Mapping[str, Any]) -> None:
+        self.times.append(_ts(sample))
+        self.samples.append(sample)
+
+    def nearest(self, t: int) -> Mapping[str, Any]:
+        i = bisect.bisect_left(self.times, t)
+        if i == len(self.times) or (i > 0 and t - self.times[i - 1] <= self.times[i] - t):
+            i -= 1
+        return self.samples[i]
+
+
+def _own_share(sample: Mapping[str, Any], name: str, direction: str, upstream: Mapping[str, _Upstream]) -> float:
     """The figure of one sample that its own leg added: a subscriber's loss and jitter include
     what the publisher's uplink already lost (the server forwards gaps as they came), so the
     upstream figure nearest in time is taken off; RTT is the leg's own."""
     value = _num(sample.get(name)) or 0.0
     if direction != "recv" or name == "rtt_ms":
         return value
-    ups = upstream.get(str(sample.get("stream_id")), ())
-    if not ups:
+    ups = upstream.get(f'{sample.get("stream_id")}/{sample.get("kind")}')
+    if ups is None:
         return value
-    t = _ts(sample)
-    nearest = min(ups, key=lambda u: abs(_ts(u) - t))
-    return value - (_num(nearest.get(name)) or 0.0)
+    return value - (_num(ups.nearest(_ts(sample)).get(name)) or 0.0)
 
 
 def frozen_video(view: SessionView) -> list[Finding]:

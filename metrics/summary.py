@@ -90,11 +90,19 @@ class SessionView:
         return [e for e in self.entries if e.get("kind") == EventKind.CLIENT_EVENT
                 and _payload(e).get("event") in names]
 
+    def __post_init__(self) -> None:
+        # Indexes built once: a call-hour holds tens of thousands of samples.
+        self._by_stream: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._by_peer: dict[str, list[dict[str, Any]]] = {}
+        for s in self.samples:
+            self._by_stream.setdefault((str(s.get("stream_id")), str(s.get("direction"))), []).append(s)
+            self._by_peer.setdefault(str(s.get("peer_id")), []).append(s)
+
     def stream_samples(self, stream_id: str, direction: str) -> list[dict[str, Any]]:
-        return [s for s in self.samples if s.get("stream_id") == stream_id and s.get("direction") == direction]
+        return self._by_stream.get((stream_id, direction), [])
 
     def peer_samples(self, peer_id: str) -> list[dict[str, Any]]:
-        return [s for s in self.samples if s.get("peer_id") == peer_id]
+        return self._by_peer.get(peer_id, [])
 
     def who(self, connection_id: str | None) -> dict[str, str] | None:
         p = self.participants.get(connection_id or "")
@@ -215,12 +223,12 @@ def participant_scores(view: SessionView, connection_id: str) -> dict[str, Any]:
 def quality_over_time(view: SessionView, connection_id: str) -> list[dict[str, Any]]:
     """The participant's connection quality at each sample time: the worst over the tracks it
     sent and received at that time."""
-    peers = {st.stream_id for st in view.streams.values() if st.connection_id == connection_id}
-    subs = {sub.subscription_id for sub in view.subscriptions.values() if sub.connection_id == connection_id}
+    mine = [s for st in view.streams.values() if st.connection_id == connection_id
+            for s in view.stream_samples(st.stream_id, "in")]
+    mine += [s for sub in view.subscriptions.values() if sub.connection_id == connection_id
+             for s in view.peer_samples(sub.subscription_id)]
     by_time: dict[int, tuple[float, scores.QualityLevel]] = {}
-    for s in view.samples:
-        if not (s.get("peer_id") in subs or (s.get("direction") == "in" and s.get("stream_id") in peers)):
-            continue
+    for s in mine:
         expected = (scores.expected_video_kbps(_height(s)) * 0.5 if s.get("kind") == "video" else None)
         score = scores.connection_quality(_num(s.get("loss_pct")) or 0.0, _num(s.get("rtt_ms")),
                                           _num(s.get("jitter_ms")), _num(s.get("bitrate_kbps")), expected,
