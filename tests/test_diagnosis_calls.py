@@ -226,7 +226,7 @@ async def test_alone_in_the_call_is_never_joined_and_hung_up(server: ServerProce
     assert findings[0]["cause"] == "Only Dr Who (clinician) joined; nobody else ever joined the call."
 
 
-async def test_one_side_never_published_and_one_lost_the_network(server: ServerProcess) -> None:
+async def test_one_side_never_published_lost_the_network_and_reconnected(server: ServerProcess) -> None:
     tokens = authority(server.data_dir)
     doc, pat = Participant(server.ws_url, "Dr Who"), Participant(server.ws_url, "Anna")
     r = room()
@@ -243,6 +243,11 @@ async def test_one_side_never_published_and_one_lost_the_network(server: ServerP
         assert transport is not None
         transport.abort()
         await doc.client.wait_event("connectionDestroyed", connection__name="Anna")
+        # Anna comes back on a new connection, then both hang up.
+        again = Participant(server.ws_url, "Anna")
+        await again.join(tokens, r, Role.PATIENT)
+        await again.client.request("leave")
+        await again.close()
         await doc.client.request("leave")
     finally:
         await pat.close()
@@ -253,7 +258,8 @@ async def test_one_side_never_published_and_one_lost_the_network(server: ServerP
     assert by_type["never_published"]["cause"] == "Anna joined but never sent audio or video."
     assert by_type["network_lost"]["participant"]["name"] == "Anna"
     assert by_type["network_lost"]["severity"] == "problem"
-    assert by_type["hung_up"]["participant"]["name"] == "Dr Who"
+    assert by_type["reconnected"]["cause"] == "Anna reconnected 1 time(s) during the call."
+    assert sorted(f["participant"]["name"] for f in findings if f["type"] == "hung_up") == ["Anna", "Dr Who"]
 
 
 async def test_an_expired_link_is_refused_in_the_consultations_own_session(server: ServerProcess) -> None:
