@@ -528,8 +528,8 @@ def workflow_outcomes(view: SessionView) -> list[Finding]:
         elif kind == EventKind.QUEUE and payload.get("outcome") == "abandoned":
             waited = _num(payload.get("waited_ms")) or 0.0
             found.append(Finding(FindingType.ABANDONED, Severity.PROBLEM,
-                                 f"The patient left the waiting room after {waited / 60_000:.0f} minutes "
-                                 f"({waited / 1000:.0f} s) without being admitted.",
+                                 f"The patient left the waiting room after {_duration(waited)} without being "
+                                 "admitted.",
                                  "Call the patient back; check the waiting room was watched by a clinician.",
                                  from_ms=_t(e) - int(waited), until_ms=_t(e), entries=[_seq(e)]))
         elif kind == EventKind.QUEUE and "from_room" in payload and "to_room" in payload:
@@ -538,6 +538,15 @@ def workflow_outcomes(view: SessionView) -> list[Finding]:
                                  f"{payload.get('to_room')}.", "Nothing to do: the session continued.",
                                  from_ms=_t(e), until_ms=_t(e), entries=[_seq(e)]))
     return found
+
+
+def _duration(ms: float) -> str:
+    """``7 minutes`` or, under a minute, ``42 seconds``."""
+    if ms >= 60_000:
+        minutes = round(ms / 60_000)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    seconds = round(ms / 1000)
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
 
 
 def reconnected(view: SessionView) -> list[Finding]:

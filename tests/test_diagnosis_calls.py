@@ -6,6 +6,7 @@ clients' own send path (a publisher that drops every tenth RTP packet; an encode
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -309,3 +310,30 @@ async def test_too_early_and_phone_fallback_in_the_consultations_session(clinic:
     assert "too early (it opens at " in by_type["link_refused"]["cause"]
     assert by_type["phone_fallback"]["cause"] == "The consultation ended as a phone consultation without a video call."
     assert by_type["phone_fallback"]["severity"] == "info"
+
+
+async def test_transferred_then_abandoned_in_the_waiting_room(clinic: Clinic) -> None:
+    admin = clinic.staff(Role.DEPARTMENT_ADMIN, "dana", "cardio")
+    doctor = clinic.staff(Role.CLINICIAN, "dr-who", "cardio")
+    first, second = f"wr-{uuid.uuid4().hex[:6]}", f"wr-{uuid.uuid4().hex[:6]}"
+    await clinic.waiting_room(admin, first, "Cardiology A", "cardio")
+    await clinic.waiting_room(admin, second, "Cardiology B", "cardio")
+    booking = await clinic.book(admin, department="cardio", room_id=first, patient="p-gone", clinician="dr-who",
+                                appointment_ms=now_ms())
+    sid = booking["consultation"]["session_id"]
+    patient = await clinic.connect(booking["patient_token"])
+    desk = await clinic.connect(doctor)
+    try:
+        await patient.request("waiting_room.enter")
+        await desk.request("consultation.transfer", session_id=sid, to_room_id=second)
+        await patient.request("waiting_room.leave")
+    finally:
+        await patient.close()
+        await desk.close()
+    by_type = {f["type"]: f for f in await diagnosis(clinic.server, clinic.tokens, sid)}
+    assert by_type["transferred"]["cause"] == f"The patient was transferred from waiting room {first} to {second}."
+    assert by_type["abandoned"]["severity"] == "problem"
+    # It took under a minute: said in seconds.
+    assert re.fullmatch(r"The patient left the waiting room after \d+ seconds? without being admitted\.",
+                        by_type["abandoned"]["cause"]), by_type["abandoned"]["cause"]
+    assert "never_opened_link" not in by_type
