@@ -30,7 +30,6 @@ JITTER_MS: Final = 30.0
 RTT_MS: Final = 300.0
 #: Samples over a threshold that make a finding (one bad interval is noise).
 MIN_BAD_SAMPLES: Final = 2
-ABANDONED_AFTER_MS: Final = 0
 #: The first samples of a stream, taken while it ramps up, are not judged for bitrate.
 RAMP_UP_SAMPLES: Final = 2
 
@@ -103,13 +102,6 @@ def _seq(entry: Entry) -> int:
 
 def _num(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _clock(ms: int | None) -> str:
-    import datetime as _dt
-    if ms is None:
-        return "an unknown time"
-    return _dt.datetime.fromtimestamp(ms / 1000, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _sample_ref(s: Mapping[str, Any], *keys: str) -> dict[str, Any]:
