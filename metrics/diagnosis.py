@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from metrics.events import EventKind
+from metrics.scores import freezes_from_client_stats
 from metrics.summary import Entry, SessionView, Stream, session_view
 
 # Thresholds (docs/inspector.md).
@@ -453,7 +454,6 @@ def frozen_video(view: SessionView) -> list[Finding]:
     for s in view.client_stats:
         if s.get("direction") == "recv" and s.get("kind") == "video":
             by_track.setdefault((str(s.get("connection_id")), str(s.get("stream_id"))), []).append(s)
-    from metrics.scores import freezes_from_client_stats
     for (cid, stream_id), samples in by_track.items():
         count, frozen_s = freezes_from_client_stats(samples)
         if count:
