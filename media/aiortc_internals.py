@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -200,6 +201,40 @@ def ice_connections(pc: Any) -> list[Any]:
         if all(connection is not c for c in connections):
             connections.append(connection)
     return connections
+
+
+class StunRtt:
+    """The round trip of a peer connection measured on its ICE agent's own STUN transactions:
+    the consent checks aioice sends every ~5 s (RFC 7675) and connectivity checks answered
+    before their first retransmission. A publish only receives media, so RTCP gives the server
+    no RTT for it; this does, for the same path."""
+
+    def __init__(self) -> None:
+        self.rtt_ms: float | None = None
+
+
+#: A STUN transaction answered within this long was answered on its first try (aioice's
+#: first retransmission comes after 500 ms), so its duration is one round trip.
+_FIRST_TRY_S = 0.5
+
+
+def measure_stun_rtt(connection: Any, holder: StunRtt) -> None:
+    """Time every STUN request an aioice ``connection`` sends (call once its candidates are
+    gathered); the latest round trip lands in ``holder``. A few requests a minute: off the
+    media path."""
+    for protocol in connection._protocols:
+        original = protocol.request
+
+        async def request(message: Any, addr: Any, integrity_key: bytes | None = None,
+                          retransmissions: int | None = None, _original: Any = original) -> Any:
+            started = time.monotonic()
+            result = await _original(message, addr, integrity_key=integrity_key, retransmissions=retransmissions)
+            elapsed = time.monotonic() - started
+            if retransmissions == 0 or elapsed < _FIRST_TRY_S:
+                holder.rtt_ms = elapsed * 1000
+            return result
+
+        protocol.request = request
 
 
 def demux_datagrams(connection: Any, drops: dict[DatagramDropReason, int]) -> None:

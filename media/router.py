@@ -220,7 +220,8 @@ class PublishedTrack:
             bitrate_kbps=round((self.octets - b_octets) * 8 / interval / 1000, 1),
             packets=self.packets - b_packets, packets_lost=d_lost,
             loss_pct=round(100.0 * d_lost / d_expected, 2) if d_expected > 0 else 0.0,
-            jitter_ms=round(jitter, 2) if jitter is not None else None, rtt_ms=None,
+            jitter_ms=round(jitter, 2) if jitter is not None else None,
+            rtt_ms=round(self.publish.stun_rtt.rtt_ms, 1) if self.publish.stun_rtt.rtt_ms is not None else None,
             frame_rate=round((self.frames - b_frames) / interval, 1) if self.kind == "video" else None,
             width=self.size[0] if self.size else None, height=self.size[1] if self.size else None,
             nacks=self.nacks_sent - b_nacks, plis=self.plis_sent - b_plis, octets=self.octets - b_octets,
@@ -258,10 +259,12 @@ class ForwardingSender:
         self.remb_bps = 0
         self.rtt_ms: float | None = None
         self.loss_fraction: float | None = None
+        #: Cumulative packets lost the subscriber's receiver reports give (RFC 3550 6.4.1).
+        self.rr_packets_lost = 0
         self.jitter_ms: float | None = None
         self.lsr = 0
         self.lsr_time = 0.0
-        self._sample_base = (0, 0, 0, 0, 0, 0)
+        self._sample_base = (0, 0, 0, 0, 0, 0, 0)
 
     def start(self, parameters: RTCRtpSendParameters) -> None:
         """DTLS is up and the sender's parameters are negotiated: start forwarding."""
@@ -327,6 +330,7 @@ class ForwardingSender:
                 if report.ssrc != self.ssrc:
                     continue
                 self.loss_fraction = report.fraction_lost / 256
+                self.rr_packets_lost = max(0, report.packets_lost)
                 self.jitter_ms = report.jitter / self.clock_rate * 1000
                 if report.lsr and report.lsr == self.lsr:
                     rtt = time.time() - self.lsr_time - report.dlsr / 65536
@@ -382,15 +386,15 @@ class ForwardingSender:
         self.track.remove_subscriber(self)
 
     def sample(self, now_ms: int, interval: float) -> QualitySample:
-        b_packets, b_octets, b_frames, b_nacks, b_plis, b_resent = self._sample_base
+        b_packets, b_octets, b_frames, b_nacks, b_plis, b_resent, b_lost = self._sample_base
         self._sample_base = (self.packets, self.octets, self.frames, self.nacks_received, self.plis_received,
-                             self.retransmitted)
+                             self.retransmitted, self.rr_packets_lost)
         size = self.track.size
         return QualitySample(
             peer_id=self.subscription.peer_id, stream_id=self.track.publish.stream_id, direction="out",
             kind=self.kind, time_ms=now_ms, interval_s=interval,
             bitrate_kbps=round((self.octets - b_octets) * 8 / interval / 1000, 1),
-            packets=self.packets - b_packets, packets_lost=0,
+            packets=self.packets - b_packets, packets_lost=max(0, self.rr_packets_lost - b_lost),
             loss_pct=round(100.0 * self.loss_fraction, 2) if self.loss_fraction is not None else 0.0,
             jitter_ms=round(self.jitter_ms, 2) if self.jitter_ms is not None else None,
             rtt_ms=round(self.rtt_ms, 1) if self.rtt_ms is not None else None,
@@ -421,6 +425,8 @@ class Peer:
         self.connected = False
         self._last_state: dict[str, str] = {}
         self._remote_candidates = 0
+        #: Round trip from the ICE agent's STUN checks (the RTT of a publish, which RTCP lacks).
+        self.stun_rtt = internals.StunRtt()
 
         @self.pc.on("iceconnectionstatechange")
         def _ice() -> None:
@@ -481,6 +487,7 @@ class Peer:
         """Candidates are gathered: put the datagram demultiplexer on their sockets."""
         for connection in internals.ice_connections(self.pc):
             internals.demux_datagrams(connection, self.router.datagram_drops)
+            internals.measure_stun_rtt(connection, self.stun_rtt)
 
     def local_sdp(self) -> str:
         sdp = self.pc.localDescription.sdp

@@ -4,6 +4,7 @@ static pages."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 from aiohttp import web
 
 from metrics import prometheus as prom
+from metrics.diagnosis import diagnose
+from metrics.summary import summary
 from metrics.events import EventKind
 from rooms.errors import RoomsError
 from rooms.model import Role
@@ -127,6 +130,33 @@ async def session_quality(request: web.Request) -> web.Response:
     entries = await eventlog.events(session_id, kinds=[EventKind.QUALITY_SAMPLE], since_ms=since, limit=100_000)
     samples = [{"connection_id": e["connection_id"], **e["payload"]} for e in entries]
     return web.json_response({"session_id": session_id, "samples": samples})
+
+
+#: Most entries one summary or diagnosis reads: a 4-hour call of 6 participants with client stats
+#: stays far under it; beyond it the oldest part is what is judged.
+ANALYSIS_LIMIT = 200_000
+
+
+async def _all_entries(request: web.Request, session_id: str) -> list[dict[str, Any]]:
+    eventlog = request.app[EVENTLOG_KEY]
+    await eventlog.flush(timeout=5)
+    return await eventlog.events(session_id, limit=ANALYSIS_LIMIT)
+
+
+async def session_summary(request: web.Request) -> web.Response:
+    """Meeting stats, participants with scores and quality over time, and the error log."""
+    inspector_claims(request)
+    session_id = request.match_info["session_id"]
+    entries = await _all_entries(request, session_id)
+    return web.json_response(await asyncio.to_thread(summary, session_id, entries))
+
+
+async def session_diagnosis(request: web.Request) -> web.Response:
+    """Why the call went wrong: findings, problems first."""
+    inspector_claims(request)
+    session_id = request.match_info["session_id"]
+    entries = await _all_entries(request, session_id)
+    return web.json_response(await asyncio.to_thread(diagnose, session_id, entries))
 
 
 async def sessions(request: web.Request) -> web.Response:
@@ -284,6 +314,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions", sessions)
     app.router.add_get("/api/sessions/{session_id}/events", session_events)
     app.router.add_get("/api/sessions/{session_id}/quality", session_quality)
+    app.router.add_get("/api/sessions/{session_id}/summary", session_summary)
+    app.router.add_get("/api/sessions/{session_id}/diagnosis", session_diagnosis)
     app.router.add_post("/api/demo/token", demo_token)
     app.router.add_post("/api/client-events", client_events)
     app.router.add_static("/static/", STATIC_DIR)

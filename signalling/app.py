@@ -17,6 +17,7 @@ from media import aiortc_internals
 from media.router import Router
 from metrics.audit import AuditLog
 from metrics.eventlog import EventLog
+from metrics.recorder import Recorder
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
@@ -145,7 +146,7 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
                     announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s,
                     connect_timeout_s=media.connect_timeout_s, max_peer_connections=media.max_peer_connections)
     app[ROUTER_KEY] = router
-    app[HUB_KEY] = Hub(app[TOKENS_KEY], router, app[EVENTLOG_KEY], app[CONFIG_KEY])
+    app[HUB_KEY] = Hub(app[TOKENS_KEY], router, Recorder(app[EVENTLOG_KEY]), app[CONFIG_KEY])
     router.start()
     yield
     await app[HUB_KEY].shutdown()
@@ -159,7 +160,8 @@ async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
     store: Store = (RedisStore(config.redis_url) if config.redis_url
                     else SqliteStore(config.data_path / "workflow.sqlite3"))
     data = DataRetention(app[EVENTLOG_KEY], app[AUDIT_KEY], config.retention)
-    workflow = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[EVENTLOG_KEY], app[TOKENS_KEY], data)
+    workflow = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[HUB_KEY].recorder, app[TOKENS_KEY],
+                                      data)
     app[WORKFLOW_KEY] = workflow
     workflow.start()  # scheduled jobs (the retention sweep), stopped before the store closes
     yield

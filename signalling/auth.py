@@ -192,6 +192,20 @@ def unverified_room(token: str) -> str | None:
     return room if isinstance(room, str) and ROOM_PATTERN.match(room) else None
 
 
+def unverified_consultation(token: str) -> str | None:
+    """The consultation a token names, signature unchecked: only to file a refused link
+    (expired, too early, for another room, forged) under that consultation's own session, where
+    support staff look. None unless it is well formed and is also the token's room claim."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    consultation = claims.get("consultation") if isinstance(claims, dict) else None
+    if not isinstance(consultation, str) or not ROOM_PATTERN.match(consultation):
+        return None
+    return consultation if claims.get("room") == consultation else None
+
+
 def _shown(text: str, limit: int = 40) -> str:
     """Client text quoted in an error message: non-ASCII and control characters escaped (a lone
     surrogate stays encodable), at most ``limit`` characters."""

@@ -21,14 +21,12 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from media.errors import MediaError as MediaPlaneError
 from media.errors import AlreadyAnswered, PeerNotFound
 from media.errors import OverCapacity as MediaOverCapacity
 from media.events import (
-    DatagramsDropped,
     DimensionsChanged,
     KeyframeRequested,
     MediaEvent,
@@ -39,9 +37,8 @@ from media.events import (
     QualitySample,
 )
 from media.router import Router
-from metrics import prometheus as prom
-from metrics.eventlog import EventLog
-from metrics.events import EventKind, LogEntry, now_ms, token_rejected
+from metrics.events import EventKind, now_ms
+from metrics.recorder import PeerOwner, Recorder
 from metrics.useragent import parse as parse_user_agent
 from rooms.live import (
     LiveConnection,
@@ -60,7 +57,7 @@ from rooms.model import (
     new_id,
 )
 from signalling import turn
-from signalling.auth import Claims, TokenAuthority, unverified_room
+from signalling.auth import Claims, TokenAuthority, unverified_consultation, unverified_room
 from signalling.client_reports import ReportLimiter, event_entry, stats_entries
 from signalling.config import Config
 from signalling.errors import Forbidden, InvalidState, MediaError, NotFound, OpenConsultError, OverCapacity
@@ -72,14 +69,7 @@ logger = logging.getLogger(__name__)
 KNOWN_CONNECTIONS_MAX = 10_000
 
 
-@dataclass
-class PeerOwner:
-    """Who a media peer connection belongs to, for routing media events."""
-
-    session_id: str
-    connection_id: str
-    stream_id: str
-    is_publish: bool
+__all__ = ["Client", "Hub", "PeerOwner"]
 
 
 class Client:
@@ -96,13 +86,13 @@ class Client:
 
 
 class Hub:
-    def __init__(self, tokens: TokenAuthority, router: Router, eventlog: EventLog, config: Config | None = None) -> None:
+    def __init__(self, tokens: TokenAuthority, router: Router, recorder: Recorder, config: Config | None = None) -> None:
         self.config = config or Config()
         self.max_publishes = self.config.server.max_publishes_per_connection
         self.max_subscriptions = self.config.server.max_subscriptions_per_connection
         self.tokens = tokens
         self.router = router
-        self.eventlog = eventlog
+        self.recorder = recorder
         self.registry = LiveRegistry()
         self.clients: dict[ConnectionId, Client] = {}
         self.peers: dict[str, PeerOwner] = {}
@@ -118,8 +108,7 @@ class Hub:
 
     def log(self, session_id: str, kind: EventKind, text: str, *, connection_id: str | None = None,
             stream_id: str | None = None, **payload: Any) -> None:
-        self.eventlog.append(LogEntry.now(session_id, kind, text, connection_id=connection_id,
-                                          stream_id=stream_id, payload=payload))
+        self.recorder.log(session_id, kind, text, connection_id=connection_id, stream_id=stream_id, **payload)
 
     def broadcast(self, session: LiveSession, name: str, data: dict[str, Any],
                   exclude: ConnectionId | None = None) -> None:
@@ -157,8 +146,9 @@ class Hub:
         try:
             claims = self.tokens.verify(token, room=room)
         except OpenConsultError as exc:
-            prom.TOKENS_REJECTED.labels(code=str(exc.code)).inc()
-            self.eventlog.append(token_rejected(token, exc.message, room or unverified_room(token), code=str(exc.code)))
+            consultation = unverified_consultation(token)
+            self.recorder.token_rejected(token, exc.message, str(exc.code), room or unverified_room(token),
+                                         session_id=consultation)
             raise
         if claims.waiting_room is not None and claims.consultation is None:
             # A shared walk-in link is not a room ticket: POST /api/walk-in trades it for one.
@@ -168,7 +158,7 @@ class Hub:
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
         sid = session.session_id
         if created:
-            prom.SESSIONS_ACTIVE.inc()
+            self.recorder.session_started()
             self.log(sid, EventKind.VIDEO_SESSION,
                      f'Video session id ({sid}) has been created for room "{claims.room}"', room=claims.room)
         user_data = {"user_agent": connection.user_agent, "ip": connection.ip, "sdk_version": sdk_version or "",
@@ -181,7 +171,7 @@ class Hub:
             self.known_connections.popitem(last=False)
         session.connections[connection.connection_id] = connection
         self.clients[connection.connection_id] = client
-        prom.CONNECTIONS_ACTIVE.inc()
+        self.recorder.connection_joined()
         self.log(sid, EventKind.SERVER_DETECTED_CONNECT, f"Server detected connect: {claims.name} ({claims.role})",
                  connection_id=connection.connection_id, role=str(claims.role), name=claims.name, user=claims.sub,
                  **user_data)
@@ -240,7 +230,7 @@ class Hub:
             return
         sid = session.session_id
         session.streams[stream_id] = stream
-        prom.STREAMS_ACTIVE.inc()
+        self.recorder.stream_live()
         self.log(sid, EventKind.STREAM_CREATED,
                  f"Stream created: {stream.name} ({'audio' if stream.has_audio else ''}"
                  f"{'+' if stream.has_audio and stream.has_video else ''}{'video' if stream.has_video else ''})",
@@ -302,7 +292,7 @@ class Hub:
             raise NotFound(f'Stream "{stream_id}" ended during subscribe')
         session.subscriptions[subscription_id] = LiveSubscription(subscription_id, connection.connection_id,
                                                                   stream.stream_id)
-        prom.SUBSCRIPTIONS_ACTIVE.inc()
+        self.recorder.subscription_started()
         return {"subscription_id": subscription_id, "offer": {"type": "offer", "sdp": offer}}
 
     async def answer(self, client: Client, subscription_id: str, answer: dict[str, Any]) -> dict[str, Any]:
@@ -348,7 +338,7 @@ class Hub:
         """A validated ``client.event``: one ``clientEvent`` entry in the sender's session."""
         session, connection = self.joined(client)
         self.report_limiter.check(connection.connection_id, time.monotonic())
-        self.eventlog.append(event_entry(session.session_id, connection.connection_id, message, now_ms()))
+        self.recorder.entry(event_entry(session.session_id, connection.connection_id, message, now_ms()))
         return {}
 
     def client_stats(self, client: Client, message: Mapping[str, Any]) -> dict[str, Any]:
@@ -357,7 +347,7 @@ class Hub:
         self.report_limiter.check(connection.connection_id, time.monotonic())
         known = set(session.streams)
         for entry in stats_entries(session.session_id, connection.connection_id, message, now_ms(), known):
-            self.eventlog.append(entry)
+            self.recorder.entry(entry)
         return {}
 
     def client_beacon(self, claims: Claims, connection_id: str, message: Mapping[str, Any]) -> None:
@@ -367,7 +357,7 @@ class Hub:
         if known is None or known[1:] != (claims.sub, claims.room):
             raise NotFound(f'No connection "{connection_id}" joined with this token on this node')
         self.report_limiter.check(connection_id, time.monotonic())
-        self.eventlog.append(event_entry(known[0], connection_id, message, now_ms()))
+        self.recorder.entry(event_entry(known[0], connection_id, message, now_ms()))
 
     def _own_subscription(self, session: LiveSession, connection: LiveConnection,
                           subscription_id: str) -> LiveSubscription:
@@ -383,7 +373,7 @@ class Hub:
         if session.subscriptions.pop(subscription.subscription_id, None) is None:
             return
         self.peers.pop(subscription.subscription_id, None)
-        prom.SUBSCRIPTIONS_ACTIVE.dec()
+        self.recorder.subscription_ended()
         await self.router.close_peer(subscription.subscription_id)
         self.log(session.session_id, EventKind.UNSUBSCRIBED,
                  f"Subscription ended: {reason}" + (f" ({detail})" if detail else ""),
@@ -398,8 +388,7 @@ class Hub:
     async def destroy_stream(self, session: LiveSession, stream: LiveStream, reason: StreamDestroyedReason) -> None:
         if session.streams.pop(stream.stream_id, None) is None:
             return
-        prom.STREAMS_ACTIVE.dec()
-        prom.STREAMS_DESTROYED.labels(reason=str(reason)).inc()
+        self.recorder.stream_ended(str(reason))
         for subscription in session.subscriptions_to(stream.stream_id):
             await self._end_subscription(session, subscription, str(reason), notify=True)
         self.peers.pop(stream.stream_id, None)
@@ -423,14 +412,13 @@ class Hub:
             await self._drop_pending(session, pending, f"the connection left ({reason}) before its media connected")
         session.connections.pop(connection.connection_id, None)
         self.clients.pop(connection.connection_id, None)
-        prom.CONNECTIONS_ACTIVE.dec()
-        prom.CONNECTIONS_CLOSED.labels(reason=str(reason)).inc()
+        self.recorder.connection_left(str(reason))
         self.log(session.session_id, EventKind.DISCONNECT,
                  f"Server detected disconnect: {connection.name}. Reason: {reason}",
                  connection_id=connection.connection_id, reason=str(reason))
         self.broadcast(session, "connectionDestroyed", {"connection": connection.public(), "reason": str(reason)})
         if self.registry.end_if_empty(session):
-            prom.SESSIONS_ACTIVE.dec()
+            self.recorder.session_ended()
 
     async def shutdown(self) -> None:
         for client in list(self.clients.values()):
@@ -439,56 +427,22 @@ class Hub:
     # --- media events -----------------------------------------------------------------
 
     def on_media_event(self, event: MediaEvent) -> None:
-        if isinstance(event, DatagramsDropped):
-            for reason, count in event.counts.items():
-                if count:
-                    prom.MEDIA_DATAGRAMS_DROPPED.labels(reason=reason.value).inc(count)
-            return
+        """The router's observer: the recorder records, the hub acts (announce, clean up)."""
         if isinstance(event, QualitySample):
-            if event.direction == "out":
-                prom.RTP_PACKETS_FORWARDED.labels(kind=event.kind).inc(event.packets)
-                prom.RTP_BYTES_FORWARDED.labels(kind=event.kind).inc(event.octets)
-                prom.NACKS_ANSWERED.inc(event.retransmitted)
-            owner = self.peers.get(event.peer_id)
-            if owner is not None:
-                # The timeline shares the event log's batched, append-only writer.
-                self.eventlog.append(LogEntry(
-                    time_ms=event.time_ms, session_id=owner.session_id, connection_id=owner.connection_id,
-                    stream_id=event.stream_id, kind=EventKind.QUALITY_SAMPLE,
-                    text=f"{event.kind} {event.direction} {event.bitrate_kbps} kbps", payload=asdict(event)))
+            self.recorder.media_event(event, self.peers.get(event.peer_id))
             return
-        owner = self.peers.get(event.stream_id if isinstance(event, (KeyframeRequested, DimensionsChanged,
-                                                                     MediaFlowChanged)) else event.peer_id)
+        peer_key = (event.stream_id if isinstance(event, (KeyframeRequested, DimensionsChanged, MediaFlowChanged))
+                    else getattr(event, "peer_id", None))
+        owner = self.peers.get(peer_key) if peer_key is not None else None
+        name = self._connection_name(owner) if owner is not None and isinstance(event, MediaFlowChanged) else ""
+        self.recorder.media_event(event, owner, name)
         if owner is None:
             return
-        sid, cid = owner.session_id, owner.connection_id
         if isinstance(event, PeerStateChanged):
-            what = "Publisher" if owner.is_publish else "Subscriber"
-            pair = event.pair
-            pair_text = (f" via {pair['local_type']}/{pair['remote_type']} {pair['protocol']}" if pair else "")
-            kind = EventKind.ICE_STATE_CHANGED if event.layer == "ice" else EventKind.DTLS_STATE_CHANGED
-            self.log(sid, kind, f"{what} {event.layer} state: {event.state}{pair_text}", connection_id=cid,
-                     stream_id=event.stream_id, peer_id=event.peer_id, layer=event.layer, state=event.state,
-                     candidate_pair=pair)
             if owner.is_publish and event.layer == "connection" and event.state == "connected":
-                session = self.registry.sessions.get(SessionId(sid))
+                session = self.registry.sessions.get(SessionId(owner.session_id))
                 if session is not None:
                     self._announce(session, StreamId(event.stream_id))
-        elif isinstance(event, KeyframeRequested):
-            prom.KEYFRAMES_REQUESTED.inc()
-            self.log(sid, EventKind.KEYFRAME_REQUESTED, f"Keyframe requested ({event.reason})", connection_id=cid,
-                     stream_id=event.stream_id, method="pli", by=event.subscription_id, reason=event.reason)
-        elif isinstance(event, DimensionsChanged):
-            self.log(sid, EventKind.DIMENSIONS_CHANGED, f"Dimensions changed: {event.width}x{event.height}",
-                     connection_id=cid, stream_id=event.stream_id, width=event.width, height=event.height)
-        elif isinstance(event, MediaFlowChanged):
-            name = self._connection_name(owner)
-            if event.flowing:
-                text = f"{event.kind.capitalize()} from {name} is flowing again"
-            else:
-                text = f"No {event.kind} received from {name} for {event.idle_s:.0f} seconds"
-            self.log(sid, EventKind.QUALITY_ALERT, text, connection_id=cid, stream_id=event.stream_id,
-                     metric="media_flow", media=event.kind, flowing=event.flowing, idle_s=event.idle_s)
         elif isinstance(event, (PeerFailed, PeerTimedOut)):
             asyncio.get_running_loop().create_task(self._peer_failed(owner, event))
 
@@ -502,7 +456,7 @@ class Hub:
         if session is None:
             return
         if isinstance(event, PeerTimedOut):
-            prom.PEER_CONNECTIONS_TIMED_OUT.inc()
+            self.recorder.peer_timed_out()
             reason = StreamDestroyedReason.NETWORK_DISCONNECTED
             detail = f"not connected (ICE and DTLS) within {event.timeout_s:g} s"
         else:

@@ -33,6 +33,7 @@ from typing import Any, Final, TypeVar
 from metrics.audit import DAY_MS, AuditLog
 from metrics.eventlog import EventLog
 from metrics.events import LogEntry, room_session_id
+from metrics.recorder import Recorder
 from rooms.announcement import Announcement
 from rooms.backoffice import BackofficeEntry, LogKind, format_time
 from rooms.backoffice import entry as backoffice_entry
@@ -46,7 +47,7 @@ from rooms.chat import (
 )
 from rooms.consultation import Consultation
 from rooms.consultation import State as CState
-from rooms.errors import NotFound
+from rooms.errors import InvalidToken, NotFound, TooEarly, TooLate
 from rooms.model import Role, SessionId, new_id
 from rooms.permissions import Actor
 from rooms.service import (
@@ -146,10 +147,10 @@ def log_entry(e: BackofficeEntry) -> LogEntry:
 class Workflow:
     """The workflow service plus who to tell: one per node."""
 
-    def __init__(self, service: WorkflowService, hub: Hub, eventlog: EventLog, tokens: TokenAuthority) -> None:
+    def __init__(self, service: WorkflowService, hub: Hub, recorder: Recorder, tokens: TokenAuthority) -> None:
         self.service = service
         self.hub = hub
-        self.eventlog = eventlog
+        self.recorder = recorder
         self.tokens = tokens
         self.watchers: dict[str, weakref.WeakSet[Client]] = {}
         self.handlers: Final[Mapping[str, Handler]] = {
@@ -174,9 +175,9 @@ class Workflow:
         self.walk_in_limiter = WalkInLimiter(WorkflowSettings.walk_in_per_link_per_min)
 
     @classmethod
-    def from_settings(cls, store: Store, settings: WorkflowSettings, hub: Hub, eventlog: EventLog,
+    def from_settings(cls, store: Store, settings: WorkflowSettings, hub: Hub, recorder: Recorder,
                       tokens: TokenAuthority, data: DataRetention | None = None) -> Workflow:
-        workflow = cls(WorkflowService(store, workflow_config(settings)), hub, eventlog, tokens)
+        workflow = cls(WorkflowService(store, workflow_config(settings)), hub, recorder, tokens)
         workflow.retention = RetentionJob(workflow.service, workflow.record, settings.retention_sweep_s, data=data)
         workflow.walk_in_limiter = WalkInLimiter(settings.walk_in_per_link_per_min)
         return workflow
@@ -209,7 +210,7 @@ class Workflow:
     async def record(self, result: Result[T], changed: Consultation | None = None) -> T:
         """Write a command's entries to the event log, then tell whoever is concerned."""
         for entry in result.entries:
-            self.eventlog.append(log_entry(entry))
+            self.recorder.entry(log_entry(entry))
         rooms: set[str] = set()
         for entry in result.entries:
             for key in ("room_id", "from_room", "to_room"):
@@ -333,9 +334,15 @@ class Workflow:
         c = await self.service.consultation(actor, sid)
         if qe.state is not QState.WAITING:
             if c.state is CState.INVITED:
-                ready = await self.service.patient_ready(
-                    actor, sid, token=claims.link or "", device_check_passed=msg.get("device_check_passed", True),
-                    now_ms=now)
+                try:
+                    ready = await self.service.patient_ready(
+                        actor, sid, token=claims.link or "",
+                        device_check_passed=msg.get("device_check_passed", True), now_ms=now)
+                except (TooEarly, TooLate, InvalidToken) as exc:
+                    # The consultation's own session shows why its link was refused.
+                    self.recorder.link_refused(sid, str(exc.code), exc.message, connection_id=(
+                        client.connection.connection_id if client.connection is not None else None))
+                    raise
                 await self.record(ready, changed=ready.value)
             qe = await self.record(await self.service.enter_waiting_room(actor, sid, room_id=claims.waiting_room,
                                                                          now_ms=now))

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiortc import RTCSessionDescription
-from aiortc.rtp import RTCP_RTPFB_NACK, RtcpRtpfbPacket
+from aiortc.rtp import RTCP_RTPFB_NACK, RtcpReceiverInfo, RtcpRrPacket, RtcpRtpfbPacket
 
 from media import aiortc_internals
 from media.errors import MediaError, OverCapacity
@@ -141,6 +141,30 @@ async def test_subscriber_gets_sender_reports_and_rtt(call: Call) -> None:
     stats = await call.sub.pc.getStats()
     remote_out = [s for s in stats.values() if s.type == "remote-outbound-rtp" and s.kind == "video"]
     assert remote_out and 0 < remote_out[0].packetsSent <= fwd.packets
+
+
+async def test_publisher_leg_samples_carry_an_rtt_from_stun(call: Call) -> None:
+    """A publish only receives media: its RTT comes from the ICE agent's STUN round trips."""
+    track = call.forwarder("video").track
+    await wait_until(lambda: track.publish.stun_rtt.rtt_ms is not None, timeout=20,
+                     message="a STUN round trip on the publish")
+    await wait_until(lambda: any(isinstance(e, QualitySample) and e.direction == "in" and e.rtt_ms is not None
+                                 for e in call.events), timeout=10, message="an upstream sample with an RTT")
+    sample = next(e for e in call.events if isinstance(e, QualitySample) and e.direction == "in"
+                  and e.rtt_ms is not None)
+    assert sample.rtt_ms is not None and 0 <= sample.rtt_ms < 500
+
+
+async def test_subscriber_leg_samples_count_loss_from_receiver_reports(call: Call) -> None:
+    fwd = call.forwarder("audio")
+    fwd.sample(0, 1.0)  # a fresh base
+    report = RtcpRrPacket(ssrc=4321, reports=[RtcpReceiverInfo(
+        ssrc=fwd.ssrc, fraction_lost=25, packets_lost=fwd.rr_packets_lost + 7, highest_sequence=0, jitter=0,
+        lsr=0, dlsr=0)])
+    await fwd.on_rtcp(report)
+    sample = fwd.sample(1_000, 1.0)
+    assert sample.packets_lost == 7 and sample.loss_pct == round(100 * 25 / 256, 2)
+    assert fwd.sample(2_000, 1.0).packets_lost == 0  # cumulative: only the increase counts
 
 
 async def test_an_unanswered_subscription_times_out() -> None:

@@ -1,0 +1,156 @@
+"""Inspector benchmark: one synthetic 60-minute call of 4 participants, written through the
+EventLog into a real SQLite file, then read back the way the inspector routes do. Prints:
+
+- entries and storage per call-hour (the database file's growth, WAL checkpointed);
+- the time to fetch the full timeline (``/quality``: every qualitySample entry) and every entry
+  of the session (what ``/summary`` and ``/diagnosis`` read);
+- the time to compute the summary and the diagnosis from those entries.
+
+Every participant publishes audio and video and subscribes to the three others; the server
+samples each track every ``--sample-s`` seconds (the default config: 2 s); each browser posts a
+getStats() sample per track every 5 s. Median of ``--runs`` runs; figures only, not a test.
+
+    .venv/bin/python benchmarks/inspector.py [--minutes 60] [--participants 4] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from metrics.diagnosis import diagnose
+from metrics.eventlog import EventLog
+from metrics.events import Component, EventKind, LogEntry
+from metrics.summary import summary
+
+SID = "s_benchmark"
+T0 = 1_790_000_000_000
+
+
+def entry(t: int, kind: EventKind, text: str, cid: str | None = None, stream: str | None = None,
+          component: Component = Component.SERVER, /, **payload: Any) -> LogEntry:
+    return LogEntry(time_ms=t, session_id=SID, connection_id=cid, stream_id=stream, kind=kind, text=text,
+                    component=component, payload=payload)
+
+
+def session(minutes: int, participants: int, sample_s: float) -> Iterator[LogEntry]:
+    rng = random.Random(7)
+    people = [(f"c_{i}", f"Person {i}", "clinician" if i == 0 else "patient", f"st_{i}") for i in range(participants)]
+    t = T0
+    for cid, name, role, stream in people:
+        t += 500
+        yield entry(t, EventKind.CONNECT_ATTEMPT, f"Connect attempt: {name} ({role})", cid,
+                    user_agent="Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0", ip="10.0.0.1")
+        yield entry(t, EventKind.SERVER_DETECTED_CONNECT, f"Server detected connect: {name} ({role})", cid,
+                    role=role, name=name, user=name, user_agent="Mozilla/5.0", ip="10.0.0.1")
+        yield entry(t, EventKind.SUCCESSFULLY_JOINED, f"Successfully joined the session: {name}", cid)
+        yield entry(t + 100, EventKind.PUBLISH_ATTEMPT, f"Publish attempt: {name}", cid, stream)
+        yield entry(t + 300, EventKind.PUBLISH_SUCCESS, f"Publish succeeded: {name}", cid, stream)
+        yield entry(t + 600, EventKind.STREAM_CREATED, f"Stream created: {name} (audio+video)", cid, stream,
+                    name=name, video_source="camera", has_audio=True, has_video=True)
+    subs = [(cid, f"sub_{cid}_{stream}", stream) for cid, *_ in people for *_, stream in people
+            if not stream.endswith(cid[2:])]
+    for cid, sub, stream in subs:
+        yield entry(t + 1_000, EventKind.SUBSCRIBE_ATTEMPT, "Subscribe attempt", cid, stream, subscription_id=sub)
+        yield entry(t + 1_200, EventKind.SUBSCRIBE_SUCCESS, "Subscribe succeeded", cid, stream, subscription_id=sub)
+    start, end = t + 2_000, t + 2_000 + minutes * 60_000
+    step = int(sample_s * 1000)
+    for now in range(start, end, step):
+        for cid, _, _, stream in people:
+            for kind in ("audio", "video"):
+                yield sample(now, cid, stream, stream, "in", kind, sample_s, rng)
+        for cid, sub, stream in subs:
+            for kind in ("audio", "video"):
+                yield sample(now, cid, stream, sub, "out", kind, sample_s, rng)
+        if (now - start) % 5_000 < step:  # the browsers' 5-second getStats() summaries
+            for cid, _, _, own in people:
+                for _, _, _, stream in people:
+                    direction = "send" if stream == own else "recv"
+                    for kind in ("audio", "video"):
+                        yield entry(now, EventKind.CLIENT_STATS, f"{kind} {direction}", cid, stream, Component.CLIENT,
+                                    stream_id=stream, kind=kind, direction=direction, framesDecoded=now // 33,
+                                    framesDropped=0, freezeCount=0, totalFreezesDuration=0.0,
+                                    jitterBufferDelay=0.04, concealedSamples=0, roundTripTime=0.03,
+                                    availableOutgoingBitrate=1_500_000, qualityLimitationReason="none",
+                                    packetsLost=0, packetsReceived=now // 20, bytesReceived=now * 100,
+                                    bytesSent=now * 100, frameWidth=640, frameHeight=480, framesPerSecond=30,
+                                    candidate_pair={"local_type": "host", "remote_type": "host",
+                                                    "protocol": "udp"})
+    for cid, name, _, _ in people:
+        yield entry(end, EventKind.DISCONNECT, f"Server detected disconnect: {name}. Reason: clientDisconnected", cid,
+                    reason="clientDisconnected")
+
+
+def sample(now: int, cid: str, stream: str, peer: str, direction: str, kind: str, interval: float,
+           rng: random.Random) -> LogEntry:
+    video = kind == "video"
+    kbps = round(rng.uniform(700, 900) if video else rng.uniform(30, 40), 1)
+    payload = {"peer_id": peer, "stream_id": stream, "direction": direction, "kind": kind, "time_ms": now,
+               "interval_s": interval, "bitrate_kbps": kbps, "packets": int(kbps * interval / 8),
+               "packets_lost": 0, "loss_pct": round(rng.uniform(0, 0.5), 2), "jitter_ms": round(rng.uniform(1, 5), 2),
+               "rtt_ms": round(rng.uniform(20, 40), 1), "frame_rate": 30.0 if video else None,
+               "width": 640 if video else None, "height": 480 if video else None, "nacks": 0, "plis": 0,
+               "remb_kbps": None, "octets": int(kbps * 125 * interval), "retransmitted": 0}
+    return entry(now, EventKind.QUALITY_SAMPLE, f"{kind} {direction} {kbps} kbps", cid, stream, **payload)
+
+
+def timed(fn: Callable[[], Any], runs: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(runs):
+        started = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=int, default=60)
+    parser.add_argument("--participants", type=int, default=4)
+    parser.add_argument("--sample-s", type=float, default=2.0)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "events.sqlite3"
+        log = EventLog(path, max_queue=2_000_000)
+        entries = list(session(args.minutes, args.participants, args.sample_s))
+        log.extend(entries)
+        assert log.flush_sync(timeout=600)
+        log.close()
+        import sqlite3
+        conn = sqlite3.connect(path)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        size = path.stat().st_size
+        reader = EventLog(path)
+        try:
+            fetch_timeline_ms, timeline = timed(
+                lambda: reader.events_sync(SID, kinds=[EventKind.QUALITY_SAMPLE], limit=1_000_000), args.runs)
+            fetch_all_ms, everything = timed(lambda: reader.events_sync(SID, limit=1_000_000), args.runs)
+        finally:
+            reader.close()
+        summary_ms, _ = timed(lambda: summary(SID, everything), args.runs)
+        diagnosis_ms, result = timed(lambda: diagnose(SID, everything), args.runs)
+    hours = args.minutes / 60
+    kinds = {k: sum(1 for e in entries if e.kind == k) for k in (EventKind.QUALITY_SAMPLE, EventKind.CLIENT_STATS)}
+    print(f"session: {args.minutes} min, {args.participants} participants, server samples every {args.sample_s:g} s, "
+          f"client stats every 5 s")
+    print(f"entries: {len(entries)} ({kinds[EventKind.QUALITY_SAMPLE]} quality samples, "
+          f"{kinds[EventKind.CLIENT_STATS]} client stats)")
+    print(f"storage: {size / 1e6:.1f} MB, {size / 1e6 / hours:.1f} MB per call-hour, "
+          f"{size / len(entries):.0f} bytes per entry")
+    print(f"fetch full timeline ({len(timeline)} samples): {fetch_timeline_ms:.0f} ms")
+    print(f"fetch every entry ({len(everything)}): {fetch_all_ms:.0f} ms")
+    print(f"summary: {summary_ms:.0f} ms")
+    print(f"diagnosis: {diagnosis_ms:.0f} ms ({len(result['findings'])} findings: "
+          f"{sorted({f['type'] for f in result['findings']})})")
+
+
+if __name__ == "__main__":
+    main()

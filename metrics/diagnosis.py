@@ -1,0 +1,594 @@
+"""Why did this call fail? Findings over one session's entries, in words support staff can read
+to a clinician, each with who and which direction it concerns, when, the evidence and a next step.
+
+Pure: :func:`diagnose` takes the entries ``EventLog.events`` returns (quality samples, client
+events and client stats included) and returns the findings, problems first. One rule per
+finding type in :data:`RULES` (a table, not an if-chain); docs/inspector.md lists them all with
+their thresholds. A clean call yields no ``problem``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Final
+
+from metrics.events import EventKind
+from metrics.scores import freezes_from_client_stats
+from metrics.summary import Entry, SessionView, Stream, session_view
+
+# Thresholds (docs/inspector.md).
+LOW_VIDEO_KBPS: Final = 150.0
+LOW_AUDIO_KBPS: Final = 12.0
+#: Share of a stream's samples under the bitrate floor that makes a finding.
+LOW_BITRATE_SHARE: Final = 0.3
+LOSS_PCT: Final = 5.0
+JITTER_MS: Final = 30.0
+RTT_MS: Final = 300.0
+#: Samples over a threshold that make a finding (one bad interval is noise).
+MIN_BAD_SAMPLES: Final = 2
+#: The first samples of a stream, taken while it ramps up, are not judged for bitrate.
+RAMP_UP_SAMPLES: Final = 2
+
+
+class Severity(StrEnum):
+    PROBLEM = "problem"
+    WARNING = "warning"
+    INFO = "info"
+
+
+SEVERITY_ORDER: Final = {Severity.PROBLEM: 0, Severity.WARNING: 1, Severity.INFO: 2}
+
+
+class FindingType(StrEnum):
+    NEVER_OPENED_LINK = "never_opened_link"
+    NEVER_JOINED = "never_joined"
+    LINK_REFUSED = "link_refused"
+    DEVICE_DENIED = "device_denied"
+    DEVICE_MISSING = "device_missing"
+    AUDIO_ONLY = "audio_only"
+    ICE_FAILED = "ice_failed"
+    NEVER_PUBLISHED = "never_published"
+    ONE_WAY_MEDIA = "one_way_media"
+    LOW_BITRATE = "low_bitrate"
+    HIGH_LOSS = "high_loss"
+    HIGH_JITTER = "high_jitter"
+    HIGH_RTT = "high_rtt"
+    FROZEN_VIDEO = "frozen_video"
+    HUNG_UP = "hung_up"
+    NETWORK_LOST = "network_lost"
+    SERVER_SHUTDOWN = "server_shutdown"
+    PHONE_FALLBACK = "phone_fallback"
+    ABANDONED = "abandoned"
+    TRANSFERRED = "transferred"
+    RECONNECTED = "reconnected"
+
+
+@dataclass
+class Finding:
+    type: FindingType
+    severity: Severity
+    cause: str
+    next_step: str
+    participant: dict[str, str] | None = None
+    direction: str | None = None  # "send" | "recv" | None
+    from_ms: int | None = None
+    until_ms: int | None = None
+    entries: list[int] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": str(self.type), "severity": str(self.severity), "cause": self.cause,
+                "participant": self.participant, "direction": self.direction, "from_ms": self.from_ms,
+                "until_ms": self.until_ms, "evidence": {"entries": self.entries, "samples": self.samples},
+                "next_step": self.next_step}
+
+
+def _payload(entry: Entry) -> Mapping[str, Any]:
+    payload = entry.get("payload")
+    return payload if isinstance(payload, Mapping) else {}
+
+
+def _t(entry: Entry) -> int:
+    return int(entry.get("time_ms") or 0)
+
+
+def _seq(entry: Entry) -> int:
+    return int(entry.get("seq") or 0)
+
+
+def _num(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _sample_ref(s: Mapping[str, Any], *keys: str) -> dict[str, Any]:
+    return {"seq": s.get("seq"), "time_ms": s.get("time_ms"), **{k: s.get(k) for k in keys}}
+
+
+def _patients(view: SessionView) -> list[str]:
+    return [cid for cid, p in view.participants.items() if p.role == "patient"]
+
+
+# --- the rules ------------------------------------------------------------------------------
+
+def _link_sent(view: SessionView) -> list[Entry]:
+    return [e for e in view.by_kind(EventKind.CONSULTATION) if str(e.get("text", "")).startswith("Join link sent")]
+
+
+def never_opened_link(view: SessionView) -> list[Finding]:
+    sent = _link_sent(view)
+    if not sent:
+        return []
+    opened = (view.by_kind(EventKind.TOKEN_REJECTED) or _patients(view)
+              or [e for e in view.by_kind(EventKind.CONSULTATION) if "logged in via link" in str(e.get("text", ""))]
+              or view.by_kind(EventKind.QUEUE))
+    if opened:
+        return []
+    return [Finding(FindingType.NEVER_OPENED_LINK, Severity.PROBLEM,
+                    "The patient never opened the consultation link.",
+                    "Call the patient, check the link reached them (e-mail or SMS) and send it again if needed.",
+                    from_ms=_t(sent[0]), until_ms=view.ended_ms, entries=[_seq(e) for e in sent])]
+
+
+def never_joined(view: SessionView) -> list[Finding]:
+    """Someone expected in the call never connected: the patient of an admitted consultation,
+    or anyone at all besides the first participant of a call."""
+    admitted = [e for e in view.by_kind(EventKind.QUEUE) if "admitted" in str(e.get("text", ""))]
+    roles = {p.role for p in view.participants.values()}
+    if admitted and "patient" not in roles:
+        return [Finding(FindingType.NEVER_JOINED, Severity.PROBLEM,
+                        "The patient was admitted but never joined the video call.",
+                        "Call the patient and ask them to open the link again; offer a phone consultation.",
+                        from_ms=_t(admitted[0]), until_ms=view.ended_ms, entries=[_seq(e) for e in admitted])]
+    if len(view.participants) == 1 and not view.by_kind(EventKind.TOKEN_REJECTED):
+        (p,) = view.participants.values()
+        return [Finding(FindingType.NEVER_JOINED, Severity.PROBLEM,
+                        f"Only {p.name or p.connection_id} ({p.role}) joined; nobody else ever joined the call.",
+                        "Check the other participant had the right link and time; call them.",
+                        participant=view.who(p.connection_id), from_ms=p.joined_ms, until_ms=p.left_ms or view.ended_ms,
+                        entries=p.seqs[:2])]
+    return []
+
+
+_ISO = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC")
+
+
+def link_refused(view: SessionView) -> list[Finding]:
+    found = []
+    for e in view.by_kind(EventKind.TOKEN_REJECTED):
+        payload = _payload(e)
+        code, reason = str(payload.get("code", "")), str(payload.get("reason", ""))
+        when = _ISO.search(reason)
+        at = when.group(0) if when else "an earlier time"
+        if code in ("token_expired", "too_late"):
+            cause = f"The link was refused because it had expired (it closed at {at})."
+            step = "Send the patient a new link, or book a new time."
+        elif code in ("token_not_yet_valid", "too_early"):
+            cause = f"The link was refused because it was used too early (it opens at {at})."
+            step = "Tell the patient when the link opens and to use it again then."
+        elif code == "room_mismatch":
+            cause = "The link was refused because it is for another consultation."
+            step = "Check the patient used the link sent for this consultation; send it again."
+        else:
+            cause = "The link was refused because it is not valid (damaged or forged)."
+            step = "Send the patient a new link; if it happens again, report it to security."
+        found.append(Finding(FindingType.LINK_REFUSED, Severity.PROBLEM, cause, step, from_ms=_t(e),
+                             until_ms=_t(e), entries=[_seq(e)]))
+    return found
+
+
+_DENIED_ERRORS: Final = {"NotAllowedError", "PermissionDeniedError", "SecurityError"}
+_MISSING_ERRORS: Final = {"NotFoundError", "DevicesNotFoundError", "OverconstrainedError"}
+_BUSY_ERRORS: Final = {"NotReadableError", "TrackStartError", "AbortError"}
+
+
+def devices(view: SessionView) -> list[Finding]:
+    found = []
+    for e in view.client_events("deviceCheck", "getUserMediaFailed"):
+        payload, who = _payload(e), view.who(e.get("connection_id"))
+        name = view.name(e.get("connection_id"))
+        problems: list[tuple[str, str]] = []
+        if payload.get("event") == "deviceCheck":
+            for device in ("camera", "microphone"):
+                problems.append((device, str(payload.get(device, ""))))
+        else:
+            error = str(payload.get("error_name", ""))
+            state = ("denied" if error in _DENIED_ERRORS else "not_found" if error in _MISSING_ERRORS
+                     else "in_use" if error in _BUSY_ERRORS else "error")
+            problems.append(("camera or microphone", state))
+        for device, state in problems:
+            if state == "denied":
+                found.append(Finding(FindingType.DEVICE_DENIED, Severity.PROBLEM,
+                                     f"{name}'s browser was refused access to the {device}.",
+                                     f"Ask {name} to allow the {device} for this site in the browser's address bar "
+                                     "and reload the page.", participant=who, direction="send", from_ms=_t(e),
+                                     until_ms=_t(e), entries=[_seq(e)]))
+            elif state in ("not_found", "in_use", "error"):
+                what = {"not_found": f"{name} has no {device} the browser can find",
+                        "in_use": f"{name}'s {device} is in use by another program",
+                        "error": f"{name}'s {device} could not be started"}[state]
+                found.append(Finding(FindingType.DEVICE_MISSING, Severity.PROBLEM, f"{what}.",
+                                     f"Ask {name} to connect a {device} or close other programs using it, "
+                                     "then reload the page.", participant=who, direction="send", from_ms=_t(e),
+                                     until_ms=_t(e), entries=[_seq(e)]))
+    return found
+
+
+def audio_only(view: SessionView) -> list[Finding]:
+    found = []
+    for cid, p in view.participants.items():
+        mine = [s for s in view.streams.values() if s.connection_id == cid]
+        if mine and not any(s.has_video for s in mine) and any(s.has_audio for s in mine):
+            found.append(Finding(FindingType.AUDIO_ONLY, Severity.WARNING,
+                                 f"{p.name} joined with audio only: no camera picture was sent.",
+                                 f"If video is needed, ask {p.name} to check the camera is allowed and connected.",
+                                 participant=view.who(cid), direction="send", from_ms=mine[0].created_ms,
+                                 until_ms=mine[0].destroyed_ms, entries=[s.seq for s in mine]))
+    return found
+
+
+def ice_failed(view: SessionView) -> list[Finding]:
+    found = []
+    for e in view.client_events("iceFailed", "connectionFailed"):
+        payload = _payload(e)
+        local = {str(t) for t in payload.get("local_candidate_types") or [] if isinstance(t, str)}
+        remote = {str(t) for t in payload.get("remote_candidate_types") or [] if isinstance(t, str)}
+        servers = payload.get("ice_servers")
+        name = view.name(e.get("connection_id"))
+        if not local:
+            why = "the browser gathered no network address at all"
+            step = "Ask the participant to try another network (mobile data) or check the firewall."
+        elif "relay" not in local:
+            why = ("it had no relay candidate: TURN is not configured" if servers == 0
+                   else "it had no relay candidate: the TURN server is not configured or is blocked")
+            step = "Check the TURN settings ([media] turn) and that the participant's network allows TURN (443/TCP)."
+        elif "srflx" not in local and "host" in local:
+            why = "UDP looks blocked on the participant's network (no server-reflexive candidate)"
+            step = "Make sure TURN over TCP/TLS on port 443 is offered; ask to try another network."
+        else:
+            why = "no candidate pair worked even with a relay"
+            step = "Check the TURN server is reachable and healthy."
+        cause = (f"{name}'s connection could not be set up ({why}); local candidates: "
+                 f"{', '.join(sorted(local)) or 'none'}, server candidates: {', '.join(sorted(remote)) or 'none'}.")
+        found.append(Finding(FindingType.ICE_FAILED, Severity.PROBLEM, cause, step, participant=view.who(
+            e.get("connection_id")), direction=None, from_ms=_t(e), until_ms=_t(e), entries=[_seq(e)]))
+    for e in view.by_kind(EventKind.ICE_STATE_CHANGED):
+        if _payload(e).get("state") == "failed":
+            name = view.name(e.get("connection_id"))
+            found.append(Finding(FindingType.ICE_FAILED, Severity.PROBLEM,
+                                 f"{name}'s media connection to the server failed (ICE failed).",
+                                 "Check the participant's network allows UDP or TURN over TCP/TLS on port 443.",
+                                 participant=view.who(e.get("connection_id")), from_ms=_t(e), until_ms=_t(e),
+                                 entries=[_seq(e)]))
+    for e in view.by_kind(EventKind.PUBLISH_FAILURE):
+        error = str(_payload(e).get("error", ""))
+        if "not connected" in error or "before its media connected" in error and "left" not in error:
+            name = view.name(e.get("connection_id"))
+            found.append(Finding(FindingType.ICE_FAILED, Severity.PROBLEM,
+                                 f"{name}'s media never connected to the server ({error}).",
+                                 "Check the participant's network allows UDP or TURN over TCP/TLS on port 443.",
+                                 participant=view.who(e.get("connection_id")), direction="send", from_ms=_t(e),
+                                 until_ms=_t(e), entries=[_seq(e)]))
+    return found
+
+
+def never_published(view: SessionView) -> list[Finding]:
+    if len(view.participants) < 2 or not view.streams:
+        return []
+    found = []
+    for cid, p in view.participants.items():
+        if any(s.connection_id == cid for s in view.streams.values()):
+            continue
+        attempts = [_seq(e) for e in view.by_kind(EventKind.PUBLISH_ATTEMPT, EventKind.PUBLISH_FAILURE)
+                    if e.get("connection_id") == cid]
+        tried = " (it tried, but the publish failed)" if attempts else ""
+        found.append(Finding(FindingType.NEVER_PUBLISHED, Severity.PROBLEM,
+                             f"{p.name} joined but never sent audio or video{tried}.",
+                             f"Ask {p.name} to check camera and microphone permissions and reload the page.",
+                             participant=view.who(cid), direction="send", from_ms=p.joined_ms,
+                             until_ms=p.left_ms or view.ended_ms, entries=p.seqs[:2] + attempts))
+    return found
+
+
+def one_way_media(view: SessionView) -> list[Finding]:
+    found = []
+    for sub in view.subscriptions.values():
+        stream = view.streams.get(sub.stream_id)
+        if stream is None:
+            continue
+        sent = [s for s in view.stream_samples(sub.stream_id, "in") if (s.get("packets") or 0) > 0]
+        got = view.peer_samples(sub.subscription_id)
+        if not sent or any((s.get("packets") or 0) > 0 for s in got):
+            continue
+        if sub.succeeded_ms is None and not got:
+            lasted = (sub.ended_ms or view.ended_ms or sub.attempt_ms) - sub.attempt_ms
+            if lasted < 10_000:
+                continue  # an attempt that ended quickly (stream gone, participant left) is not one-way media
+        name, publisher = view.name(sub.connection_id), view.name(stream.connection_id)
+        found.append(Finding(FindingType.ONE_WAY_MEDIA, Severity.PROBLEM,
+                             f"{name} never received {publisher}'s {_what(stream)} although the server received it.",
+                             f"Ask {name} to reload the page; if it persists, check {name}'s network allows "
+                             "incoming UDP or TURN.", participant=view.who(sub.connection_id), direction="recv",
+                             from_ms=sub.attempt_ms, until_ms=sub.ended_ms or view.ended_ms, entries=[sub.seq],
+                             samples=[_sample_ref(s, "packets") for s in got[:5]]))
+    return found
+
+
+def _what(stream: Stream) -> str:
+    return "audio and video" if stream.has_audio and stream.has_video else "video" if stream.has_video else "audio"
+
+
+def low_bitrate(view: SessionView) -> list[Finding]:
+    found = []
+    for stream in view.streams.values():
+        if not stream.has_video:
+            continue
+        ins = [s for s in view.stream_samples(stream.stream_id, "in") if s.get("kind") == "video"][RAMP_UP_SAMPLES:]
+        low_in = [s for s in ins if (_num(s.get("bitrate_kbps")) or 0.0) < LOW_VIDEO_KBPS]
+        publisher = view.name(stream.connection_id)
+        if ins and len(low_in) >= MIN_BAD_SAMPLES and len(low_in) / len(ins) >= LOW_BITRATE_SHARE:
+            median = statistics.median(_num(s.get("bitrate_kbps")) or 0.0 for s in low_in)
+            found.append(Finding(
+                FindingType.LOW_BITRATE, Severity.PROBLEM,
+                f"{publisher}'s video arrived at the server at only {median:.0f} kbps (under {LOW_VIDEO_KBPS:.0f} kbps "
+                f"for {100 * len(low_in) / len(ins):.0f}% of the call): {publisher}'s uplink is too slow.",
+                f"Ask {publisher} to move closer to the Wi-Fi router, close other programs using the network, "
+                "or switch to audio only.", participant=view.who(stream.connection_id), direction="send",
+                from_ms=_ts(low_in[0]), until_ms=_ts(low_in[-1]), samples=[_sample_ref(s, "bitrate_kbps")
+                                                                            for s in low_in[:10]]))
+            continue
+        for sub in view.subscriptions.values():
+            if sub.stream_id != stream.stream_id:
+                continue
+            outs = [s for s in view.peer_samples(sub.subscription_id) if s.get("kind") == "video"][RAMP_UP_SAMPLES:]
+            low_out = [s for s in outs if (_num(s.get("bitrate_kbps")) or 0.0) < LOW_VIDEO_KBPS
+                       and (s.get("packets") or 0) > 0]
+            if outs and len(low_out) >= MIN_BAD_SAMPLES and len(low_out) / len(outs) >= LOW_BITRATE_SHARE:
+                viewer = view.name(sub.connection_id)
+                median = statistics.median(_num(s.get("bitrate_kbps")) or 0.0 for s in low_out)
+                found.append(Finding(
+                    FindingType.LOW_BITRATE, Severity.PROBLEM,
+                    f"{viewer} received {publisher}'s video at only {median:.0f} kbps for "
+                    f"{100 * len(low_out) / len(outs):.0f}% of the call although it was sent well: "
+                    f"{viewer}'s downlink is too slow.",
+                    f"Ask {viewer} to move closer to the Wi-Fi router or close other programs using the network.",
+                    participant=view.who(sub.connection_id), direction="recv", from_ms=_ts(low_out[0]),
+                    until_ms=_ts(low_out[-1]), samples=[_sample_ref(s, "bitrate_kbps") for s in low_out[:10]]))
+    return found
+
+
+def _ts(sample: Mapping[str, Any]) -> int:
+    return int(sample.get("time_ms") or 0)
+
+
+@dataclass(frozen=True)
+class _Impairment:
+    type: FindingType
+    field: str
+    threshold: float
+    unit: str
+    words: str
+
+
+_IMPAIRMENTS: Final = (
+    _Impairment(FindingType.HIGH_LOSS, "loss_pct", LOSS_PCT, "%", "lost {v:.1f}% of packets"),
+    _Impairment(FindingType.HIGH_JITTER, "jitter_ms", JITTER_MS, " ms", "had {v:.0f} ms of jitter"),
+    _Impairment(FindingType.HIGH_RTT, "rtt_ms", RTT_MS, " ms", "had a round trip of {v:.0f} ms"),
+)
+
+
+def network_impairments(view: SessionView) -> list[Finding]:
+    """Loss, jitter or RTT over the threshold on one leg: a publisher's uplink (samples "in")
+    or a subscriber's downlink (samples "out")."""
+    found = []
+    legs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in view.samples:
+        if s.get("direction") == "in":
+            stream = view.streams.get(str(s.get("stream_id")))
+            owner = stream.connection_id if stream else str(s.get("connection_id"))
+            legs.setdefault((owner, "send"), []).append(s)
+        elif s.get("direction") == "out":
+            legs.setdefault((str(s.get("connection_id")), "recv"), []).append(s)
+    upstream: dict[str, _Upstream] = {}
+    for (_, direction), samples in legs.items():
+        if direction == "send":
+            for s in samples:
+                upstream.setdefault(f'{s.get("stream_id")}/{s.get("kind")}', _Upstream()).add(s)
+    for (cid, direction), samples in legs.items():
+        name = view.name(cid)
+        leg = "uplink (what they send)" if direction == "send" else "downlink (what they receive)"
+        for imp in _IMPAIRMENTS:
+            bad = [s for s in samples if _own_share(s, imp.field, direction, upstream) > imp.threshold
+                   and (s.get("packets") or 0) > 0]
+            if len(bad) < MIN_BAD_SAMPLES:
+                continue
+            worst = statistics.median(_num(s.get(imp.field)) or 0.0 for s in bad)
+            found.append(Finding(
+                imp.type, Severity.PROBLEM,
+                f"{name}'s {leg} " + imp.words.format(v=worst)
+                + f" (over {imp.threshold:g}{imp.unit} in {len(bad)} of {len(samples)} samples).",
+                f"Ask {name} to use a wired or stronger connection, or to stop other traffic on their network.",
+                participant=view.who(cid), direction=direction, from_ms=_ts(bad[0]), until_ms=_ts(bad[-1]),
+                samples=[_sample_ref(s, imp.field, "stream_id", "kind") for s in bad[:10]]))
+    return found
+
+
+class _Upstream:
+    """One stream's upstream samples (oldest first), found by time."""
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self.samples: list[Mapping[str, Any]] = []
+
+    def add(self, sample: Mapping[str, Any]) -> None:
+        self.times.append(_ts(sample))
+        self.samples.append(sample)
+
+    def nearest(self, t: int) -> Mapping[str, Any]:
+        i = bisect.bisect_left(self.times, t)
+        if i == len(self.times) or (i > 0 and t - self.times[i - 1] <= self.times[i] - t):
+            i -= 1
+        return self.samples[i]
+
+
+def _own_share(sample: Mapping[str, Any], name: str, direction: str, upstream: Mapping[str, _Upstream]) -> float:
+    """The figure of one sample that its own leg added: a subscriber's loss and jitter include
+    what the publisher's uplink already lost (the server forwards gaps as they came), so the
+    upstream figure nearest in time is taken off; RTT is the leg's own."""
+    value = _num(sample.get(name)) or 0.0
+    if direction != "recv" or name == "rtt_ms":
+        return value
+    ups = upstream.get(f'{sample.get("stream_id")}/{sample.get("kind")}')
+    if ups is None:
+        return value
+    return value - (_num(ups.nearest(_ts(sample)).get(name)) or 0.0)
+
+
+def frozen_video(view: SessionView) -> list[Finding]:
+    found = []
+    by_track: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in view.client_stats:
+        if s.get("direction") == "recv" and s.get("kind") == "video":
+            by_track.setdefault((str(s.get("connection_id")), str(s.get("stream_id"))), []).append(s)
+    for (cid, stream_id), samples in by_track.items():
+        count, frozen_s = freezes_from_client_stats(samples)
+        if count:
+            stream = view.streams.get(stream_id)
+            publisher = view.name(stream.connection_id) if stream else "the other participant"
+            name = view.name(cid)
+            found.append(Finding(FindingType.FROZEN_VIDEO, Severity.PROBLEM if frozen_s >= 5 else Severity.WARNING,
+                                 f"{publisher}'s video froze {count} time(s) on {name}'s screen "
+                                 f"({frozen_s:.1f} s in all).",
+                                 "Look at the loss and bitrate findings for the leg at fault; ask for a stronger "
+                                 "connection.", participant=view.who(cid), direction="recv", from_ms=_ts(samples[0]),
+                                 until_ms=_ts(samples[-1]),
+                                 samples=[_sample_ref(s, "freezeCount", "totalFreezesDuration") for s in samples[:10]]))
+    for e in view.by_kind(EventKind.QUALITY_ALERT):
+        payload = _payload(e)
+        if payload.get("metric") == "media_flow" and payload.get("media") == "video" and payload.get("flowing") is False:
+            name = view.name(e.get("connection_id"))
+            found.append(Finding(FindingType.FROZEN_VIDEO, Severity.WARNING,
+                                 f"The server received no video from {name} for "
+                                 f"{_num(payload.get('idle_s')) or 0:.0f} seconds: everyone saw a frozen picture.",
+                                 f"Ask {name} whether the camera was covered, turned off or the network dropped.",
+                                 participant=view.who(e.get("connection_id")), direction="send", from_ms=_t(e),
+                                 until_ms=_t(e), entries=[_seq(e)]))
+    return found
+
+
+def endings(view: SessionView) -> list[Finding]:
+    found = []
+    for e in view.by_kind(EventKind.DISCONNECT):
+        reason = str(_payload(e).get("reason", ""))
+        cid = e.get("connection_id")
+        name = view.name(cid)
+        if reason == "clientDisconnected":
+            f = Finding(FindingType.HUNG_UP, Severity.INFO, f"{name} left the call (hung up or closed the page).",
+                        "Nothing to do unless they did not mean to leave.")
+        elif reason in ("networkDisconnected", "slowConsumer"):
+            f = Finding(FindingType.NETWORK_LOST, Severity.PROBLEM,
+                        f"{name} lost the network: the server stopped hearing from them"
+                        + (" (their connection could not keep up)." if reason == "slowConsumer" else "."),
+                        f"Ask {name} to use a stronger connection; the link still works to rejoin.")
+        elif reason == "serverShutdown":
+            f = Finding(FindingType.SERVER_SHUTDOWN, Severity.PROBLEM,
+                        f"The server shut down (or its node failed) while {name} was in the call.",
+                        "Check the server's logs and restarts at that time; the participants can rejoin with their links.")
+        else:
+            continue
+        f.participant, f.from_ms, f.until_ms, f.entries = view.who(cid), _t(e), _t(e), [_seq(e)]
+        found.append(f)
+    return found
+
+
+def workflow_outcomes(view: SessionView) -> list[Finding]:
+    found = []
+    for e in view.entries:
+        kind, payload = e.get("kind"), _payload(e)
+        if kind == EventKind.VIDEO_SESSION and "video_attempted" in payload:
+            tried = payload.get("video_attempted") is True
+            found.append(Finding(FindingType.PHONE_FALLBACK, Severity.WARNING if tried else Severity.INFO,
+                                 "The consultation ended as a phone consultation "
+                                 + ("after a video call was tried." if tried else "without a video call."),
+                                 "Look at the other findings for why video did not work." if tried
+                                 else "Nothing to do: video was not attempted.",
+                                 from_ms=_t(e), until_ms=_t(e), entries=[_seq(e)]))
+        elif kind == EventKind.QUEUE and payload.get("outcome") == "abandoned":
+            waited = _num(payload.get("waited_ms")) or 0.0
+            found.append(Finding(FindingType.ABANDONED, Severity.PROBLEM,
+                                 f"The patient left the waiting room after {_duration(waited)} without being "
+                                 "admitted.",
+                                 "Call the patient back; check the waiting room was watched by a clinician.",
+                                 from_ms=_t(e) - int(waited), until_ms=_t(e), entries=[_seq(e)]))
+        elif kind == EventKind.QUEUE and "from_room" in payload and "to_room" in payload:
+            found.append(Finding(FindingType.TRANSFERRED, Severity.INFO,
+                                 f"The patient was transferred from waiting room {payload.get('from_room')} to "
+                                 f"{payload.get('to_room')}.", "Nothing to do: the session continued.",
+                                 from_ms=_t(e), until_ms=_t(e), entries=[_seq(e)]))
+    return found
+
+
+def _duration(ms: float) -> str:
+    """``7 minutes`` or, under a minute, ``42 seconds``."""
+    if ms >= 60_000:
+        minutes = round(ms / 60_000)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    seconds = round(ms / 1000)
+    return f"{seconds} second{'s' if seconds != 1 else ''}"
+
+
+def reconnected(view: SessionView) -> list[Finding]:
+    found = []
+    by_conn: dict[str, list[Entry]] = {}
+    for e in view.client_events("reconnected"):
+        by_conn.setdefault(str(e.get("connection_id")), []).append(e)
+    # A user who joined again after losing the network reconnected too (the server's view).
+    by_user: dict[str, list[Entry]] = {}
+    lost = {str(e.get("connection_id")) for e in view.by_kind(EventKind.DISCONNECT)
+            if _payload(e).get("reason") == "networkDisconnected"}
+    for p in view.participants.values():
+        if p.user:
+            by_user.setdefault(p.user, [])
+    for cid, events in by_conn.items():
+        name = view.name(cid)
+        found.append(_reconnect_finding(view, cid, name, len(events), [_seq(e) for e in events],
+                                        _t(events[0]), _t(events[-1])))
+    for user in by_user:
+        conns = sorted((p for p in view.participants.values() if p.user == user), key=lambda p: p.joined_ms or 0)
+        rejoined = [p for prev, p in zip(conns, conns[1:], strict=False) if prev.connection_id in lost]
+        if rejoined and not any(p.connection_id in by_conn for p in conns):
+            found.append(_reconnect_finding(view, rejoined[-1].connection_id, rejoined[-1].name, len(rejoined),
+                                            [s for p in rejoined for s in p.seqs[:1]], rejoined[0].joined_ms,
+                                            rejoined[-1].joined_ms))
+    return found
+
+
+def _reconnect_finding(view: SessionView, cid: str, name: str, n: int, seqs: list[int], start: int | None,
+                       end: int | None) -> Finding:
+    return Finding(FindingType.RECONNECTED, Severity.WARNING if n >= 2 else Severity.INFO,
+                   f"{name} reconnected {n} time(s) during the call.",
+                   f"If it happens often, ask {name} for a more stable connection.", participant=view.who(cid),
+                   from_ms=start, until_ms=end, entries=seqs)
+
+
+#: Every rule, in the order its findings are listed within one severity.
+RULES: Final[Sequence[Callable[[SessionView], list[Finding]]]] = (
+    never_opened_link, link_refused, never_joined, devices, ice_failed, never_published, one_way_media,
+    audio_only, low_bitrate, network_impairments, frozen_video, endings, workflow_outcomes, reconnected,
+)
+
+
+def findings(view: SessionView) -> list[Finding]:
+    out = [f for rule in RULES for f in rule(view)]
+    out.sort(key=lambda f: SEVERITY_ORDER[f.severity])  # stable: rule order within a severity
+    return out
+
+
+def diagnose(session_id: str, entries: Iterable[Entry]) -> dict[str, Any]:
+    """The findings for one session (the shape of ``GET /api/sessions/{id}/diagnosis``)."""
+    view = session_view(session_id, entries)
+    return {"session_id": session_id, "findings": [f.to_json() for f in findings(view)]}
