@@ -145,16 +145,18 @@ async def _all_entries(request: web.Request, session_id: str) -> list[dict[str, 
 
 async def session_summary(request: web.Request) -> web.Response:
     """Meeting stats, participants with scores and quality over time, and the error log."""
-    inspector_claims(request)
+    claims = inspector_claims(request)
     session_id = request.match_info["session_id"]
+    await audit_lookup(request, claims, "session", session_id)
     entries = await _all_entries(request, session_id)
     return web.json_response(await asyncio.to_thread(summary, session_id, entries))
 
 
 async def session_diagnosis(request: web.Request) -> web.Response:
     """Why the call went wrong: findings, problems first."""
-    inspector_claims(request)
+    claims = inspector_claims(request)
     session_id = request.match_info["session_id"]
+    await audit_lookup(request, claims, "session", session_id)
     entries = await _all_entries(request, session_id)
     return web.json_response(await asyncio.to_thread(diagnose, session_id, entries))
 

@@ -78,6 +78,8 @@ async def test_each_lookup_is_audited_exactly_once(clinic: Clinic) -> None:
     calls = [
         (f"/api/sessions/{sid}/events", ("LookUp", "support", "session", sid)),
         (f"/api/sessions/{sid}/quality", ("LookUp", "support", "session", sid)),
+        (f"/api/sessions/{sid}/summary", ("LookUp", "support", "session", sid)),
+        (f"/api/sessions/{sid}/diagnosis", ("LookUp", "support", "session", sid)),
         ("/api/sessions?q=p-audit&since_ms=1&until_ms=2", ("LookUp", "support", "query",
                                                           "sessions q=p-audit since_ms=1 until_ms=2")),
         ("/api/backoffice/log?q=p-audit&type=Consultation&since_ms=1&until_ms=2", (
@@ -118,11 +120,11 @@ async def test_each_lookup_is_audited_exactly_once(clinic: Clinic) -> None:
     for token in (sue2, sue2, sue):
         assert (await get(clinic, f"/api/sessions/{sid}/events", token))[0] == 200
     kinds = [r[0] for r in audit_rows(clinic.server, "sue-audit")]
-    assert kinds == ["Login"] + ["LookUp"] * 5 + ["Login"] + ["LookUp"] * 3
+    assert kinds == ["Login"] + ["LookUp"] * len(calls) + ["Login"] + ["LookUp"] * 3
     # Support sees its own look-ups in the back-office log (the search is itself one more).
     status, body, _ = await get(clinic, "/api/backoffice/log?type=LookUp&q=sue-audit&limit=1000", sue)
     assert status == 200
-    assert len([e for e in body["entries"] if e["staff"] == "Sue Support (sue-audit)"]) == 9
+    assert len([e for e in body["entries"] if e["staff"] == "Sue Support (sue-audit)"]) == len(calls) + 3 + 1
 
 
 async def test_a_staff_join_over_the_websocket_is_a_sign_in(clinic: Clinic) -> None:
