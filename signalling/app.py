@@ -14,14 +14,17 @@ from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Handler
 
 from media import aiortc_internals
+from media.events import DatagramDropReason
 from media.router import Router
+from media.udpmux import UdpMux
+from metrics import prometheus as prom
 from metrics.eventlog import EventLog
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
 from signalling.api import add_routes, coded_errors
 from signalling.auth import TokenAuthority
-from signalling.config import Config
+from signalling.config import Config, ConfigError
 from signalling.hub import Hub
 from signalling.keys import (
     CONFIG_KEY,
@@ -88,6 +91,9 @@ def create_app(config: Config) -> web.Application:
     app[TOKENS_KEY] = TokenAuthority.from_config(config)
     app[SOCKETS_KEY] = weakref.WeakSet()
     app[STARTED_KEY] = time.monotonic()
+    mux = _bind_udp_port(config)
+    if mux is not None:
+        app[UDP_MUX_KEY] = mux
     app.cleanup_ctx.append(_eventlog_ctx)
     app.cleanup_ctx.append(_media_ctx)
     app.cleanup_ctx.append(_workflow_ctx)
@@ -124,18 +130,53 @@ async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     await eventlog.aclose()
 
 
+#: The node's shared media sockets when ``media.udp_port`` is set (bound in create_app, so a
+#: taken port stops start-up with a message naming the key).
+UDP_MUX_KEY: Final = web.AppKey("udp_mux", UdpMux)
+
+
+def _bind_udp_port(config: Config) -> UdpMux | None:
+    media = config.media
+    if not media.udp_port:
+        return None
+    aiortc_internals.configure_ice_addresses(media.ice_addresses)
+    addresses = aiortc_internals.host_addresses()
+    if not addresses:
+        raise ConfigError("media.udp_port: this host has no address to gather ICE candidates on "
+                          "(set media.ice_addresses)")
+    try:
+        return UdpMux.bind(addresses, media.udp_port, dict.fromkeys(DatagramDropReason, 0))
+    except OSError as exc:
+        raise ConfigError(f"media.udp_port = {media.udp_port}: {exc.strerror}; another process holds the port "
+                          "(each server process needs its own)") from None
+
+
 async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     media = app[CONFIG_KEY].media
     aiortc_internals.configure_ice_addresses(media.ice_addresses)
+    mux = app.get(UDP_MUX_KEY)
+    if mux is not None:
+        await mux.start()
+        prom.MEDIA_UDP_ROUTES.labels(kind=prom.UdpRouteKind.USERNAME.value).set_function(
+            lambda: mux.route_counts()[0])
+        prom.MEDIA_UDP_ROUTES.labels(kind=prom.UdpRouteKind.ADDRESS.value).set_function(
+            lambda: mux.route_counts()[1])
     router = Router(pli_interval_s=media.pli_interval_s, sample_interval_s=media.sample_interval_s,
                     announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s,
-                    connect_timeout_s=media.connect_timeout_s, max_peer_connections=media.max_peer_connections)
+                    connect_timeout_s=media.connect_timeout_s, max_peer_connections=media.max_peer_connections,
+                    udp_mux=mux)
     app[ROUTER_KEY] = router
     app[HUB_KEY] = Hub(app[TOKENS_KEY], router, app[EVENTLOG_KEY], app[CONFIG_KEY])
     router.start()
-    yield
-    await app[HUB_KEY].shutdown()
-    await router.close()
+    try:
+        yield
+    finally:
+        await app[HUB_KEY].shutdown()
+        await router.close()
+        if mux is not None:
+            mux.close()
+            for kind in prom.UdpRouteKind:
+                prom.MEDIA_UDP_ROUTES.labels(kind=kind.value).set_function(lambda: 0)
 
 
 async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
