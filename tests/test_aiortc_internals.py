@@ -185,7 +185,8 @@ def test_host_candidate_internals() -> None:
     assert "lambda: StunProtocol(self)" in source and "self._protocols += host_protocols" in source
     assert 'candidate_foundation("host", "udp", candidate_address[0])' in source
     assert 'candidate_priority(component, "host")' in source
-    assert "return self._local_username" in inspect.getsource(aioice.Connection.local_username.fget)  # type: ignore[attr-defined]
+    username = aioice.Connection.local_username.fget  # type: ignore[attr-defined]
+    assert "return self._local_username" in inspect.getsource(username)
     params = inspect.getsource(RTCIceGatherer.getLocalParameters)
     assert "usernameFragment=self._connection.local_username" in params
     # Closing a connection closes each protocol's transport and waits for connection_lost.
