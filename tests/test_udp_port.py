@@ -1,7 +1,8 @@
 """One UDP port for media (``media.udp_port``) through a real ``openconsult serve``: a 1:1
 call of two aiortc clients (each publishes and subscribes to the other) runs on the one
 port, the server holds exactly one UDP socket (per ICE address), strangers' datagrams at
-the port are dropped and counted by reason, and the routes go when the peers close."""
+the port are dropped and counted by reason, the routes go when the peers close, and
+relay-only clients still reach the port through TURN."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiortc import RTCConfiguration, RTCIceServer
+from aiortc.rtcconfiguration import RTCIceTransportPolicy
 
 from media import aiortc_internals
 from rooms.model import Role
@@ -20,6 +23,7 @@ from tests.call_helpers import Participant, authority, get_json
 from tests.helpers import free_port, wait_until
 from tests.server import ServerProcess, start_server
 from tests.test_media_hardening import junk, metric, stun
+from tests.turn_server import turn_server
 
 
 def free_udp_port() -> int:
@@ -144,3 +148,37 @@ def test_a_taken_udp_port_stops_start_up_naming_the_key(tmp_path: Path, udp_port
         assert f"media.udp_port = {taken}" in str(failed.value), failed.value
     finally:
         holder.close()
+
+
+async def test_relay_only_clients_reach_the_one_port_through_turn(tmp_path: Path) -> None:
+    # TURN stays optional with one port: a client whose network blocks UDP relays to it.
+    port = free_udp_port()
+    with turn_server(tmp_path / "turn") as turn:
+        server = start_server(tmp_path, f'udp_port = {port}\nturn_urls = ["{turn.url}"]\n'
+                              f'turn_secret = "{turn.secret}"\n')
+        tokens = authority(server.data_dir)
+        room = f"r-{uuid.uuid4().hex[:8]}"
+        alice, bob = Participant(server.ws_url, "Alice"), Participant(server.ws_url, "Bob")
+        try:
+            joined = await alice.join(tokens, room, Role.CLINICIAN)
+            await bob.join(tokens, room)
+            for p, data in ((alice, joined), (bob, bob.client.joined)):
+                [s] = data["ice_servers"]
+                p.rtc_config = RTCConfiguration(
+                    iceServers=[RTCIceServer(urls=s["urls"][0], username=s["username"], credential=s["credential"])],
+                    iceTransportPolicy=RTCIceTransportPolicy.RELAY)
+            stream = await alice.publish()
+            await bob.client.wait_event("streamCreated", stream__stream_id=stream)
+            subscriber = await bob.subscribe(stream)
+            await wait_until(lambda: len(subscriber.received.frames) > 10, timeout=60, message="video through TURN")
+            support = tokens.mint("support", Role.SUPPORT, "Support")
+            events = get_json(f"{server.url}/api/sessions/{joined['session_id']}/events", support)["events"]
+            pairs = [e["payload"]["candidate_pair"] for e in events
+                     if e["kind"] == "iceStateChanged" and e["payload"]["state"] == "completed"]
+            assert len(pairs) == 2 and all(p["remote_type"] in ("relay", "prflx") for p in pairs), pairs
+            assert {p["local_address"] for p in pairs} == {f"127.0.0.1:{port}"}, pairs
+            assert udp_sockets(server.proc.pid) == {("127.0.0.1", port)}
+        finally:
+            await alice.close()
+            await bob.close()
+            server.stop()
