@@ -93,7 +93,10 @@ class MuxTransport(asyncio.DatagramTransport):
         #: The ICE password (MESSAGE-INTEGRITY key) of this peer connection.
         self.key = key
         self.receiver = receiver
-        #: Addresses this transport holds, in the order they were taken: sent form → routed form.
+        #: Addresses this transport holds (routed form), oldest first.
+        self.routes: dict[Address, None] = {}
+        #: The same addresses as they are sent to (and routed form) → routed form: the send
+        #: path's one membership test.
         self.owned: dict[tuple[Any, ...], Address] = {}
         self._closed = False
         self._sendto = mux_socket.transport.sendto
@@ -155,9 +158,10 @@ class MuxSocket(asyncio.DatagramProtocol):
     def detach(self, transport: MuxTransport) -> None:
         if self.by_ufrag.get(transport.ufrag) is transport:
             del self.by_ufrag[transport.ufrag]
-        for routed in set(transport.owned.values()):
+        for routed in transport.routes:
             if self.by_address.get(routed) is transport:
                 del self.by_address[routed]
+        transport.routes.clear()
         transport.owned.clear()
 
     def claim(self, transport: MuxTransport, addr: Any) -> None:
@@ -167,8 +171,9 @@ class MuxSocket(asyncio.DatagramProtocol):
             return
         routed = canonical(addr)
         holder = self.by_address.get(routed)
-        if holder is None and len(transport.owned) < 2 * MAX_ADDRESSES:
+        if holder is None and len(transport.routes) < MAX_ADDRESSES:
             self.by_address[routed] = transport
+            transport.routes[routed] = None
             holder = transport
         if holder is transport:
             transport.owned[addr] = routed
@@ -177,16 +182,14 @@ class MuxSocket(asyncio.DatagramProtocol):
     def _move(self, routed: Address, transport: MuxTransport) -> None:
         """An authenticated request from ``routed``: the address is ``transport``'s now."""
         previous = self.by_address.get(routed)
-        if previous is not None and previous is not transport:
-            for key in [k for k, v in previous.owned.items() if v == routed]:
-                del previous.owned[key]
-        if len(set(transport.owned.values())) >= MAX_ADDRESSES:
-            oldest = next(iter(transport.owned.values()))
-            for key in [k for k, v in transport.owned.items() if v == oldest]:
-                del transport.owned[key]
-            if self.by_address.get(oldest) is transport:
-                del self.by_address[oldest]
+        if previous is not None:
+            _forget(previous, routed)
+        if len(transport.routes) >= MAX_ADDRESSES:
+            oldest = next(iter(transport.routes))
+            _forget(transport, oldest)
+            del self.by_address[oldest]
         self.by_address[routed] = transport
+        transport.routes[routed] = None
         transport.owned[routed] = routed
 
     # --- datagrams ------------------------------------------------------------------------
@@ -228,6 +231,12 @@ class MuxSocket(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors for one remote address say nothing about the others
+
+
+def _forget(transport: MuxTransport, routed: Address) -> None:
+    transport.routes.pop(routed, None)
+    for key in [k for k, v in transport.owned.items() if v == routed]:
+        del transport.owned[key]
 
 
 def _authentic(message: stun.Message, key: bytes) -> bool:

@@ -138,7 +138,7 @@ async def test_a_call_runs_on_one_udp_port(server: ServerProcess, udp_port: int)
     assert "Traceback" not in server.log_text(), server.log_tail()
 
 
-def test_a_taken_udp_port_stops_start_up_naming_the_key(tmp_path: Path, udp_port: int) -> None:
+def test_a_taken_udp_port_stops_start_up_naming_the_key(tmp_path: Path) -> None:
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     holder.bind(("127.0.0.1", 0))
     taken = holder.getsockname()[1]

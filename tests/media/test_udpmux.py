@@ -17,7 +17,7 @@ from aioice import stun
 
 from media import aiortc_internals
 from media.events import DatagramDropReason
-from media.udpmux import UdpMux
+from media.udpmux import MAX_ADDRESSES, UdpMux
 from tests.helpers import wait_until
 
 
@@ -165,3 +165,27 @@ async def test_thousands_of_agents_come_and_go_without_a_leak(mux: UdpMux) -> No
         await asyncio.gather(*(a.close() for a in agents))
         assert mux.route_counts() == (0, 0)
         assert not shared.by_ufrag and not shared.by_address
+
+
+async def test_an_agent_holds_a_bounded_number_of_addresses(mux: UdpMux) -> None:
+    [shared] = mux.sockets
+    agent = aioice.Connection(ice_controlling=True)
+    aiortc_internals.use_udp_mux(agent, mux)
+    await agent.gather_candidates()
+    transport = agent._protocols[0].transport
+    try:
+        for port in range(1000, 1000 + MAX_ADDRESSES + 10):
+            transport.sendto(b"\x00\x01\x00\x00", ("127.0.0.1", port))
+        assert len(shared.by_address) == MAX_ADDRESSES
+        # An authenticated check from a new address still gets through: the oldest address goes.
+        newcomer = udp_socket()
+        try:
+            newcomer.sendto(binding_request(f"{agent.local_username}:x", agent.local_password.encode()),
+                            ("127.0.0.1", shared.port))
+            await wait_until(lambda: newcomer.getsockname() in shared.by_address, timeout=10)
+        finally:
+            newcomer.close()
+        assert len(shared.by_address) == MAX_ADDRESSES and ("127.0.0.1", 1000) not in shared.by_address
+    finally:
+        await agent.close()
+    assert mux.route_counts() == (0, 0)
