@@ -4,6 +4,7 @@ and hub, each with its own lifetime (cleanup_ctx), and serves the routes."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 import weakref
@@ -147,8 +148,9 @@ def _bind_udp_port(config: Config) -> UdpMux | None:
     try:
         return UdpMux.bind(addresses, media.udp_port, dict.fromkeys(DatagramDropReason, 0))
     except OSError as exc:
-        raise ConfigError(f"media.udp_port = {media.udp_port}: {exc.strerror}; another process holds the port "
-                          "(each server process needs its own)") from None
+        hint = ("; another process holds it (each server process needs its own port)"
+                if exc.errno == errno.EADDRINUSE else "")
+        raise ConfigError(f"media.udp_port = {media.udp_port}: {exc.strerror}{hint}") from None
 
 
 async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
