@@ -30,6 +30,15 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
   (an empty datagram kills the transport). The protocols are in
   ``Connection._protocols`` once candidates are gathered (setLocalDescription), and
   a selected pair keeps its local ``protocol`` and its ``remote_addr``.
+- Host candidates come from ``Connection.get_component_candidates(component=…,
+  addresses=…)``, awaited by ``gather_candidates`` with the host addresses: it binds one
+  ``StunProtocol(connection)`` per address, sets its ``local_candidate`` (foundation from
+  ``candidate_foundation``, priority from ``candidate_priority``) and appends it to
+  ``Connection._protocols``; srflx/relay candidates follow from the same call. The
+  connection's ufrag is ``_local_username`` (aiortc's ``getLocalParameters`` reads it when it
+  writes the SDP, i.e. at createOffer/createAnswer), and ``Connection.close`` awaits
+  ``protocol.close()``, which closes ``protocol.transport`` and waits for
+  ``connection_lost``. ``use_udp_mux`` relies on all of this.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from typing import Any
 
 import aioice.ice
 from aioice import stun
+from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import is_rtx
 from aiortc.rtcdtlstransport import RTCDtlsTransport, State
@@ -50,6 +60,7 @@ from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import RtpPacket, is_rtcp, unwrap_rtx
 
 from media.events import DatagramDropReason
+from media.udpmux import UdpMux
 
 RtpHandler = Callable[[RtpPacket, int], None]
 RtcpHandler = Callable[[Any], Awaitable[None]]
@@ -68,6 +79,41 @@ def configure_ice_addresses(addresses: tuple[str, ...]) -> None:
         return [a for a in addresses if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
 
     aioice.ice.get_host_addresses = get_host_addresses
+
+
+def use_udp_mux(connection: Any, mux: UdpMux) -> None:
+    """Put an aioice ``connection``'s host candidates on ``mux``'s shared sockets instead of a
+    socket of its own per address. Call it before the SDP is written (createOffer /
+    createAnswer): the connection gets a fresh ufrag, unique on the node, that routes STUN to
+    it. Srflx and relay candidates (if any) are gathered as before."""
+    connection._local_username = mux.new_ufrag()
+    original = connection.get_component_candidates
+
+    async def get_component_candidates(component: int, addresses: list[str], timeout: int = 5) -> list[Candidate]:
+        candidates: list[Candidate] = []
+        wanted = {_canonical_ip(a) for a in addresses}
+        for mux_socket in mux.sockets:
+            if mux_socket.host not in wanted:
+                continue
+            protocol = aioice.ice.StunProtocol(connection)
+            mux_socket.attach(connection.local_username, connection.local_password.encode("utf8"), protocol)
+            protocol.local_candidate = Candidate(
+                foundation=candidate_foundation("host", "udp", mux_socket.host), component=component,
+                transport="udp", priority=candidate_priority(component, "host"), host=mux_socket.host,
+                port=mux_socket.port, type="host")
+            connection._protocols.append(protocol)
+            candidates.append(protocol.local_candidate)
+        others: list[Candidate] = await original(component=component, addresses=[], timeout=timeout)
+        return candidates + others
+
+    connection.get_component_candidates = get_component_candidates
+
+
+def host_addresses() -> list[str]:
+    """The addresses ICE gathers host candidates on (``configure_ice_addresses``, or every
+    interface but loopback), IPv4 and IPv6."""
+    addresses: list[str] = aioice.ice.get_host_addresses(use_ipv4=True, use_ipv6=True)
+    return addresses
 
 
 def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHandler) -> None:

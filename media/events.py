@@ -8,7 +8,8 @@ from enum import StrEnum
 
 
 class DatagramDropReason(StrEnum):
-    """Why a UDP datagram on a peer connection's socket never reached aiortc (RFC 7983 demux)."""
+    """Why a UDP datagram on a media socket never reached aiortc (RFC 7983 demux, and the
+    routing of the shared port when ``media.udp_port`` is set)."""
 
     #: A zero-length datagram.
     EMPTY = "empty"
@@ -19,6 +20,11 @@ class DatagramDropReason(StrEnum):
     #: DTLS or SRTP/SRTCP from an address other than the selected ICE pair's remote one
     #: (or before a pair is selected).
     NOT_SELECTED_PAIR = "not_selected_pair"
+    #: Shared port: DTLS, SRTP/SRTCP, a STUN response or junk from an address no peer
+    #: connection holds (it never sent an authenticated check, nor was sent one).
+    UNKNOWN_ADDRESS = "unknown_address"
+    #: Shared port: a STUN request whose USERNAME names no peer connection (or has none).
+    UNKNOWN_USERNAME = "unknown_username"
 
 
 @dataclass(frozen=True)

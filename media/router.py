@@ -20,6 +20,10 @@ socket (``aiortc_internals.demux_datagrams``): junk, and media from anyone but t
 selected pair, is dropped and counted (``DatagramsDropped`` each second). A peer
 connection not connected within ``connect_timeout_s`` is closed
 (``PeerTimedOut``), and the node holds at most ``max_peer_connections``.
+
+With a ``UdpMux`` (``media.udp_port``) every peer connection's ICE agent is put on the
+node's shared sockets before its SDP is written (``aiortc_internals.use_udp_mux``); the
+mux routes datagrams to it and counts its drops in the same ``datagram_drops``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from media.rtp import (
     vp8_is_keyframe,
     vp8_keyframe_size,
 )
+from media.udpmux import UdpMux
 
 logger = logging.getLogger(__name__)
 
@@ -483,6 +488,14 @@ class Peer:
         self._remote_candidates += 1
         await self.pc.addIceCandidate(parsed)
 
+    def share_port(self) -> None:
+        """Put this peer connection's ICE agents on the node's shared UDP port, if there is one
+        (before createOffer/createAnswer: the SDP carries the ufrag the mux routes by)."""
+        mux = self.router.udp_mux
+        if mux is not None:
+            for connection in internals.ice_connections(self.pc):
+                internals.use_udp_mux(connection, mux)
+
     def demux(self) -> None:
         """Candidates are gathered: put the datagram demultiplexer on their sockets."""
         for connection in internals.ice_connections(self.pc):
@@ -518,6 +531,7 @@ class PublishPeer(Peer):
             self.tracks[kind] = track
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            self.share_port()  # after BUNDLE dropped the extra transports, before the answer
             await self.pc.setLocalDescription(await self.pc.createAnswer())
         except Exception as exc:  # aiortc raises ValueError/OperationError/InvalidStateError
             raise MediaError(f"cannot apply the offer: {exc}") from None
@@ -548,6 +562,7 @@ class SubscribePeer(Peer):
             fwd = ForwardingSender(self, track, transceiver.sender)
             internals.hook_sender(transceiver.sender, fwd.start, fwd.on_rtcp)
             self.senders.append(fwd)
+        self.share_port()
         await self.pc.setLocalDescription(await self.pc.createOffer())
         self.demux()
         return self.local_sdp()
@@ -618,7 +633,8 @@ class Router:
 
     def __init__(self, observer: Observer | None = None, pli_interval_s: float = 0.5, sample_interval_s: float = 2.0,
                  announced_ip: str = "", answer_timeout_s: float = 30.0, idle_after_s: float = 5.0,
-                 connect_timeout_s: float = 20.0, max_peer_connections: int = 500) -> None:
+                 connect_timeout_s: float = 20.0, max_peer_connections: int = 500,
+                 udp_mux: UdpMux | None = None) -> None:
         self.observer = observer
         self.pli_interval_s = pli_interval_s
         #: A subscription whose answer has not come by then fails (its owner cleans up).
@@ -631,8 +647,11 @@ class Router:
         #: Publishes plus subscriptions this node holds at most (each holds UDP sockets).
         self.max_peer_connections = max_peer_connections
         self.announced_ip = announced_ip
-        #: Datagrams the demultiplexer dropped, by reason (plain ints, read by the timer).
-        self.datagram_drops: dict[DatagramDropReason, int] = dict.fromkeys(DatagramDropReason, 0)
+        #: The node's shared media sockets (``media.udp_port``); None: a socket per peer connection.
+        self.udp_mux = udp_mux
+        #: Datagrams the demultiplexer (and the mux) dropped, by reason (plain ints, read by the timer).
+        self.datagram_drops: dict[DatagramDropReason, int] = (
+            udp_mux.drops if udp_mux is not None else dict.fromkeys(DatagramDropReason, 0))
         self._drops_reported: dict[DatagramDropReason, int] = dict.fromkeys(DatagramDropReason, 0)
         self.publishes: dict[str, PublishPeer] = {}
         self.subscriptions: dict[str, SubscribePeer] = {}

@@ -61,6 +61,14 @@ class EventLogDropReason(StrEnum):
     WRITE_FAILED = "write_failed"
 
 
+class UdpRouteKind(StrEnum):
+    """The shared media port's route tables (``media.udp_port``): STUN by server ufrag (one
+    per peer connection's ICE agent), everything else by remote address."""
+
+    USERNAME = "username"
+    ADDRESS = "address"
+
+
 class WsDirection(StrEnum):
     INBOUND = "in"
     OUTBOUND = "out"
@@ -126,6 +134,13 @@ MEDIA_DATAGRAMS_DROPPED: Final = Counter(
     ["reason"],
     namespace=NAMESPACE,
 )
+MEDIA_UDP_ROUTES: Final = Gauge(
+    "media_udp_routes",
+    "Routes on the shared media UDP port (media.udp_port), by table: they follow the live peer"
+    " connections (0 without media.udp_port)",
+    ["kind"],
+    namespace=NAMESPACE,
+)
 PEER_CONNECTIONS_TIMED_OUT: Final = Counter(
     "peer_connections_timed_out",
     "Publishes and subscriptions closed because they were not connected within media.connect_timeout_s",
@@ -171,6 +186,8 @@ def _precreate() -> None:
         RTP_BYTES_FORWARDED.labels(kind=kind.value)
     for drop_reason in DatagramDropReason:
         MEDIA_DATAGRAMS_DROPPED.labels(reason=drop_reason.value)
+    for route_kind in UdpRouteKind:
+        MEDIA_UDP_ROUTES.labels(kind=route_kind.value)
     for log_drop_reason in EventLogDropReason:
         EVENTLOG_ENTRIES_DROPPED.labels(reason=log_drop_reason.value)
     for direction in WsDirection:

@@ -4,6 +4,7 @@ and hub, each with its own lifetime (cleanup_ctx), and serves the routes."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 import weakref
@@ -14,7 +15,10 @@ from aiohttp import WSCloseCode, web
 from aiohttp.typedefs import Handler
 
 from media import aiortc_internals
+from media.events import DatagramDropReason
 from media.router import Router
+from media.udpmux import UdpMux
+from metrics import prometheus as prom
 from metrics.audit import AuditLog
 from metrics.eventlog import EventLog
 from metrics.recorder import Recorder
@@ -25,7 +29,7 @@ from signalling.api import add_routes, coded_errors
 from signalling.audit import AUDIT_KEY, SIGN_INS_KEY, SignIns, staff_sign_ins
 from signalling.auth import TokenAuthority
 from signalling.backoffice_api import add_backoffice_routes
-from signalling.config import Config
+from signalling.config import Config, ConfigError
 from signalling.hub import Hub
 from signalling.keys import (
     CONFIG_KEY,
@@ -93,6 +97,9 @@ def create_app(config: Config) -> web.Application:
     app[SOCKETS_KEY] = weakref.WeakSet()
     app[STARTED_KEY] = time.monotonic()
     app[SIGN_INS_KEY] = SignIns(config.audit.sign_in_window_min * 60.0)
+    mux = _bind_udp_port(config)
+    if mux is not None:
+        app[UDP_MUX_KEY] = mux
     app.cleanup_ctx.append(_eventlog_ctx)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_media_ctx)
@@ -139,18 +146,54 @@ async def _audit_ctx(app: web.Application) -> AsyncIterator[None]:
     await audit.aclose()
 
 
+#: The node's shared media sockets when ``media.udp_port`` is set (bound in create_app, so a
+#: taken port stops start-up with a message naming the key).
+UDP_MUX_KEY: Final = web.AppKey("udp_mux", UdpMux)
+
+
+def _bind_udp_port(config: Config) -> UdpMux | None:
+    media = config.media
+    if not media.udp_port:
+        return None
+    aiortc_internals.configure_ice_addresses(media.ice_addresses)
+    addresses = aiortc_internals.host_addresses()
+    if not addresses:
+        raise ConfigError("media.udp_port: this host has no address to gather ICE candidates on "
+                          "(set media.ice_addresses)")
+    try:
+        return UdpMux.bind(addresses, media.udp_port, dict.fromkeys(DatagramDropReason, 0))
+    except OSError as exc:
+        hint = ("; another process holds it (each server process needs its own port)"
+                if exc.errno == errno.EADDRINUSE else "")
+        raise ConfigError(f"media.udp_port = {media.udp_port}: {exc.strerror}{hint}") from None
+
+
 async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     media = app[CONFIG_KEY].media
     aiortc_internals.configure_ice_addresses(media.ice_addresses)
+    mux = app.get(UDP_MUX_KEY)
+    if mux is not None:
+        await mux.start()
+        prom.MEDIA_UDP_ROUTES.labels(kind=prom.UdpRouteKind.USERNAME.value).set_function(
+            lambda: mux.route_counts()[0])
+        prom.MEDIA_UDP_ROUTES.labels(kind=prom.UdpRouteKind.ADDRESS.value).set_function(
+            lambda: mux.route_counts()[1])
     router = Router(pli_interval_s=media.pli_interval_s, sample_interval_s=media.sample_interval_s,
                     announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s,
-                    connect_timeout_s=media.connect_timeout_s, max_peer_connections=media.max_peer_connections)
+                    connect_timeout_s=media.connect_timeout_s, max_peer_connections=media.max_peer_connections,
+                    udp_mux=mux)
     app[ROUTER_KEY] = router
     app[HUB_KEY] = Hub(app[TOKENS_KEY], router, Recorder(app[EVENTLOG_KEY]), app[CONFIG_KEY])
     router.start()
-    yield
-    await app[HUB_KEY].shutdown()
-    await router.close()
+    try:
+        yield
+    finally:
+        await app[HUB_KEY].shutdown()
+        await router.close()
+        if mux is not None:
+            mux.close()
+            for kind in prom.UdpRouteKind:
+                prom.MEDIA_UDP_ROUTES.labels(kind=kind.value).set_function(lambda: 0)
 
 
 async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:

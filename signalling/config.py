@@ -74,6 +74,11 @@ class MediaConfig:
     ice_addresses: tuple[str, ...] = ()
     #: 1:1 NAT: the public address put in our candidates instead of the local one.
     announced_ip: str = ""
+    #: One UDP port for all media of this server process: every peer connection's host
+    #: candidate is on it (one socket per ICE address), datagrams routed by STUN username and
+    #: then by remote address. 0: one socket per peer connection on an ephemeral port.
+    #: Several processes on one host each need their own port.
+    udp_port: int = 0
     #: TURN servers handed to clients (``turn:host:3478?transport=udp``, ``turns:host:443?transport=tcp``)
     #: for networks that block UDP to this server. Empty: clients get no TURN server.
     turn_urls: tuple[str, ...] = ()
@@ -92,7 +97,7 @@ class MediaConfig:
     #: by then is closed, logged with the reason; a publish is announced only once connected.
     connect_timeout_s: float = 20.0
     #: Peer connections (publishes plus subscriptions) this node holds at most; more get
-    #: ``over_capacity``. Each holds UDP sockets (one per ICE address).
+    #: ``over_capacity``. Each holds UDP sockets (one per ICE address) unless ``udp_port`` is set.
     max_peer_connections: int = 500
 
 
@@ -261,6 +266,8 @@ class Config:
                 ipaddress.ip_address(addr)
             except ValueError:
                 raise ConfigError(f'media: "{addr}" is not an IP address') from None
+        if not 0 <= m.udp_port <= 65535:
+            raise ConfigError(f"media.udp_port must be 0 (one port per peer connection) or 1-65535, got {m.udp_port}")
         if m.pli_interval_s <= 0 or m.answer_timeout_s <= 0 or m.sample_interval_s <= 0:
             raise ConfigError("media intervals must be > 0")
         if not 0 < m.connect_timeout_s <= 600:

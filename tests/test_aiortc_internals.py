@@ -15,12 +15,14 @@ from importlib.metadata import version
 from pathlib import Path
 
 import aioice.ice
-from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcicetransport import RTCIceGatherer
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 
 from media import aiortc_internals
 from media.events import DatagramDropReason
+from media.udpmux import UdpMux
 from tests.codec_probe import install as install_probe
 from tests.helpers import wait_until
 
@@ -158,7 +160,7 @@ async def test_demux_drops_junk_and_keeps_the_selected_pairs_media() -> None:
         await a.send(b"\x80\x60 from the selected pair")
         assert await asyncio.wait_for(b.recv(), 10) == b"\x80\x60 from the selected pair"
         await wait_until(lambda: sum(drops.values()) == 5, timeout=10, message="5 drops")
-        assert drops == {DatagramDropReason.EMPTY: 1, DatagramDropReason.UNKNOWN: 1,
+        assert {r: n for r, n in drops.items() if n} == {DatagramDropReason.EMPTY: 1, DatagramDropReason.UNKNOWN: 1,
                          DatagramDropReason.MALFORMED_STUN: 1, DatagramDropReason.NOT_SELECTED_PAIR: 2}
         assert b._queue.empty()
         await a.send(b"\x17\xfe\xfd dtls")
@@ -171,3 +173,58 @@ async def test_demux_drops_junk_and_keeps_the_selected_pairs_media() -> None:
     finally:
         stranger.close()
         await asyncio.gather(a.close(), b.close())
+
+
+def test_host_candidate_internals() -> None:
+    # What use_udp_mux replaces and builds again on the shared socket.
+    assert list(inspect.signature(aioice.Connection.get_component_candidates).parameters) == [
+        "self", "component", "addresses", "timeout"]
+    gather = inspect.getsource(aioice.Connection.gather_candidates)
+    assert "self.get_component_candidates(component=component, addresses=addresses)" in gather
+    source = inspect.getsource(aioice.Connection.get_component_candidates)
+    assert "lambda: StunProtocol(self)" in source and "self._protocols += host_protocols" in source
+    assert 'candidate_foundation("host", "udp", candidate_address[0])' in source
+    assert 'candidate_priority(component, "host")' in source
+    username = aioice.Connection.local_username.fget  # type: ignore[attr-defined]
+    assert "return self._local_username" in inspect.getsource(username)
+    params = inspect.getsource(RTCIceGatherer.getLocalParameters)
+    assert "usernameFragment=self._connection.local_username" in params
+    # Closing a connection closes each protocol's transport and waits for connection_lost.
+    assert "await protocol.close()" in inspect.getsource(aioice.Connection.close)
+    close = inspect.getsource(aioice.ice.StunProtocol.close)
+    assert "self.transport.close()" in close and "await self.__closed" in close
+    assert "self.__closed.set_result(True)" in inspect.getsource(aioice.ice.StunProtocol.connection_lost)
+    assert "self.transport = " in inspect.getsource(aioice.ice.StunProtocol.connection_made)
+
+
+async def test_udp_mux_carries_a_bundled_peer_connection() -> None:
+    aiortc_internals.configure_ice_addresses(("127.0.0.1",))
+    mux = UdpMux.bind(["127.0.0.1"], 0, dict.fromkeys(DatagramDropReason, 0))
+    await mux.start()
+    server, client = (RTCPeerConnection(RTCConfiguration(iceServers=[])) for _ in range(2))
+    try:
+        for kind in ("audio", "video"):
+            server.addTransceiver(kind, direction="sendonly")
+        connections = aiortc_internals.ice_connections(server)
+        assert len(connections) == 2  # one per m-line until the answer bundles them
+        for connection in connections:
+            aiortc_internals.use_udp_mux(connection, mux)
+        await server.setLocalDescription(await server.createOffer())
+        sdp = server.localDescription.sdp
+        [shared] = mux.sockets
+        ufrags = re.findall(r"a=ice-ufrag:(\S+)", sdp)
+        assert ufrags == [c.local_username for c in connections] and len(set(ufrags)) == 2
+        ports = {int(p) for p in re.findall(r"a=candidate:\S+ \d+ \S+ \d+ \S+ (\d+) typ host", sdp)}
+        assert ports == {shared.port}
+        assert mux.route_counts()[0] == 2
+        await client.setRemoteDescription(server.localDescription)
+        await client.setLocalDescription(await client.createAnswer())
+        await server.setRemoteDescription(client.localDescription)
+        await wait_until(lambda: server.connectionState == "connected" and client.connectionState == "connected",
+                         timeout=20, message="connected through the shared socket")
+        # BUNDLE closed the second agent: its route went with it.
+        assert mux.route_counts()[0] == 1
+    finally:
+        await asyncio.gather(server.close(), client.close())
+        mux.close()
+    assert mux.route_counts() == (0, 0)

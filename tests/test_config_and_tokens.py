@@ -82,6 +82,8 @@ def test_the_sample_config_still_loads_with_every_commented_out_key_uncommented(
     ("[media]\nturn_credential_ttl_s = 5\n", {}, "media.turn_credential_ttl_s must be 60-604800"),
     ("[media]\nconnect_timeout_s = 0\n", {}, "media.connect_timeout_s must be > 0 and <= 600, got 0.0"),
     ("", {"OPENCONSULT_MEDIA__MAX_PEER_CONNECTIONS": "0"}, "media.max_peer_connections must be 1-100000, got 0"),
+    ("", {"OPENCONSULT_MEDIA__UDP_PORT": "70000"}, "media.udp_port must be 0 (one port per peer connection) or "
+     "1-65535, got 70000"),
     ("[server]\njoin_timeout_s = 0.5\n", {}, "server.join_timeout_s must be 1-600 seconds, got 0.5"),
     ("", {"OPENCONSULT_SERVER__MAX_CONNECTIONS": "0"}, "server.max_connections must be 1-1000000, got 0"),
 ])
