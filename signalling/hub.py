@@ -27,6 +27,7 @@ from media.events import (
     KeyframeRequested,
     MediaEvent,
     MediaFlowChanged,
+    PacketsDropped,
     PeerFailed,
     PeerStateChanged,
     PeerTimedOut,
@@ -394,6 +395,11 @@ class Hub:
             for reason, count in event.counts.items():
                 if count:
                     prom.MEDIA_DATAGRAMS_DROPPED.labels(reason=reason.value).inc(count)
+            return
+        if isinstance(event, PacketsDropped):
+            for forward_reason, count in event.counts.items():
+                if count:
+                    prom.RTP_PACKETS_DROPPED.labels(reason=forward_reason.value).inc(count)
             return
         if isinstance(event, QualitySample):
             if event.direction == "out":
