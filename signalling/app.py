@@ -124,9 +124,24 @@ async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
     await eventlog.aclose()
 
 
+def _report_receive_buffer(requested: int) -> None:
+    """Log the receive buffer media sockets really get, and how to raise the kernel's cap
+    when it is below what the config asks for."""
+    granted = aiortc_internals.effective_receive_buffer(requested)
+    if granted >= requested:
+        logger.info("media sockets receive buffer: %d bytes (media.udp_rcvbuf_bytes)", granted)
+        return
+    logger.warning(
+        "media sockets receive buffer: %d bytes, not the %d of media.udp_rcvbuf_bytes: the kernel caps it at "
+        "net.core.rmem_max; raise it with `sysctl -w net.core.rmem_max=%d` (and a line in /etc/sysctl.d/ to keep "
+        "it), or bursts under load are dropped (RcvbufErrors in /proc/net/snmp)", granted, requested, requested)
+
+
 async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
     media = app[CONFIG_KEY].media
     aiortc_internals.configure_ice_addresses(media.ice_addresses)
+    aiortc_internals.configure_receive_buffer(media.udp_rcvbuf_bytes)
+    _report_receive_buffer(media.udp_rcvbuf_bytes)
     router = Router(pli_interval_s=media.pli_interval_s, sample_interval_s=media.sample_interval_s,
                     announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s,
                     connect_timeout_s=media.connect_timeout_s, max_peer_connections=media.max_peer_connections)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -93,6 +94,16 @@ async def call() -> AsyncIterator[Call]:
     c = await Call().start()
     yield c
     await c.close()
+
+
+async def test_published_tracks_start_no_decoder_thread(call: Call) -> None:
+    # aiortc starts an (idle) decoder thread per received track; the SFU decodes nothing.
+    receivers = [t.receiver for t in call.router.publishes["st1"].tracks.values()]
+    assert len(receivers) == 2
+    assert all(r._RTCRtpReceiver__started and r._RTCRtpReceiver__decoder_thread is None  # type: ignore[attr-defined]
+               for r in receivers)
+    # The subscriber (a real aiortc client) decodes in its own threads: only the server's are absent.
+    assert len([t for t in threading.enumerate() if t.name.endswith("-decoder")]) == 2
 
 
 async def test_late_subscriber_gets_a_pli_and_starts_on_a_keyframe(call: Call) -> None:
