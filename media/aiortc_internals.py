@@ -137,7 +137,8 @@ def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHan
         if receiver._RTCRtpReceiver__started:  # type: ignore[attr-defined]
             return
         for codec in parameters.codecs:
-            codecs[codec.payloadType] = codec
+            if codec.payloadType is not None:  # always set once negotiated
+                codecs[codec.payloadType] = codec
         for encoding in parameters.encodings:
             if encoding.rtx:
                 rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
