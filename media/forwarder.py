@@ -36,7 +36,7 @@ from media.events import ForwardDropReason
 
 #: Translated packets are at most this far behind the newest before they count as too old
 #: (half the 16-bit sequence space: beyond it "behind" and "ahead" cannot be told apart).
-_HALF_SEQ: Final = 0x8000
+_HALF_SEQ: Final = 0x8000  # (inlined in RtpTranslator.admit)
 
 
 class KeyframeGate:
@@ -52,14 +52,14 @@ class KeyframeGate:
         """A new source starts: wait for its keyframe again (video)."""
         self.waiting = self._video
 
-    def admit(self, keyframe: bool) -> bool:
+    def passes(self, keyframe: bool) -> bool:
         if self.waiting and not keyframe:
             return False
         self.waiting = False
         return True
 
 
-class RtpTranslator:
+class RtpTranslator(KeyframeGate):
     """One subscriber's view of a published track: which packets it gets and with what
     sequence number and timestamp.
 
@@ -70,12 +70,12 @@ class RtpTranslator:
     stays right across 65535 → 0.
     """
 
-    __slots__ = ("clock_rate", "gate", "source", "seq_offset", "ts_offset", "highest", "start",
+    __slots__ = ("clock_rate", "source", "seq_offset", "ts_offset", "highest", "start",
                  "last_out_seq", "last_out_ts", "last_time", "forwarded")
 
     def __init__(self, clock_rate: int, video: bool, seq_base: int, ts_base: int) -> None:
+        super().__init__(video)  # the subscriber's keyframe gate (``waiting``, ``close``)
         self.clock_rate = clock_rate
-        self.gate = KeyframeGate(video)
         #: SSRC of the publisher's stream being forwarded (0: none yet).
         self.source = 0
         self.seq_offset = 0
@@ -91,23 +91,29 @@ class RtpTranslator:
         self.forwarded = False
 
     def admit(self, ssrc: int, seq: int, ts: int, keyframe: bool, now: float) -> ForwardDropReason | None:
-        if ssrc != self.source:
-            if self.source:
-                self.gate.close()  # a new source: its first frame must be a keyframe
-            if not self.gate.admit(keyframe):
-                return ForwardDropReason.WAITING_KEYFRAME
-            self._switch(ssrc, seq, ts, now)
-            return None
-        if self.gate.waiting and not self.gate.admit(keyframe):
-            return ForwardDropReason.WAITING_KEYFRAME
+        if ssrc != self.source or self.waiting:
+            return self._admit_first(ssrc, seq, ts, keyframe, now)
         highest = self.highest
-        delta = ((seq - highest + _HALF_SEQ) & 0xFFFF) - _HALF_SEQ  # -32768 … 32767
+        delta = ((seq - highest + 0x8000) & 0xFFFF) - 0x8000  # -32768 … 32767 (_HALF_SEQ inlined)
         if delta > 0:
             self.highest = highest + delta
         elif highest + delta < self.start:
             return ForwardDropReason.TOO_OLD
         self.last_time = now
         return None
+
+    def _admit_first(self, ssrc: int, seq: int, ts: int, keyframe: bool, now: float) -> ForwardDropReason | None:
+        """A packet of a new source, or one while the gate waits for a keyframe."""
+        if ssrc != self.source:
+            if self.source:
+                self.close()  # a new source: its first frame must be a keyframe
+            if not self.passes(keyframe):
+                return ForwardDropReason.WAITING_KEYFRAME
+            self._switch(ssrc, seq, ts, now)
+            return None
+        if not self.passes(keyframe):
+            return ForwardDropReason.WAITING_KEYFRAME
+        return self.admit(ssrc, seq, ts, keyframe, now)  # the gate is open: the usual path
 
     def _switch(self, ssrc: int, seq: int, ts: int, now: float) -> None:
         """The first packet of a source: continue right after what was sent before."""

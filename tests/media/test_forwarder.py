@@ -129,16 +129,16 @@ def test_video_waits_for_a_keyframe_at_the_start_and_after_a_switch() -> None:
 
 def test_audio_is_never_gated() -> None:
     gate = KeyframeGate(video=False)
-    assert gate.admit(False) and not gate.waiting
+    assert gate.passes(False) and not gate.waiting
     gate.close()
-    assert gate.admit(False)
+    assert gate.passes(False)
 
 
 def test_gate_closes_and_reopens() -> None:
     gate = KeyframeGate(video=True)
-    assert [gate.admit(False), gate.admit(True), gate.admit(False)] == [False, True, True]
+    assert [gate.passes(False), gate.passes(True), gate.passes(False)] == [False, True, True]
     gate.close()
-    assert [gate.admit(False), gate.admit(True)] == [False, True]
+    assert [gate.passes(False), gate.passes(True)] == [False, True]
 
 
 # --- packet cache and NACK responder ------------------------------------------------------

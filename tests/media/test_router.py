@@ -175,8 +175,8 @@ async def test_drops_before_a_keyframe_are_counted_by_reason(call: Call) -> None
     # the keyframe the subscriber asks for, each one counted; the timer reports them as an
     # event; the subscriber's numbering continues, so its decoder goes on.
     fwd.translator.source = 0
-    fwd.translator.gate.close()
-    await wait_until(lambda: not fwd.translator.gate.waiting, timeout=10, message="the keyframe")
+    fwd.translator.close()
+    await wait_until(lambda: not fwd.translator.waiting, timeout=10, message="the keyframe")
     assert call.router.forward_drops[ForwardDropReason.WAITING_KEYFRAME] > 0
     assert [e.reason for e in call.events if isinstance(e, KeyframeRequested)][-1] == "new subscriber"
     await wait_until(lambda: any(isinstance(e, PacketsDropped) and e.counts[ForwardDropReason.WAITING_KEYFRAME]
