@@ -16,7 +16,9 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
   reports from those statistics. Its receive(parameters) fills the codecs and RTX
   map, starts a decoder thread, registers with its DTLS transport and starts
   _run_rtcp; our replacement does all of that but the thread (a thread per
-  received track, idle since our hook never queues a frame to it).
+  received track, idle since our hook never queues a frame to it). Its jitter
+  buffer and remote bitrate estimator are used only by _handle_rtp_packet (the
+  estimator only when not None).
 - RTCRtpSender.send(parameters) starts ``self._run_rtp(codec)`` and
   ``self._run_rtcp()`` as tasks; stop() waits on name-mangled started/exited
   events. Replacing both methods on the instance means no encoder is created.
@@ -50,6 +52,7 @@ import aioice.turn
 from aioice import stun
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import is_rtx
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcdtlstransport import RTCDtlsTransport, State
 from aiortc.rtcrtpparameters import RTCRtpReceiveParameters, RTCRtpSendParameters
 from aiortc.rtcrtpreceiver import StreamStatistics
@@ -97,6 +100,16 @@ def effective_receive_buffer(size: int) -> int:
     doubling being its bookkeeping overhead, which is halved back here)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         return apply_receive_buffer(probe, size)
+
+
+def release_receiver_buffers(receiver: RTCRtpReceiver) -> None:
+    """Free what an aiortc receiver holds for decoding and for its own bandwidth estimate,
+    neither of which the SFU uses: the remote bitrate estimator (a 1,000-bucket window,
+    about 95 KB per video receiver) and the jitter buffer (512 slots). For a publish's
+    receivers (whose RTP ``hook_receiver`` takes first) and for the receiver every
+    subscription's transceiver carries but never starts."""
+    receiver._RTCRtpReceiver__remote_bitrate_estimator = None  # type: ignore[attr-defined]
+    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=1)  # type: ignore[attr-defined]
 
 
 def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHandler) -> None:
@@ -149,6 +162,7 @@ def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHan
     receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
     receiver._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
     receiver.receive = receive  # type: ignore[method-assign]
+    release_receiver_buffers(receiver)
 
 
 def receiver_statistics(receiver: RTCRtpReceiver) -> dict[int, StreamStatistics]:

@@ -553,6 +553,7 @@ class SubscribePeer(Peer):
         for kind, track in self.publish.tracks.items():
             transceiver = self.pc.addTransceiver(kind, direction="sendonly")
             transceiver.setCodecPreferences(_preferred_codecs(kind, with_rtx=False))
+            internals.release_receiver_buffers(transceiver.receiver)  # sendonly: its receiver never runs
             fwd = ForwardingSender(self, track, transceiver.sender)
             internals.hook_sender(transceiver.sender, fwd.start, fwd.on_rtcp)
             self.senders.append(fwd)

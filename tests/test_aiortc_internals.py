@@ -86,6 +86,25 @@ def test_receiver_receive_is_what_the_replacement_does_plus_a_decoder_thread() -
     assert "if self.__decoder_thread:" in inspect.getsource(RTCRtpReceiver._RTCRtpReceiver__stop_decoder)  # type: ignore[attr-defined]
 
 
+async def test_receiver_buffers_the_sfu_releases_are_only_used_by_the_rtp_handler() -> None:
+    source = inspect.getsource(RTCRtpReceiver)
+    handler = inspect.getsource(RTCRtpReceiver._handle_rtp_packet)
+    for name, guarded in (("__remote_bitrate_estimator", "if self.__remote_bitrate_estimator is not None:"),
+                          ("__jitter_buffer", "self.__jitter_buffer.add(packet)")):
+        init = inspect.getsource(RTCRtpReceiver.__init__)
+        # Set in __init__, read only in the handler.
+        assert source.count(f"self.{name}") == init.count(f"self.{name}") + handler.count(f"self.{name}"), name
+        assert guarded in handler
+    pc = RTCPeerConnection()
+    try:
+        receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        assert receiver._RTCRtpReceiver__remote_bitrate_estimator is not None  # type: ignore[attr-defined]
+        aiortc_internals.release_receiver_buffers(receiver)
+        assert receiver._RTCRtpReceiver__remote_bitrate_estimator is None  # type: ignore[attr-defined]
+    finally:
+        await pc.close()
+
+
 def test_aioice_sizes_its_sockets_receive_buffer_from_one_module_constant() -> None:
     # configure_receive_buffer sets the constant aioice reads as each socket is opened.
     assert "turn.UDP_SOCKET_BUFFER_SIZE" in inspect.getsource(aioice.Connection.get_component_candidates)

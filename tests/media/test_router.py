@@ -96,12 +96,15 @@ async def call() -> AsyncIterator[Call]:
     await c.close()
 
 
-async def test_published_tracks_start_no_decoder_thread(call: Call) -> None:
+async def test_published_tracks_start_no_decoder_thread_and_hold_no_unused_buffers(call: Call) -> None:
     # aiortc starts an (idle) decoder thread per received track; the SFU decodes nothing.
     receivers = [t.receiver for t in call.router.publishes["st1"].tracks.values()]
     assert len(receivers) == 2
     assert all(r._RTCRtpReceiver__started and r._RTCRtpReceiver__decoder_thread is None  # type: ignore[attr-defined]
                for r in receivers)
+    # Nor do the server's receivers (a subscription's too) keep aiortc's bandwidth estimator.
+    receivers += [t.receiver for t in call.router.subscriptions["sub1"].pc.getTransceivers()]
+    assert all(r._RTCRtpReceiver__remote_bitrate_estimator is None for r in receivers)  # type: ignore[attr-defined]
     # The subscriber (a real aiortc client) decodes in its own threads: only the server's are absent.
     assert len([t for t in threading.enumerate() if t.name.endswith("-decoder")]) == 2
 
