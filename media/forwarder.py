@@ -30,13 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
 
 from media.events import ForwardDropReason
-
-#: Translated packets are at most this far behind the newest before they count as too old
-#: (half the 16-bit sequence space: beyond it "behind" and "ahead" cannot be told apart).
-_HALF_SEQ: Final = 0x8000  # (inlined in RtpTranslator.admit)
 
 
 class KeyframeGate:
@@ -94,7 +89,9 @@ class RtpTranslator(KeyframeGate):
         if ssrc != self.source or self.waiting:
             return self._admit_first(ssrc, seq, ts, keyframe, now)
         highest = self.highest
-        delta = ((seq - highest + 0x8000) & 0xFFFF) - 0x8000  # -32768 … 32767 (_HALF_SEQ inlined)
+        # Signed distance from the newest, -32768 … 32767: beyond half the 16-bit space
+        # "behind" and "ahead" cannot be told apart.
+        delta = ((seq - highest + 0x8000) & 0xFFFF) - 0x8000
         if delta > 0:
             self.highest = highest + delta
         elif highest + delta < self.start:
