@@ -13,8 +13,12 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
   ``_handle_rtcp_packet`` of receivers and senders, routed by SSRC.
 - RTCRtpReceiver keeps its codecs, RTX map, per-SSRC StreamStatistics and its
   NackGenerator in name-mangled attributes; its own _run_rtcp sends receiver
-  reports from those statistics. Its decoder thread builds a decoder only when a
-  frame is queued to it, which our hook never does.
+  reports from those statistics. Its receive(parameters) fills the codecs and RTX
+  map, starts a decoder thread, registers with its DTLS transport and starts
+  _run_rtcp; our replacement does all of that but the thread (a thread per
+  received track, idle since our hook never queues a frame to it). Its jitter
+  buffer and remote bitrate estimator are used only by _handle_rtp_packet (the
+  estimator only when not None).
 - RTCRtpSender.send(parameters) starts ``self._run_rtp(codec)`` and
   ``self._run_rtcp()`` as tasks; stop() waits on name-mangled started/exited
   events. Replacing both methods on the instance means no encoder is created.
@@ -23,6 +27,9 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
   ``protocol.transport.sendto(data, remote_addr)``.
 - aioice.ice.get_host_addresses(use_ipv4, use_ipv6) lists the addresses
   gathered as host candidates (loopback excluded).
+- aioice sets SO_RCVBUF on every socket it opens (host candidates in
+  ``Connection.get_component_candidates``, TURN in ``turn.create_turn_endpoint``) to
+  ``aioice.turn.UDP_SOCKET_BUFFER_SIZE``, read at each socket's creation.
 - Every datagram on an ICE socket goes to ``StunProtocol.datagram_received(data,
   addr)`` (looked up on the instance by asyncio's transport). It parses STUN and
   hands anything that does not parse to ``Connection.data_received(data,
@@ -46,16 +53,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aioice.ice
+import aioice.turn
 from aioice import stun
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import is_rtx
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.rtcdtlstransport import RTCDtlsTransport, State
-from aiortc.rtcrtpparameters import RTCRtpSendParameters
+from aiortc.rtcrtpparameters import RTCRtpReceiveParameters, RTCRtpSendParameters
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import RtpPacket, is_rtcp, unwrap_rtx
 
@@ -116,10 +126,44 @@ def host_addresses() -> list[str]:
     return addresses
 
 
+def configure_receive_buffer(size: int) -> None:
+    """Every media socket aioice opens from now on asks the kernel for an ``size``-byte
+    receive buffer (``SO_RCVBUF``), so a burst or a busy moment of the event loop queues
+    in the kernel instead of being dropped. Process-wide, set once at start-up."""
+    aioice.turn.UDP_SOCKET_BUFFER_SIZE = size
+
+
+def apply_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Ask for an ``size``-byte receive buffer on ``sock`` (a media socket not opened by
+    aioice); returns the size the kernel granted (see ``effective_receive_buffer``)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    granted: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    return granted // 2
+
+
+def effective_receive_buffer(size: int) -> int:
+    """The receive buffer a UDP socket really gets when it asks for ``size`` bytes: Linux
+    caps the request at ``net.core.rmem_max`` (and reports twice the granted value, the
+    doubling being its bookkeeping overhead, which is halved back here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        return apply_receive_buffer(probe, size)
+
+
+def release_receiver_buffers(receiver: RTCRtpReceiver) -> None:
+    """Free what an aiortc receiver holds for decoding and for its own bandwidth estimate,
+    neither of which the SFU uses: the remote bitrate estimator (a 1,000-bucket window,
+    about 95 KB per video receiver) and the jitter buffer (512 slots). For a publish's
+    receivers (whose RTP ``hook_receiver`` takes first) and for the receiver every
+    subscription's transceiver carries but never starts."""
+    receiver._RTCRtpReceiver__remote_bitrate_estimator = None  # type: ignore[attr-defined]
+    receiver._RTCRtpReceiver__jitter_buffer = JitterBuffer(capacity=1)  # type: ignore[attr-defined]
+
+
 def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHandler) -> None:
     """Take RTP off ``receiver`` before its jitter buffer: keep its RTCP receiver
     statistics and upstream NACKs, unwrap RTX, then hand the packet to ``on_rtp``.
-    Nothing is ever queued to the decoder thread, so no decoder is built."""
+    No decoder thread is started (``receive`` is replaced) and nothing is ever
+    queued to one, so no decoder is built."""
     codecs: dict[int, Any] = receiver._RTCRtpReceiver__codecs  # type: ignore[attr-defined]
     rtx_ssrc: dict[int, int] = receiver._RTCRtpReceiver__rtx_ssrc  # type: ignore[attr-defined]
     streams: dict[int, StreamStatistics] = receiver._RTCRtpReceiver__remote_streams  # type: ignore[attr-defined]
@@ -148,8 +192,24 @@ def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHan
         await original_rtcp(packet)
         await on_rtcp(packet)
 
+    async def receive(parameters: RTCRtpReceiveParameters) -> None:
+        # RTCRtpReceiver.receive without its decoder thread: nothing is ever decoded here.
+        if receiver._RTCRtpReceiver__started:  # type: ignore[attr-defined]
+            return
+        for codec in parameters.codecs:
+            if codec.payloadType is not None:  # always set once negotiated
+                codecs[codec.payloadType] = codec
+        for encoding in parameters.encodings:
+            if encoding.rtx:
+                rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
+        receiver._RTCRtpReceiver__transport._register_rtp_receiver(receiver, parameters)  # type: ignore[attr-defined]
+        receiver._RTCRtpReceiver__rtcp_task = asyncio.ensure_future(receiver._run_rtcp())  # type: ignore[attr-defined]
+        receiver._RTCRtpReceiver__started = True  # type: ignore[attr-defined]
+
     receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
     receiver._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
+    receiver.receive = receive  # type: ignore[method-assign]
+    release_receiver_buffers(receiver)
 
 
 def receiver_statistics(receiver: RTCRtpReceiver) -> dict[int, StreamStatistics]:

@@ -27,6 +27,18 @@ class DatagramDropReason(StrEnum):
     UNKNOWN_USERNAME = "unknown_username"
 
 
+class ForwardDropReason(StrEnum):
+    """Why an RTP packet of a published track was not sent to one subscriber."""
+
+    #: Video before the subscriber's first keyframe (at its start or after the publisher's
+    #: source changed): its decoder could not use it.
+    WAITING_KEYFRAME = "waiting_keyframe"
+    #: Older than the first packet the subscriber got from this source (late reordering).
+    TOO_OLD = "too_old"
+    #: The subscriber's transport could not send (not connected, or being closed).
+    NOT_SENT = "not_sent"
+
+
 @dataclass(frozen=True)
 class PeerStateChanged:
     """ICE or DTLS state of one peer connection (a publish or a subscription) changed."""
@@ -89,6 +101,13 @@ class DatagramsDropped:
 
 
 @dataclass(frozen=True)
+class PacketsDropped:
+    """RTP packets not forwarded to a subscriber since the previous event, by reason."""
+
+    counts: Mapping[ForwardDropReason, int]
+
+
+@dataclass(frozen=True)
 class QualitySample:
     """One interval of one track, upstream (direction "in", a publisher) or
     downstream (direction "out", a subscriber)."""
@@ -117,5 +136,5 @@ class QualitySample:
 
 
 MediaEvent = (PeerStateChanged | KeyframeRequested | DimensionsChanged | MediaFlowChanged | PeerFailed
-              | PeerTimedOut | DatagramsDropped | QualitySample)
+              | PeerTimedOut | DatagramsDropped | PacketsDropped | QualitySample)
 Observer = Callable[[MediaEvent], None]

@@ -11,9 +11,12 @@ cache (unanswerable ones are NACKed upstream); sender reports per subscriber
 track whose RTP/NTP mapping follows the publisher's; REMB upstream as the
 lowest estimate of the subscribers.
 
-The hot path (``PublishedTrack.on_rtp`` → ``ForwardingSender.forward``) does no
-I/O but the datagram send, no logging and no awaits; counters are plain ints
-folded into ``QualitySample`` events by one timer.
+The decisions are the pure parts of ``media/forwarder.py`` (translation and the
+keyframe gate per subscriber, the packet cache and NACK responder, the PLI limiter,
+REMB aggregation, SR times); this module wires them to aiortc, reads the clock and
+sends. The hot path (``PublishedTrack.on_rtp`` → ``ForwardingSender.forward``) does
+no I/O but the datagram send, no logging and no awaits; counters are plain ints
+folded into ``QualitySample`` and ``PacketsDropped`` events by one timer.
 
 Every datagram reaches aiortc through an RFC 7983 demultiplexer on each ICE
 socket (``aiortc_internals.demux_datagrams``): junk, and media from anyone but the
@@ -58,15 +61,18 @@ from media.events import (
     DatagramDropReason,
     DatagramsDropped,
     DimensionsChanged,
+    ForwardDropReason,
     KeyframeRequested,
     MediaEvent,
     MediaFlowChanged,
     Observer,
+    PacketsDropped,
     PeerFailed,
     PeerStateChanged,
     PeerTimedOut,
     QualitySample,
 )
+from media.forwarder import NackResponder, PacketCache, PliLimiter, RembAggregator, RtpTranslator, sender_report_rtp_time
 from media.rtp import (
     nack,
     ntp_now,
@@ -84,7 +90,12 @@ logger = logging.getLogger(__name__)
 #: Codecs the SFU relays. Both legs of a forwarded track must use the same one.
 VIDEO_MIME = "video/VP8"
 AUDIO_MIME = "audio/opus"
-CACHE_SLOTS = 2048  # power of two; at 1 Mbps VP8 (~120 packets/s) this is >15 s
+#: The NACK cache of a published video track holds at least this much media at the track's
+#: packet rate (rounded up to a power of two of slots), within these bounds: 1 Mbit/s VP8
+#: (~120 packets/s) keeps 128 packets, about 150 KB.
+NACK_CACHE_SECONDS = 1.0
+NACK_CACHE_MIN_SLOTS = 64
+NACK_CACHE_MAX_SLOTS = 2048
 #: Remote ICE candidates one peer connection accepts (a browser offers a handful to a few dozen).
 MAX_REMOTE_CANDIDATES = 64
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
@@ -112,12 +123,12 @@ class PublishedTrack:
         self.clock_rate = 90000 if kind == "video" else 48000
         self.media_ssrc = 0
         self.subscribers: tuple[ForwardingSender, ...] = ()
-        self.cache: list[RtpPacket | None] = [None] * CACHE_SLOTS if kind == "video" else []
-        # Publisher's last sender report: NTP ↔ RTP timestamp mapping.
-        self.sr_ntp = 0
-        self.sr_rtp = 0
-        self.last_pli = 0.0
-        self.pending_pli = False
+        self.cache = PacketCache(NACK_CACHE_SECONDS, NACK_CACHE_MIN_SLOTS, NACK_CACHE_MAX_SLOTS)
+        # Publisher's last sender report: (NTP, RTP timestamp), the clock mapping.
+        self.publisher_sr: tuple[int, int] | None = None
+        self.pli = PliLimiter(router.pli_interval_s)
+        self.remb = RembAggregator()
+        self._rate_base = (0, 0.0)  # packets and monotonic time at the last cache sizing
         self.size: tuple[int, int] | None = None
         # Counters, folded into samples by the router's timer.
         self.packets = 0
@@ -139,20 +150,20 @@ class PublishedTrack:
         self.last_arrival = now = time.time()
         keyframe = False
         if self.kind == "video":
-            self.cache[packet.sequence_number & (CACHE_SLOTS - 1)] = packet
+            self.cache.put(packet.sequence_number, packet.timestamp, packet.marker, payload)
             if packet.marker:
                 self.frames += 1
             # Only a packet that starts partition 0 can start a keyframe (S=1, PID=0).
             if payload and payload[0] & 0x17 == 0x10 and vp8_is_keyframe(payload):
                 keyframe = True
-                self.pending_pli = False
+                self.pli.keyframe_received()
                 size = vp8_keyframe_size(payload)
                 if size is not None and size != self.size:
                     self.size = size
                     self.router.emit(DimensionsChanged(self.publish.stream_id, size[0], size[1]))
         abs_send_time = ((ntp_now(now) >> 14) & 0x00FFFFFF).to_bytes(3, "big")
         for sub in self.subscribers:
-            sub.forward(packet, keyframe, abs_send_time)
+            sub.forward(packet, keyframe, abs_send_time, now)
 
     # --- RTCP towards the publisher -------------------------------------------
 
@@ -162,14 +173,12 @@ class PublishedTrack:
         if self.kind != "video":
             return
         if not self.media_ssrc:
-            self.pending_pli = True
+            self.pli.hold()
             return
-        now = time.monotonic()
-        if now - self.last_pli < self.router.pli_interval_s:
-            self.pending_pli = True
-            return
-        self.last_pli = now
-        self.pending_pli = False
+        if self.pli.request(time.monotonic()):
+            self.send_pli(reason, subscription_id)
+
+    def send_pli(self, reason: str, subscription_id: str | None = None) -> None:
         if self.publish.send_rtcp(pli(self.rtcp_ssrc, self.media_ssrc)):
             self.plis_sent += 1
             self.router.emit(KeyframeRequested(self.publish.stream_id, reason, subscription_id))
@@ -180,26 +189,31 @@ class PublishedTrack:
 
     def on_rtcp(self, packet: Any) -> None:
         if isinstance(packet, RtcpSrPacket):
-            self.sr_ntp = packet.sender_info.ntp_timestamp
-            self.sr_rtp = packet.sender_info.rtp_timestamp
+            self.publisher_sr = (packet.sender_info.ntp_timestamp, packet.sender_info.rtp_timestamp)
 
-    def tick(self) -> None:
-        """Once a second: report media that stopped or resumed, retry a rate-limited PLI,
-        send REMB as the subscribers' minimum."""
+    def tick(self, now: float, monotonic: float) -> None:
+        """Once a second (wall time ``now``): report media that stopped or resumed, retry a
+        rate-limited PLI, send REMB as the subscribers' minimum, size the NACK cache."""
         if self.packets:
-            silent = time.time() - self.last_arrival
+            silent = now - self.last_arrival
             if silent >= self.router.idle_after_s and not self.idle:
                 self.idle = True
                 self.router.emit(MediaFlowChanged(self.publish.stream_id, self.kind, False, self.router.idle_after_s))
             elif silent < self.router.idle_after_s and self.idle:
                 self.idle = False
                 self.router.emit(MediaFlowChanged(self.publish.stream_id, self.kind, True, 0.0))
-        if self.pending_pli:
-            self.request_keyframe("retry")
-        if self.kind == "video" and self.media_ssrc:
-            estimates = [s.remb_bps for s in self.subscribers if s.remb_bps]
-            if estimates:
-                self.publish.send_rtcp(remb(self.rtcp_ssrc, min(estimates), [self.media_ssrc]))
+        if self.kind != "video":
+            return
+        if self.media_ssrc and self.pli.retry(monotonic):
+            self.send_pli("retry")
+        if self.media_ssrc:
+            estimate = self.remb.estimate(monotonic)
+            if estimate is not None:
+                self.publish.send_rtcp(remb(self.rtcp_ssrc, estimate, [self.media_ssrc]))
+        base_packets, base_time = self._rate_base
+        if base_time and monotonic > base_time:
+            self.cache.resize_for_rate((self.packets - base_packets) / (monotonic - base_time))
+        self._rate_base = (self.packets, monotonic)
 
     def add_subscriber(self, sub: ForwardingSender) -> None:
         self.subscribers = (*self.subscribers, sub)
@@ -208,6 +222,7 @@ class PublishedTrack:
 
     def remove_subscriber(self, sub: ForwardingSender) -> None:
         self.subscribers = tuple(s for s in self.subscribers if s is not sub)
+        self.remb.remove(sub.ssrc)
 
     def sample(self, now_ms: int, interval: float) -> QualitySample:
         streams = internals.receiver_statistics(self.receiver)
@@ -249,12 +264,9 @@ class ForwardingSender:
         self.ext_tail = b""
         self.ext_kind = ""  # "abs" (video), "level" (audio) or "" (none)
         self.ready = False
-        self.waiting_keyframe = track.kind == "video"
-        self.seq_offset = 0
-        self.ts_offset = 0
-        self.next_seq = random.randint(0, 32767)
-        self.ts_base = random.randint(0, 0xFFFFFFFF)
-        self.last_ts = 0
+        self.translator = RtpTranslator(self.clock_rate, track.kind == "video", random.randint(0, 32767),
+                                        random.randint(0, 0xFFFFFFFF))
+        self.drops = subscription.router.forward_drops
         self.packets = 0
         self.octets = 0
         self.frames = 0
@@ -304,28 +316,28 @@ class ForwardingSender:
             return self.ext_head + bytes([value]) + self.ext_tail
         return self.ext_head + self.ext_tail
 
-    def forward(self, packet: RtpPacket, keyframe: bool, abs_send_time: bytes) -> None:
+    def forward(self, packet: RtpPacket, keyframe: bool, abs_send_time: bytes, now: float) -> None:
         if not self.ready:
             return
-        if self.waiting_keyframe:
-            # No delta frame before the first keyframe: the decoder could not use it.
-            if not keyframe:
+        t = self.translator
+        seq = packet.sequence_number
+        ts = packet.timestamp
+        verdict = t.admit(packet.ssrc, seq, ts, keyframe, now)
+        if verdict is not None:
+            self.drops[verdict] += 1
+            if verdict is ForwardDropReason.WAITING_KEYFRAME:
                 self.track.request_keyframe("new subscriber", self.subscription.peer_id)
-                return
-            self.waiting_keyframe = False
-            self.seq_offset = (self.next_seq - packet.sequence_number) & 0xFFFF
-            self.ts_offset = (self.ts_base - packet.timestamp) & 0xFFFFFFFF
-        elif not self.packets:
-            self.seq_offset = (self.next_seq - packet.sequence_number) & 0xFFFF
-            self.ts_offset = (self.ts_base - packet.timestamp) & 0xFFFFFFFF
-        ts = (packet.timestamp + self.ts_offset) & 0xFFFFFFFF
+            return
+        ts = (ts + t.ts_offset) & 0xFFFFFFFF
         payload = packet.payload
-        if self.send(rtp_header(packet.marker, self.payload_type, (packet.sequence_number + self.seq_offset) & 0xFFFF,
+        if self.send(rtp_header(packet.marker, self.payload_type, (seq + t.seq_offset) & 0xFFFF,
                                 ts, self.ssrc, self._extensions(packet, abs_send_time)) + payload):
             self.packets += 1
             self.octets += len(payload)
             self.frames += packet.marker
-            self.last_ts = ts
+            t.last_out_ts = ts
+        else:
+            self.drops[ForwardDropReason.NOT_SENT] += 1
 
     # --- RTCP from the subscriber ---------------------------------------------
 
@@ -354,36 +366,36 @@ class ForwardingSender:
                 return
             if self.ssrc in ssrcs:
                 self.remb_bps = bitrate
+                self.track.remb.update(self.ssrc, bitrate, time.monotonic())
 
     def _answer_nack(self, lost: Iterable[int]) -> None:
-        cache = self.track.cache
-        missing = []
-        for seq in lost:
-            in_seq = (seq - self.seq_offset) & 0xFFFF
-            packet = cache[in_seq & (CACHE_SLOTS - 1)] if cache else None
-            if packet is not None and packet.sequence_number == in_seq:
-                data = rtp_header(packet.marker, self.payload_type, seq, (packet.timestamp + self.ts_offset) & 0xFFFFFFFF,
-                                  self.ssrc, self._extensions(packet, b"\x00\x00\x00")) + packet.payload
-                if self.send(data):
-                    self.retransmitted += 1
-            else:
-                missing.append(in_seq)
-        if missing:
-            self.track.nack_upstream(missing)
+        if self.kind != "video":
+            return
+        resend, upstream = NACK_RESPONDER.respond(lost, self.track.cache, self.translator)
+        for packet in resend:
+            # Video's variable extension is abs-send-time; a retransmission carries zero.
+            data = rtp_header(packet.marker, self.payload_type, packet.seq, packet.timestamp, self.ssrc,
+                              self.ext_head + (b"\x00\x00\x00" if self.ext_kind else b"") + self.ext_tail)
+            if self.send(data + packet.payload):
+                self.retransmitted += 1
+        if upstream:
+            self.track.nack_upstream(upstream)
 
-    def sender_report(self, ntp: int) -> bytes:
-        """This track's SR (empty before the first forwarded packet). The RTP time follows
-        the publisher's NTP mapping when known, so audio and video stay in sync downstream."""
+    @property
+    def last_ts(self) -> int:
+        """The RTP timestamp of the last packet sent to this subscriber."""
+        return self.translator.last_out_ts
+
+    def sender_report(self, ntp: int, now: float) -> bytes:
+        """This track's SR at NTP time ``ntp`` (wall time ``now``); empty before the first
+        forwarded packet."""
         if not self.ready or not self.packets:
             return b""
         track = self.track
-        if track.sr_ntp:
-            elapsed = (ntp - track.sr_ntp) / 4294967296.0
-            rtp_ts = track.sr_rtp + int(elapsed * self.clock_rate) + self.ts_offset
-        else:
-            rtp_ts = self.last_ts + int((time.time() - track.last_arrival) * self.clock_rate)
+        rtp_ts = sender_report_rtp_time(ntp, now, self.clock_rate, self.translator.ts_offset, track.publisher_sr,
+                                        self.translator.last_out_ts, track.last_arrival)
         self.lsr = (ntp >> 16) & 0xFFFFFFFF
-        self.lsr_time = time.time()
+        self.lsr_time = now
         return sender_report(self.ssrc, ntp, rtp_ts, self.packets, self.octets)
 
     def close(self) -> None:
@@ -414,6 +426,9 @@ class ForwardingSender:
 
 def _never_send(data: bytes) -> bool:
     return False
+
+
+NACK_RESPONDER = NackResponder()
 
 
 class Peer:
@@ -559,6 +574,7 @@ class SubscribePeer(Peer):
         for kind, track in self.publish.tracks.items():
             transceiver = self.pc.addTransceiver(kind, direction="sendonly")
             transceiver.setCodecPreferences(_preferred_codecs(kind, with_rtx=False))
+            internals.release_receiver_buffers(transceiver.receiver)  # sendonly: its receiver never runs
             fwd = ForwardingSender(self, track, transceiver.sender)
             internals.hook_sender(transceiver.sender, fwd.start, fwd.on_rtcp)
             self.senders.append(fwd)
@@ -567,9 +583,9 @@ class SubscribePeer(Peer):
         self.demux()
         return self.local_sdp()
 
-    def send_sender_reports(self, ntp: int) -> None:
+    def send_sender_reports(self, ntp: int, now: float) -> None:
         """One compound RTCP datagram with the SR of every track of this subscription."""
-        reports = b"".join(fwd.sender_report(ntp) for fwd in self.senders)
+        reports = b"".join(fwd.sender_report(ntp, now) for fwd in self.senders)
         if reports:
             self.senders[0].send(reports)
 
@@ -653,6 +669,9 @@ class Router:
         self.datagram_drops: dict[DatagramDropReason, int] = (
             udp_mux.drops if udp_mux is not None else dict.fromkeys(DatagramDropReason, 0))
         self._drops_reported: dict[DatagramDropReason, int] = dict.fromkeys(DatagramDropReason, 0)
+        #: RTP packets not forwarded to a subscriber, by reason (plain ints, read by the timer).
+        self.forward_drops: dict[ForwardDropReason, int] = dict.fromkeys(ForwardDropReason, 0)
+        self._forward_drops_reported: dict[ForwardDropReason, int] = dict.fromkeys(ForwardDropReason, 0)
         self.publishes: dict[str, PublishPeer] = {}
         self.subscriptions: dict[str, SubscribePeer] = {}
         self._timer: asyncio.Task[None] | None = None
@@ -745,18 +764,23 @@ class Router:
         if drops != reported:
             self.emit(DatagramsDropped({reason: drops[reason] - reported[reason] for reason in drops}))
             self._drops_reported = dict(drops)
+        forward, forward_reported = self.forward_drops, self._forward_drops_reported
+        if forward != forward_reported:
+            self.emit(PacketsDropped({reason: forward[reason] - forward_reported[reason] for reason in forward}))
+            self._forward_drops_reported = dict(forward)
 
     async def _run_timer(self) -> None:
         last_sample = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             tracks = [t for p in list(self.publishes.values()) for t in p.tracks.values()]
-            for track in tracks:
-                track.tick()
-            ntp = ntp_now()
+            wall = time.time()
             now = time.monotonic()
+            for track in tracks:
+                track.tick(wall, now)
+            ntp = ntp_now(wall)
             for subscription in list(self.subscriptions.values()):
-                subscription.send_sender_reports(ntp)
+                subscription.send_sender_reports(ntp, wall)
                 if not subscription.answered and now - subscription.created > self.answer_timeout_s:
                     # The client never answered: free its sockets, tell the owner.
                     del self.subscriptions[subscription.peer_id]

@@ -29,7 +29,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from media.events import DatagramDropReason
+from media.events import DatagramDropReason, ForwardDropReason
 from rooms.model import DisconnectReason, StreamDestroyedReason
 
 NAMESPACE: Final = "openconsult"
@@ -141,6 +141,13 @@ MEDIA_UDP_ROUTES: Final = Gauge(
     ["kind"],
     namespace=NAMESPACE,
 )
+RTP_PACKETS_DROPPED: Final = Counter(
+    "rtp_packets_dropped",
+    "RTP packets of a published track not forwarded to a subscriber, by reason (waiting for a keyframe,"
+    " older than the subscriber's start, or its transport could not send)",
+    ["reason"],
+    namespace=NAMESPACE,
+)
 PEER_CONNECTIONS_TIMED_OUT: Final = Counter(
     "peer_connections_timed_out",
     "Publishes and subscriptions closed because they were not connected within media.connect_timeout_s",
@@ -188,6 +195,8 @@ def _precreate() -> None:
         MEDIA_DATAGRAMS_DROPPED.labels(reason=drop_reason.value)
     for route_kind in UdpRouteKind:
         MEDIA_UDP_ROUTES.labels(kind=route_kind.value)
+    for forward_reason in ForwardDropReason:
+        RTP_PACKETS_DROPPED.labels(reason=forward_reason.value)
     for log_drop_reason in EventLogDropReason:
         EVENTLOG_ENTRIES_DROPPED.labels(reason=log_drop_reason.value)
     for direction in WsDirection:

@@ -22,6 +22,7 @@ from media.events import (
     KeyframeRequested,
     MediaEvent,
     MediaFlowChanged,
+    PacketsDropped,
     PeerStateChanged,
     QualitySample,
 )
@@ -128,6 +129,11 @@ class Recorder:
             for reason, count in event.counts.items():
                 if count:
                     prom.MEDIA_DATAGRAMS_DROPPED.labels(reason=reason.value).inc(count)
+            return
+        if isinstance(event, PacketsDropped):
+            for forward_reason, forward_count in event.counts.items():
+                if forward_count:
+                    prom.RTP_PACKETS_DROPPED.labels(reason=forward_reason.value).inc(forward_count)
             return
         if isinstance(event, QualitySample):
             if event.direction == "out":

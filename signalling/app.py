@@ -161,11 +161,25 @@ def _bind_udp_port(config: Config) -> UdpMux | None:
         raise ConfigError("media.udp_port: this host has no address to gather ICE candidates on "
                           "(set media.ice_addresses)")
     try:
-        return UdpMux.bind(addresses, media.udp_port, dict.fromkeys(DatagramDropReason, 0))
+        return UdpMux.bind(addresses, media.udp_port, dict.fromkeys(DatagramDropReason, 0),
+                           rcvbuf_bytes=media.udp_rcvbuf_bytes)
     except OSError as exc:
         hint = ("; another process holds it (each server process needs its own port)"
                 if exc.errno == errno.EADDRINUSE else "")
         raise ConfigError(f"media.udp_port = {media.udp_port}: {exc.strerror}{hint}") from None
+
+
+def _report_receive_buffer(requested: int) -> None:
+    """Log the receive buffer media sockets really get, and how to raise the kernel's cap
+    when it is below what the config asks for."""
+    granted = aiortc_internals.effective_receive_buffer(requested)
+    if granted >= requested:
+        logger.info("media sockets receive buffer: %d bytes (media.udp_rcvbuf_bytes)", granted)
+        return
+    logger.warning(
+        "media sockets receive buffer: %d bytes, not the %d of media.udp_rcvbuf_bytes: the kernel caps it at "
+        "net.core.rmem_max; raise it with `sysctl -w net.core.rmem_max=%d` (and a line in /etc/sysctl.d/ to keep "
+        "it), or bursts under load are dropped (RcvbufErrors in /proc/net/snmp)", granted, requested, requested)
 
 
 async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -178,6 +192,8 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
             lambda: mux.route_counts()[0])
         prom.MEDIA_UDP_ROUTES.labels(kind=prom.UdpRouteKind.ADDRESS.value).set_function(
             lambda: mux.route_counts()[1])
+    aiortc_internals.configure_receive_buffer(media.udp_rcvbuf_bytes)
+    _report_receive_buffer(media.udp_rcvbuf_bytes)
     router = Router(pli_interval_s=media.pli_interval_s, sample_interval_s=media.sample_interval_s,
                     announced_ip=media.announced_ip, answer_timeout_s=media.answer_timeout_s,
                     connect_timeout_s=media.connect_timeout_s, max_peer_connections=media.max_peer_connections,

@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any, Mapping, get_type_hints
 
 
+#: Bounds of media.udp_rcvbuf_bytes: below 64 KiB a single keyframe burst overflows it; above
+#: 256 MiB it is a typo (the kernel would pin that much memory per socket).
+MIN_RCVBUF = 64 * 1024
+MAX_RCVBUF = 256 * 1024 * 1024
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and what was wrong."""
 
@@ -99,6 +105,10 @@ class MediaConfig:
     #: Peer connections (publishes plus subscriptions) this node holds at most; more get
     #: ``over_capacity``. Each holds UDP sockets (one per ICE address) unless ``udp_port`` is set.
     max_peer_connections: int = 500
+    #: Receive buffer (``SO_RCVBUF``) every media UDP socket asks for: what the kernel holds
+    #: while the server is busy, before it drops datagrams. The kernel caps it at
+    #: ``net.core.rmem_max``; the start-up log says the size granted and how to raise the cap.
+    udp_rcvbuf_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -274,6 +284,9 @@ class Config:
             raise ConfigError(f"media.connect_timeout_s must be > 0 and <= 600, got {m.connect_timeout_s}")
         if not 1 <= m.max_peer_connections <= 100_000:
             raise ConfigError(f"media.max_peer_connections must be 1-100000, got {m.max_peer_connections}")
+        if not MIN_RCVBUF <= m.udp_rcvbuf_bytes <= MAX_RCVBUF:
+            raise ConfigError(f"media.udp_rcvbuf_bytes must be {MIN_RCVBUF}-{MAX_RCVBUF} (64 KiB-256 MiB), "
+                              f"got {m.udp_rcvbuf_bytes}")
         self._validate_workflow()
         self._validate_retention()
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):

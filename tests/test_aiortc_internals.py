@@ -15,6 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import aioice.ice
+import aioice.turn
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer
@@ -54,6 +55,63 @@ def test_only_the_rtp_handler_feeds_the_decoder() -> None:
     feeders = [m.start() for m in re.finditer(r"__decoder_queue\.put\(\(", source)]
     handler = inspect.getsource(RTCRtpReceiver._handle_rtp_packet)
     assert len(feeders) == 1 and "self.__decoder_queue.put((codec, encoded_frame))" in handler
+
+
+def test_receiver_receive_is_what_the_replacement_does_plus_a_decoder_thread() -> None:
+    # hook_receiver replaces receive(): every statement of aiortc's must be one it does too,
+    # or the decoder thread it leaves out.
+    body = inspect.getsource(RTCRtpReceiver.receive).split('"""')[-1]
+    statements = [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert statements == [
+        "if not self.__started:",
+        "for codec in parameters.codecs:",
+        "self.__codecs[codec.payloadType] = codec",
+        "for encoding in parameters.encodings:",
+        "if encoding.rtx:",
+        "self.__rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc",
+        "self.__decoder_thread = threading.Thread(",
+        "target=decoder_worker,",
+        'name=self.__kind + "-decoder",',
+        "args=(",
+        "asyncio.get_event_loop(),",
+        "self.__decoder_queue,",
+        "self._track._queue,",
+        "self.__decoder_error,",
+        "),",
+        ")",
+        "self.__decoder_thread.start()",
+        "self.__transport._register_rtp_receiver(self, parameters)",
+        "self.__rtcp_task = asyncio.ensure_future(self._run_rtcp())",
+        "self.__started = True",
+    ]
+    # stop() and a BYE stop the decoder only if there is one.
+    assert "if self.__decoder_thread:" in inspect.getsource(RTCRtpReceiver._RTCRtpReceiver__stop_decoder)  # type: ignore[attr-defined]
+
+
+async def test_receiver_buffers_the_sfu_releases_are_only_used_by_the_rtp_handler() -> None:
+    source = inspect.getsource(RTCRtpReceiver)
+    handler = inspect.getsource(RTCRtpReceiver._handle_rtp_packet)
+    for name, guarded in (("__remote_bitrate_estimator", "if self.__remote_bitrate_estimator is not None:"),
+                          ("__jitter_buffer", "self.__jitter_buffer.add(packet)")):
+        init = inspect.getsource(RTCRtpReceiver.__init__)
+        # Set in __init__, read only in the handler.
+        assert source.count(f"self.{name}") == init.count(f"self.{name}") + handler.count(f"self.{name}"), name
+        assert guarded in handler
+    pc = RTCPeerConnection()
+    try:
+        receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        assert receiver._RTCRtpReceiver__remote_bitrate_estimator is not None  # type: ignore[attr-defined]
+        aiortc_internals.release_receiver_buffers(receiver)
+        assert receiver._RTCRtpReceiver__remote_bitrate_estimator is None  # type: ignore[attr-defined]
+    finally:
+        await pc.close()
+
+
+def test_aioice_sizes_its_sockets_receive_buffer_from_one_module_constant() -> None:
+    # configure_receive_buffer sets the constant aioice reads as each socket is opened.
+    assert "turn.UDP_SOCKET_BUFFER_SIZE" in inspect.getsource(aioice.Connection.get_component_candidates)
+    assert "sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_SOCKET_BUFFER_SIZE)" in inspect.getsource(
+        aioice.turn.create_turn_endpoint)
 
 
 def test_dtls_transport_routes_rtp_to_receivers() -> None:

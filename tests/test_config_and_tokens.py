@@ -85,6 +85,8 @@ def test_the_sample_config_still_loads_with_every_commented_out_key_uncommented(
     ("", {"OPENCONSULT_MEDIA__UDP_PORT": "70000"}, "media.udp_port must be 0 (one port per peer connection) or "
      "1-65535, got 70000"),
     ("[server]\njoin_timeout_s = 0.5\n", {}, "server.join_timeout_s must be 1-600 seconds, got 0.5"),
+    ("[media]\nudp_rcvbuf_bytes = 1000\n", {}, "media.udp_rcvbuf_bytes must be 65536-268435456 (64 KiB-256 MiB), got 1000"),
+    ("", {"OPENCONSULT_MEDIA__UDP_RCVBUF_BYTES": "4 MiB"}, "media.udp_rcvbuf_bytes must be an integer"),
     ("", {"OPENCONSULT_SERVER__MAX_CONNECTIONS": "0"}, "server.max_connections must be 1-1000000, got 0"),
 ])
 def test_bad_config_names_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -11,8 +12,17 @@ from aiortc.rtp import RTCP_RTPFB_NACK, RtcpReceiverInfo, RtcpRrPacket, RtcpRtpf
 
 from media import aiortc_internals
 from media.errors import MediaError, OverCapacity
-from media.events import KeyframeRequested, MediaEvent, MediaFlowChanged, PeerFailed, PeerTimedOut, QualitySample
-from media.router import MAX_REMOTE_CANDIDATES, ForwardingSender, Router
+from media.events import (
+    ForwardDropReason,
+    KeyframeRequested,
+    MediaEvent,
+    MediaFlowChanged,
+    PacketsDropped,
+    PeerFailed,
+    PeerTimedOut,
+    QualitySample,
+)
+from media.router import MAX_REMOTE_CANDIDATES, NACK_CACHE_MAX_SLOTS, NACK_CACHE_MIN_SLOTS, ForwardingSender, Router
 from media.rtp import vp8_is_keyframe
 from tests.helpers import wait_until
 from tests.media.peers import Subscriber, publisher_offer
@@ -86,6 +96,19 @@ async def call() -> AsyncIterator[Call]:
     await c.close()
 
 
+async def test_published_tracks_start_no_decoder_thread_and_hold_no_unused_buffers(call: Call) -> None:
+    # aiortc starts an (idle) decoder thread per received track; the SFU decodes nothing.
+    receivers = [t.receiver for t in call.router.publishes["st1"].tracks.values()]
+    assert len(receivers) == 2
+    assert all(r._RTCRtpReceiver__started and r._RTCRtpReceiver__decoder_thread is None  # type: ignore[attr-defined]
+               for r in receivers)
+    # Nor do the server's receivers (a subscription's too) keep aiortc's bandwidth estimator.
+    receivers += [t.receiver for t in call.router.subscriptions["sub1"].pc.getTransceivers()]
+    assert all(r._RTCRtpReceiver__remote_bitrate_estimator is None for r in receivers)  # type: ignore[attr-defined]
+    # The subscriber (a real aiortc client) decodes in its own threads: only the server's are absent.
+    assert len([t for t in threading.enumerate() if t.name.endswith("-decoder")]) == 2
+
+
 async def test_late_subscriber_gets_a_pli_and_starts_on_a_keyframe(call: Call) -> None:
     late = Subscriber()
     try:
@@ -104,8 +127,8 @@ async def test_nacks_are_answered_from_the_cache_or_sent_upstream(call: Call) ->
     fwd = call.forwarder("video")
     await wait_until(lambda: fwd.packets > 20, timeout=10)
     track = fwd.track
-    recent = [p for p in track.cache if p is not None][-5:]
-    out_seqs = [(p.sequence_number + fwd.seq_offset) & 0xFFFF for p in recent]
+    newest = track.cache.seqs[track.cache.last]
+    out_seqs = [fwd.translator.out_seq(newest - i) for i in range(5)]
     nack = RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1234, media_ssrc=fwd.ssrc)
     nack.lost = out_seqs
     await fwd.on_rtcp(nack)
@@ -120,18 +143,48 @@ async def test_nacks_are_answered_from_the_cache_or_sent_upstream(call: Call) ->
 
 async def test_keyframe_requests_are_rate_limited(call: Call) -> None:
     track = call.forwarder("video").track
-    await wait_until(lambda: time.monotonic() - track.last_pli > 0.6, timeout=5)
+    await wait_until(lambda: time.monotonic() - (track.pli.last or 0.0) > 0.6, timeout=5)
     sent = track.plis_sent
     track.request_keyframe("test")
     track.request_keyframe("test")
     track.request_keyframe("test")
-    assert track.plis_sent == sent + 1 and track.pending_pli
+    assert track.plis_sent == sent + 1 and track.pli.pending
     # A held-back request goes out on the router's next tick once the interval has passed
     # (unless a keyframe arrived meanwhile, which clears it).
-    track.pending_pli = True
-    track.last_pli -= 1.0
-    track.tick()
-    assert track.plis_sent == sent + 2 and not track.pending_pli
+    track.pli.pending = True
+    track.tick(time.time(), time.monotonic() + 1.0)
+    assert track.plis_sent == sent + 2 and not track.pli.pending
+
+
+async def test_the_nack_cache_is_sized_by_the_tracks_packet_rate(call: Call) -> None:
+    track = call.forwarder("video").track
+    # Measure the publisher's packet rate over 2 s, then the cache must hold >= 1 s of it
+    # without being more than 4x (the shrink hysteresis) above the power of two it needs.
+    await wait_until(lambda: track.packets > 0, timeout=15)
+    first, start = track.packets, time.monotonic()
+    await wait_until(lambda: time.monotonic() - start >= 2.0, timeout=5)
+    rate = (track.packets - first) / (time.monotonic() - start)
+    await wait_until(lambda: track.cache.capacity >= min(rate, NACK_CACHE_MAX_SLOTS), timeout=5,
+                     message=f"a cache of >= 1 s at {rate:.0f} packets/s")
+    assert track.cache.capacity <= max(NACK_CACHE_MIN_SLOTS, 4 * track.cache.slots_for_rate(rate))
+    assert track.cache.capacity < 2048  # what every video track held before, whatever its rate
+
+
+async def test_drops_before_a_keyframe_are_counted_by_reason(call: Call) -> None:
+    fwd = call.forwarder("video")
+    await wait_until(lambda: fwd.packets > 20, timeout=10)
+    frames = len(call.sub.received.frames)
+    # The publisher's source changes (as its SSRC would): delta frames are held back until
+    # the keyframe the subscriber asks for, each one counted; the timer reports them as an
+    # event; the subscriber's numbering continues, so its decoder goes on.
+    fwd.translator.source = 0
+    fwd.translator.close()
+    await wait_until(lambda: not fwd.translator.waiting, timeout=10, message="the keyframe")
+    assert call.router.forward_drops[ForwardDropReason.WAITING_KEYFRAME] > 0
+    assert [e.reason for e in call.events if isinstance(e, KeyframeRequested)][-1] == "new subscriber"
+    await wait_until(lambda: any(isinstance(e, PacketsDropped) and e.counts[ForwardDropReason.WAITING_KEYFRAME]
+                                 for e in call.events), timeout=5, message="a PacketsDropped event")
+    await wait_until(lambda: len(call.sub.received.frames) > frames + 5, timeout=10, message="video again")
 
 
 async def test_subscriber_gets_sender_reports_and_rtt(call: Call) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from media.events import ForwardDropReason
 from metrics import prometheus
 from rooms.model import DisconnectReason, StreamDestroyedReason
 
@@ -54,6 +55,9 @@ def test_labelled_series_exist_up_front() -> None:
     }
     assert {s["kind"] for s in families["openconsult_rtp_packets_forwarded"]} == {"audio", "video"}
     assert len(families["openconsult_ws_messages"]) == len(prometheus.WsDirection) * len(prometheus.WsResult)
+    assert {s["reason"] for s in families["openconsult_rtp_packets_dropped"]} == {
+        r.value for r in ForwardDropReason
+    }
 
 
 def test_no_id_labels() -> None:
