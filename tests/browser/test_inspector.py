@@ -319,11 +319,11 @@ def test_a_participant_named_with_html_is_shown_as_text_not_executed(
     )
     assert "support-token" not in page.current_url and "eyJ" not in page.current_url
 
-    # The name is on screen literally: participants table, event log, warnings and payload.
+    # The name is on screen literally: participants table, event log, diagnosis and payload.
     assert state["stats"]["users"] == 1
     assert (
-        f"Only one participant ever connected ({XSS_NAME})"
-        in page.find_element("id", "warnings").text
+        f"Only {XSS_NAME} (patient) joined; nobody else ever joined the call."
+        in page.find_element("id", "findings").text
     )
     participants = page.find_element("css selector", "#participants tbody td").text
     assert participants == XSS_NAME
