@@ -601,6 +601,13 @@ class SubscribePeer(Peer):
             raise MediaError(f"cannot apply the answer: {exc}") from None
 
     async def close(self) -> None:
+        if not self.closed:
+            # The last, partial interval: what was sent since the timer's last sample.
+            interval = max(time.monotonic() - self.router.last_sample_at, 0.001)
+            now_ms = int(time.time() * 1000)
+            for fwd in self.senders:
+                if fwd.ready and fwd.packets:
+                    self.router.emit(fwd.sample(now_ms, interval))
         for fwd in self.senders:
             fwd.close()
         await super().close()
@@ -675,6 +682,9 @@ class Router:
         self.publishes: dict[str, PublishPeer] = {}
         self.subscriptions: dict[str, SubscribePeer] = {}
         self._timer: asyncio.Task[None] | None = None
+        #: When the timer last sampled every track (monotonic): a closing subscription reports what
+        #: it sent since then, so no forwarded packet goes uncounted.
+        self.last_sample_at = time.monotonic()
 
     def emit(self, event: MediaEvent) -> None:
         if self.observer is None:
@@ -770,7 +780,7 @@ class Router:
             self._forward_drops_reported = dict(forward)
 
     async def _run_timer(self) -> None:
-        last_sample = time.monotonic()
+        last_sample = self.last_sample_at = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             tracks = [t for p in list(self.publishes.values()) for t in p.tracks.values()]
@@ -790,6 +800,7 @@ class Router:
             self._report_drops()
             if now - last_sample >= self.sample_interval_s:
                 interval, last_sample = now - last_sample, now
+                self.last_sample_at = now
                 now_ms = int(time.time() * 1000)
                 for track in tracks:
                     if track.packets:

@@ -296,3 +296,17 @@ async def test_remote_candidates_per_peer_are_bounded() -> None:
     finally:
         await pub.close()
         await router.close()
+
+
+async def test_a_closing_subscription_reports_what_it_sent_since_the_last_sample(call: Call) -> None:
+    """Every forwarded packet is in some outbound sample (and so in the forwarded-packets counter),
+    the last partial interval included."""
+    await wait_until(lambda: call.forwarder("video").packets > 50, timeout=30, message="video forwarded")
+    sent = {kind: call.forwarder(kind).packets for kind in ("audio", "video")}
+    await call.router.close_peer("sub1")
+    reported = {kind: sum(e.packets for e in call.events
+                          if isinstance(e, QualitySample) and e.direction == "out" and e.kind == kind)
+                for kind in ("audio", "video")}
+    # Packets may still go out between the read above and the close: at least what was read.
+    assert all(reported[kind] >= sent[kind] for kind in sent), (reported, sent)
+    assert all(reported[kind] <= sent[kind] + 20 for kind in sent), (reported, sent)
