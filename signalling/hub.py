@@ -12,6 +12,11 @@ router reaps for not connecting in time is logged as a publish failure.
 What the browser saw (``client.event``, ``client.stats`` and the tab-closed beacon) is stored in
 the sender's session with component ``client`` (``signalling.client_reports`` builds the entries),
 counted against ``server.client_reports_per_min`` per connection.
+
+A guest (role ``guest``: a relative or an interpreter the clinician added) joins on a link for the
+consultation's room, so the consultation's session id; at join the workflow's ``guest_check``
+says whether that link still works (not removed, the consultation not over). ``kick`` removes a
+connection from its call (``forceDisconnected``), e.g. a guest the clinician removed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from media.errors import MediaError as MediaPlaneError
@@ -47,9 +52,11 @@ from rooms.live import (
     LiveStream,
     LiveSubscription,
 )
+from rooms.errors import RoomsError
 from rooms.model import (
     ConnectionId,
     DisconnectReason,
+    Role,
     SessionId,
     StreamDestroyedReason,
     StreamId,
@@ -83,6 +90,8 @@ class Client:
         self.session: LiveSession | None = None
         self.connection: LiveConnection | None = None
         self.left = False
+        #: Set by the WebSocket edge: close this client's socket (after it was kicked).
+        self.close_socket: Callable[[], None] | None = None
 
 
 class Hub:
@@ -102,6 +111,8 @@ class Hub:
         self.report_limiter = ReportLimiter(self.config.server.client_reports_per_min)
         #: connection id -> (session id, token sub, room) of connections that joined lately.
         self.known_connections: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
+        #: Set by the workflow: raises a coded error unless a guest's link still works.
+        self.guest_check: Callable[[Claims], Awaitable[object]] | None = None
         router.observer = self.on_media_event
 
     # --- helpers ----------------------------------------------------------------------
@@ -153,6 +164,8 @@ class Hub:
         if claims.waiting_room is not None and claims.consultation is None:
             # A shared walk-in link is not a room ticket: POST /api/walk-in trades it for one.
             raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
+        if claims.role is Role.GUEST:
+            await self._check_guest(client, claims)
         session, created = self._session_for(claims)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
@@ -187,6 +200,21 @@ class Hub:
             "streams": [s.public() for s in session.streams.values()],
             "ice_servers": turn.ice_servers(self.config.media, connection.connection_id),
         }
+
+    async def _check_guest(self, client: Client, claims: Claims) -> None:
+        """A guest joins only on a link the workflow issued for this consultation and still honours;
+        a refused one is logged in the consultation's session, where support looks."""
+        if claims.consultation is None or claims.consultation != claims.room or claims.link is None:
+            raise Forbidden("a guest token must name the consultation it was issued for (its room) and its guest id")
+        if self.guest_check is None:
+            raise Forbidden("this node takes no guests: it runs no clinical workflow")
+        try:
+            await self.guest_check(claims)
+        except (OpenConsultError, RoomsError) as exc:
+            self.recorder.link_refused(claims.consultation, str(exc.code), exc.message)
+            raise
+        if client.session is not None:
+            raise InvalidState("this connection has already joined")
 
     async def publish(self, client: Client, offer: dict[str, Any], name: str | None,
                       video_source: str | None) -> dict[str, Any]:
@@ -398,7 +426,20 @@ class Hub:
         self.broadcast(session, "streamDestroyed", {"stream": stream.public(), "reason": str(reason)},
                        exclude=stream.connection_id)
 
-    async def disconnect(self, client: Client, reason: DisconnectReason) -> None:
+    async def kick(self, client: Client, detail: str) -> None:
+        """Take a joined client out of its call (``forceDisconnected``): it is told why
+        (``removedFromCall``), the others get ``connectionDestroyed``, then its socket closes."""
+        session, connection = client.session, client.connection
+        if session is None or connection is None or client.left:
+            return
+        client.send({"type": "event", "event": "removedFromCall",
+                     "data": {"session_id": session.session_id, "reason": str(DisconnectReason.FORCE_DISCONNECTED),
+                              "detail": detail}})
+        await self.disconnect(client, DisconnectReason.FORCE_DISCONNECTED, detail)
+        if client.close_socket is not None:
+            client.close_socket()
+
+    async def disconnect(self, client: Client, reason: DisconnectReason, detail: str = "") -> None:
         """Remove a joined client: its subscriptions, streams and connection. Idempotent."""
         session, connection = client.session, client.connection
         if session is None or connection is None or client.left:
@@ -414,8 +455,8 @@ class Hub:
         self.clients.pop(connection.connection_id, None)
         self.recorder.connection_left(str(reason))
         self.log(session.session_id, EventKind.DISCONNECT,
-                 f"Server detected disconnect: {connection.name}. Reason: {reason}",
-                 connection_id=connection.connection_id, reason=str(reason))
+                 f"Server detected disconnect: {connection.name}. Reason: {reason}" + (f" ({detail})" if detail else ""),
+                 connection_id=connection.connection_id, reason=str(reason), **({"detail": detail} if detail else {}))
         self.broadcast(session, "connectionDestroyed", {"connection": connection.public(), "reason": str(reason)})
         if self.registry.end_if_empty(session):
             self.recorder.session_ended()
