@@ -259,9 +259,12 @@ class Hub:
         sid = session.session_id
         session.streams[stream_id] = stream
         self.recorder.stream_live()
-        self.log(sid, EventKind.STREAM_CREATED,
-                 f"Stream created: {stream.name} ({'audio' if stream.has_audio else ''}"
-                 f"{'+' if stream.has_audio and stream.has_video else ''}{'video' if stream.has_video else ''})",
+        kinds = (f"{'audio' if stream.has_audio else ''}{'+' if stream.has_audio and stream.has_video else ''}"
+                 f"{'video' if stream.has_video else ''}")
+        # A screen share is a second stream of the same participant; support reads it as such.
+        shown = (f"{self._connection_name_of(session, stream)} started screen sharing" if stream.video_source == "screen"
+                 else stream.name)
+        self.log(sid, EventKind.STREAM_CREATED, f"Stream created: {shown} ({kinds})",
                  connection_id=stream.connection_id, stream_id=stream_id, name=stream.name,
                  video_source=stream.video_source, has_audio=stream.has_audio, has_video=stream.has_video)
         self.broadcast(session, "streamCreated", {"stream": stream.public()}, exclude=stream.connection_id)
@@ -421,8 +424,11 @@ class Hub:
             await self._end_subscription(session, subscription, str(reason), notify=True)
         self.peers.pop(stream.stream_id, None)
         await self.router.close_peer(stream.stream_id)
-        self.log(session.session_id, EventKind.STREAM_DESTROYED, f"Stream destroyed: {stream.name}. Reason: {reason}",
-                 connection_id=stream.connection_id, stream_id=stream.stream_id, reason=str(reason))
+        shown = (f"{self._connection_name_of(session, stream)} stopped screen sharing" if stream.video_source == "screen"
+                 else stream.name)
+        self.log(session.session_id, EventKind.STREAM_DESTROYED, f"Stream destroyed: {shown}. Reason: {reason}",
+                 connection_id=stream.connection_id, stream_id=stream.stream_id, reason=str(reason),
+                 video_source=stream.video_source)
         self.broadcast(session, "streamDestroyed", {"stream": stream.public(), "reason": str(reason)},
                        exclude=stream.connection_id)
 
@@ -486,6 +492,11 @@ class Hub:
                     self._announce(session, StreamId(event.stream_id))
         elif isinstance(event, (PeerFailed, PeerTimedOut)):
             asyncio.get_running_loop().create_task(self._peer_failed(owner, event))
+
+    @staticmethod
+    def _connection_name_of(session: LiveSession, stream: LiveStream) -> str:
+        connection = session.connections.get(stream.connection_id)
+        return connection.name if connection is not None else stream.name
 
     def _connection_name(self, owner: PeerOwner) -> str:
         session = self.registry.sessions.get(SessionId(owner.session_id))

@@ -10,9 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from loadtest.client import RequestFailed, SignallingClient
 from rooms.model import Role
+from tests.helpers import wait_until
+from tests.media.peers import Subscriber, publisher_offer
 from tests.server import ServerProcess, start_server
 from tests.workflow.helpers import Clinic, now_ms, refused, wait_event
 
@@ -178,3 +181,46 @@ async def test_the_booking_api_adds_and_removes_guests_within_the_consultations_
     status, body = await clinic.call("POST", path, admin, {"name": "Late"})
     assert (status, body["error"]["code"]) == (409, "invalid_state")
     await guest.close()
+
+
+async def test_a_guest_shares_a_screen_that_the_patient_decodes_until_removed(clinic: Clinic) -> None:
+    """Real aiortc peers: the guest publishes camera and screen (two streams of one connection);
+    the patient decodes the screen; the event log says who started and stopped screen sharing;
+    removing the guest ends both streams with ``forceDisconnected``."""
+    c = await in_call(clinic)
+    sid, doctor, patient = c["sid"], c["doctor"], c["patient"]
+    invited = await doctor.request("consultation.invite_guest", session_id=sid, name="Rolf")
+    guest = await clinic.connect(invited["guest_token"])
+    peers: list[RTCPeerConnection] = []
+    streams: dict[str, str] = {}
+    for source in ("camera", "screen"):
+        pc = await publisher_offer(video=True, audio=source == "camera")
+        peers.append(pc)
+        out = await guest.request("publish", offer={"type": "offer", "sdp": pc.localDescription.sdp},
+                                  video_source=source)
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=out["answer"]["sdp"], type="answer"))
+        streams[source] = out["stream_id"]
+    created = await wait_event(patient, "streamCreated", lambda e: e["stream"]["stream_id"] == streams["screen"])
+    assert created["data"]["stream"]["video_source"] == "screen"
+    await wait_event(patient, "streamCreated", lambda e: e["stream"]["stream_id"] == streams["camera"])
+    data = await patient.request("subscribe", stream_id=streams["screen"])
+    viewer = Subscriber()
+    answer = await viewer.answer(data["offer"]["sdp"])
+    await patient.request("answer", subscription_id=data["subscription_id"], answer={"type": "answer", "sdp": answer})
+    await wait_until(lambda: len(viewer.received.frames) >= 5, timeout=60, message="screen frames decoded")
+
+    await doctor.request("consultation.remove_guest", session_id=sid, guest_id=invited["guest"]["guest_id"])
+    for stream_id in streams.values():
+        gone = await wait_event(patient, "streamDestroyed", lambda e, s=stream_id: e["stream"]["stream_id"] == s)
+        assert gone["data"]["reason"] == "forceDisconnected"
+    await wait_event(patient, "subscriptionEnded", lambda e: e["stream_id"] == streams["screen"])
+    events = await clinic.events(sid)
+    screen = [(e["kind"], e["text"]) for e in events if e.get("stream_id") == streams["screen"]
+              and e["kind"] in ("streamCreated", "streamDestroyed")]
+    assert screen == [("streamCreated", "Stream created: Rolf started screen sharing (video)"),
+                      ("streamDestroyed", "Stream destroyed: Rolf stopped screen sharing. Reason: forceDisconnected")]
+    for pc in peers:
+        await pc.close()
+    await viewer.close()
+    for client in (guest, doctor, patient, c["desk"]):
+        await client.close()
