@@ -5,15 +5,26 @@ the suite's own flags), and every page decodes every video stream of the others 
 clinician's and the guest's pages: two cameras and the screen; 2 on the patient's). The inspector's
 summary lists the guest; the event log says "started screen sharing"; the clinician removes the
 guest, whose page says so and whose link stops working.
+
+A group of six on the demo page: five synthetic participants (pre-encoded media) and one
+phone-sized page that decodes all five and lays them out in two columns under the screen share.
 """
 
 from __future__ import annotations
 
+import asyncio
+import secrets
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+from loadtest.hooks import on_keyframe_request
+from loadtest.media import PreEncodedTrack, encode_media
+from loadtest.peers import PreEncodedPublisher
 from rooms.model import Role
 from tests.browser.conftest import BrowserFactory, ServerHandle
 from tests.browser.test_consultation_pages import (
@@ -153,3 +164,123 @@ def test_three_party_call_with_a_guest_and_a_screen_share(
     booking_state = api_ok(server, "GET", f"/api/consultations/{booking.session_id}", booking.admin_token)
     assert [g["removed_by"] for g in booking_state["consultation"]["guests"]] == ["dr-who"]
     print(f"screenshots: {tmp_path}; stats: {stats}")
+
+
+class ScreenPublisher(PreEncodedPublisher):
+    """A synthetic participant whose pre-encoded video is published as a screen share."""
+
+    async def publish(self, audio: bool = False, video: bool = True) -> str:
+        self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        track = PreEncodedTrack("video", self.media)
+        transceiver = pc.addTransceiver(track, direction="sendonly")
+        on_keyframe_request(transceiver.sender, track.request_keyframe)
+        self.tracks["video"] = track
+        await pc.setLocalDescription(await pc.createOffer())
+        data = await self.client.request("publish", offer={"type": "offer", "sdp": pc.localDescription.sdp},
+                                         video_source="screen", name="Slides")
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=data["answer"]["sdp"], type="answer"))
+        self.stream_id = str(data["stream_id"])
+        return self.stream_id
+
+
+class Synthetic:
+    """Five synthetic participants (pre-encoded VP8, no encoder running) on their own event loop in
+    a thread, next to the synchronous WebDriver calls: four cameras and one screen share."""
+
+    def __init__(self, server: ServerHandle, room: str) -> None:
+        self.server = server
+        self.room = room
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.publishers: list[PreEncodedPublisher] = []
+
+    def start(self) -> list[str]:
+        self.thread.start()
+        return asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=120)
+
+    async def _start(self) -> list[str]:
+        media = encode_media(seconds=2, fps=15, width=320, height=240, bitrate=250_000, keyframe_interval=30)
+        tokens = authority(self.server.data_dir)
+        ids = []
+        for i in range(5):
+            publisher = (ScreenPublisher if i == 4 else PreEncodedPublisher)(self.server.ws_url, media)
+            self.publishers.append(publisher)
+            await publisher.join(tokens.mint(self.room, Role.PATIENT if i else Role.CLINICIAN, f"Person {i + 1}"))
+            ids.append(await publisher.publish())
+        return ids
+
+    def stop(self) -> None:
+        async def close() -> None:
+            for publisher in self.publishers:
+                await publisher.close()
+
+        if self.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=60)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+        self.loop.close()
+
+
+DEMO_STAGE_JS = """
+const grid = document.getElementById('videos');
+const rect = (n) => n.getBoundingClientRect();
+const cameras = Array.from(grid.querySelectorAll('.tile:not(.screen)')).filter((n) => !n.hidden);
+const screen = grid.querySelector('.tile.remote.screen');
+return {gridWidth: rect(grid).width, columns: new Set(cameras.map((n) => Math.round(rect(n).left))).size,
+        cameras: cameras.length, screenWidth: screen ? rect(screen).width : 0,
+        screenTop: screen ? rect(screen).top : null, firstCameraTop: cameras.length ? Math.min(...cameras.map((n) => rect(n).top)) : null};
+"""
+
+
+@pytest.mark.slow
+def test_six_people_on_the_demo_page_on_a_phone(server: ServerHandle, browser: BrowserFactory, tmp_path: Path) -> None:
+    """A group of six in one demo room: five synthetic participants (one sharing a screen) and a
+    phone-sized Chromium page that decodes all five videos, lays the cameras out in two columns
+    under the full-width screen share, and shares its own screen with the button."""
+    room = f"group-{secrets.token_hex(4)}"
+    synthetic = Synthetic(server, room)
+    try:
+        streams = synthetic.start()
+        page = browser()
+        page.set_window_size(390, 844)
+        page.get(f"{server.url}/?{urlencode({'room': room, 'name': 'Phone', 'role': 'patient', 'autojoin': '1'})}")
+        wait_until_sync(lambda: page.execute_script("return window.demo && demo.state") == "joined", timeout=60,
+                        message="the demo page joined")
+
+        def decoding() -> bool:
+            stats = page.execute_async_script(
+                "const done = arguments[arguments.length - 1];"
+                " demo.inboundVideoStats().then(done, (err) => done({error: String(err)}));")
+            assert isinstance(stats, list), stats
+            return len(stats) == 5 and all(s["framesDecoded"] > 0 for s in stats)
+
+        wait_until_sync(decoding, timeout=MEDIA_TIMEOUT * 2, interval=0.5, message="five videos decoded on the phone")
+        layout = page.execute_script(DEMO_STAGE_JS)
+        # Four remote cameras and the own preview in two columns; the screen share spans the grid, on top.
+        assert layout["cameras"] == 5 and layout["columns"] == 2, layout
+        assert layout["screenWidth"] >= layout["gridWidth"] - 1 and layout["screenTop"] < layout["firstCameraTop"], layout
+        assert page.save_screenshot(str(tmp_path / "demo-phone-six.png"))
+
+        click(page, "#demo-share")
+        wait_until_sync(lambda: page.execute_script("return Boolean(demo.screenShare)"), timeout=30,
+                        message="the page's screen share")
+        publisher = synthetic.publishers[0]
+        wait_until_sync(lambda: any(e["event"] == "streamCreated" and e["data"]["stream"]["video_source"] == "screen"
+                                    and e["data"]["stream"]["name"] == "Phone (screen)" for e in publisher.client.events),
+                        timeout=30, message="the others told of the page's screen share")
+        session_id = page.execute_script("return demo.sessionId")
+        support = authority(server.data_dir).mint("support", Role.SUPPORT, "Sue")
+        click(page, "#demo-share")
+
+        def logged() -> bool:
+            texts = [e["text"] for e in get_json(f"{server.url}/api/sessions/{session_id}/events?limit=10000",
+                                                 support)["events"]]
+            return ("Stream created: Person 5 started screen sharing (video)" in texts
+                    and "Stream created: Phone started screen sharing (video)" in texts
+                    and any(t.startswith("Stream destroyed: Phone stopped screen sharing.") for t in texts))
+
+        wait_until_sync(logged, timeout=30, message="screen sharing started and stopped in the event log")
+        assert len(streams) == 5
+        assert page.execute_script("return demo.warning") is None
+    finally:
+        synthetic.stop()
