@@ -13,6 +13,12 @@
 call in progress (the video session id is kept). A walk-in (no booking) is created directly in
 ``patient_ready``. The table is the whole rule set; :func:`apply` is the only way to move.
 The :class:`Consultation` record's methods are pure: they return a new record, never do I/O.
+
+Guests (a relative, an interpreter) are kept on the record: each has the id their link's token
+names (its ``link`` claim); removing one stamps ``removed_ms`` and revokes that link. Guests may
+be added while the consultation can still have a call (:data:`GUEST_STATES`), at most
+:data:`GUESTS_ACTIVE_MAX` at a time and :data:`GUESTS_MAX` over the consultation's life (the
+record stays bounded).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from rooms.errors import InvalidTransition
+from rooms.errors import InvalidGuest, InvalidTransition, NotFound
 from rooms.model import SessionId
 
 
@@ -87,6 +93,29 @@ TRANSITIONS: Final[Mapping[State, Mapping[Event, State]]] = {
 }
 
 TERMINAL: Final[frozenset[State]] = frozenset(s for s, t in TRANSITIONS.items() if not t)
+#: States in which a guest may be added, and a guest's link lets them join: a call is ahead or on.
+GUEST_STATES: Final[frozenset[State]] = frozenset({State.BOOKED, State.INVITED, State.PATIENT_READY,
+                                                   State.IN_PROGRESS})
+#: Guests with a working link at once (a group call: patient, clinician and up to this many more).
+GUESTS_ACTIVE_MAX: Final = 8
+#: Guests ever added to one consultation, removed ones included.
+GUESTS_MAX: Final = 32
+
+
+@dataclass(frozen=True, slots=True)
+class Guest:
+    """A third participant: ``guest_id`` is the ``link`` claim of their token."""
+
+    guest_id: str
+    name: str
+    invited_by: str
+    invited_ms: int
+    removed_ms: int | None = None
+    removed_by: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.removed_ms is None
 
 
 def apply(state: State, event: Event, subject: str | None = None) -> State:
@@ -124,6 +153,7 @@ class Consultation:
     #: The patient's display name as the clinic knows it (booking's patient_name, a walk-in's name);
     #: shown to staff in the queue. None when none was given (records from before the field too).
     patient_name: str | None = None
+    guests: tuple[Guest, ...] = ()
 
     @property
     def walk_in(self) -> bool:
@@ -167,9 +197,36 @@ class Consultation:
     def no_show(self, now_ms: int) -> Consultation:
         return self._move(Event.NO_SHOW, no_show_ms=now_ms)
 
+    def guest(self, guest_id: str) -> Guest | None:
+        return next((g for g in self.guests if g.guest_id == guest_id), None)
+
+    def add_guest(self, guest: Guest) -> Consultation:
+        """A new record with ``guest`` added; ``InvalidGuest`` unless the state and counts allow it."""
+        if self.state not in GUEST_STATES:
+            raise InvalidGuest(f'Cannot add a guest to consultation "{self.session_id}" in state "{self.state}"')
+        if sum(g.active for g in self.guests) >= GUESTS_ACTIVE_MAX:
+            raise InvalidGuest(f'consultation "{self.session_id}" already has {GUESTS_ACTIVE_MAX} guests, '
+                               "the most allowed; remove one first")
+        if len(self.guests) >= GUESTS_MAX:
+            raise InvalidGuest(f'consultation "{self.session_id}" has had {GUESTS_MAX} guests, the most allowed')
+        return dataclasses.replace(self, guests=(*self.guests, guest))
+
+    def remove_guest(self, guest_id: str, by: str, now_ms: int) -> Consultation:
+        """A new record with that guest's link revoked; ``NotFound`` if unknown, ``InvalidGuest`` if
+        removed already."""
+        guest = self.guest(guest_id)
+        if guest is None:
+            raise NotFound("guest", guest_id)
+        if not guest.active:
+            raise InvalidGuest(f'Cannot remove guest "{guest_id}" of consultation "{self.session_id}": '
+                               "removed already")
+        removed = dataclasses.replace(guest, removed_ms=now_ms, removed_by=by)
+        return dataclasses.replace(self, guests=tuple(removed if g is guest else g for g in self.guests))
+
     def to_doc(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
         doc["state"] = self.state.value
+        doc["guests"] = [dataclasses.asdict(g) for g in self.guests]
         return doc
 
     @classmethod
@@ -178,4 +235,5 @@ class Consultation:
         values = {k: v for k, v in doc.items() if k in fields}
         values["state"] = State(values["state"])
         values["session_id"] = SessionId(values["session_id"])
+        values["guests"] = tuple(Guest(**g) for g in values.get("guests") or ())
         return cls(**values)

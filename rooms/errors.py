@@ -70,3 +70,10 @@ class TooLate(RoomsError):
 
 class InvalidToken(RoomsError):
     code: ClassVar[str] = "invalid_token"
+
+
+class InvalidGuest(RoomsError):
+    """A guest that cannot be added (the consultation's state, too many guests) or removed (already
+    removed)."""
+
+    code: ClassVar[str] = "invalid_state"

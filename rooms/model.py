@@ -21,7 +21,7 @@ def new_id(prefix: str) -> str:
 class Role(StrEnum):
     """Who an actor is. ``ADMIN`` is the generic admin of the first skeleton; rooms/ treats it as an
     organisation admin. ``DEPARTMENT_ADMIN`` and ``ORGANISATION_ADMIN`` come from the clinical
-    workflow (strict department separation)."""
+    workflow (strict department separation). ``GUEST`` is a third participant added by link."""
 
     PATIENT = "patient"
     CLINICIAN = "clinician"
@@ -29,6 +29,9 @@ class Role(StrEnum):
     ADMIN = "admin"
     DEPARTMENT_ADMIN = "department_admin"
     ORGANISATION_ADMIN = "organisation_admin"
+    #: Someone the clinician added to a consultation (a relative, an interpreter): joins the
+    #: consultation's media room on a guest link and holds no workflow permission at all.
+    GUEST = "guest"
 
 
 class DisconnectReason(StrEnum):

@@ -8,6 +8,9 @@ organisation has strict department separation on; with it off, staff see the who
 ``all``. Organisation admins see everything; support sees inspector data, queues and consultation
 metadata but never chat content. Clinical acts (admit, end, complete, journal, phone fallback) are
 clinicians' only. ``Role.ADMIN`` (the generic admin of the skeleton) is an organisation admin.
+``Role.GUEST`` (a relative or an interpreter added by link) has no scope for any action: a guest
+joins the consultation's media room (``signalling.hub`` checks the guest link at join) and reads
+nothing of the workflow. Adding and removing guests are staff acts, like sending the join link.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ class Action(StrEnum):
     MANAGE_WAITING_ROOMS = "manage_waiting_rooms"
     VIEW_INSPECTOR = "view_inspector"
     PURGE_CHAT = "purge_chat"
+    INVITE_GUEST = "invite_guest"
+    REMOVE_GUEST = "remove_guest"
 
 
 class Scope(StrEnum):
@@ -82,6 +87,8 @@ _ROWS: Final[Mapping[Action, tuple[Scope, Scope, Scope, Scope, Scope]]] = {
     Action.MANAGE_WAITING_ROOMS: (N, N, D, A, N),
     Action.VIEW_INSPECTOR:       (N, D, D, A, A),
     Action.PURGE_CHAT:           (N, N, N, A, N),
+    Action.INVITE_GUEST:         (N, D, D, A, N),
+    Action.REMOVE_GUEST:         (N, D, D, A, N),
 }  # fmt: skip
 
 
@@ -90,6 +97,7 @@ def _by_role() -> dict[Role, Mapping[Action, Scope]]:
         role: {action: row[i] for action, row in _ROWS.items()} for i, role in enumerate(_COLUMNS)
     }
     table[Role.ADMIN] = table[Role.ORGANISATION_ADMIN]
+    table[Role.GUEST] = {action: N for action in Action}
     return table
 
 

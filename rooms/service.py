@@ -32,7 +32,7 @@ from rooms.announcement import Announcement
 from rooms.announcement import State as AState
 from rooms.backoffice import BackofficeEntry, LogKind, entry, format_time, seconds
 from rooms.chat import ChannelKind, ChatChannel, ChatMessage, Retention, RetentionKind
-from rooms.consultation import Consultation
+from rooms.consultation import GUEST_STATES, Consultation, Guest
 from rooms.consultation import State as CState
 from rooms.errors import (
     Conflict,
@@ -72,6 +72,7 @@ _ROLE_WORDS: Final[Mapping[Role, str]] = {
     Role.ADMIN: "organisation admin",
     Role.DEPARTMENT_ADMIN: "department admin",
     Role.ORGANISATION_ADMIN: "organisation admin",
+    Role.GUEST: "guest",
 }
 
 
@@ -363,6 +364,73 @@ class WorkflowService:
             return Result(c, (entry(LogKind.CONSULTATION, text, session_id, now_ms, patient=c.patient_ref),))
 
         return await self._retry(attempt)
+
+    def guest_window(self, c: Consultation, now_ms: int, call_ms: int) -> tuple[int, int]:
+        """When a guest link added now works (UTC ms): the consultation's link window around its
+        appointment; once the call is on (or for a walk-in) from now for ``call_ms``. ``too_late``
+        if that window is over."""
+        if c.appointment_ms is None or c.state is CState.IN_PROGRESS:
+            return now_ms, now_ms + call_ms
+        opens = c.appointment_ms - self.config.link_valid_before_ms
+        closes = c.appointment_ms + self.config.link_valid_after_ms
+        if closes <= now_ms:
+            raise TooLate(f"the consultation's link window closed at {format_time(closes)}")
+        return min(opens, now_ms), closes
+
+    async def invite_guest(
+        self, actor: Actor, session_id: SessionId, *, name: str, now_ms: int
+    ) -> Result[tuple[Consultation, Guest]]:
+        """Add a guest (a relative, an interpreter) to the consultation: a new guest id for their
+        link's token. The edge mints the token (role ``guest``, the consultation's room)."""
+        self._check_time(now_ms)
+        shown = _display_name(name)
+        if shown is None:
+            raise InvalidInput("the guest's name must not be blank")
+
+        async def attempt() -> Result[tuple[Consultation, Guest]]:
+            v, c = await self._consultation(session_id)
+            self._check(actor, Action.INVITE_GUEST, c.department, c.patient_ref)
+            guest = Guest(new_id("g"), shown, actor.user_id, now_ms)
+            c = c.add_guest(guest)
+            await self.store.commit([Put(CONSULTATION, session_id, c.to_doc(), v)])
+            text = f"Guest {guest.name} ({guest.guest_id}) was added by {_role_word(actor.role)} {actor.user_id}."
+            return Result((c, guest), (entry(LogKind.CONSULTATION, text, session_id, now_ms, guest_id=guest.guest_id,
+                                             guest_name=guest.name, by=actor.user_id),))
+
+        return await self._retry(attempt)
+
+    async def remove_guest(
+        self, actor: Actor, session_id: SessionId, guest_id: str, *, now_ms: int
+    ) -> Result[tuple[Consultation, Guest]]:
+        """Revoke a guest's link (the edge also ends their connection to the call)."""
+        self._check_time(now_ms)
+
+        async def attempt() -> Result[tuple[Consultation, Guest]]:
+            v, c = await self._consultation(session_id)
+            self._check(actor, Action.REMOVE_GUEST, c.department, c.patient_ref)
+            c = c.remove_guest(guest_id, actor.user_id, now_ms)
+            guest = c.guest(guest_id)
+            assert guest is not None
+            await self.store.commit([Put(CONSULTATION, session_id, c.to_doc(), v)])
+            text = f"Guest {guest.name} ({guest_id}) was removed by {_role_word(actor.role)} {actor.user_id}."
+            return Result((c, guest), (entry(LogKind.CONSULTATION, text, session_id, now_ms, guest_id=guest_id,
+                                             guest_name=guest.name, by=actor.user_id),))
+
+        return await self._retry(attempt)
+
+    async def check_guest(self, session_id: SessionId, guest_id: str) -> Guest:
+        """A guest link at the door of the call: ``forbidden`` unless the guest was added to this
+        consultation and not removed, and the consultation can still have a call."""
+        doc = await self.store.get(CONSULTATION, session_id)
+        c = None if doc is None else Consultation.from_doc(doc.body)
+        guest = None if c is None else c.guest(guest_id)
+        if c is None or guest is None:
+            raise Forbidden(f'guest link "{guest_id}" was not issued for consultation "{session_id}"')
+        if not guest.active:
+            raise Forbidden(f'guest link "{guest_id}" was revoked at {format_time(guest.removed_ms or 0)}')
+        if c.state not in GUEST_STATES:
+            raise Forbidden(f'consultation "{session_id}" is {c.state}: its guest links no longer work')
+        return guest
 
     async def patient_ready(
         self, actor: Actor, session_id: SessionId, *, token: str, device_check_passed: bool, now_ms: int

@@ -89,6 +89,8 @@ class MessageType(StrEnum):
     CONSULTATION_COMPLETE = "consultation.complete"
     CONSULTATION_PHONE_FALLBACK = "consultation.phone_fallback"
     CONSULTATION_JOURNAL = "consultation.journal"
+    CONSULTATION_INVITE_GUEST = "consultation.invite_guest"
+    CONSULTATION_REMOVE_GUEST = "consultation.remove_guest"
     CHAT_SEND = "chat.send"
     CHAT_HISTORY = "chat.history"
     ANNOUNCEMENT_POST = "announcement.post"
@@ -106,6 +108,7 @@ class EventName(StrEnum):
     STREAM_CREATED = "streamCreated"
     STREAM_DESTROYED = "streamDestroyed"
     SUBSCRIPTION_ENDED = "subscriptionEnded"
+    REMOVED_FROM_CALL = "removedFromCall"
     # The clinical workflow (signalling.workflow).
     QUEUE_UPDATED = "queueUpdated"
     POSITION_CHANGED = "positionChanged"

@@ -12,6 +12,11 @@ router reaps for not connecting in time is logged as a publish failure.
 What the browser saw (``client.event``, ``client.stats`` and the tab-closed beacon) is stored in
 the sender's session with component ``client`` (``signalling.client_reports`` builds the entries),
 counted against ``server.client_reports_per_min`` per connection.
+
+A guest (role ``guest``: a relative or an interpreter the clinician added) joins on a link for the
+consultation's room, so the consultation's session id; at join the workflow's ``guest_check``
+says whether that link still works (not removed, the consultation not over). ``kick`` removes a
+connection from its call (``forceDisconnected``), e.g. a guest the clinician removed.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from media.errors import MediaError as MediaPlaneError
@@ -47,9 +52,11 @@ from rooms.live import (
     LiveStream,
     LiveSubscription,
 )
+from rooms.errors import RoomsError
 from rooms.model import (
     ConnectionId,
     DisconnectReason,
+    Role,
     SessionId,
     StreamDestroyedReason,
     StreamId,
@@ -83,6 +90,8 @@ class Client:
         self.session: LiveSession | None = None
         self.connection: LiveConnection | None = None
         self.left = False
+        #: Set by the WebSocket edge: close this client's socket (after it was kicked).
+        self.close_socket: Callable[[], None] | None = None
 
 
 class Hub:
@@ -102,6 +111,8 @@ class Hub:
         self.report_limiter = ReportLimiter(self.config.server.client_reports_per_min)
         #: connection id -> (session id, token sub, room) of connections that joined lately.
         self.known_connections: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
+        #: Set by the workflow: raises a coded error unless a guest's link still works.
+        self.guest_check: Callable[[Claims], Awaitable[object]] | None = None
         router.observer = self.on_media_event
 
     # --- helpers ----------------------------------------------------------------------
@@ -153,6 +164,8 @@ class Hub:
         if claims.waiting_room is not None and claims.consultation is None:
             # A shared walk-in link is not a room ticket: POST /api/walk-in trades it for one.
             raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
+        if claims.role is Role.GUEST:
+            await self._check_guest(client, claims)
         session, created = self._session_for(claims)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
@@ -187,6 +200,21 @@ class Hub:
             "streams": [s.public() for s in session.streams.values()],
             "ice_servers": turn.ice_servers(self.config.media, connection.connection_id),
         }
+
+    async def _check_guest(self, client: Client, claims: Claims) -> None:
+        """A guest joins only on a link the workflow issued for this consultation and still honours;
+        a refused one is logged in the consultation's session, where support looks."""
+        if claims.consultation is None or claims.consultation != claims.room or claims.link is None:
+            raise Forbidden("a guest token must name the consultation it was issued for (its room) and its guest id")
+        if self.guest_check is None:
+            raise Forbidden("this node takes no guests: it runs no clinical workflow")
+        try:
+            await self.guest_check(claims)
+        except (OpenConsultError, RoomsError) as exc:
+            self.recorder.link_refused(claims.consultation, str(exc.code), exc.message)
+            raise
+        if client.session is not None:
+            raise InvalidState("this connection has already joined")
 
     async def publish(self, client: Client, offer: dict[str, Any], name: str | None,
                       video_source: str | None) -> dict[str, Any]:
@@ -231,9 +259,12 @@ class Hub:
         sid = session.session_id
         session.streams[stream_id] = stream
         self.recorder.stream_live()
-        self.log(sid, EventKind.STREAM_CREATED,
-                 f"Stream created: {stream.name} ({'audio' if stream.has_audio else ''}"
-                 f"{'+' if stream.has_audio and stream.has_video else ''}{'video' if stream.has_video else ''})",
+        kinds = (f"{'audio' if stream.has_audio else ''}{'+' if stream.has_audio and stream.has_video else ''}"
+                 f"{'video' if stream.has_video else ''}")
+        # A screen share is a second stream of the same participant; support reads it as such.
+        shown = (f"{self._connection_name_of(session, stream)} started screen sharing" if stream.video_source == "screen"
+                 else stream.name)
+        self.log(sid, EventKind.STREAM_CREATED, f"Stream created: {shown} ({kinds})",
                  connection_id=stream.connection_id, stream_id=stream_id, name=stream.name,
                  video_source=stream.video_source, has_audio=stream.has_audio, has_video=stream.has_video)
         self.broadcast(session, "streamCreated", {"stream": stream.public()}, exclude=stream.connection_id)
@@ -393,12 +424,28 @@ class Hub:
             await self._end_subscription(session, subscription, str(reason), notify=True)
         self.peers.pop(stream.stream_id, None)
         await self.router.close_peer(stream.stream_id)
-        self.log(session.session_id, EventKind.STREAM_DESTROYED, f"Stream destroyed: {stream.name}. Reason: {reason}",
-                 connection_id=stream.connection_id, stream_id=stream.stream_id, reason=str(reason))
+        shown = (f"{self._connection_name_of(session, stream)} stopped screen sharing" if stream.video_source == "screen"
+                 else stream.name)
+        self.log(session.session_id, EventKind.STREAM_DESTROYED, f"Stream destroyed: {shown}. Reason: {reason}",
+                 connection_id=stream.connection_id, stream_id=stream.stream_id, reason=str(reason),
+                 video_source=stream.video_source)
         self.broadcast(session, "streamDestroyed", {"stream": stream.public(), "reason": str(reason)},
                        exclude=stream.connection_id)
 
-    async def disconnect(self, client: Client, reason: DisconnectReason) -> None:
+    async def kick(self, client: Client, detail: str) -> None:
+        """Take a joined client out of its call (``forceDisconnected``): it is told why
+        (``removedFromCall``), the others get ``connectionDestroyed``, then its socket closes."""
+        session, connection = client.session, client.connection
+        if session is None or connection is None or client.left:
+            return
+        client.send({"type": "event", "event": "removedFromCall",
+                     "data": {"session_id": session.session_id, "reason": str(DisconnectReason.FORCE_DISCONNECTED),
+                              "detail": detail}})
+        await self.disconnect(client, DisconnectReason.FORCE_DISCONNECTED, detail)
+        if client.close_socket is not None:
+            client.close_socket()
+
+    async def disconnect(self, client: Client, reason: DisconnectReason, detail: str = "") -> None:
         """Remove a joined client: its subscriptions, streams and connection. Idempotent."""
         session, connection = client.session, client.connection
         if session is None or connection is None or client.left:
@@ -414,8 +461,8 @@ class Hub:
         self.clients.pop(connection.connection_id, None)
         self.recorder.connection_left(str(reason))
         self.log(session.session_id, EventKind.DISCONNECT,
-                 f"Server detected disconnect: {connection.name}. Reason: {reason}",
-                 connection_id=connection.connection_id, reason=str(reason))
+                 f"Server detected disconnect: {connection.name}. Reason: {reason}" + (f" ({detail})" if detail else ""),
+                 connection_id=connection.connection_id, reason=str(reason), **({"detail": detail} if detail else {}))
         self.broadcast(session, "connectionDestroyed", {"connection": connection.public(), "reason": str(reason)})
         if self.registry.end_if_empty(session):
             self.recorder.session_ended()
@@ -445,6 +492,11 @@ class Hub:
                     self._announce(session, StreamId(event.stream_id))
         elif isinstance(event, (PeerFailed, PeerTimedOut)):
             asyncio.get_running_loop().create_task(self._peer_failed(owner, event))
+
+    @staticmethod
+    def _connection_name_of(session: LiveSession, stream: LiveStream) -> str:
+        connection = session.connections.get(stream.connection_id)
+        return connection.name if connection is not None else stream.name
 
     def _connection_name(self, owner: PeerOwner) -> str:
         session = self.registry.sessions.get(SessionId(owner.session_id))

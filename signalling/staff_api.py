@@ -1,5 +1,6 @@
 """The staff HTTP API (JSON) for people and integrations: waiting rooms, booking and cancelling
-consultations with their join links, a department's consultations and queues.
+consultations with their join links, guests added to a consultation, a department's consultations
+and queues.
 
 Every request carries ``Authorization: Bearer <JWT>`` with a staff role (clinician, department
 admin, organisation admin, support, admin) and, for department-scoped roles, a ``departments``
@@ -302,6 +303,26 @@ async def resend_link(request: web.Request) -> web.Response:
     return web.json_response(_patient_link(request, c, room_id, patient_name), status=201)
 
 
+async def invite_guest(request: web.Request) -> web.Response:
+    """Add a guest (a relative, an interpreter) to the consultation: their own link, role
+    ``guest``, for the consultation's call, valid in its window."""
+    actor = staff(request)
+    body = await json_body(request)
+    name = _text(body, "name", max_len=NAME_MAX)
+    assert name
+    out = await request.app[WORKFLOW_KEY].invite_guest(actor, request.match_info["session_id"], name)
+    if not out["guest_link"].startswith("http"):
+        out["guest_link"] = f"{_base(request)}{out['guest_link']}"
+    return web.json_response(out, status=201)
+
+
+async def remove_guest(request: web.Request) -> web.Response:
+    """Revoke a guest's link; a guest in the call is taken out of it (``forceDisconnected``)."""
+    out = await request.app[WORKFLOW_KEY].remove_guest(staff(request), request.match_info["session_id"],
+                                                       request.match_info["guest_id"])
+    return web.json_response(out)
+
+
 async def journal(request: web.Request) -> web.Response:
     c = await request.app[WORKFLOW_KEY].step(staff(request), request.match_info["session_id"], "journal")
     return web.json_response({"consultation": consultation_json(c)})
@@ -388,6 +409,8 @@ def add_staff_routes(app: web.Application) -> None:
     app.router.add_post("/api/consultations/{session_id}/no-show", no_show)
     app.router.add_post("/api/consultations/{session_id}/journal", journal)
     app.router.add_post("/api/consultations/{session_id}/resend-link", resend_link)
+    app.router.add_post("/api/consultations/{session_id}/guests", invite_guest)
+    app.router.add_delete("/api/consultations/{session_id}/guests/{guest_id}", remove_guest)
     app.router.add_get("/api/departments/{department}/consultations", department_consultations)
     app.router.add_get("/api/departments/{department}/queue", department_queue)
     app.router.add_get("/api/jobs/retention", retention_job)

@@ -12,6 +12,12 @@ back-office entries of every transition written to the session's event log.
   ``queueUpdated``, waiting patients ``positionChanged`` / ``announcement`` / ``admitted``,
   everyone in a consultation's media room ``consultationChanged``, a chat's members ``chatMessage``.
 
+Guests (a relative, an interpreter; role ``guest``) are added by the clinician over the wire
+(``consultation.invite_guest``) or by the booking API: each gets a link of their own for the
+consultation's room, valid in the consultation's window. They join the call and nothing else: every
+workflow message is refused to them and no workflow push reaches them. Removing a guest revokes the
+link and takes them out of the call (``forceDisconnected``).
+
 A consultation's session id doubles as the name of its media room: the patient's link token is
 for that room, so the patient joins it at once and waits there (nobody else is in it); on admit the
 clinician gets a token for the same room. The HTTP API (``signalling.staff_api``) calls the same
@@ -45,7 +51,7 @@ from rooms.chat import (
     RetentionKind,
     consultation_channel_id,
 )
-from rooms.consultation import Consultation
+from rooms.consultation import Consultation, Guest
 from rooms.consultation import State as CState
 from rooms.errors import InvalidToken, NotFound, TooEarly, TooLate
 from rooms.model import Role, SessionId, new_id
@@ -118,6 +124,11 @@ def consultation_json(c: Consultation) -> dict[str, Any]:
     return doc
 
 
+def guest_json(g: Guest) -> dict[str, Any]:
+    return {"guest_id": g.guest_id, "name": g.name, "invited_by": g.invited_by, "invited_ms": g.invited_ms,
+            "removed_ms": g.removed_ms, "removed_by": g.removed_by}
+
+
 def queued_json(q: QueuedPatient) -> dict[str, Any]:
     return {"position": q.position, "session_id": q.session_id, "patient_ref": q.patient_ref,
             "patient_name": q.patient_name, "arrival": q.arrival.value, "entered_ms": q.entered_ms,
@@ -170,9 +181,14 @@ class Workflow:
             "chat.history": self._chat_history,
             "announcement.post": self._announce,
             "announcement.withdraw": self._withdraw,
+            "consultation.invite_guest": self._invite_guest,
+            "consultation.remove_guest": self._remove_guest,
         }
         self.retention: RetentionJob | None = None
         self.walk_in_limiter = WalkInLimiter(WorkflowSettings.walk_in_per_link_per_min)
+        #: The base of the links handed out (``workflow.public_url``); empty: links are relative.
+        self.public_url = ""
+        hub.guest_check = self.check_guest
 
     @classmethod
     def from_settings(cls, store: Store, settings: WorkflowSettings, hub: Hub, recorder: Recorder,
@@ -180,6 +196,7 @@ class Workflow:
         workflow = cls(WorkflowService(store, workflow_config(settings)), hub, recorder, tokens)
         workflow.retention = RetentionJob(workflow.service, workflow.record, settings.retention_sweep_s, data=data)
         workflow.walk_in_limiter = WalkInLimiter(settings.walk_in_per_link_per_min)
+        workflow.public_url = settings.public_url.rstrip("/")
         return workflow
 
     def start(self) -> None:
@@ -198,6 +215,8 @@ class Workflow:
             raise InvalidState("join the session first")
         if client.claims.demo:
             raise Forbidden("a demo token may only join a media room; it may not use the clinical workflow")
+        if client.claims.role is Role.GUEST:
+            raise Forbidden("a guest may only take part in the consultation's call; it may not use the clinical workflow")
         return await self.handlers[msg["type"]](client, msg)
 
     def forget(self, client: Client) -> None:
@@ -311,6 +330,37 @@ class Workflow:
         return backoffice_entry(LogKind.QUEUE, f"Walk-in link for waiting room {room_name} issued by {actor.user_id} "
                      f"with token {token_preview}, valid until {format_time(valid_until_ms)}.", None, now_ms(),
                      room_id=room_id, by=actor.user_id, valid_until_ms=valid_until_ms)
+
+    async def invite_guest(self, actor: Actor, session_id: str, name: str) -> dict[str, Any]:
+        """Add a guest: their own link (role ``guest``, the consultation's room and session id),
+        valid in the consultation's window. The answer of the wire message and the HTTP route."""
+        now = now_ms()
+        sid = SessionId(session_id)
+        c = await self.service.consultation(actor, sid)
+        nbf_ms, exp_ms = self.service.guest_window(c, now, MEDIA_TOKEN_TTL_S * 1000)
+        c, guest = await self.record(await self.service.invite_guest(actor, sid, name=name, now_ms=now))
+        nbf, exp = nbf_ms // 1000, exp_ms // 1000
+        token = self.tokens.mint(sid, Role.GUEST, guest.name, sub=guest.guest_id, not_before=nbf, expires=exp,
+                                 consultation=sid, link=guest.guest_id)
+        return {"consultation": consultation_json(c), "guest": guest_json(guest), "guest_token": token,
+                "guest_link": f"{self.public_url}/#token={token}", "valid_from_ms": nbf * 1000,
+                "valid_until_ms": exp * 1000}
+
+    async def remove_guest(self, actor: Actor, session_id: str, guest_id: str) -> dict[str, Any]:
+        """Revoke a guest's link and take them out of the call (``forceDisconnected``)."""
+        sid = SessionId(session_id)
+        c, guest = await self.record(await self.service.remove_guest(actor, sid, guest_id, now_ms=now_ms()))
+        for client in list(self.hub.clients.values()):
+            claims = client.claims
+            if (claims is not None and claims.role is Role.GUEST and claims.consultation == sid
+                    and claims.link == guest_id):
+                await self.hub.kick(client, f"guest removed by {actor.user_id}")
+        return {"consultation": consultation_json(c), "guest": guest_json(guest)}
+
+    async def check_guest(self, claims: Claims) -> Guest:
+        """The hub's door check for a guest link (see ``Hub.guest_check``)."""
+        assert claims.consultation is not None and claims.link is not None
+        return await self.service.check_guest(SessionId(claims.consultation), claims.link)
 
     # --- wire handlers --------------------------------------------------------------------------
 
@@ -437,6 +487,14 @@ class Workflow:
         return {"session_id": qe.session_id, "room_id": seg.room_id, "removed_ms": qe.removed_ms,
                 "waited_ms": seg.waited_ms}
 
+    async def _invite_guest(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        assert client.claims is not None
+        return await self.invite_guest(actor_of(client.claims), msg["session_id"], msg["name"])
+
+    async def _remove_guest(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
+        assert client.claims is not None
+        return await self.remove_guest(actor_of(client.claims), msg["session_id"], msg["guest_id"])
+
     async def _chat_send(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
         """Stored verbatim (HTML stays text); pushed to the channel's connected members."""
         assert client.claims is not None
@@ -491,13 +549,15 @@ class Workflow:
         self._push((t for t in targets if t is not exclude), "chatMessage", {"message": message_json(message)})
 
     def _in_room(self, room: str) -> list[Client]:
-        """Every client joined to the live media room ``room`` (a consultation's session id)."""
+        """Every client joined to the live media room ``room`` (a consultation's session id) that
+        may hear of the workflow: demo tokens and guests never do."""
         session_id = self.hub.registry.by_room.get(room)
         session = None if session_id is None else self.hub.registry.sessions.get(session_id)
         if session is None:
             return []
         return [c for cid in list(session.connections)
-                if (c := self.hub.clients.get(cid)) is not None and not (c.claims is not None and c.claims.demo)]
+                if (c := self.hub.clients.get(cid)) is not None and c.claims is not None and not c.claims.demo
+                and c.claims.role is not Role.GUEST]
 
     def _patients_in_room(self, room: str) -> list[Client]:
         return [c for c in self._in_room(room) if c.claims is not None and c.claims.role is Role.PATIENT]

@@ -188,6 +188,15 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     writer = asyncio.create_task(_write_loop(ws, request.protocol, transport, codec, outbox, write_timeout,
                                              client.remote_ip))
     sockets.add(ws)
+
+    def close_kicked() -> None:
+        """The hub took this client out of its call: flush its last events, then close."""
+        task = asyncio.get_running_loop().create_task(
+            _close_after(outbox, writer, ws, transport, CLOSE_POLICY, b"removed from the call", write_timeout))
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+
+    client.close_socket = close_kicked
     # A socket that has not joined in time is closed: unauthenticated sockets cannot pile up.
     join_deadline = asyncio.get_running_loop().call_later(
         config.server.join_timeout_s, _close_unjoined, client, outbox, ws)
@@ -277,7 +286,7 @@ def _close_unjoined(client: Client, outbox: Outbox, ws: web.WebSocketResponse) -
     task.add_done_callback(_CLOSING.discard)
 
 
-_CLOSING: Final[set[asyncio.Task[bool]]] = set()
+_CLOSING: Final[set[asyncio.Task[Any]]] = set()
 
 
 async def _close_after(outbox: Outbox, writer: asyncio.Task[None], ws: web.WebSocketResponse,

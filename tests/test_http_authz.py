@@ -1,5 +1,5 @@
 """The HTTP authorization matrix, generated from docs/openapi.yaml: every operation × a set of
-callers (no token, a patient's link, staff of another department, support, a demo token, and
+callers (no token, a patient's link, a guest's link, staff of another department, support, a demo token, and
 insiders) → refused with the status and code ``x-authorization`` documents, unless the operation's
 ``x-roles`` (and ``x-room``) allow the caller, in which case it is never refused (401/403) and
 never fails (5xx). Nothing here lists routes or roles again: the yaml is the contract.
@@ -111,6 +111,8 @@ async def populate(w: World) -> None:
     w.announcement_id = ann["announcement"]["announcement_id"]
     status, link, _ = await w.call("POST", f"/api/waiting-rooms/{ROOM}/walk-in-link", org.token, {})
     assert status == 201, link
+    status, guest, _ = await w.call("POST", f"/api/consultations/{w.sid}/guests", org.token, {"name": "Ida"})
+    assert status == 201, guest
     demo = {}
     for role in ("patient", "clinician"):
         status, minted, _ = await w.call("POST", "/api/demo/token", None, {"room": "demo-room", "name": "D", "role": role})
@@ -120,6 +122,7 @@ async def populate(w: World) -> None:
         Caller("no token", None),
         Caller("patient link", booking["patient_token"], "patient", w.sid),
         Caller("clinician link", booking["clinician_token"], "clinician", w.sid, (DEPT,)),
+        Caller("guest link", guest["guest_token"], "guest", w.sid),
         Caller("walk-in link", link["walk_in_token"], "patient", ROOM, walk_in_link=True),
         staff(w, Role.CLINICIAN, "dr-other", "elsewhere"),
         staff(w, Role.DEPARTMENT_ADMIN, "da-other", "elsewhere"),
@@ -164,7 +167,8 @@ def refusal(op: dict[str, Any], caller: Caller) -> str | None:
 
 
 def concrete(w: World, path: str) -> str:
-    values = {"session_id": w.sid, "room_id": ROOM, "department": DEPT, "announcement_id": w.announcement_id}
+    values = {"session_id": w.sid, "room_id": ROOM, "department": DEPT, "announcement_id": w.announcement_id,
+              "guest_id": "g_none"}
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], path)
 
 

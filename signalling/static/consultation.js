@@ -14,7 +14,13 @@
  *   - the clinician's desk (a staff token with a `consultation` or `departments` claim, or a
  *     `?waiting_room=` parameter): the live queue of the department's waiting rooms (arrival
  *     badge, the patient's name and reference, waiting time, Admit), the call with chat, End / Phone
- *     consultation instead / Complete, and the rooms' current announcements and posting new ones.
+ *     consultation instead / Complete, and the rooms' current announcements and posting new ones;
+ *     in the call, "Add a relative or an interpreter" (a guest link to hand over) and Remove;
+ *   - a guest's call (token role `guest` with a `consultation` claim: a relative or an interpreter
+ *     the clinician added): straight into the consultation's call, nothing else of the workflow;
+ *     removed by the clinician, the page says so.
+ * Every call view lists who is in the call, lays out up to 6+ people in a grid that reflows on a
+ * phone, shares the screen ("Share your screen": a second stream, shown large to the others).
  * Any other page load is left to demo.js.
  *
  * A dropped connection (network change, server restart) is not the end: the SDK rejoins by itself
@@ -27,7 +33,7 @@
  *
  * For tests and support staff the page exposes `window.consult`:
  *   consult.active        true when this page is a patient's or clinician's consultation page
- *   consult.view          'patient' | 'clinician' | null
+ *   consult.view          'patient' | 'clinician' | 'guest' | null
  *   consult.state         'name' (walk-in: asking for the name) | 'connecting' | 'waiting' | 'left' | 'queue' |
  *                         'in_call' | 'wrapup' | 'ended' | 'error'
  *   consult.walkIn        true when the page was opened with a walk-in link
@@ -37,6 +43,9 @@
  *   consult.sessionErrors [{code, message}] of background failures
  *   consult.arrival, consult.position, consult.announcements, consult.queues, consult.consultation
  *   consult.chat          [ChatMessage] as shown
+ *   consult.guests        [{guest_id, name, guest_link, removed}] the clinician added in this call
+ *   consult.people        [{connection_id, name, role}] the others in the call, as listed
+ *   consult.screenShare   the Publisher of this page's screen share, or null
  *   await consult.inboundVideoStats()  → [{subscriptionId, streamId, framesDecoded, …}]
  */
 (function () {
@@ -72,6 +81,9 @@
     walkIn: false,
     reconnecting: null,
     reconnects: 0,
+    guests: [],
+    people: [],
+    screenShare: null,
     inboundVideoStats: inboundVideoStats,
   };
   window.consult = consult;
@@ -93,8 +105,8 @@
   document.body.dataset.view = view;
   $('demo-view').hidden = true;
   $('consult-view').hidden = false;
-  $('view-label').textContent = view === 'patient' ? 'video consultation' : 'clinician';
-  document.title = view === 'patient' ? 'Your video consultation — OpenConsult' : 'Waiting patients — OpenConsult';
+  $('view-label').textContent = view === 'clinician' ? 'clinician' : 'video consultation';
+  document.title = view === 'clinician' ? 'Waiting patients — OpenConsult' : 'Your video consultation — OpenConsult';
 
   $('copy-session').addEventListener('click', () => {
     if (consult.sessionId && navigator.clipboard) {
@@ -108,6 +120,9 @@
     }
     if (c.role === 'patient' && typeof c.consultation === 'string' && c.consultation) {
       return 'patient';
+    }
+    if (c.role === 'guest' && typeof c.consultation === 'string' && c.consultation) {
+      return 'guest';
     }
     const departments = Array.isArray(c.departments) ? c.departments : [];
     if (
@@ -416,13 +431,21 @@
 
   function streamLabel(session, stream) {
     const connection = session.connections.get(stream.connection_id);
+    const screen = stream.video_source === 'screen' ? ' — screen' : '';
+    if (connection && connection.role === 'guest') {
+      return connection.name + ' (guest)' + screen;
+    }
+    if (consult.view === 'guest') {
+      return ((connection && connection.name) || stream.name || 'Participant')
+        + (connection && connection.role === 'clinician' ? ' (clinician)' : '') + screen;
+    }
     if (consult.view === 'patient') {
-      return (connection && connection.name) || 'Your clinician';
+      return ((connection && connection.name) || 'Your clinician') + screen;
     }
     const c = consult.consultation;
     const ref = c && c.patient_ref;
     const name = (c && c.patient_name) || (connection && connection.name) || stream.name || 'Patient';
-    return ref ? name + ' (' + ref + ')' : name;
+    return (ref ? name + ' (' + ref + ')' : name) + screen;
   }
 
   function addRemoteTile(session, stream, subscription) {
@@ -431,14 +454,27 @@
       id: tileId(stream.stream_id), streamId: stream.stream_id, label: streamLabel(session, stream),
       mediaStream: subscription.mediaStream, soundText: 'Turn on sound',
     });
+    // A screen share takes the big tile (first, full width); cameras share the grid.
+    tile.figure.classList.toggle('screen', stream.video_source === 'screen');
     stage.insertBefore(tile.figure, $('call-local-tile'));
     $('stage-empty').hidden = true;
+    layoutStage();
     tile.start();
   }
 
   function removeRemoteTile(streamId) {
     window.OpenConsultTiles.remove(tileId(streamId));
     $('stage-empty').hidden = stage.querySelector('.tile.remote') !== null;
+    layoutStage();
+  }
+
+  /** One remote camera: full stage with the own preview in a corner; more, or a screen: a grid. */
+  function layoutStage() {
+    const remotes = stage.querySelectorAll('.tile.remote').length;
+    const screen = stage.querySelector('.tile.remote.screen') !== null;
+    stage.classList.toggle('group', remotes > 1 || screen);
+    stage.classList.toggle('has-screen', screen);
+    stage.dataset.tiles = String(remotes);
   }
 
   async function subscribeTo(session, stream) {
@@ -470,6 +506,7 @@
   }
 
   function wireMedia(session) {
+    wirePeople(session);
     session.on('streamCreated', ({ stream }) => subscribeTo(session, stream));
     session.on('streamDestroyed', ({ stream }) => {
       if (consult.callSession !== session) {
@@ -491,6 +528,8 @@
   async function startCall(session) {
     consult.callSession = session;
     $('call').hidden = false;
+    $('share-screen').hidden = false;
+    renderPeople();
     callStartedMs = Date.now();
     $('call-timer').textContent = '00:00';
     clearInterval(callTimer);
@@ -552,6 +591,7 @@
     clearInterval(callTimer);
     callTimer = null;
     const session = consult.callSession;
+    stopScreenShare(session);
     if (consult.publisher) {
       consult.publisher.unpublish().catch(() => {});
       consult.publisher = null;
@@ -569,6 +609,9 @@
     $('call-local-tile').hidden = true;
     $('call').hidden = true;
     consult.callSession = null;
+    consult.guests = [];
+    renderGuests();
+    renderPeople();
     return session;
   }
 
@@ -1416,7 +1459,187 @@
     }
   }
 
-  if (view === 'patient') {
+  // ---- group calls: who is in the call, screen sharing, guests -------------------------------
+
+  const ROLE_LABEL = { patient: 'patient', clinician: 'clinician', guest: 'guest' };
+
+  /** The call's participant list: the others in the call session, and for the clinician the guests' Remove. */
+  function renderPeople() {
+    const list = $('call-people');
+    const session = consult.callSession;
+    $('guests-panel').hidden = !(consult.view === 'clinician' && session);
+    list.replaceChildren();
+    consult.people = [];
+    if (!session) {
+      list.hidden = true;
+      return;
+    }
+    list.hidden = false;
+    list.appendChild(el('li', 'me', 'You (' + (ROLE_LABEL[session.role] || session.role) + ')'));
+    for (const connection of session.connections.values()) {
+      consult.people.push({ connection_id: connection.connection_id, name: connection.name, role: connection.role });
+      const item = el('li', null, connection.name + ' (' + (ROLE_LABEL[connection.role] || connection.role) + ')');
+      item.dataset.role = connection.role;
+      list.appendChild(item);
+    }
+  }
+
+  function wirePeople(session) {
+    session.on('connectionCreated', () => session === consult.callSession && renderPeople());
+    session.on('connectionDestroyed', () => session === consult.callSession && renderPeople());
+    session.on('screenShareEnded', () => {
+      if (consult.screenShare && session === consult.callSession) {
+        consult.screenShare = null;
+      }
+      showShareButton();
+    });
+  }
+
+  function showShareButton() {
+    const button = $('share-screen');
+    button.textContent = consult.screenShare ? 'Stop sharing your screen' : 'Share your screen';
+    button.setAttribute('aria-pressed', consult.screenShare ? 'true' : 'false');
+  }
+
+  function stopScreenShare(session) {
+    const share = consult.screenShare;
+    consult.screenShare = null;
+    showShareButton();
+    if (share && session) {
+      session.stopScreenShare().catch(() => {});
+    }
+  }
+
+  $('share-screen').addEventListener('click', () => {
+    const session = consult.callSession;
+    if (!session) {
+      return;
+    }
+    if (consult.screenShare) {
+      stopScreenShare(session);
+      return;
+    }
+    action($('share-screen'), 'Cannot share your screen', async () => {
+      const publisher = await session.startScreenShare();
+      if (consult.callSession !== session) {
+        session.stopScreenShare().catch(() => {});
+        return;
+      }
+      consult.screenShare = publisher;
+      showShareButton();
+    });
+  });
+
+  /** Clinician: the guests added in this call, each with their link to hand over and Remove. */
+  function renderGuests() {
+    const list = $('guest-list');
+    list.replaceChildren();
+    for (const guest of consult.guests) {
+      const item = el('li', 'guest');
+      item.dataset.guestId = guest.guest_id;
+      item.appendChild(el('span', 'guest-name', guest.name + (guest.removed ? ' (removed)' : '')));
+      if (!guest.removed) {
+        const link = el('input', 'guest-link');
+        link.readOnly = true;
+        link.value = guest.guest_link;
+        link.setAttribute('aria-label', 'Link for ' + guest.name);
+        item.appendChild(link);
+        const copy = el('button', 'link', 'Copy link');
+        copy.type = 'button';
+        copy.addEventListener('click', () => navigator.clipboard && navigator.clipboard.writeText(guest.guest_link).catch(() => {}));
+        item.appendChild(copy);
+        const remove = el('button', 'danger remove-guest', 'Remove');
+        remove.type = 'button';
+        remove.setAttribute('aria-label', 'Remove ' + guest.name + ' from the consultation');
+        remove.addEventListener('click', () => action(remove, 'Cannot remove ' + guest.name, async () => {
+          await desk.removeGuest(consult.consultation.session_id, guest.guest_id);
+          guest.removed = true;
+          renderGuests();
+        }));
+        item.appendChild(remove);
+      }
+      list.appendChild(item);
+    }
+  }
+
+  if (view === 'clinician') {
+    $('guest-form').addEventListener('submit', (event) => {
+      event.preventDefault();
+      const name = $('guest-name').value.trim();
+      const c = consult.consultation;
+      if (!name || !c) {
+        return;
+      }
+      action($('guest-invite'), 'Cannot add ' + name, async () => {
+        const data = await desk.inviteGuest(c.session_id, name);
+        const link = /^https?:/.test(data.guest_link) ? data.guest_link : window.location.origin + data.guest_link;
+        consult.guests.push({ guest_id: data.guest.guest_id, name: data.guest.name, guest_link: link, removed: false });
+        $('guest-name').value = '';
+        renderGuests();
+      });
+    });
+  }
+
+  /** A guest: straight into the consultation's call; removed by the clinician, the page says so. */
+  async function startGuest() {
+    say('connecting', 'Connecting to the consultation…');
+    let session;
+    try {
+      session = await OpenConsult.connect({ token: token });
+    } catch (err) {
+      showError(err, err && err.code === 'forbidden'
+        ? 'This link no longer works (the clinician removed it, or the consultation is over)'
+        : 'Cannot join the consultation');
+      return;
+    }
+    consult.session = session;
+    consult.sessionId = session.sessionId;
+    showSessionId(session.sessionId);
+    wireErrors(session);
+    wireMedia(session);
+    session.on('removedFromCall', () => {
+      stopCall();
+      stopLocalMedia();
+      consult.state = 'ended';
+      $('finished').hidden = false;
+      $('finished-title').textContent = 'You were removed from the consultation';
+      $('finished-detail').textContent = 'The clinician ended your part in this call. Your link no longer works.';
+      say('ended', 'You were removed from the consultation.');
+    });
+    wireReconnect(session, () => resumeCall(session));
+    session.on('disconnected', ({ code, reason, left }) => {
+      if (left || consult.state === 'ended') {
+        return;
+      }
+      stopCall();
+      showError({ code: 'connection_closed', message: 'The connection to the call was lost (close code ' + code + (reason ? ', ' + reason : '') + '). Open your link again' }, 'Disconnected');
+    });
+    consult.state = 'in_call';
+    $('call-title').textContent = 'Video consultation';
+    $('guest-call-actions').hidden = false;
+    say('in_call', 'In the consultation as ' + session.name + '.');
+    await startCall(session);
+  }
+
+  if (view === 'guest') {
+    $('guest-hangup').addEventListener('click', () => {
+      const session = stopCall();
+      stopLocalMedia();
+      consult.state = 'ended';
+      if (session) {
+        session.leave().catch(() => {});
+      }
+      $('guest-call-actions').hidden = true;
+      $('finished').hidden = false;
+      $('finished-title').textContent = 'You left the consultation';
+      $('finished-detail').textContent = 'Open your link again to rejoin while the consultation lasts.';
+      say('ended', 'You left the consultation.');
+    });
+  }
+
+  if (view === 'guest') {
+    startGuest();
+  } else if (view === 'patient') {
     setInterval(renderAnnouncements, 15000);
     if (walkInToken) {
       startWalkIn();

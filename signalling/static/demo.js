@@ -8,6 +8,8 @@
  * streams are announced again. Query parameters `?room=…&name=…&role=…&autojoin=1` pre-fill and auto-join;
  * `&ice=relay` sends all media through the TURN server (a test of the deployment's TURN);
  * `#token=…` (or `?token=…`) pre-fills the token unless it is a consultation link (then consultation.js runs the page).
+ * "Share screen" publishes the screen as a second stream; the others show it as the big tile of a
+ * grid that reflows (up to 6+ people, also on a phone).
  *
  * For tests and support staff the page exposes `window.demo`:
  *   demo.state            'idle' | 'joining' | 'joined' | 'reconnecting' | 'error'
@@ -19,6 +21,8 @@
  *   demo.session          the OpenConsult Session
  *   demo.sessionErrors    [{code, message}] of background failures (e.g. a rejected `ice`)
  *   demo.join() / demo.leave()
+ *   demo.screenShare      the Publisher of this page's screen share, or null
+ *   await demo.startScreenShare() / demo.stopScreenShare()   (the "Share screen" button)
  *   await demo.inboundVideoStats()  → [{subscriptionId, streamId, framesDecoded, …}]
  */
 (function () {
@@ -28,6 +32,7 @@
   const form = $('join-form');
   const joinButton = $('join');
   const leaveButton = $('leave');
+  const shareButton = $('demo-share');
   const statusLine = $('status');
   const videos = $('videos');
   const localTile = $('local-tile');
@@ -49,6 +54,9 @@
     sessionErrors: [], // background request failures, e.g. a rejected ICE candidate
     join: join,
     leave: leave,
+    screenShare: null,
+    startScreenShare: startScreenShare,
+    stopScreenShare: stopScreenShare,
     inboundVideoStats: inboundVideoStats,
   };
   window.demo = demo;
@@ -112,6 +120,7 @@
     }
     joinButton.disabled = !enabled;
     leaveButton.disabled = enabled;
+    shareButton.disabled = enabled;
   }
 
   // ---- tokens ------------------------------------------------------------------------------
@@ -169,6 +178,8 @@
       id: tileId(stream.stream_id), streamId: stream.stream_id, label: streamLabel(stream),
       mediaStream: subscription.mediaStream,
     });
+    // A screen share is the big tile: first in the grid, full width.
+    tile.figure.classList.toggle('screen', stream.video_source === 'screen');
     videos.appendChild(tile.figure);
     tile.start();
   }
@@ -337,6 +348,12 @@
   }
 
   function wireSession(session) {
+    session.on('screenShareEnded', () => {
+      if (session === demo.session) {
+        demo.screenShare = null;
+        showShare();
+      }
+    });
     session.on('connectionCreated', refreshJoinedStatus);
     session.on('connectionDestroyed', refreshJoinedStatus);
     session.on('streamCreated', ({ stream }) => subscribeTo(stream));
@@ -395,7 +412,46 @@
     });
   }
 
+  // ---- screen sharing ----------------------------------------------------------------------
+
+  function showShare() {
+    shareButton.textContent = demo.screenShare ? 'Stop sharing' : 'Share screen';
+    shareButton.setAttribute('aria-pressed', demo.screenShare ? 'true' : 'false');
+  }
+
+  /** Share the screen as a second stream (the SDK asks the browser with getDisplayMedia). */
+  async function startScreenShare() {
+    const session = demo.session;
+    if (!session || demo.screenShare) {
+      return demo.screenShare;
+    }
+    try {
+      const publisher = await session.startScreenShare();
+      if (session !== demo.session) {
+        session.stopScreenShare().catch(() => {});
+        return null;
+      }
+      demo.screenShare = publisher;
+      showShare();
+      return publisher;
+    } catch (err) {
+      warn(err, 'Cannot share your screen');
+      return null;
+    }
+  }
+
+  async function stopScreenShare() {
+    const session = demo.session;
+    demo.screenShare = null;
+    showShare();
+    if (session) {
+      await session.stopScreenShare();
+    }
+  }
+
   function cleanup() {
+    demo.screenShare = null;
+    showShare();
     if (demo.localStream) {
       for (const track of demo.localStream.getTracks()) {
         track.stop();
@@ -432,6 +488,7 @@
     join();
   });
   leaveButton.addEventListener('click', () => leave());
+  shareButton.addEventListener('click', () => (demo.screenShare ? stopScreenShare() : startScreenShare()));
   $('copy-session').addEventListener('click', () => {
     if (demo.sessionId && navigator.clipboard) {
       navigator.clipboard.writeText(demo.sessionId).catch(() => {});

@@ -34,6 +34,17 @@
  * `OpenConsult.walkIn({ token, name })` trades a shared walk-in link's token for the patient's own
  * (`POST /api/walk-in`): `{consultation, position, patient_token, …}`; then connect with it.
  *
+ * Screen sharing is a second stream of the same participant (video_source `screen`):
+ *
+ *   const share = await session.startScreenShare();   // getDisplayMedia; resolves with a Publisher
+ *   session.on('screenShareEnded', () => …);           // stopped here or from the browser's own bar
+ *   await session.stopScreenShare();
+ *
+ * Guests (a relative, an interpreter; role `guest`) are added by the clinician:
+ *
+ *   const { guest, guest_link } = await session.inviteGuest(sessionId, 'Ida (interpreter)');
+ *   await session.removeGuest(sessionId, guest.guest_id);   // the guest gets `removedFromCall`
+ *
  * What the browser saw reaches the support inspector (docs/protocol.md, client.event /
  * client.stats): the SDK reports ICE/connection failures with the candidate types it had,
  * reconnecting/reconnected, page hidden/visible, the tab closing (a beacon), and every 5 s a
@@ -68,6 +79,8 @@
     'connectionCreated',
     'connectionDestroyed',
     'subscriptionEnded',
+    'screenShareEnded',
+    'removedFromCall',
     'reconnecting',
     'reconnected',
     'disconnected',
@@ -572,6 +585,10 @@
       this.connections = new Map();
       this.publishers = new Map();
       this.subscriptions = new Map();
+      // The Publisher of this participant's screen share, if any (startScreenShare).
+      this.screenShare = null;
+      // Set when the server took this connection out of the call (`removedFromCall` data).
+      this.removed = null;
       this._requestTimeout = options.requestTimeout === undefined ? 15000 : options.requestTimeout;
       this._pingInterval = options.pingInterval === undefined ? 20000 : options.pingInterval;
       // TURN servers come with the join response; 'relay' forces media through them
@@ -1215,6 +1232,13 @@
           this._emit(name, Object.assign({ subscription: subscription }, data));
           return;
         }
+        case 'removedFromCall': {
+          // The server took this connection out of the call (a removed guest); the socket closes
+          // next with a final code, so the session does not rejoin.
+          this.removed = data;
+          this._emit(name, data);
+          return;
+        }
         default:
           if (WORKFLOW_EVENTS.indexOf(name) !== -1) {
             this._emit(name, data);
@@ -1594,6 +1618,99 @@
         fields.expires_in_s = options.expiresInS;
       }
       return this._request('announcement.post', fields);
+    }
+
+    /**
+     * Share the screen (or a window or tab) as a second stream of this participant, with
+     * `video_source` `screen`: the others show it large. Asks the browser with getDisplayMedia
+     * (`options.displayMedia` overrides its constraints; default video only) unless
+     * `options.mediaStream` is given. Resolves with the Publisher (`session.screenShare`); one
+     * share at a time (`invalid_state` otherwise). When the share stops — `stopScreenShare()`, or
+     * the browser's own "Stop sharing" — it is unpublished and `screenShareEnded` is emitted.
+     */
+    async startScreenShare(options) {
+      options = options || {};
+      if (this.screenShare) {
+        throw new OpenConsultError('invalid_state', 'The screen is shared already; stop that share first');
+      }
+      let stream = options.mediaStream;
+      if (!stream) {
+        const devices = typeof navigator !== 'undefined' ? navigator.mediaDevices : null;
+        if (!devices || typeof devices.getDisplayMedia !== 'function') {
+          throw new OpenConsultError('not_supported', 'This browser cannot share its screen (no getDisplayMedia)');
+        }
+        try {
+          stream = await devices.getDisplayMedia(options.displayMedia || { video: true, audio: false });
+        } catch (err) {
+          throw new OpenConsultError('media_error', 'Screen sharing was not started: ' + ((err && err.message) || err),
+            { cause: err });
+        }
+      }
+      const pending = { stream: stream };
+      this.screenShare = pending;
+      let publisher;
+      try {
+        publisher = await this.publish(stream, { name: options.name || (this.name ? this.name + ' (screen)' : 'Screen'),
+          videoSource: 'screen' });
+      } catch (err) {
+        this.screenShare = null;
+        if (!options.mediaStream) {
+          stream.getTracks().forEach((track) => track.stop());
+        }
+        throw err;
+      }
+      if (this.screenShare !== pending) {
+        // Stopped while it was being set up.
+        this.unpublish(publisher).catch(() => {});
+        throw new OpenConsultError('invalid_state', 'Screen sharing was stopped while it was being set up');
+      }
+      this.screenShare = publisher;
+      for (const track of stream.getVideoTracks()) {
+        track.addEventListener('ended', () => {
+          if (this.screenShare === publisher) {
+            this.stopScreenShare().catch(() => {});
+          }
+        });
+      }
+      return publisher;
+    }
+
+    /** Stop sharing the screen (unpublish it and stop its tracks); `screenShareEnded` follows. Idempotent. */
+    async stopScreenShare() {
+      const share = this.screenShare;
+      if (!share) {
+        return;
+      }
+      this.screenShare = null;
+      const stream = share.mediaStream || share.stream;
+      if (stream) {
+        stream.getTracks().forEach((track) => track.stop());
+      }
+      const streamId = share.streamId || null;
+      try {
+        if (share.streamId !== undefined && this.state === 'connected') {
+          await this.unpublish(share);
+        } else if (typeof share._close === 'function') {
+          share._close();
+        }
+      } finally {
+        this._emit('screenShareEnded', { streamId: streamId });
+      }
+    }
+
+    /**
+     * Clinician: add a guest (a relative, an interpreter) to the consultation
+     * (`consultation.invite_guest`). Resolves with `{consultation, guest, guest_token, guest_link,
+     * valid_from_ms, valid_until_ms}`; `guest_link` is relative (`/#token=…`) unless the server has
+     * a `workflow.public_url`.
+     */
+    inviteGuest(sessionId, name) {
+      return this._request('consultation.invite_guest', { session_id: sessionId, name: name });
+    }
+
+    /** Clinician: revoke a guest's link and take them out of the call (`consultation.remove_guest`). */
+    removeGuest(sessionId, guestId) {
+      return this._request('consultation.remove_guest', { session_id: sessionId, guest_id: guestId });
     }
 
     /** Round trip to the server; resolves with its clock (`{time}`, ms). */

@@ -55,12 +55,15 @@ SPEC: dict[Action, set[str]] = {
     Action.MANAGE_WAITING_ROOMS: {DA, OA},
     Action.VIEW_INSPECTOR: {CL, DA, OA, SU},
     Action.PURGE_CHAT: {OA},
+    Action.INVITE_GUEST: {CL, DA, OA},
+    Action.REMOVE_GUEST: {CL, DA, OA},
 }
-ROLES = [Role.PATIENT, Role.CLINICIAN, Role.DEPARTMENT_ADMIN, Role.ORGANISATION_ADMIN, Role.SUPPORT, Role.ADMIN]
+ROLES = [Role.PATIENT, Role.CLINICIAN, Role.DEPARTMENT_ADMIN, Role.ORGANISATION_ADMIN, Role.SUPPORT, Role.ADMIN,
+         Role.GUEST]
 
 
 def actor(role: Role, same: bool) -> Actor:
-    if role is Role.PATIENT:
+    if role in (Role.PATIENT, Role.GUEST):
         return Actor(role, "p1" if same else "p_other")
     return Actor(role, f"{role.value}_x", frozenset({CARDIO if same else DERMA}))
 
@@ -112,7 +115,7 @@ async def _in_progress(svc: WorkflowService) -> SessionId:
 
 def _for(actor: Actor, sid: SessionId) -> Actor:
     """The actor with a token issued for consultation ``sid`` (what a patient's link carries)."""
-    return dataclasses.replace(actor, consultation=sid) if actor.role is Role.PATIENT else actor
+    return dataclasses.replace(actor, consultation=sid) if actor.role in (Role.PATIENT, Role.GUEST) else actor
 
 
 def _setups() -> dict[Action, Setup]:
@@ -190,6 +193,15 @@ def _setups() -> dict[Action, Setup]:
     async def purge(svc: WorkflowService) -> Callable[[Actor], Awaitable[Any]]:
         return lambda a: svc.purge_chat(a, now_ms=T0)
 
+    async def invite_guest(svc: WorkflowService) -> Callable[[Actor], Awaitable[Any]]:
+        sid = await _booked(svc)
+        return lambda a: svc.invite_guest(_for(a, sid), sid, name="Ida", now_ms=T0)
+
+    async def remove_guest(svc: WorkflowService) -> Callable[[Actor], Awaitable[Any]]:
+        sid = await _booked(svc)
+        (_, guest) = (await svc.invite_guest(CLIN, sid, name="Ida", now_ms=T0)).value
+        return lambda a: svc.remove_guest(_for(a, sid), sid, guest.guest_id, now_ms=T0)
+
     return {
         Action.BOOK: book,
         Action.INVITE: invite,
@@ -214,6 +226,8 @@ def _setups() -> dict[Action, Setup]:
         Action.MANAGE_WAITING_ROOMS: manage,
         Action.VIEW_INSPECTOR: inspector,
         Action.PURGE_CHAT: purge,
+        Action.INVITE_GUEST: invite_guest,
+        Action.REMOVE_GUEST: remove_guest,
     }
 
 

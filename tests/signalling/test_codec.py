@@ -104,6 +104,10 @@ VALID: dict[str, dict[str, Any]] = {
     "announcement.withdraw": {"type": "announcement.withdraw", "id": 24, "room_id": "wr-1",
                               "announcement_id": "a_XyZ-9_q"},
     "consultation.get": {"type": "consultation.get", "id": 25, "session_id": "s_AbC-12_x"},
+    "consultation.invite_guest": {"type": "consultation.invite_guest", "id": 26, "session_id": "s_AbC-12_x",
+                                  "name": "Ida (interpreter)"},
+    "consultation.remove_guest": {"type": "consultation.remove_guest", "id": 27, "session_id": "s_AbC-12_x",
+                                  "guest_id": "g_AbC-12_x"},
 }
 
 # Minimal forms: only the required fields.
