@@ -13,6 +13,7 @@ so ``setCodecPreferences`` accepts them and the SDP carries their fmtp unchanged
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -40,13 +41,22 @@ def _capabilities(kind: str) -> list[RTCRtpCodecCapability]:
     return list(caps.codecs)
 
 
+#: Offered codecs an error message names at most (an offer may list dozens).
+MAX_NAMED: Final = 8
+
+
+def _token(value: object) -> str:
+    """A value from a client's SDP made safe to quote: letters, digits, '-', '.', at most 16."""
+    return re.sub(r"[^0-9A-Za-z.\-]", "?", str(value)[:16])
+
+
 def describe(codec: Any) -> str:
     """A codec as a person reads it: "VP8", or "H264 (profile-level-id 42e01f, packetization-mode 1)"."""
-    name = str(codec.mimeType).split("/")[-1]
+    name = _token(str(codec.mimeType).split("/")[-1])
     if str(codec.mimeType).lower() != H264.lower():
         return name
-    return (f"{name} (profile-level-id {codec.parameters.get('profile-level-id', _DEFAULT_PROFILE_LEVEL_ID)}, "
-            f"packetization-mode {codec.parameters.get('packetization-mode', 0)})")
+    return (f"{name} (profile-level-id {_token(codec.parameters.get('profile-level-id', _DEFAULT_PROFILE_LEVEL_ID))}, "
+            f"packetization-mode {_token(codec.parameters.get('packetization-mode', 0))})")
 
 
 def _h264_profile(codec: Any) -> Any:
@@ -88,7 +98,9 @@ def choose(kind: str, offered: Iterable[Any]) -> RTCRtpCodecCapability:
     for ours in wanted:
         if any(compatible(ours, theirs) for theirs in offered):
             return ours
-    names = ", ".join(dict.fromkeys(describe(c) for c in offered)) or "none"
+    named = list(dict.fromkeys(describe(c) for c in offered))
+    names = ", ".join(named[:MAX_NAMED]) + (f" and {len(named) - MAX_NAMED} more" if len(named) > MAX_NAMED else "")
+    names = names or "none"
     accepted = "Opus" if kind == "audio" else \
         "VP8, or H264 with packetization-mode 1 in the constrained baseline or baseline profile"
     raise CodecNotSupported(f"the offer's {kind} section has no codec the server relays (offered: {names}; "
