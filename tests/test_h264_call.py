@@ -1,5 +1,6 @@
 """H264 through a real `openconsult serve`: two aiortc clients that offer only H264 decode
-each other, a late joiner starts on an IDR access unit, and the server builds no codec."""
+each other, a late joiner starts on an IDR access unit, the server builds no codec, and a
+client that cannot receive H264 gets `codec_not_supported` on the wire."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import pytest
 
 from media import aiortc_internals
 from rooms.model import Role
+from loadtest.client import RequestFailed
 from tests.call_helpers import Participant, authority, get_json
 from tests.helpers import wait_until
 from tests.media.h264_checks import starts_idr_access_unit
+from tests.media.peers import Subscriber, publisher_offer
 from tests.server import ServerProcess, start_server
 
 
@@ -61,12 +64,37 @@ async def test_h264_call_between_aiortc_clients(probed_server: tuple[ServerProce
         assert starts_idr_access_unit(sub_ca.first_payload["video"])
         assert sub_ca.received.frames[0][1:] == (640, 480, True)
 
+        # A client that cannot receive H264 gets a coded error at answer time, not black video.
+        data = await carol.client.request("subscribe", stream_id=stream_b)
+        refusing = Subscriber()
+        try:
+            answer = (await refusing.answer(data["offer"]["sdp"])).replace("H264/90000", "VP8/90000")
+            with pytest.raises(RequestFailed) as refused:
+                await carol.client.request("answer", subscription_id=data["subscription_id"],
+                                           answer={"type": "answer", "sdp": answer})
+            assert refused.value.code == "codec_not_supported"
+            assert f'cannot receive H264 (profile-level-id 42e01f, packetization-mode 1), the video codec stream ' \
+                f'"{stream_b}" is published in' in refused.value.message
+        finally:
+            await refusing.close()
+        # A publish offering no codec the SFU relays is refused the same way.
+        publisher = await publisher_offer(video_codec="video/H264")
+        try:
+            offer = publisher.localDescription.sdp.replace("packetization-mode=1", "packetization-mode=0")
+            with pytest.raises(RequestFailed) as refused:
+                await carol.client.request("publish", offer={"type": "offer", "sdp": offer})
+            assert refused.value.code == "codec_not_supported"
+        finally:
+            await publisher.close()
+
         # The timeline knows the frame size from the SPS.
         support = tokens.mint("support", Role.SUPPORT, "Support")
         events = get_json(f"{server.url}/api/sessions/{joined['session_id']}/events", support)["events"]
         sizes = [(e["payload"].get("width"), e["payload"].get("height"))
                  for e in events if e["kind"] == "dimensionsChanged"]
         assert sizes and set(sizes) == {(640, 480)}
+        failures = [e for e in events if e["kind"] == "subscribeFailure"]
+        assert len(failures) == 1 and "cannot receive H264" in failures[0]["text"]
     finally:
         for p in (carol, bob, alice):
             await p.close()
