@@ -89,6 +89,8 @@ logger = logging.getLogger(__name__)
 # Codecs the SFU relays (media/codecs.py): Opus, and VP8 or H264 chosen per publish. Both
 # legs of a forwarded track use the publisher's codec.
 CACHE_SLOTS = 2048  # power of two; at 1 Mbps VP8 (~120 packets/s) this is >15 s
+#: A publisher's H264 SPS is parsed (for its frame size) at most this often.
+SPS_PARSE_INTERVAL_S = 1.0
 #: Remote ICE candidates one peer connection accepts (a browser offers a handful to a few dozen).
 MAX_REMOTE_CANDIDATES = 64
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
@@ -107,7 +109,8 @@ class PublishedTrack:
         #: The codec this track is published (and relayed) in: an aiortc codec capability.
         self.codec = codec
         self.h264 = codec.mimeType.lower() == codecs.H264.lower()
-        self.sps = b""  # the last SPS seen (H264): its size is parsed once, not per keyframe
+        self.sps = b""  # the last SPS parsed (H264): its size is parsed once, not per keyframe
+        self.sps_parsed_at = 0.0
         self.receiver = receiver
         self.rtcp_ssrc = rtcp_ssrc
         self.clock_rate = 90000 if kind == "video" else 48000
@@ -148,7 +151,7 @@ class PublishedTrack:
                 if h264_is_keyframe(payload):
                     keyframe = True
                     self.pending_pli = False
-                    size = self._h264_size(payload)
+                    size = self._h264_size(payload, now)
                     if size is not None and size != self.size:
                         self.size = size
                         self.router.emit(DimensionsChanged(self.publish.stream_id, size[0], size[1]))
@@ -164,13 +167,15 @@ class PublishedTrack:
         for sub in self.subscribers:
             sub.forward(packet, keyframe, abs_send_time)
 
-    def _h264_size(self, payload: bytes) -> tuple[int, int] | None:
+    def _h264_size(self, payload: bytes, now: float) -> tuple[int, int] | None:
         """The frame size from an SPS this keyframe packet carries, parsed only when the SPS
-        differs from the last one (an encoder repeats the same SPS before every IDR)."""
+        differs from the last one parsed (an encoder repeats the same SPS before every IDR),
+        and at most once per ``SPS_PARSE_INTERVAL_S`` (~10 µs each: a publisher changing its SPS
+        in every packet costs no more; a real change is read from the next keyframe's SPS)."""
         sps = find_sps(payload)
-        if sps is None or sps == self.sps:
+        if sps is None or sps == self.sps or now - self.sps_parsed_at < SPS_PARSE_INTERVAL_S:
             return None
-        self.sps = sps
+        self.sps, self.sps_parsed_at = sps, now
         return sps_frame_size(sps)
 
     # --- RTCP towards the publisher -------------------------------------------

@@ -18,7 +18,7 @@ from media.events import DimensionsChanged, MediaEvent
 from media.router import Router
 from tests.helpers import wait_until
 from tests.media.h264_checks import starts_idr_access_unit
-from tests.media.peers import Subscriber, publisher_offer
+from tests.media.peers import MovingVideoTrack, Subscriber, publisher_offer
 
 
 @pytest.fixture(autouse=True)
@@ -139,5 +139,31 @@ async def test_a_publish_without_a_relayed_video_codec_is_refused() -> None:
             "H264 (profile-level-id 42e01f, packetization-mode 0); accepted: VP8, or H264" in str(refused.value)
         assert not router.publishes
     finally:
+        await pub.close()
+        await router.close()
+
+
+async def test_a_new_frame_size_is_read_from_the_new_sps() -> None:
+    events: list[MediaEvent] = []
+    router = Router(observer=events.append)
+    pub = await publisher_offer(video_codec="video/H264")
+    sub = Subscriber()
+    try:
+        answer = await router.publish("st1", pub.localDescription.sdp)
+        await pub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await router.answer("sub1", await sub.answer(await router.subscribe("sub1", "st1")))
+        # 40 frames (> 1 s, SPS_PARSE_INTERVAL_S) at 640x480 first.
+        await wait_until(lambda: len(sub.received.frames) >= 40, timeout=30, message="640x480 frames")
+        # The camera switches to 320x240: aiortc's encoder restarts with a new SPS and an IDR.
+        track = next(s.track for s in pub.getSenders() if s.track is not None and s.track.kind == "video")
+        assert isinstance(track, MovingVideoTrack)
+        track.width, track.height = 320, 240
+        await wait_until(lambda: (320, 240) in {(w, h) for _, w, h, _ in sub.received.frames}, timeout=30,
+                         message="320x240 frames")
+        await wait_until(lambda: len([e for e in events if isinstance(e, DimensionsChanged)]) >= 2, timeout=30,
+                         message="a second dimensionsChanged")
+        assert [(e.width, e.height) for e in events if isinstance(e, DimensionsChanged)] == [(640, 480), (320, 240)]
+    finally:
+        await sub.close()
         await pub.close()
         await router.close()
