@@ -25,6 +25,7 @@ VP8_DELTA = bytes([0x00]) + bytes(1099)
 
 def per_copy_us(k: int, copies: int = 40_000) -> float:
     """CPU microseconds per forwarded copy of a 1,100-byte video packet to ``k`` subscribers."""
+    from aiortc import RTCRtpSender
     from aiortc.rtp import RtpPacket
 
     from media.router import ForwardingSender, PublishedTrack, Router
@@ -33,7 +34,8 @@ def per_copy_us(k: int, copies: int = 40_000) -> float:
     publish: Any = type("Publish", (), {"stream_id": "st", "peer_id": "st"})()
     subscription: Any = type("Subscription", (), {"peer_id": "sub", "router": router})()
     sender: Any = type("Sender", (), {"_ssrc": 1234, "transport": None})()
-    track = PublishedTrack(router, publish, "video", None, 1)  # type: ignore[arg-type]
+    vp8 = next(c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/VP8")
+    track = PublishedTrack(router, publish, "video", None, 1, vp8)  # type: ignore[arg-type]
     forwarders = []
     for _ in range(k):
         fwd = ForwardingSender(subscription, track, sender)

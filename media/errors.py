@@ -25,3 +25,10 @@ class AlreadyAnswered(MediaError):
     """A subscription's offer was answered already (or an answer is being applied)."""
 
     code: ClassVar[str] = "invalid_state"
+
+
+class CodecNotSupported(MediaError):
+    """A publish offers no codec the SFU relays, or a subscriber cannot receive the codec the
+    stream is published in (the SFU does not transcode)."""
+
+    code: ClassVar[str] = "codec_not_supported"

@@ -4,7 +4,10 @@ forwarding between them at the packet level.
 A publish's receivers hand every RTP packet to its ``PublishedTrack``, which
 forwards it to each ``ForwardingSender`` (one per subscriber track) with the
 subscriber's own SSRC, sequence numbers, timestamp offset, payload type and
-header extension ids. No decoder or encoder ever runs. The RTCP work a real SFU
+header extension ids. No decoder or encoder ever runs. Each publish is relayed in the
+codec ``media.codecs`` chooses from its offer (Opus; VP8, else H264), and its subscribers
+are offered exactly that codec; keyframes and frame sizes are read from the VP8 payload
+header or the H264 NAL units (``media.rtp``, ``media.h264``). The RTCP work a real SFU
 does is here too: keyframe requests (PLI) upstream for new subscribers and for
 subscribers' PLI/FIR, rate limited; subscribers' NACKs answered from a packet
 cache (unanswerable ones are NACKed upstream); sender reports per subscriber
@@ -56,6 +59,7 @@ from aiortc.rtp import (
 from aiortc.sdp import SessionDescription, candidate_from_sdp
 
 from media import aiortc_internals as internals
+from media import codecs
 from media.errors import AlreadyAnswered, MediaError, OverCapacity, PeerNotFound
 from media.events import (
     DatagramDropReason,
@@ -73,6 +77,7 @@ from media.events import (
     QualitySample,
 )
 from media.forwarder import NackResponder, PacketCache, PliLimiter, RembAggregator, RtpTranslator, sender_report_rtp_time
+from media.h264 import find_sps, h264_is_keyframe, sps_frame_size
 from media.rtp import (
     nack,
     ntp_now,
@@ -87,15 +92,16 @@ from media.udpmux import UdpMux
 
 logger = logging.getLogger(__name__)
 
-#: Codecs the SFU relays. Both legs of a forwarded track must use the same one.
-VIDEO_MIME = "video/VP8"
-AUDIO_MIME = "audio/opus"
+# Codecs the SFU relays (media/codecs.py): Opus, and VP8 or H264 chosen per publish. Both
+# legs of a forwarded track use the publisher's codec.
 #: The NACK cache of a published video track holds at least this much media at the track's
 #: packet rate (rounded up to a power of two of slots), within these bounds: 1 Mbit/s VP8
 #: (~120 packets/s) keeps 128 packets, about 150 KB.
 NACK_CACHE_SECONDS = 1.0
 NACK_CACHE_MIN_SLOTS = 64
 NACK_CACHE_MAX_SLOTS = 2048
+#: A publisher's H264 SPS is parsed (for its frame size) at most this often.
+SPS_PARSE_INTERVAL_S = 1.0
 #: Remote ICE candidates one peer connection accepts (a browser offers a handful to a few dozen).
 MAX_REMOTE_CANDIDATES = 64
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
@@ -103,21 +109,19 @@ URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 URI_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
 
 
-def _preferred_codecs(kind: str, with_rtx: bool) -> list[Any]:
-    caps = RTCRtpReceiver.getCapabilities(kind)
-    assert caps is not None
-    wanted = VIDEO_MIME if kind == "video" else AUDIO_MIME
-    return [c for c in caps.codecs if c.mimeType.lower() == wanted.lower() or (with_rtx and c.mimeType == "video/rtx")]
-
-
 class PublishedTrack:
     """One incoming track of a publish and the subscribers it is forwarded to."""
 
     def __init__(self, router: Router, publish: PublishPeer, kind: str, receiver: RTCRtpReceiver,
-                 rtcp_ssrc: int) -> None:
+                 rtcp_ssrc: int, codec: Any) -> None:
         self.router = router
         self.publish = publish
         self.kind = kind
+        #: The codec this track is published (and relayed) in: an aiortc codec capability.
+        self.codec = codec
+        self.h264 = codec.mimeType.lower() == codecs.H264.lower()
+        self.sps = b""  # the last SPS parsed (H264): its size is parsed once, not per keyframe
+        self.sps_parsed_at = 0.0
         self.receiver = receiver
         self.rtcp_ssrc = rtcp_ssrc
         self.clock_rate = 90000 if kind == "video" else 48000
@@ -153,8 +157,17 @@ class PublishedTrack:
             self.cache.put(packet.sequence_number, packet.timestamp, packet.marker, payload)
             if packet.marker:
                 self.frames += 1
+            if self.h264:
+                # A packet with the SPS or the start of an IDR slice opens an IDR access unit.
+                if h264_is_keyframe(payload):
+                    keyframe = True
+                    self.pli.keyframe_received()
+                    size = self._h264_size(payload, now)
+                    if size is not None and size != self.size:
+                        self.size = size
+                        self.router.emit(DimensionsChanged(self.publish.stream_id, size[0], size[1]))
             # Only a packet that starts partition 0 can start a keyframe (S=1, PID=0).
-            if payload and payload[0] & 0x17 == 0x10 and vp8_is_keyframe(payload):
+            elif payload and payload[0] & 0x17 == 0x10 and vp8_is_keyframe(payload):
                 keyframe = True
                 self.pli.keyframe_received()
                 size = vp8_keyframe_size(payload)
@@ -164,6 +177,17 @@ class PublishedTrack:
         abs_send_time = ((ntp_now(now) >> 14) & 0x00FFFFFF).to_bytes(3, "big")
         for sub in self.subscribers:
             sub.forward(packet, keyframe, abs_send_time, now)
+
+    def _h264_size(self, payload: bytes, now: float) -> tuple[int, int] | None:
+        """The frame size from an SPS this keyframe packet carries, parsed only when the SPS
+        differs from the last one parsed (an encoder repeats the same SPS before every IDR),
+        and at most once per ``SPS_PARSE_INTERVAL_S`` (~10 µs each: a publisher changing its SPS
+        in every packet costs no more; a real change is read from the next keyframe's SPS)."""
+        sps = find_sps(payload)
+        if sps is None or sps == self.sps or now - self.sps_parsed_at < SPS_PARSE_INTERVAL_S:
+            return None
+        self.sps, self.sps_parsed_at = sps, now
+        return sps_frame_size(sps)
 
     # --- RTCP towards the publisher -------------------------------------------
 
@@ -536,12 +560,12 @@ class PublishPeer(Peer):
         self.tracks: dict[str, PublishedTrack] = {}
 
     async def negotiate(self, offer_sdp: str) -> str:
-        kinds = _offer_kinds(offer_sdp)
-        for kind in kinds:
+        chosen = _offer_codecs(offer_sdp)
+        for kind, codec in chosen.items():
             transceiver = self.pc.addTransceiver(kind, direction="recvonly")
-            transceiver.setCodecPreferences(_preferred_codecs(kind, with_rtx=True))
+            transceiver.setCodecPreferences(codecs.preferences(codec, with_rtx=True))
             track = PublishedTrack(self.router, self, kind, transceiver.receiver,
-                                   internals.local_ssrc(transceiver.sender))
+                                   internals.local_ssrc(transceiver.sender), codec)
             internals.hook_receiver(transceiver.receiver, track.on_rtp, _async(track.on_rtcp))
             self.tracks[kind] = track
         try:
@@ -573,7 +597,8 @@ class SubscribePeer(Peer):
     async def make_offer(self) -> str:
         for kind, track in self.publish.tracks.items():
             transceiver = self.pc.addTransceiver(kind, direction="sendonly")
-            transceiver.setCodecPreferences(_preferred_codecs(kind, with_rtx=False))
+            # The publisher's codec with its fmtp (H264: profile-level-id, packetization-mode).
+            transceiver.setCodecPreferences(codecs.preferences(track.codec, with_rtx=False))
             internals.release_receiver_buffers(transceiver.receiver)  # sendonly: its receiver never runs
             fwd = ForwardingSender(self, track, transceiver.sender)
             internals.hook_sender(transceiver.sender, fwd.start, fwd.on_rtcp)
@@ -595,10 +620,28 @@ class SubscribePeer(Peer):
             raise AlreadyAnswered(f'subscription "{self.peer_id}" already has an answer')
         self.answered = True
         try:
+            self._check_codecs(answer_sdp)
+        except MediaError:
+            self.answered = False
+            raise
+        try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer_sdp, type="answer"))
         except Exception as exc:
             self.answered = False  # the offer still stands: a corrected answer may follow
             raise MediaError(f"cannot apply the answer: {exc}") from None
+
+    def _check_codecs(self, answer_sdp: str) -> None:
+        """Refuse an answer that cannot receive a track's codec (``CodecNotSupported``), before
+        aiortc would fail on it or the subscriber would get black video."""
+        try:
+            description = SessionDescription.parse(answer_sdp)
+        except Exception:
+            raise MediaError("the answer is not valid SDP") from None
+        for media in description.media:
+            track = self.publish.tracks.get(media.kind)
+            if track is not None:
+                codecs.check_answer(media.kind, track.codec, media.rtp.codecs if media.port else [],
+                                    self.publish.stream_id)
 
     async def close(self) -> None:
         if not self.closed:
@@ -620,8 +663,9 @@ def _async(fn: Any) -> Any:
     return wrapper
 
 
-def _offer_kinds(offer_sdp: str) -> list[str]:
-    """Validate a publish offer: at most one audio and one video section, VP8/Opus offered."""
+def _offer_codecs(offer_sdp: str) -> dict[str, Any]:
+    """Validate a publish offer (at most one audio and one video section, each sending) and
+    choose the codec of each section (``codecs.choose``: Opus; VP8, else H264)."""
     try:
         description = SessionDescription.parse(offer_sdp)
     except Exception:
@@ -634,13 +678,12 @@ def _offer_kinds(offer_sdp: str) -> list[str]:
             raise MediaError(f'the offer has a "{kind}" section; only audio and video can be published')
         if kinds.count(kind) > 1:
             raise MediaError(f"the offer has more than one {kind} section")
+    chosen: dict[str, Any] = {}
     for media in description.media:
-        wanted = VIDEO_MIME if media.kind == "video" else AUDIO_MIME
-        if not any(c.mimeType.lower() == wanted.lower() for c in media.rtp.codecs):
-            raise MediaError(f"the offer's {media.kind} section has no {wanted.split('/')[1]} codec")
         if media.direction not in (None, "sendonly", "sendrecv"):
             raise MediaError(f"the offer's {media.kind} section is {media.direction}, it must send")
-    return kinds
+        chosen[media.kind] = codecs.choose(media.kind, media.rtp.codecs)
+    return chosen
 
 
 _CANDIDATE_RE = re.compile(r"^(a=candidate:\S+ \d+ \S+ \d+ )(\S+)( \d+ typ host)", re.M)

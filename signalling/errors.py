@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     MEDIA_ERROR = "media_error"
     OVER_CAPACITY = "over_capacity"
+    CODEC_NOT_SUPPORTED = "codec_not_supported"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -164,6 +165,13 @@ class OverCapacity(OpenConsultError):
     code: ClassVar[ErrorCode] = ErrorCode.OVER_CAPACITY
 
 
+class CodecNotSupported(OpenConsultError):
+    """A publish offers no codec the SFU relays, or a subscriber cannot receive the codec a
+    stream is published in (the SFU does not transcode)."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.CODEC_NOT_SUPPORTED
+
+
 class InternalError(OpenConsultError):
     """A bug on our side; the handler logs the trace and sends this without details."""
 
@@ -190,6 +198,7 @@ ERRORS_BY_CODE: Final[dict[ErrorCode, type[OpenConsultError]]] = {
         RateLimited,
         MediaError,
         OverCapacity,
+        CodecNotSupported,
         InternalError,
     )
 }

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from media.errors import CodecNotSupported as MediaCodecNotSupported
 from media.errors import MediaError as MediaPlaneError
 from media.errors import AlreadyAnswered, PeerNotFound
 from media.errors import OverCapacity as MediaOverCapacity
@@ -67,7 +68,15 @@ from signalling import turn
 from signalling.auth import Claims, TokenAuthority, unverified_consultation, unverified_room
 from signalling.client_reports import ReportLimiter, event_entry, stats_entries
 from signalling.config import Config
-from signalling.errors import Forbidden, InvalidState, MediaError, NotFound, OpenConsultError, OverCapacity
+from signalling.errors import (
+    CodecNotSupported,
+    Forbidden,
+    InvalidState,
+    MediaError,
+    NotFound,
+    OpenConsultError,
+    OverCapacity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +243,8 @@ class Hub:
                      connection_id=connection.connection_id, stream_id=stream_id, error=str(exc))
             if isinstance(exc, MediaOverCapacity):
                 raise OverCapacity(str(exc)) from None
+            if isinstance(exc, MediaCodecNotSupported):
+                raise CodecNotSupported(str(exc)) from None
             raise MediaError(str(exc)) from None
         if client.session is not session or connection.connection_id not in session.connections:
             # The client left while we negotiated.
@@ -338,6 +349,8 @@ class Hub:
         except MediaPlaneError as exc:
             self.log(session.session_id, EventKind.SUBSCRIBE_FAILURE, f"Subscribe failed: {exc}",
                      connection_id=connection.connection_id, stream_id=subscription.stream_id)
+            if isinstance(exc, MediaCodecNotSupported):
+                raise CodecNotSupported(str(exc)) from None
             raise MediaError(str(exc)) from None
         self.log(session.session_id, EventKind.SUBSCRIBE_SUCCESS, f"Subscribe succeeded: {connection.name}",
                  connection_id=connection.connection_id, stream_id=subscription.stream_id,

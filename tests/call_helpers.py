@@ -43,8 +43,9 @@ class Participant:
         await self.client.connect()
         return await self.client.join(tokens.mint(room, role, self.name))
 
-    async def publish(self, video: bool = True, audio: bool = True) -> str:
-        self.publisher = await publisher_offer(video=video, audio=audio, config=self.rtc_config)
+    async def publish(self, video: bool = True, audio: bool = True, video_codec: str = "") -> str:
+        self.publisher = await publisher_offer(video=video, audio=audio, config=self.rtc_config,
+                                               video_codec=video_codec)
         data = await self.client.request("publish", offer={"type": "offer", "sdp": self.publisher.localDescription.sdp})
         await self.publisher.setRemoteDescription(RTCSessionDescription(sdp=data["answer"]["sdp"], type="answer"))
         self.stream_id = data["stream_id"]

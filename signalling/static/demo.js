@@ -329,7 +329,11 @@
   /** Send the camera; the SDK publishes it again by itself after a reconnect. */
   async function publishCamera(session) {
     try {
-      const publisher = await session.publish(demo.localStream, { name: session.name, videoSource: 'camera' });
+      // ?codec=h264 publishes H264 instead of VP8 (relayed as is: a codec test).
+      const videoCodec = new URLSearchParams(location.search).get('codec') === 'h264' ? 'H264' : 'VP8';
+      const publisher = await session.publish(demo.localStream, {
+        name: session.name, videoSource: 'camera', videoCodec: videoCodec,
+      });
       if (session !== demo.session) {
         return;
       }

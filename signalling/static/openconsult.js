@@ -371,8 +371,9 @@
 
   /**
    * Put `mimeType` first in a transceiver's codec list and drop other media codecs, since the
-   * server accepts only VP8 video and Opus audio. Retransmission (rtx) stays. Browsers without
-   * setCodecPreferences, or without the codec, keep their default order.
+   * server relays Opus audio and VP8 or H264 video without transcoding (it prefers VP8 when both
+   * are offered). Retransmission (rtx) stays. Browsers without setCodecPreferences, or without
+   * the codec, keep their default order.
    */
   function preferCodec(transceiver, kind, mimeType) {
     if (typeof RTCRtpSender === 'undefined' || typeof RTCRtpSender.getCapabilities !== 'function') {
@@ -472,6 +473,9 @@
       this.mediaStream = mediaStream;
       this.name = options.name || null;
       this.videoSource = options.videoSource || 'camera';
+      /** The video codec offered: 'video/VP8' (default) or 'video/H264'. */
+      this.videoCodec = String(options.videoCodec || '').toLowerCase() === 'h264' ||
+        String(options.videoCodec || '').toLowerCase() === 'video/h264' ? 'video/H264' : 'video/VP8';
       this.streamId = null;
       this.closed = false;
       this._trickler = null;
@@ -1313,7 +1317,9 @@
     }
 
     /**
-     * Publish a MediaStream as one stream. Options: `name`, `videoSource` ('camera' | 'screen').
+     * Publish a MediaStream as one stream. Options: `name`, `videoSource` ('camera' | 'screen'),
+     * `videoCodec` ('VP8', the default, or 'H264': the only video codec offered; subscribers
+     * that cannot receive it get `codec_not_supported` when they answer).
      * Resolves with a Publisher (`.streamId`, `.pc`, `.getStats()`, `.unpublish()`); the SDK
      * publishes it again by itself after a reconnect or a failed peer connection.
      */
@@ -1355,7 +1361,7 @@
       for (const track of tracks) {
         const transceiver = pc.addTransceiver(track, { direction: 'sendonly', streams: [publisher.mediaStream] });
         if (track.kind === 'video') {
-          preferCodec(transceiver, 'video', 'video/VP8');
+          preferCodec(transceiver, 'video', publisher.videoCodec);
         } else if (track.kind === 'audio') {
           preferCodec(transceiver, 'audio', 'audio/opus');
         }

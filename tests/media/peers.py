@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.mediastreams import AudioStreamTrack, VideoStreamTrack
 from av import VideoFrame
 
@@ -39,13 +39,24 @@ def client_pc(config: RTCConfiguration | None = None) -> RTCPeerConnection:
     return RTCPeerConnection(config or RTCConfiguration(iceServers=[]))
 
 
-async def publisher_offer(video: bool = True, audio: bool = True,
-                          config: RTCConfiguration | None = None) -> RTCPeerConnection:
+def only_codec(transceiver: Any, mime_type: str) -> None:
+    """Offer only ``mime_type`` (every profile aiortc has of it) on a video transceiver, plus RTX."""
+    caps = RTCRtpSender.getCapabilities("video")
+    assert caps is not None
+    transceiver.setCodecPreferences([c for c in caps.codecs if c.mimeType.lower() in (mime_type.lower(), "video/rtx")])
+
+
+async def publisher_offer(video: bool = True, audio: bool = True, config: RTCConfiguration | None = None,
+                          video_codec: str = "") -> RTCPeerConnection:
+    """A publisher's peer connection with its offer set; ``video_codec`` (e.g. "video/H264")
+    makes it offer only that video codec."""
     pc = client_pc(config)
     if audio:
         pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
     if video:
-        pc.addTransceiver(MovingVideoTrack(), direction="sendonly")
+        transceiver = pc.addTransceiver(MovingVideoTrack(), direction="sendonly")
+        if video_codec:
+            only_codec(transceiver, video_codec)
     await pc.setLocalDescription(await pc.createOffer())
     return pc
 
