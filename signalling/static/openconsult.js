@@ -15,7 +15,8 @@
  * The clinical workflow (waiting room, queue, consultation, chat, announcements) uses the same
  * session: `session.request(type, fields)` sends any request, and thin helpers wrap each one:
  *
- *   const place = await session.enterWaitingRoom({ deviceCheckPassed: true });  // patient
+ *   const check = await OpenConsult.checkDevices();   // patient: advice only, never a gate
+ *   const place = await session.enterWaitingRoom({ devices: check });
  *   session.on('positionChanged', ({ position }) => …);
  *   session.on('admitted', () => …);                       // then publish and subscribe
  *   const { queue } = await session.watchQueue('wr-cardio'); // staff; then 'queueUpdated'
@@ -217,6 +218,51 @@
       return 'in_use';
     }
     return 'error';
+  }
+
+  /**
+   * The device check, advice only: ask for camera and microphone and wait as long as the person
+   * takes to answer the browser's prompt (no time limit). When both together fail, ask for each on
+   * its own, so one refused or missing device does not hide the other. Resolves (never rejects)
+   * `{stream, camera, microphone, error}`: `stream` holds whatever works (audio only, video only,
+   * both, or null), `camera` / `microphone` each 'ok' | 'denied' | 'not_found' | 'in_use' | 'error'
+   * (the `deviceCheck` event's and `waiting_room.enter`'s words), `error` the first getUserMedia error.
+   */
+  async function checkDevices(options) {
+    const media = (typeof navigator !== 'undefined' && navigator.mediaDevices) || null;
+    const video = (options && options.video) || { width: 640, height: 480 };
+    if (!media || !media.getUserMedia) {
+      const error = { name: 'NotSupportedError', message: 'this browser cannot use a camera or microphone here' };
+      return { stream: null, camera: 'error', microphone: 'error', error: error };
+    }
+    try {
+      const stream = await media.getUserMedia({ audio: true, video: video });
+      return {
+        stream: stream,
+        camera: stream.getVideoTracks().length ? 'ok' : 'not_found',
+        microphone: stream.getAudioTracks().length ? 'ok' : 'not_found',
+        error: null,
+      };
+    } catch (both) {
+      const tracks = [];
+      const one = async (constraints) => {
+        try {
+          const stream = await media.getUserMedia(constraints);
+          tracks.push(...stream.getTracks());
+          return 'ok';
+        } catch (err) {
+          return deviceErrorKind(err);
+        }
+      };
+      const microphone = await one({ audio: true, video: false });
+      const camera = await one({ audio: false, video: video });
+      return {
+        stream: tracks.length ? new MediaStream(tracks) : null,
+        camera: camera,
+        microphone: microphone,
+        error: both,
+      };
+    }
   }
 
   /** A DOMException's name as the schema allows it (letters, digits, underscore; 64 at most). */
@@ -1526,6 +1572,10 @@
       if (options && options.deviceCheckPassed !== undefined) {
         fields.device_check_passed = Boolean(options.deviceCheckPassed);
       }
+      if (options && options.devices) {
+        // What the device check found ({camera, microphone}): shown in the clinician's queue.
+        fields.devices = { camera: options.devices.camera, microphone: options.devices.microphone };
+      }
       return this._request('waiting_room.enter', fields);
     }
 
@@ -1798,6 +1848,7 @@
   return {
     VERSION: VERSION,
     deviceErrorKind: deviceErrorKind,
+    checkDevices: checkDevices,
     inboundVideoStats: inboundVideoStats,
     PROTOCOL: PROTOCOL,
     EVENTS: SESSION_EVENTS,
