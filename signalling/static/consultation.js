@@ -688,7 +688,71 @@
     }
     session.reportDeviceCheck(result.camera, result.microphone, result.error, result.error ? { audio: true, video: true } : undefined);
     showDeviceAdvice(result);
+    addPrecallButton();
     return consult.devices;
+  }
+
+  /**
+   * The pre-call network test inside the patient's flow (a button in the device check): through
+   * the SFU in a private room, the result shown here and logged as a `precallTest` client event
+   * in the patient's own consultation session. `consult.precall` = {state, result, error}.
+   */
+  function addPrecallButton() {
+    if ($('precall-run')) {
+      return;
+    }
+    const box = el('div', 'precall-box');
+    box.id = 'precall-box';
+    const button = el('button', null, 'Test my connection (10 s)');
+    button.type = 'button';
+    button.id = 'precall-run';
+    const status = el('p', 'muted small', '');
+    status.id = 'precall-status';
+    status.setAttribute('role', 'status');
+    const verdict = el('p', 'precall-verdict', '');
+    verdict.id = 'precall-verdict';
+    const advice = el('p', 'small', '');
+    advice.id = 'precall-advice';
+    const figures = el('p', 'muted small', '');
+    figures.id = 'precall-figures';
+    const more = el('a', 'small', 'More tests (speakers) on the test page');
+    more.href = '/test';
+    more.target = '_blank';
+    more.rel = 'noopener';
+    box.append(button, status, verdict, advice, figures, more);
+    $('device-check').querySelector('.device-status').appendChild(box);
+    button.addEventListener('click', async () => {
+      button.disabled = true;
+      consult.precall = { state: 'running', result: null, error: null };
+      verdict.textContent = '';
+      advice.textContent = '';
+      figures.textContent = '';
+      try {
+        const live = consult.localStream && consult.localStream.getTracks().some((t) => t.readyState === 'live');
+        const result = await OpenConsult.runPrecallTest({
+          stream: live ? consult.localStream : undefined,
+          reportTo: consult.session,
+          onProgress: (p) => {
+            status.textContent = p.phase === 'measuring'
+              ? 'Measuring your connection… ' + Math.round((p.elapsedMs || 0) / 1000) + ' s'
+              : 'Connecting to the video server…';
+          },
+        });
+        consult.precall = { state: 'done', result: result, error: null };
+        status.textContent = '';
+        verdict.dataset.verdict = result.verdict;
+        verdict.textContent = 'Connection: ' + result.title;
+        advice.textContent = result.advice;
+        figures.textContent = OpenConsult.precallRows(result).map((row) => row[0] + ': ' + row[1]).join(' · ');
+      } catch (err) {
+        consult.precall = { state: 'error', result: null, error: describe(err) };
+        status.textContent = err.code === 'rate_limited'
+          ? 'Many tests were run from your network just now. Please try again in a minute.'
+          : 'The connection test could not run: ' + (err.message || err);
+      } finally {
+        button.disabled = false;
+      }
+    });
   }
 
   function startMeter(stream) {
