@@ -3,7 +3,10 @@
  *
  * A consultation link `/#token=<JWT>` (or an old `/?token=<JWT>`) switches the page from the demo form to:
  *   - the patient's waiting room (token role `patient` with a `consultation` claim): device check
- *     (camera preview + microphone level), "You are early / on time / late", the live place in
+ *     (camera preview + microphone level; advice only: it waits for the permission prompt, keeps
+ *     whatever works — audio only, or nothing — says how to allow the camera, and its result goes
+ *     with `waiting_room.enter` to the clinician's queue), a pre-call connection test button
+ *     (OpenConsult.runPrecallTest, logged in the consultation's session), "You are early / on time / late", the live place in
  *     line, the clinic's announcements, chat, "Leave waiting room"; on `admitted` the call
  *     (publish camera and microphone, receive the clinician), chat stays; then "The consultation
  *     has ended". On load the page reads the consultation (`consultation.get`), so a reload
@@ -13,7 +16,8 @@
  *     token>` (a reload keeps the place) and goes on as the patient's waiting room above;
  *   - the clinician's desk (a staff token with a `consultation` or `departments` claim, or a
  *     `?waiting_room=` parameter): the live queue of the department's waiting rooms (arrival
- *     badge, the patient's name and reference, waiting time, Admit), the call with chat, End / Phone
+ *     badge, the patient's name and reference, waiting time, what their device check found —
+ *     "camera denied · voice only" —, Admit), the call with chat, End / Phone
  *     consultation instead / Complete, and the rooms' current announcements and posting new ones.
  * Any other page load is left to demo.js.
  *
@@ -37,6 +41,8 @@
  *   consult.sessionErrors [{code, message}] of background failures
  *   consult.arrival, consult.position, consult.announcements, consult.queues, consult.consultation
  *   consult.chat          [ChatMessage] as shown
+ *   consult.devices       {camera, microphone} as the device check found them (patient)
+ *   consult.precall       {state: 'running'|'done'|'error', result, error} of the connection test (patient)
  *   await consult.inboundVideoStats()  → [{subscriptionId, streamId, framesDecoded, …}]
  */
 (function () {

@@ -40,7 +40,10 @@
  * reconnecting/reconnected, page hidden/visible, the tab closing (a beacon), and every 5 s a
  * getStats() summary per track; pages report their device check with
  * `session.reportDeviceCheck(camera, microphone, error)` (`OpenConsult.deviceErrorKind(err)` names
- * a getUserMedia error) and anything else with `session.reportEvent(name, data)`. Options
+ * a getUserMedia error) and anything else with `session.reportEvent(name, data)`.
+ * `OpenConsult.checkDevices()` is the device check (advice only: waits for the permission prompt,
+ * probes camera and microphone apart); `OpenConsult.runPrecallTest(options)` the pre-call network
+ * test through the server, `OpenConsult.precallVerdict(figures)` its rules. Options
  * `clientReports: false` turns this off, `statsInterval` (ms, default 5000; 0: no stats) paces it.
  *
  * Server design decides the shape of the media side: one RTCPeerConnection per published
