@@ -48,7 +48,7 @@ from rooms.errors import (
 from rooms.model import Role, SessionId, new_id
 from rooms.permissions import Action, Actor, Resource, check
 from rooms.store import Append, Check, Doc, Op, Put, Store, StoreConflict
-from rooms.waiting_room import QueueEntry, WaitingRoom, classify
+from rooms.waiting_room import Devices, QueueEntry, WaitingRoom, classify
 from rooms.waiting_room import State as QState
 
 T = TypeVar("T")
@@ -116,6 +116,7 @@ class QueuedPatient:
     waiting_ms: int
     appointment_ms: int | None
     patient_name: str | None = None
+    devices: Devices = Devices()
 
 
 @dataclass(slots=True)
@@ -305,7 +306,7 @@ class WorkflowService:
             seg = qe.current
             out.append(
                 QueuedPatient(pos, sid, qe.patient_ref, seg.arrival, seg.entered_ms,
-                              max(0, now_ms - seg.entered_ms), c.appointment_ms, c.patient_name)
+                              max(0, now_ms - seg.entered_ms), c.appointment_ms, c.patient_name, qe.devices)
             )
         return out
 
@@ -433,9 +434,11 @@ class WorkflowService:
         return guest
 
     async def patient_ready(
-        self, actor: Actor, session_id: SessionId, *, token: str, device_check_passed: bool, now_ms: int
+        self, actor: Actor, session_id: SessionId, *, token: str, now_ms: int, device_check_passed: bool = True,
     ) -> Result[Consultation]:
-        """The patient opened the link inside its time window and passed the device check."""
+        """The patient opened the link inside its time window. The device check only advises
+        (``device_check_passed`` is kept for older clients and ignored): a patient without a
+        camera, or who denied it, still comes in; what it found travels with the queue entry."""
         self._check_time(now_ms)
 
         async def attempt() -> Result[Consultation]:
@@ -454,8 +457,6 @@ class WorkflowService:
                     raise TooEarly(f"the link opens at {format_time(opens)}")
                 if now_ms > closes:
                     raise TooLate(f"the link closed at {format_time(closes)}")
-            if device_check_passed is not True:
-                raise InvalidInput("the device check (speaker, microphone, camera, connection) did not pass")
             c = ready
             await self.store.commit([Put(CONSULTATION, session_id, c.to_doc(), v)])
             return Result(c, (
@@ -496,9 +497,10 @@ class WorkflowService:
             raise
 
     async def enter_waiting_room(
-        self, actor: Actor, session_id: SessionId, *, room_id: str, now_ms: int
+        self, actor: Actor, session_id: SessionId, *, room_id: str, now_ms: int, devices: Devices | None = None,
     ) -> Result[QueueEntry]:
-        """Put a ready patient in line; arrival is classified against the booking."""
+        """Put a ready patient in line; arrival is classified against the booking; ``devices`` is
+        what the patient's device check found (kept for the clinician's queue)."""
         self._check_time(now_ms)
 
         async def attempt() -> Result[QueueEntry]:
@@ -514,7 +516,7 @@ class WorkflowService:
             if waiting_sid is not None and waiting_sid != session_id:
                 raise Conflict(f'patient "{c.patient_ref}" is already waiting (session "{waiting_sid}")')
             arrival = classify(c.appointment_ms, now_ms, self.config.on_time_window_ms)
-            qe = qe.enter(room, arrival, actor.user_id, now_ms)
+            qe = qe.enter(room, arrival, actor.user_id, now_ms, devices)
             room = room.add(session_id)
             await self.store.commit([
                 Check(CONSULTATION, session_id, cv),
@@ -529,9 +531,32 @@ class WorkflowService:
             else:
                 when = arrival.value.replace("_", " ")
                 text = f"Patient was added to {queue_word} by {who}. Booked consultation ({when})."
+            if qe.devices.problems:
+                text += f" Device check: {', '.join(qe.devices.problems)}."
             return Result(qe, (entry(LogKind.QUEUE, text, session_id, now_ms, room_id=room_id,
                                      arrival=arrival.value, position=room.position(session_id),
-                                     by=actor.user_id),))
+                                     by=actor.user_id, devices=qe.devices.to_doc()),))
+
+        return await self._retry(attempt)
+
+    async def report_devices(
+        self, actor: Actor, session_id: SessionId, devices: Devices, *, now_ms: int
+    ) -> Result[QueueEntry]:
+        """A waiting patient's device check ran again (a reload, a newly allowed camera): the
+        queue shows the new result. No entry when nothing changed."""
+        self._check_time(now_ms)
+
+        async def attempt() -> Result[QueueEntry]:
+            _, c = await self._consultation(session_id)
+            ev, qe = await self._entry(session_id, c.patient_ref)
+            self._check(actor, Action.ENTER_WAITING_ROOM, c.department, c.patient_ref)
+            if qe.state is not QState.WAITING or qe.devices == devices:
+                return Result(qe, ())
+            qe = qe.with_devices(devices)
+            await self.store.commit([Put(ENTRY, session_id, qe.to_doc(), ev)])
+            found = ", ".join(qe.devices.problems) or "camera and microphone working"
+            return Result(qe, (entry(LogKind.QUEUE, f"Patient's device check again: {found}.", session_id, now_ms,
+                                     room_id=qe.room_id, devices=qe.devices.to_doc()),))
 
         return await self._retry(attempt)
 

@@ -10,7 +10,9 @@
 A waiting room exists per department/clinic and per clinician. Its :class:`WaitingRoom` record keeps
 the live order (position = index + 1); a :class:`QueueEntry` keeps the patient's state and one
 :class:`Segment` per room visited. Arrival is classified against the booking: early, on time, late,
-or walk-in (no booking). Concurrent admits resolve in the store by compare-and-set on the entry:
+or walk-in (no booking). The patient's device check only advises: the entry keeps what it found
+(:class:`Devices`: camera and microphone each ok / denied / not found / in use …) so the clinician
+sees who comes with audio only or no devices, and why; it never keeps anyone out. Concurrent admits resolve in the store by compare-and-set on the entry:
 the second one sees ``admitted`` and gets ``Cannot admit … in state "admitted"``.
 All functions here are pure.
 """
@@ -84,6 +86,58 @@ class Outcome(StrEnum):
     REMOVED = "removed"
 
 
+class DeviceState(StrEnum):
+    """What the patient's browser found for one device (the ``deviceCheck`` client event's words)."""
+
+    OK = "ok"
+    DENIED = "denied"  # the person (or a policy) refused the permission
+    NOT_FOUND = "not_found"  # no such device
+    IN_USE = "in_use"  # another program holds it
+    ERROR = "error"  # it could not be started for another reason
+    SKIPPED = "skipped"  # not asked for
+    UNKNOWN = "unknown"  # not reported (an older client, or entered by staff)
+
+
+#: How the queue names a device that is not working: "camera denied", "no camera", ….
+_DEVICE_WORDS: Final[Mapping[DeviceState, str]] = {
+    DeviceState.DENIED: "{} denied", DeviceState.NOT_FOUND: "no {}", DeviceState.IN_USE: "{} in use",
+    DeviceState.ERROR: "{} not working", DeviceState.SKIPPED: "no {} (skipped)",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Devices:
+    """The device check's result as the patient entered: advice for the clinician, never a gate."""
+
+    camera: DeviceState = DeviceState.UNKNOWN
+    microphone: DeviceState = DeviceState.UNKNOWN
+
+    @property
+    def media(self) -> str:
+        """``audio_video``, ``audio_only``, ``video_only``, ``none`` or ``unknown`` (nothing reported)."""
+        if self.camera is DeviceState.UNKNOWN and self.microphone is DeviceState.UNKNOWN:
+            return "unknown"
+        video, audio = self.camera is DeviceState.OK, self.microphone is DeviceState.OK
+        return ("audio_video" if video and audio else "audio_only" if audio else "video_only" if video
+                else "none")
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Plain words for each device that does not work: ``("camera denied",)``."""
+        return tuple(_DEVICE_WORDS[state].format(device)
+                     for device, state in (("camera", self.camera), ("microphone", self.microphone))
+                     if state in _DEVICE_WORDS)
+
+    def to_doc(self) -> dict[str, str]:
+        return {"camera": self.camera.value, "microphone": self.microphone.value}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any] | None) -> Devices:
+        if not doc:
+            return cls()
+        return cls(DeviceState(doc.get("camera", "unknown")), DeviceState(doc.get("microphone", "unknown")))
+
+
 def classify(appointment_ms: int | None, now_ms: int, on_time_window_ms: int) -> Arrival:
     """Early/on time/late: within ``on_time_window_ms`` either side of the appointment is on time."""
     if appointment_ms is None:
@@ -141,6 +195,7 @@ class QueueEntry:
     admitted_by: str | None = None
     abandoned_ms: int | None = None
     removed_ms: int | None = None
+    devices: Devices = Devices()
 
     @property
     def current(self) -> Segment:
@@ -154,12 +209,18 @@ class QueueEntry:
     def _check(self, event: Event) -> State:
         return apply(self.state, event, self.session_id)
 
-    def enter(self, room: WaitingRoom, arrival: Arrival, added_by: str, now_ms: int) -> QueueEntry:
+    def enter(self, room: WaitingRoom, arrival: Arrival, added_by: str, now_ms: int,
+              devices: Devices | None = None) -> QueueEntry:
         state = self._check(Event.ENTER)
         seg = Segment(room.room_id, room.department, room.clinician, now_ms, arrival, added_by)
         return dataclasses.replace(
-            self, state=state, room_id=room.room_id, segments=(*self.segments, seg), abandoned_ms=None
+            self, state=state, room_id=room.room_id, segments=(*self.segments, seg), abandoned_ms=None,
+            devices=self.devices if devices is None else devices,
         )
+
+    def with_devices(self, devices: Devices) -> QueueEntry:
+        """The device check ran again (e.g. a reload after allowing the camera): no state change."""
+        return dataclasses.replace(self, devices=devices)
 
     def _leave(self, event: Event, outcome: Outcome, now_ms: int, by: str | None) -> QueueEntry:
         state = self._check(event)
@@ -196,6 +257,7 @@ class QueueEntry:
             "admitted_by": self.admitted_by,
             "abandoned_ms": self.abandoned_ms,
             "removed_ms": self.removed_ms,
+            "devices": self.devices.to_doc(),
         }
 
     @classmethod
@@ -210,6 +272,7 @@ class QueueEntry:
             admitted_by=doc["admitted_by"],
             abandoned_ms=doc["abandoned_ms"],
             removed_ms=doc["removed_ms"],
+            devices=Devices.from_doc(doc.get("devices")),
         )
 
 

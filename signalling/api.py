@@ -1,11 +1,12 @@
 """HTTP endpoints: health, the inspector API (support/admin tokens), the demo
-token endpoint, the tab-closed beacon (POST /api/client-events), Prometheus metrics and the
+token endpoint, the pre-call test's token (POST /api/precall/token) and page (/test), the tab-closed beacon (POST /api/client-events), Prometheus metrics and the
 static pages."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from rooms.service import CONSULTATION
 from signalling import __version__
 from signalling.audit import CLAIMS_KEY, TOKEN_DIGEST_KEY, audit_lookup, token_digest
 from signalling.auth import ROOM_PATTERN, Claims
-from signalling.client_reports import BEACON_MAX_BYTES, validate_beacon
+from signalling.client_reports import BEACON_MAX_BYTES, ReportLimiter, validate_beacon
 from signalling.errors import (
     Forbidden,
     InvalidMessage,
@@ -35,6 +36,7 @@ from signalling.errors import (
     coded,
 )
 from signalling.keys import CONFIG_KEY, EVENTLOG_KEY, HUB_KEY, STARTED_KEY, TOKENS_KEY, WORKFLOW_KEY
+from signalling.proxies import client_ip, networks
 
 STATIC_DIR = Path(__file__).parent / "static"
 #: What the event list shows: every kind but the quality timeline (read via /quality).
@@ -293,6 +295,36 @@ async def demo_token(request: web.Request) -> web.Response:
     return web.json_response({"token": token})
 
 
+#: Pre-call test tokens: how many a client address may mint a minute, and how long one is valid
+#: for joining (the test itself takes about 10 s, 20 s more with a relay-only run).
+PRECALL_TOKENS_PER_IP_PER_MIN = 20
+PRECALL_TOKEN_TTL_S = 120
+#: The prefix of the pre-call test's private rooms (the rest is random: nobody else can join).
+PRECALL_ROOM_PREFIX = "precall-"
+PRECALL_LIMITER_KEY = web.AppKey("precall_limiter", ReportLimiter)
+
+
+async def precall_token(request: web.Request) -> web.Response:
+    """A short-lived media-only token for the pre-call test: a private throwaway room
+    ``precall-<random>`` where the page publishes and subscribes to its own stream. No sign-in
+    (a patient tests before having anything else); no workflow identity (a demo token: refused
+    by the workflow and every HTTP API); at most :data:`PRECALL_TOKENS_PER_IP_PER_MIN` a minute per
+    client address (429 ``rate_limited`` with Retry-After)."""
+    config = request.app[CONFIG_KEY]
+    ip = client_ip(request.remote, request.headers, networks(config.server.trusted_proxies))
+    wait = request.app[PRECALL_LIMITER_KEY].acquire(ip or "?", time.monotonic())
+    if wait is not None:
+        raise RateLimited(f"too many pre-call tests from this address (at most {PRECALL_TOKENS_PER_IP_PER_MIN} "
+                          f"a minute); retry in {wait:.0f} s", retry_after_s=max(1, int(wait + 0.999)))
+    room = PRECALL_ROOM_PREFIX + secrets.token_urlsafe(12)
+    token = request.app[TOKENS_KEY].mint(room, Role.PATIENT, "Pre-call test", ttl_s=PRECALL_TOKEN_TTL_S, demo=True)
+    return web.json_response({"token": token, "room": room, "expires_in_s": PRECALL_TOKEN_TTL_S}, status=201)
+
+
+async def precall_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "test.html")
+
+
 async def metrics(request: web.Request) -> web.Response:
     body, content_type = prom.render()
     response = web.Response(body=body)
@@ -320,4 +352,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/sessions/{session_id}/diagnosis", session_diagnosis)
     app.router.add_post("/api/demo/token", demo_token)
     app.router.add_post("/api/client-events", client_events)
+    app[PRECALL_LIMITER_KEY] = ReportLimiter(PRECALL_TOKENS_PER_IP_PER_MIN)
+    app.router.add_post("/api/precall/token", precall_token)
+    app.router.add_get("/test", precall_page)
     app.router.add_static("/static/", STATIC_DIR)

@@ -96,11 +96,29 @@ def _event_text(name: str, data: Mapping[str, Any]) -> str:
         what = "ICE failed" if name == "iceFailed" else "Connection failed"
         return (f"Client {what} on {data.get('peer_id', '?')} (local candidates: {local}; remote: {remote}; "
                 f"{data.get('ice_servers', 0)} ICE servers)")
+    if name == "precallTest":
+        return _precall_text(data)
     if name in ("reconnecting", "reconnected"):
         return f"Client {name} (attempt {data.get('attempt', '?')})"
     words = {"pageHidden": "Client page hidden", "pageVisible": "Client page visible again",
              "tabClosed": "Client tab closed"}
     return words.get(name, f"Client event {name}")
+
+
+def _precall_text(data: Mapping[str, Any]) -> str:
+    """"Client pre-call test: poor (up 420 kbit/s, down 400 kbit/s, loss 9.1%, RTT 35 ms, …)"."""
+    parts = []
+    for key, label, unit in (("up_kbps", "up", " kbit/s"), ("down_kbps", "down", " kbit/s"),
+                             ("down_loss_pct", "loss", "%"), ("rtt_ms", "RTT", " ms"), ("jitter_ms", "jitter", " ms")):
+        if isinstance(data.get(key), (int, float)):
+            parts.append(f"{label} {data[key]:.0f}{unit}" if unit != "%" else f"{label} {data[key]:.1f}{unit}")
+    if data.get("local_candidate_type"):
+        pair = f"{data['local_candidate_type']}/{data.get('protocol', '?')}"
+        parts.append(f"via {pair}" + (f" (TURN over {data['relay_protocol']})" if data.get("relay_protocol") else ""))
+    if data.get("relay_verdict"):
+        parts.append(f"relay-only {str(data['relay_verdict']).replace('_', ' ')}")
+    verdict = str(data.get("verdict", "?")).replace("_", " ")
+    return f"Client pre-call test: {verdict}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def event_entry(session_id: str, connection_id: str, message: Mapping[str, Any], now_ms: int) -> LogEntry:

@@ -65,7 +65,7 @@ from rooms.service import (
     WorkflowService,
 )
 from rooms.store import Store
-from rooms.waiting_room import QueueEntry
+from rooms.waiting_room import Devices, DeviceState, QueueEntry
 from rooms.waiting_room import State as QState
 from signalling.auth import Claims, TokenAuthority
 from signalling.codec import event
@@ -132,7 +132,21 @@ def guest_json(g: Guest) -> dict[str, Any]:
 def queued_json(q: QueuedPatient) -> dict[str, Any]:
     return {"position": q.position, "session_id": q.session_id, "patient_ref": q.patient_ref,
             "patient_name": q.patient_name, "arrival": q.arrival.value, "entered_ms": q.entered_ms,
-            "waiting_ms": q.waiting_ms, "appointment_ms": q.appointment_ms}
+            "waiting_ms": q.waiting_ms, "appointment_ms": q.appointment_ms, "devices": devices_json(q.devices)}
+
+
+def devices_json(d: Devices) -> dict[str, Any]:
+    """The device check as the queue shows it: each device's state, ``media`` (audio_video /
+    audio_only / video_only / none / unknown) and ``problems`` in plain words ("camera denied")."""
+    return {**d.to_doc(), "media": d.media, "problems": list(d.problems)}
+
+
+def devices_of(msg: dict[str, Any]) -> Devices | None:
+    """``waiting_room.enter``'s ``devices`` (schema-checked: known states only), or None if absent."""
+    given = msg.get("devices")
+    if not isinstance(given, dict):
+        return None
+    return Devices(DeviceState(given.get("camera", "unknown")), DeviceState(given.get("microphone", "unknown")))
 
 
 def queue_entry_json(qe: QueueEntry) -> dict[str, Any]:
@@ -374,8 +388,10 @@ class Workflow:
         return claims, SessionId(claims.consultation)
 
     async def _enter(self, client: Client, msg: dict[str, Any]) -> dict[str, Any]:
-        """The patient opened their link: ready (device check) and in line, or still in line."""
+        """The patient opened their link: ready and in line, or still in line. The device check
+        only advises: ``devices`` (what it found) is shown in the clinician's queue."""
         claims, sid = self._patient_link(client)
+        devices = devices_of(msg)
         if claims.waiting_room is None:
             raise InvalidState("this consultation link names no waiting room")
         actor = actor_of(claims)
@@ -385,9 +401,7 @@ class Workflow:
         if qe.state is not QState.WAITING:
             if c.state is CState.INVITED:
                 try:
-                    ready = await self.service.patient_ready(
-                        actor, sid, token=claims.link or "",
-                        device_check_passed=msg.get("device_check_passed", True), now_ms=now)
+                    ready = await self.service.patient_ready(actor, sid, token=claims.link or "", now_ms=now)
                 except (TooEarly, TooLate, InvalidToken) as exc:
                     # The consultation's own session shows why its link was refused.
                     self.recorder.link_refused(sid, str(exc.code), exc.message, connection_id=(
@@ -395,7 +409,9 @@ class Workflow:
                     raise
                 await self.record(ready, changed=ready.value)
             qe = await self.record(await self.service.enter_waiting_room(actor, sid, room_id=claims.waiting_room,
-                                                                         now_ms=now))
+                                                                         now_ms=now, devices=devices))
+        elif devices is not None:
+            qe = await self.record(await self.service.report_devices(actor, sid, devices, now_ms=now))
         room_id = qe.room_id or claims.waiting_room
         return {
             "session_id": sid, "room_id": room_id, "channel_id": consultation_channel_id(sid),

@@ -3,7 +3,10 @@
  *
  * A consultation link `/#token=<JWT>` (or an old `/?token=<JWT>`) switches the page from the demo form to:
  *   - the patient's waiting room (token role `patient` with a `consultation` claim): device check
- *     (camera preview + microphone level), "You are early / on time / late", the live place in
+ *     (camera preview + microphone level; advice only: it waits for the permission prompt, keeps
+ *     whatever works — audio only, or nothing — says how to allow the camera, and its result goes
+ *     with `waiting_room.enter` to the clinician's queue), a pre-call connection test button
+ *     (OpenConsult.runPrecallTest, logged in the consultation's session), "You are early / on time / late", the live place in
  *     line, the clinic's announcements, chat, "Leave waiting room"; on `admitted` the call
  *     (publish camera and microphone, receive the clinician), chat stays; then "The consultation
  *     has ended". On load the page reads the consultation (`consultation.get`), so a reload
@@ -13,7 +16,8 @@
  *     token>` (a reload keeps the place) and goes on as the patient's waiting room above;
  *   - the clinician's desk (a staff token with a `consultation` or `departments` claim, or a
  *     `?waiting_room=` parameter): the live queue of the department's waiting rooms (arrival
- *     badge, the patient's name and reference, waiting time, Admit), the call with chat, End / Phone
+ *     badge, the patient's name and reference, waiting time, what their device check found —
+ *     "camera denied · voice only" —, Admit), the call with chat, End / Phone
  *     consultation instead / Complete, and the rooms' current announcements and posting new ones;
  *     in the call, "Add a relative or an interpreter" (a guest link to hand over) and Remove;
  *   - a guest's call (token role `guest` with a `consultation` claim: a relative or an interpreter
@@ -46,6 +50,8 @@
  *   consult.guests        [{guest_id, name, guest_link, removed}] the clinician added in this call
  *   consult.people        [{connection_id, name, role}] the others in the call, as listed
  *   consult.screenShare   the Publisher of this page's screen share, or null
+ *   consult.devices       {camera, microphone} as the device check found them (patient)
+ *   consult.precall       {state: 'running'|'done'|'error', result, error} of the connection test (patient)
  *   await consult.inboundVideoStats()  → [{subscriptionId, streamId, framesDecoded, …}]
  */
 (function () {
@@ -640,41 +646,162 @@
     node.textContent = text;
   }
 
-  /**
-   * Camera preview and microphone level; resolves true when both work (false after `waitMs`).
-   * The result, with the browser's error name, goes to the session's event log (`deviceCheck`).
-   */
-  function deviceCheck(waitMs, session) {
-    $('device-check').hidden = false;
-    const check = getCamera().then(
-      (stream) => {
-        consult.localStream = stream;
-        const preview = $('preview-video');
-        preview.srcObject = stream;
-        preview.play().catch(() => {});
-        const video = stream.getVideoTracks().length > 0;
-        const audio = stream.getAudioTracks().length > 0;
-        markCheck('camera-check', video, video ? 'Camera: working' : 'Camera: not found');
-        markCheck('mic-check', audio, audio ? 'Microphone: working' : 'Microphone: not found');
-        if (audio) {
-          startMeter(stream);
+  const DEVICE_TEXT = {
+    ok: 'working',
+    denied: 'not allowed',
+    not_found: 'not found',
+    in_use: 'in use by another program',
+    error: 'not working',
+  };
+
+  /** How to allow the camera and microphone again, in this browser's own words. */
+  function allowHelp() {
+    const ua = navigator.userAgent || '';
+    if (/Firefox\//.test(ua)) {
+      return 'In Firefox: click the camera icon at the left of the address bar, remove the block for the camera and microphone, then press "Check again".';
+    }
+    if (/Safari\//.test(ua) && !/Chrome\/|Chromium\//.test(ua)) {
+      return 'In Safari: open Safari > Settings for this website, set Camera and Microphone to Allow, then press "Check again".';
+    }
+    return 'Click the camera icon (or the padlock) at the right or left of the address bar, choose "Allow" for the camera and microphone, then press "Check again".';
+  }
+
+  /** Advice under the device check: what works, what the clinic will see, and how to fix it. */
+  function showDeviceAdvice(result) {
+    let node = $('device-advice');
+    if (!node) {
+      node = el('div', 'device-advice');
+      node.id = 'device-advice';
+      node.setAttribute('role', 'status');
+      $('device-check').querySelector('.device-status').appendChild(node);
+    }
+    node.replaceChildren();
+    const { camera, microphone } = result;
+    node.dataset.camera = camera;
+    node.dataset.microphone = microphone;
+    if (camera === 'ok' && microphone === 'ok') {
+      return;
+    }
+    const can = microphone === 'ok' ? 'You can still join: the consultation will be by voice only.'
+      : 'You can still join: the clinic can see you are waiting and can phone you instead.';
+    node.appendChild(el('p', null, can));
+    if (camera === 'denied' || microphone === 'denied') {
+      node.appendChild(el('p', 'allow-help', allowHelp()));
+    } else if (camera === 'in_use' || microphone === 'in_use') {
+      node.appendChild(el('p', null, 'Close other programs that may use the camera (another video call), then press "Check again".'));
+    } else if (camera === 'not_found' || microphone === 'not_found') {
+      node.appendChild(el('p', null, 'Connect a camera or headset, then press "Check again".'));
+    }
+    const again = el('button', null, 'Check again');
+    again.type = 'button';
+    again.id = 'device-again';
+    again.addEventListener('click', () => {
+      again.disabled = true;
+      stopLocalMedia();
+      deviceChecked = deviceCheck(consult.session).then(async (found) => {
+        if (consult.session && consult.state === 'waiting') {
+          // Still in line: the clinic's queue shows the new result.
+          await consult.session.enterWaitingRoom({ devices: found }).catch(() => {});
         }
-        session.reportDeviceCheck(video ? 'ok' : 'not_found', audio ? 'ok' : 'not_found', null);
-        return video && audio;
-      },
-      (err) => {
-        const kind = OpenConsult.deviceErrorKind(err);
-        session.reportDeviceCheck(kind, kind, err, { audio: true, video: true });
-        const denied = err && (err.name === 'NotAllowedError' || err.name === 'SecurityError');
-        const text = denied ? 'not allowed — allow camera and microphone in your browser' : 'not available';
-        markCheck('camera-check', false, 'Camera: ' + text);
-        markCheck('mic-check', false, 'Microphone: ' + text);
-        consult.deviceError = describe(err);
-        return false;
-      },
-    );
-    const timeout = new Promise((resolve) => setTimeout(() => resolve(false), waitMs));
-    return Promise.race([check, timeout]);
+        return found;
+      });
+    });
+    node.appendChild(again);
+  }
+
+  /**
+   * Camera preview and microphone level. Advice only: waits as long as the person takes to answer
+   * the browser's permission prompt, then resolves `{camera, microphone}` (each 'ok', 'denied',
+   * 'not_found', 'in_use' or 'error'); whatever works is kept for the call. The result, with the
+   * browser's error name, goes to the session's event log (`deviceCheck`).
+   */
+  async function deviceCheck(session) {
+    $('device-check').hidden = false;
+    markCheck('camera-check', false, 'Camera: please answer your browser\'s question — choose "Allow"');
+    markCheck('mic-check', false, 'Microphone: waiting for your answer…');
+    const result = await OpenConsult.checkDevices();
+    consult.devices = { camera: result.camera, microphone: result.microphone };
+    if (result.stream) {
+      consult.localStream = result.stream;
+      const preview = $('preview-video');
+      preview.srcObject = result.stream;
+      preview.play().catch(() => {});
+    }
+    markCheck('camera-check', result.camera === 'ok', 'Camera: ' + (DEVICE_TEXT[result.camera] || result.camera));
+    markCheck('mic-check', result.microphone === 'ok', 'Microphone: ' + (DEVICE_TEXT[result.microphone] || result.microphone));
+    if (result.stream && result.stream.getAudioTracks().length) {
+      startMeter(result.stream);
+    }
+    if (result.error) {
+      consult.deviceError = describe(result.error);
+    }
+    session.reportDeviceCheck(result.camera, result.microphone, result.error, result.error ? { audio: true, video: true } : undefined);
+    showDeviceAdvice(result);
+    addPrecallButton();
+    return consult.devices;
+  }
+
+  /**
+   * The pre-call network test inside the patient's flow (a button in the device check): through
+   * the SFU in a private room, the result shown here and logged as a `precallTest` client event
+   * in the patient's own consultation session. `consult.precall` = {state, result, error}.
+   */
+  function addPrecallButton() {
+    if ($('precall-run')) {
+      return;
+    }
+    const box = el('div', 'precall-box');
+    box.id = 'precall-box';
+    const button = el('button', null, 'Test my connection (10 s)');
+    button.type = 'button';
+    button.id = 'precall-run';
+    const status = el('p', 'muted small', '');
+    status.id = 'precall-status';
+    status.setAttribute('role', 'status');
+    const verdict = el('p', 'precall-verdict', '');
+    verdict.id = 'precall-verdict';
+    const advice = el('p', 'small', '');
+    advice.id = 'precall-advice';
+    const figures = el('p', 'muted small', '');
+    figures.id = 'precall-figures';
+    const more = el('a', 'small', 'More tests (speakers) on the test page');
+    more.href = '/test';
+    more.target = '_blank';
+    more.rel = 'noopener';
+    box.append(button, status, verdict, advice, figures, more);
+    $('device-check').querySelector('.device-status').appendChild(box);
+    button.addEventListener('click', async () => {
+      button.disabled = true;
+      consult.precall = { state: 'running', result: null, error: null };
+      verdict.textContent = '';
+      advice.textContent = '';
+      figures.textContent = '';
+      try {
+        const live = consult.localStream && consult.localStream.getTracks().some((t) => t.readyState === 'live');
+        const result = await OpenConsult.runPrecallTest({
+          stream: live ? consult.localStream : undefined,
+          reportTo: consult.session,
+          onProgress: (p) => {
+            status.textContent = p.phase === 'measuring'
+              ? 'Measuring your connection… ' + Math.round((p.elapsedMs || 0) / 1000) + ' s'
+              : 'Connecting to the video server…';
+          },
+        });
+        consult.precall = { state: 'done', result: result, error: null };
+        status.textContent = '';
+        verdict.dataset.verdict = result.verdict;
+        verdict.textContent = 'Connection: ' + result.title;
+        advice.textContent = result.advice;
+        figures.textContent = OpenConsult.precallRows(result).map((row) => row[0] + ': ' + row[1]).join(' · ');
+      } catch (err) {
+        consult.precall = { state: 'error', result: null, error: describe(err) };
+        status.textContent = err.code === 'rate_limited'
+          ? 'Many tests were run from your network just now. Please try again in a minute.'
+          : 'The connection test could not run: ' + (err.message || err);
+      } finally {
+        button.disabled = false;
+      }
+    });
   }
 
   function startMeter(stream) {
@@ -929,14 +1056,14 @@
     }
     if (!deviceChecked) {
       say('connecting', 'Checking your camera and microphone…');
-      deviceChecked = deviceCheck(5000, session);
+      deviceChecked = deviceCheck(session);
     }
-    const passed = await deviceChecked;
+    const devices = await deviceChecked;
     if (session.state !== 'connected' || consult.state === 'in_call' || consult.state === 'ended') {
       return;
     }
     try {
-      patientWaiting(await session.enterWaitingRoom({ deviceCheckPassed: passed }));
+      patientWaiting(await session.enterWaitingRoom({ devices: devices }));
     } catch (err) {
       // Not waiting any more: let in (or ended) while the device check ran?
       if (err.code === 'invalid_state' && (await readPatientConsultation(session))) {
@@ -1057,7 +1184,7 @@
 
   $('reenter-waiting-room').addEventListener('click', () => {
     action($('reenter-waiting-room'), 'Cannot enter the waiting room', async () => {
-      patientWaiting(await consult.session.enterWaitingRoom({ deviceCheckPassed: Boolean(consult.localStream) }));
+      patientWaiting(await consult.session.enterWaitingRoom({ devices: consult.devices || undefined }));
     });
   });
 
@@ -1145,6 +1272,20 @@
     return name ? name + ' (' + ref + ')' : ref || 'the patient';
   }
 
+  const MEDIA_TEXT = { audio_only: 'voice only', video_only: 'no sound', none: 'no camera or microphone — phone instead?' };
+
+  /** "camera denied · voice only" for a queue line, or '' when the devices work (or were not reported). */
+  function devicesText(devices) {
+    if (!devices || !devices.problems || devices.problems.length === 0) {
+      return '';
+    }
+    const words = devices.problems.slice();
+    if (MEDIA_TEXT[devices.media]) {
+      words.push(MEDIA_TEXT[devices.media]);
+    }
+    return words.join(' · ');
+  }
+
   function renderQueues() {
     const focused = document.activeElement;
     const refocus = focused && focused.classList && focused.classList.contains('admit') ? focused.dataset.sessionId : null;
@@ -1189,6 +1330,13 @@
         }
         facts.appendChild(el('span', 'queue-waited', 'waiting ' + waited(line.waiting_ms + (now - receivedAt))));
         who.appendChild(facts);
+        const devices = devicesText(line.devices);
+        if (devices) {
+          // The device check advises: the clinician sees who comes by voice only, or without devices, and why.
+          const node = el('span', 'queue-devices small', devices);
+          node.dataset.media = line.devices.media;
+          who.appendChild(node);
+        }
         item.appendChild(who);
         const badge = el('span', 'badge', ARRIVAL_LABEL[line.arrival] || line.arrival);
         badge.dataset.arrival = line.arrival;

@@ -15,7 +15,8 @@
  * The clinical workflow (waiting room, queue, consultation, chat, announcements) uses the same
  * session: `session.request(type, fields)` sends any request, and thin helpers wrap each one:
  *
- *   const place = await session.enterWaitingRoom({ deviceCheckPassed: true });  // patient
+ *   const check = await OpenConsult.checkDevices();   // patient: advice only, never a gate
+ *   const place = await session.enterWaitingRoom({ devices: check });
  *   session.on('positionChanged', ({ position }) => …);
  *   session.on('admitted', () => …);                       // then publish and subscribe
  *   const { queue } = await session.watchQueue('wr-cardio'); // staff; then 'queueUpdated'
@@ -50,7 +51,10 @@
  * reconnecting/reconnected, page hidden/visible, the tab closing (a beacon), and every 5 s a
  * getStats() summary per track; pages report their device check with
  * `session.reportDeviceCheck(camera, microphone, error)` (`OpenConsult.deviceErrorKind(err)` names
- * a getUserMedia error) and anything else with `session.reportEvent(name, data)`. Options
+ * a getUserMedia error) and anything else with `session.reportEvent(name, data)`.
+ * `OpenConsult.checkDevices()` is the device check (advice only: waits for the permission prompt,
+ * probes camera and microphone apart); `OpenConsult.runPrecallTest(options)` the pre-call network
+ * test through the server, `OpenConsult.precallVerdict(figures)` its rules. Options
  * `clientReports: false` turns this off, `statsInterval` (ms, default 5000; 0: no stats) paces it.
  *
  * Server design decides the shape of the media side: one RTCPeerConnection per published
@@ -95,7 +99,7 @@
   const MAX_MEDIA_RESTARTS = 3;
   // Client reports (docs/protocol.md, client.event / client.stats): what the browser saw.
   const CLIENT_EVENT_NAMES = ['deviceCheck', 'getUserMediaFailed', 'iceFailed', 'connectionFailed', 'reconnecting',
-    'reconnected', 'pageHidden', 'pageVisible', 'tabClosed'];
+    'reconnected', 'pageHidden', 'pageVisible', 'tabClosed', 'precallTest'];
   const CANDIDATE_TYPES = ['host', 'srflx', 'prflx', 'relay'];
   // Reports kept while the socket is down (sent once joined again); older ones beyond are dropped.
   const MAX_QUEUED_REPORTS = 20;
@@ -230,6 +234,51 @@
       return 'in_use';
     }
     return 'error';
+  }
+
+  /**
+   * The device check, advice only: ask for camera and microphone and wait as long as the person
+   * takes to answer the browser's prompt (no time limit). When both together fail, ask for each on
+   * its own, so one refused or missing device does not hide the other. Resolves (never rejects)
+   * `{stream, camera, microphone, error}`: `stream` holds whatever works (audio only, video only,
+   * both, or null), `camera` / `microphone` each 'ok' | 'denied' | 'not_found' | 'in_use' | 'error'
+   * (the `deviceCheck` event's and `waiting_room.enter`'s words), `error` the first getUserMedia error.
+   */
+  async function checkDevices(options) {
+    const media = (typeof navigator !== 'undefined' && navigator.mediaDevices) || null;
+    const video = (options && options.video) || { width: 640, height: 480 };
+    if (!media || !media.getUserMedia) {
+      const error = { name: 'NotSupportedError', message: 'this browser cannot use a camera or microphone here' };
+      return { stream: null, camera: 'error', microphone: 'error', error: error };
+    }
+    try {
+      const stream = await media.getUserMedia({ audio: true, video: video });
+      return {
+        stream: stream,
+        camera: stream.getVideoTracks().length ? 'ok' : 'not_found',
+        microphone: stream.getAudioTracks().length ? 'ok' : 'not_found',
+        error: null,
+      };
+    } catch (both) {
+      const tracks = [];
+      const one = async (constraints) => {
+        try {
+          const stream = await media.getUserMedia(constraints);
+          tracks.push(...stream.getTracks());
+          return 'ok';
+        } catch (err) {
+          return deviceErrorKind(err);
+        }
+      };
+      const microphone = await one({ audio: true, video: false });
+      const camera = await one({ audio: false, video: video });
+      return {
+        stream: tracks.length ? new MediaStream(tracks) : null,
+        camera: camera,
+        microphone: microphone,
+        error: both,
+      };
+    }
   }
 
   /** A DOMException's name as the schema allows it (letters, digits, underscore; 64 at most). */
@@ -629,7 +678,7 @@
     /**
      * Tell the server something the browser saw (`client.event`, docs/protocol.md): `name` is one
      * of deviceCheck, getUserMediaFailed, iceFailed, connectionFailed, reconnecting, reconnected,
-     * pageHidden, pageVisible, tabClosed. While the socket is down the report waits (a few at most)
+     * pageHidden, pageVisible, tabClosed, precallTest. While the socket is down the report waits (a few at most)
      * and goes out once joined again. Resolves true once stored, false otherwise; never rejects.
      */
     reportEvent(name, data) {
@@ -1556,6 +1605,10 @@
       if (options && options.deviceCheckPassed !== undefined) {
         fields.device_check_passed = Boolean(options.deviceCheckPassed);
       }
+      if (options && options.devices) {
+        // What the device check found ({camera, microphone}): shown in the clinician's queue.
+        fields.devices = { camera: options.devices.camera, microphone: options.devices.microphone };
+      }
       return this._request('waiting_room.enter', fields);
     }
 
@@ -1918,9 +1971,382 @@
     return result;
   }
 
+  // ---- pre-call test (docs/operations.md, "Pre-call test") ----
+
+  /**
+   * The verdict's rules, all in one place: a measure past `poor` makes the verdict poor, past
+   * `fair` fair; no media through the server within the deadline is `cannot_connect`. Loss and
+   * jitter in %, ms; round trip in ms; bitrates in kbit/s (the video rules only when video was sent).
+   */
+  const PRECALL_LIMITS = Object.freeze({
+    poor: Object.freeze({ lossPct: 8, rttMs: 500, jitterMs: 60, videoKbps: 80, audioKbps: 12 }),
+    fair: Object.freeze({ lossPct: 2, rttMs: 250, jitterMs: 30, videoKbps: 150, audioKbps: 20 }),
+  });
+
+  const PRECALL_ADVICE = {
+    cannot_connect: 'Your device could not reach the clinic\'s video server. Try another network (for example your ' +
+      'phone\'s mobile data) or turn off a VPN. On a work or hospital network, ask IT to allow UDP (and TCP port ' +
+      '443) to the video server.',
+    loss: 'Your connection loses data. Use a wired connection or move closer to the Wi-Fi router, and pause ' +
+      'downloads or other video on the same network.',
+    rtt: 'Your connection is slow to answer. Use a wired connection or another network; a VPN can also slow it down.',
+    bitrate: 'Your connection is too slow for a clear picture. Use a wired connection or another network; the ' +
+      'consultation can also go ahead with sound only.',
+    tcp: 'Your network only lets the call through over TCP, which stutters more. Ask IT to open UDP to the video server.',
+    good: 'Your connection is good for a video consultation.',
+  };
+
+  /**
+   * The pre-call test's verdict from its figures — a pure function: `{verdict: 'good' | 'fair' |
+   * 'poor' | 'cannot_connect', reasons: ['loss', …], title, advice}`. `figures` is what
+   * `runPrecallTest` measured: `connected`, `up_kbps`, `down_kbps`, `up_loss_pct`, `down_loss_pct`,
+   * `rtt_ms`, `jitter_ms`, `video`, `protocol`.
+   */
+  function precallVerdict(figures) {
+    const f = figures || {};
+    if (!f.connected || !(f.down_kbps > 0)) {
+      return { verdict: 'cannot_connect', reasons: ['connect'], title: 'Cannot connect', advice: PRECALL_ADVICE.cannot_connect };
+    }
+    const loss = Math.max(f.up_loss_pct || 0, f.down_loss_pct || 0);
+    const rate = Math.min(f.up_kbps || 0, f.down_kbps || 0);
+    const past = (limits) => {
+      const reasons = [];
+      if (loss > limits.lossPct || (f.jitter_ms || 0) > limits.jitterMs) {
+        reasons.push('loss');
+      }
+      if ((f.rtt_ms || 0) > limits.rttMs) {
+        reasons.push('rtt');
+      }
+      if (rate < (f.video ? limits.videoKbps : limits.audioKbps)) {
+        reasons.push('bitrate');
+      }
+      return reasons;
+    };
+    let verdict = 'good';
+    let reasons = past(PRECALL_LIMITS.poor);
+    if (reasons.length) {
+      verdict = 'poor';
+    } else {
+      reasons = past(PRECALL_LIMITS.fair);
+      verdict = reasons.length ? 'fair' : 'good';
+    }
+    if (verdict !== 'good' && f.protocol === 'tcp') {
+      reasons.push('tcp');
+    }
+    const titles = { good: 'Good', fair: 'Fair — it should work', poor: 'Poor — the call may not work well' };
+    const advice = reasons.length ? reasons.map((r) => PRECALL_ADVICE[r]).join(' ') : PRECALL_ADVICE.good;
+    return { verdict: verdict, reasons: reasons, title: titles[verdict], advice: advice };
+  }
+
+  /** `POST /api/precall/token`: a short-lived token for a private throwaway room. */
+  async function precallToken(baseUrl) {
+    let response;
+    try {
+      response = await fetch((baseUrl || '') + '/api/precall/token', { method: 'POST' });
+    } catch (err) {
+      throw new OpenConsultError('connection_failed', 'Cannot reach the server');
+    }
+    const body = await response.json().catch(() => null);
+    if (!response.ok) {
+      const error = (body && body.error) || {};
+      const failure = new OpenConsultError(error.code || 'http_' + response.status, error.message || 'HTTP ' + response.status);
+      failure.retryAfterS = Number(response.headers.get('Retry-After')) || null;
+      throw failure;
+    }
+    return body;
+  }
+
+  /** A moving picture and a quiet tone, for a network test on a device with no camera or microphone. */
+  function syntheticStream() {
+    const canvas = document.createElement('canvas');
+    canvas.width = 640;
+    canvas.height = 360;
+    const g = canvas.getContext('2d');
+    let frame = 0;
+    const timer = setInterval(() => {
+      frame += 1;
+      g.fillStyle = 'hsl(' + (frame * 7) % 360 + ', 60%, 50%)';
+      g.fillRect(0, 0, 640, 360);
+      g.fillStyle = '#fff';
+      g.fillRect((frame * 9) % 640, 120, 80, 120);
+    }, 33);
+    const stream = canvas.captureStream(30);
+    const Context = window.AudioContext || window.webkitAudioContext;
+    let context = null;
+    if (Context) {
+      context = new Context();
+      const tone = context.createOscillator();
+      const quiet = context.createGain();
+      quiet.gain.value = 0.01;
+      const out = context.createMediaStreamDestination();
+      tone.connect(quiet).connect(out);
+      tone.start();
+      stream.addTrack(out.stream.getAudioTracks()[0]);
+    }
+    stream._stopSynthetic = () => {
+      clearInterval(timer);
+      if (context) {
+        context.close().catch(() => {});
+      }
+    };
+    return stream;
+  }
+
+  /** Totals of one peer connection's getStats() report, for differences over the test. */
+  function precallTotals(report) {
+    const t = { bytesSent: 0, packetsSent: 0, bytesReceived: 0, packetsReceived: 0, packetsLost: 0,
+      remoteLost: 0, jitterMs: null, rttMs: null, pair: null };
+    const byId = new Map();
+    report.forEach((s) => byId.set(s.id, s));
+    let pair = null;
+    report.forEach((s) => {
+      if (s.type === 'outbound-rtp') {
+        t.bytesSent += s.bytesSent || 0;
+        t.packetsSent += s.packetsSent || 0;
+      } else if (s.type === 'inbound-rtp') {
+        t.bytesReceived += s.bytesReceived || 0;
+        t.packetsReceived += s.packetsReceived || 0;
+        t.packetsLost += Math.max(0, s.packetsLost || 0);
+        if (typeof s.jitter === 'number') {
+          t.jitterMs = Math.max(t.jitterMs || 0, s.jitter * 1000);
+        }
+      } else if (s.type === 'remote-inbound-rtp') {
+        t.remoteLost += Math.max(0, s.packetsLost || 0);
+        if (typeof s.roundTripTime === 'number' && t.rttMs === null) {
+          t.rttMs = s.roundTripTime * 1000;
+        }
+      } else if (s.type === 'transport' && s.selectedCandidatePairId) {
+        pair = byId.get(s.selectedCandidatePairId) || pair;
+      }
+    });
+    if (!pair) {
+      report.forEach((s) => {
+        if (s.type === 'candidate-pair' && s.state === 'succeeded' && s.nominated) {
+          pair = s;
+        }
+      });
+    }
+    if (pair) {
+      const local = byId.get(pair.localCandidateId) || {};
+      const remote = byId.get(pair.remoteCandidateId) || {};
+      t.pair = {
+        local_candidate_type: local.candidateType || null,
+        remote_candidate_type: remote.candidateType || null,
+        protocol: local.protocol || null,
+        relay_protocol: local.relayProtocol || null,
+      };
+      if (typeof pair.currentRoundTripTime === 'number') {
+        t.rttMs = pair.currentRoundTripTime * 1000;
+      }
+    }
+    return t;
+  }
+
+  function sleep(ms) {
+    return new Promise((resolve) => setTimeout(resolve, ms));
+  }
+
+  /** Resolves true once `pc()` is connected, false at `deadline` (ms since the epoch) or if it failed. */
+  async function connectedBy(pc, deadline) {
+    while (Date.now() < deadline) {
+      const current = pc();
+      if (current && current.connectionState === 'connected') {
+        return true;
+      }
+      await sleep(100);
+    }
+    return false;
+  }
+
+  /**
+   * One run: publish, subscribe to it back, measure for `durationMs`. Resolves `[figures, session]`:
+   * the session is left to the caller (to log the result in it), null when it is already gone.
+   */
+  async function precallRun(options, stream, policy, durationMs, progress) {
+    let keep = null;
+    const figures = await precallMeasure(options, stream, policy, durationMs, progress, (session) => {
+      keep = session;
+    });
+    return [figures, keep];
+  }
+
+  async function precallMeasure(options, stream, policy, durationMs, progress, keepSession) {
+    const started = Date.now();
+    const deadline = started + options.connectTimeoutMs;
+    const figures = { connected: false, policy: policy, up_kbps: null, down_kbps: null, up_loss_pct: null,
+      down_loss_pct: null, rtt_ms: null, jitter_ms: null, local_candidate_type: null, remote_candidate_type: null,
+      protocol: null, relay_protocol: null, video: stream.getVideoTracks().length > 0, session_id: null,
+      ice_servers: 0, turn: false };
+    let session = null;
+    try {
+      session = await connect({ url: options.url, token: options.token, iceTransportPolicy: policy, reconnect: false });
+      figures.session_id = session.sessionId;
+      figures.ice_servers = session.iceServers.length;
+      figures.turn = session.iceServers.some((server) => [].concat(server.urls || []).some((u) => /^turns?:/.test(u)));
+      if (policy === 'relay' && !figures.turn) {
+        return figures;
+      }
+      progress({ phase: 'connecting', policy: policy });
+      const publisher = await session.publish(stream, { name: 'Pre-call test', videoSource: 'camera' });
+      if (!(await connectedBy(() => publisher.pc, deadline))) {
+        return figures;
+      }
+      let subscription = null;
+      while (!subscription && Date.now() < deadline) {
+        try {
+          subscription = await session.subscribe(publisher.streamId);
+        } catch (err) {
+          if (err.code !== 'not_found') {
+            throw err;
+          }
+          await sleep(200); // announced once its media is up: a moment after the peer connects
+        }
+      }
+      if (!subscription || !(await connectedBy(() => subscription.pc, deadline))) {
+        return figures;
+      }
+      figures.connected = true;
+      progress({ phase: 'measuring', policy: policy, elapsedMs: 0, durationMs: durationMs });
+      const up0 = precallTotals(await publisher.getStats());
+      const down0 = precallTotals(await subscription.getStats());
+      const t0 = Date.now();
+      while (Date.now() - t0 < durationMs) {
+        await sleep(Math.min(1000, durationMs - (Date.now() - t0)));
+        progress({ phase: 'measuring', policy: policy, elapsedMs: Date.now() - t0, durationMs: durationMs });
+      }
+      const up1 = precallTotals(await publisher.getStats());
+      const down1 = precallTotals(await subscription.getStats());
+      const seconds = Math.max(0.001, (Date.now() - t0) / 1000);
+      const round = (x) => (x === null || !isFinite(x) ? null : Math.round(x * 10) / 10);
+      figures.up_kbps = round(((up1.bytesSent - up0.bytesSent) * 8) / 1000 / seconds);
+      figures.down_kbps = round(((down1.bytesReceived - down0.bytesReceived) * 8) / 1000 / seconds);
+      const sent = up1.packetsSent - up0.packetsSent;
+      figures.up_loss_pct = sent > 0 ? round((100 * Math.max(0, up1.remoteLost - up0.remoteLost)) / sent) : null;
+      const lost = Math.max(0, down1.packetsLost - down0.packetsLost);
+      const got = down1.packetsReceived - down0.packetsReceived;
+      figures.down_loss_pct = lost + got > 0 ? round((100 * lost) / (lost + got)) : null;
+      figures.rtt_ms = round(up1.rttMs !== null ? up1.rttMs : down1.rttMs);
+      figures.jitter_ms = round(down1.jitterMs);
+      Object.assign(figures, up1.pair || {});
+      return figures;
+    } catch (err) {
+      if (session) {
+        session.leave().catch(() => {});
+        session = null;
+      }
+      throw err;
+    } finally {
+      if (session) {
+        keepSession(session); // joined even when the media did not connect: the result is logged there
+      }
+    }
+  }
+
+  /**
+   * The pre-call network test through the SFU: with a fresh token for a private room (`options.token`,
+   * else `POST /api/precall/token`), publish `options.stream` (default: a synthetic picture and tone),
+   * subscribe to it back for `durationMs` (10 s) and measure upstream and downstream bitrate, loss,
+   * round trip, jitter and the candidate pair; with TURN among the ICE servers, a second shorter run
+   * relay-only. Media not through within `connectTimeoutMs` (10 s) gives `cannot_connect`.
+   * `onProgress({phase, policy, elapsedMs, durationMs})` follows it. Resolves
+   * `{verdict, reasons, title, advice, figures, relay}` (`relay`: the relay-only run's figures and
+   * verdict, or null); the result is logged as a `precallTest` client event in `options.reportTo`
+   * (a joined session, e.g. the patient's consultation) or else in the test's own session.
+   */
+  async function runPrecallTest(options) {
+    options = Object.assign({ durationMs: 10000, connectTimeoutMs: 10000 }, options || {});
+    const progress = typeof options.onProgress === 'function' ? options.onProgress : () => {};
+    progress({ phase: 'token' });
+    if (!options.token) {
+      options.token = (await precallToken(options.baseUrl)).token;
+    }
+    const synthetic = options.stream ? null : syntheticStream();
+    const stream = options.stream || synthetic;
+    try {
+      const failed = (err) => [{ connected: false, error: (err && (err.code || err.name)) || 'error',
+        video: stream.getVideoTracks().length > 0, ice_servers: 0, turn: false }, null];
+      const [figures, session] = await precallRun(options, stream, 'all', options.durationMs, progress).catch(failed);
+      const result = Object.assign({ figures: figures, relay: null }, precallVerdict(figures));
+      if (figures.turn && options.relayOnly !== false) {
+        const [relay, relaySession] = await precallRun(options, stream, 'relay', Math.min(5000, options.durationMs),
+          progress).catch(failed);
+        if (relaySession) {
+          relaySession.leave().catch(() => {});
+        }
+        result.relay = Object.assign({ figures: relay }, precallVerdict(relay));
+      }
+      const report = {
+        verdict: result.verdict,
+        up_kbps: figures.up_kbps, down_kbps: figures.down_kbps, up_loss_pct: figures.up_loss_pct,
+        down_loss_pct: figures.down_loss_pct, rtt_ms: figures.rtt_ms, jitter_ms: figures.jitter_ms,
+        video: figures.video, ice_servers: Math.min(64, figures.ice_servers),
+      };
+      for (const key of ['local_candidate_type', 'remote_candidate_type', 'protocol', 'relay_protocol']) {
+        if (figures[key]) {
+          report[key] = figures[key];
+        }
+      }
+      if (figures.session_id) {
+        report.test_session_id = figures.session_id;
+      }
+      if (result.relay) {
+        report.relay_verdict = result.relay.verdict;
+      }
+      for (const key of Object.keys(report)) {
+        if (report[key] === null) {
+          delete report[key];
+        }
+      }
+      result.report = report;
+      // Logged for support: in the given session (the patient's consultation), else in the test's
+      // own session while it is still joined (its id is the reference support asks for).
+      const logTo = options.reportTo || session;
+      result.logged = logTo ? await logTo.reportEvent('precallTest', report) : false;
+      if (session) {
+        await session.leave().catch(() => {});
+      }
+      return result;
+    } finally {
+      if (synthetic) {
+        synthetic._stopSynthetic();
+        synthetic.getTracks().forEach((track) => track.stop());
+      }
+    }
+  }
+
+  /** The pre-call test's figures as rows of plain words for a page: `[[label, value], …]`. */
+  function precallRows(result) {
+    const f = (result && result.figures) || {};
+    const num = (x, unit, digits) => (typeof x === 'number' ? x.toFixed(digits || 0) + ' ' + unit : 'not measured');
+    const kinds = { host: 'direct', srflx: 'direct through your router (NAT)', prflx: 'direct through your router (NAT)',
+      relay: 'through the relay server' };
+    const rows = [
+      ['Sending', num(f.up_kbps, 'kbit/s')],
+      ['Receiving', num(f.down_kbps, 'kbit/s')],
+      ['Lost on the way there', num(f.up_loss_pct, '%', 1)],
+      ['Lost on the way back', num(f.down_loss_pct, '%', 1)],
+      ['Round trip', num(f.rtt_ms, 'ms')],
+      ['Jitter', num(f.jitter_ms, 'ms')],
+    ];
+    if (f.local_candidate_type) {
+      const how = kinds[f.local_candidate_type] || f.local_candidate_type;
+      const proto = f.relay_protocol ? f.protocol + ', relay over ' + f.relay_protocol : f.protocol;
+      rows.push(['Connection', how + ' (' + f.local_candidate_type + ', ' + String(proto).toUpperCase() + ')']);
+    }
+    if (result && result.relay) {
+      rows.push(['Through the relay only', result.relay.title]);
+    }
+    return rows;
+  }
+
   return {
     VERSION: VERSION,
     deviceErrorKind: deviceErrorKind,
+    checkDevices: checkDevices,
+    precallVerdict: precallVerdict,
+    PRECALL_LIMITS: PRECALL_LIMITS,
+    runPrecallTest: runPrecallTest,
+    precallRows: precallRows,
     inboundVideoStats: inboundVideoStats,
     PROTOCOL: PROTOCOL,
     EVENTS: SESSION_EVENTS,

@@ -1,6 +1,7 @@
 """The browser SDK uses the TURN servers the join response hands out: two
 Chromium pages forced to relay-only ICE (`?ice=relay`) still see each other,
-through a real coturn, and the selected candidate pair is a relay."""
+through a real coturn, and the selected candidate pair is a relay; the pre-call test (/test)
+runs its relay-only pass through it too."""
 
 from __future__ import annotations
 
@@ -75,3 +76,18 @@ def test_relay_only_pages_call_through_turn(server: ServerHandle, browser: Brows
         host, port = pair["remote_address"].rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) in turn.relay_ports, pair
         assert pair["remote_type"] in ("relay", "prflx"), pair
+
+
+def test_precall_test_also_tries_relay_only(server: ServerHandle, browser: BrowserFactory, turn: TurnServer) -> None:
+    """With TURN configured the pre-call test runs a second pass relay-only, through the real coturn."""
+    from tests.browser.test_precall import run_test
+
+    page = browser()
+    state = run_test(page, server, timeout=60)
+    result = state["result"]
+    assert result["figures"]["connected"] and result["figures"]["turn"], result
+    relay = result["relay"]
+    assert relay is not None and relay["verdict"] != "cannot_connect", relay
+    assert relay["figures"]["local_candidate_type"] == "relay" and relay["figures"]["down_kbps"] > 0, relay
+    assert result["report"]["relay_verdict"] == relay["verdict"], result["report"]
+    assert "Through the relay only" in page.find_element("id", "precall-figures").text
