@@ -36,6 +36,9 @@ class PeerStateChanged:
     layer: str  # "ice" | "dtls" | "connection"
     state: str
     pair: dict[str, str] | None = None
+    #: On "failed": the candidates each side offered (``Peer.offered_candidates``).
+    local_candidates: tuple[dict[str, str], ...] = ()
+    remote_candidates: tuple[dict[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,16 @@ class PeerFailed:
 @dataclass(frozen=True)
 class PeerTimedOut:
     """A peer connection was not connected (ICE and DTLS) within ``timeout_s``; the router
-    has closed it, its owner cleans up."""
+    has closed it, its owner cleans up. ``ice_state`` is how far ICE got ("completed": a pair
+    was nominated but DTLS never connected over it); the candidates are what each side
+    offered: the server's own and the client's (``{"type", "protocol", "address"}``)."""
 
     peer_id: str
     stream_id: str
     timeout_s: float
+    ice_state: str = "new"
+    local_candidates: tuple[dict[str, str], ...] = ()
+    remote_candidates: tuple[dict[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

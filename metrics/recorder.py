@@ -13,6 +13,7 @@ Nothing here awaits or does I/O on the caller's path: the event log queues, Prom
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from media.events import (
     MediaEvent,
     MediaFlowChanged,
     PeerStateChanged,
+    PeerTimedOut,
     QualitySample,
 )
 from metrics import prometheus as prom
@@ -149,9 +151,30 @@ class Recorder:
             pair = event.pair
             pair_text = (f" via {pair['local_type']}/{pair['remote_type']} {pair['protocol']}" if pair else "")
             kind = EventKind.ICE_STATE_CHANGED if event.layer == "ice" else EventKind.DTLS_STATE_CHANGED
-            self.log(sid, kind, f"{what} {event.layer} state: {event.state}{pair_text}", connection_id=cid,
-                     stream_id=event.stream_id, peer_id=event.peer_id, layer=event.layer, state=event.state,
-                     candidate_pair=pair)
+            offered: dict[str, Any] = {}
+            offered_text = ""
+            if event.state == "failed":
+                offered = {"local_candidates": list(event.local_candidates),
+                           "remote_candidates": list(event.remote_candidates)}
+                offered_text = ". " + _offered_text(event.local_candidates, event.remote_candidates)
+            self.log(sid, kind, f"{what} {event.layer} state: {event.state}{pair_text}{offered_text}",
+                     connection_id=cid, stream_id=event.stream_id, peer_id=event.peer_id, layer=event.layer,
+                     state=event.state, candidate_pair=pair, **offered)
+        elif isinstance(event, PeerTimedOut):
+            # Not up within the deadline: a failure of the layer that never finished, with what
+            # each side offered (the hub then logs the publish or subscription it ended).
+            what = "Publisher" if owner.is_publish else "Subscriber"
+            ice_done = event.ice_state in ("completed", "connected")
+            layer = "dtls" if ice_done else "ice"
+            why = ("ICE found a candidate pair but DTLS never connected over it" if ice_done
+                   else "no candidate pair worked")
+            self.log(sid, EventKind.DTLS_STATE_CHANGED if ice_done else EventKind.ICE_STATE_CHANGED,
+                     f"{what} {layer} state: failed (not connected within {event.timeout_s:g} s: {why}). "
+                     + _offered_text(event.local_candidates, event.remote_candidates),
+                     connection_id=cid, stream_id=event.stream_id, peer_id=event.peer_id, layer=layer,
+                     state="failed", reason="timeout", timeout_s=event.timeout_s, ice_state=event.ice_state,
+                     candidate_pair=None, local_candidates=list(event.local_candidates),
+                     remote_candidates=list(event.remote_candidates))
         elif isinstance(event, KeyframeRequested):
             prom.KEYFRAMES_REQUESTED.inc()
             self.log(sid, EventKind.KEYFRAME_REQUESTED, f"Keyframe requested ({event.reason})", connection_id=cid,
@@ -168,3 +191,21 @@ class Recorder:
             self.log(sid, EventKind.QUALITY_ALERT, text, connection_id=cid, stream_id=event.stream_id,
                      metric="media_flow", media=event.kind, flowing=event.flowing, idle_s=event.idle_s)
         # PeerFailed / PeerTimedOut: the hub cleans up and records what ended.
+
+
+#: Candidates of one side named in an entry's sentence (all of them are in its payload).
+TEXT_CANDIDATES = 6
+
+
+def _offered_text(local: Sequence[Mapping[str, str]], remote: Sequence[Mapping[str, str]]) -> str:
+    """``Server offered host udp 127.0.0.1:40000; client offered none``: for support staff."""
+
+    def side(candidates: Sequence[Mapping[str, str]]) -> str:
+        if not candidates:
+            return "none"
+        named = ", ".join(f"{c.get('type')} {c.get('protocol')} {c.get('address')}"
+                          for c in candidates[:TEXT_CANDIDATES])
+        more = len(candidates) - TEXT_CANDIDATES
+        return named + (f" and {more} more" if more > 0 else "")
+
+    return f"Server offered {side(local)}; client offered {side(remote)}"
