@@ -90,6 +90,20 @@ class PeerTimedOut:
 
 
 @dataclass(frozen=True)
+class PeerClosedUnconnected:
+    """A peer connection its owner closed (unpublish, unsubscribe, leave) ``after_s`` after it was
+    created without ever connecting (e.g. the client gave up on its own deadline): how far ICE
+    got and the candidates each side offered, as in :class:`PeerTimedOut`."""
+
+    peer_id: str
+    stream_id: str
+    after_s: float
+    ice_state: str = "new"
+    local_candidates: tuple[dict[str, str], ...] = ()
+    remote_candidates: tuple[dict[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class DatagramsDropped:
     """Datagrams dropped by the demultiplexer since the previous event, by reason."""
 
@@ -125,5 +139,5 @@ class QualitySample:
 
 
 MediaEvent = (PeerStateChanged | KeyframeRequested | DimensionsChanged | MediaFlowChanged | PeerFailed
-              | PeerTimedOut | DatagramsDropped | QualitySample)
+              | PeerTimedOut | PeerClosedUnconnected | DatagramsDropped | QualitySample)
 Observer = Callable[[MediaEvent], None]

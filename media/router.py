@@ -65,6 +65,7 @@ from media.events import (
     MediaEvent,
     MediaFlowChanged,
     Observer,
+    PeerClosedUnconnected,
     PeerFailed,
     PeerStateChanged,
     PeerTimedOut,
@@ -776,6 +777,16 @@ class Router:
 
     async def add_ice_candidate(self, peer_id: str, candidate: dict[str, Any] | None) -> None:
         await self.peer(peer_id).add_ice_candidate(candidate)
+
+    def report_unconnected(self, peer_id: str) -> None:
+        """Its owner is about to close ``peer_id``: if it never connected, say how far it got and
+        what each side offered (``PeerClosedUnconnected``), while the owner can still be found."""
+        peer: Peer | None = self.publishes.get(peer_id) or self.subscriptions.get(peer_id)
+        if peer is None or peer.connected or peer.closed:
+            return
+        local, remote = peer.offered_candidates()
+        self.emit(PeerClosedUnconnected(peer.peer_id, peer.stream_id, round(time.monotonic() - peer.created, 1),
+                                        peer.pc.iceConnectionState, local, remote))
 
     async def close_peer(self, peer_id: str) -> None:
         peer: Peer | None = self.publishes.pop(peer_id, None) or self.subscriptions.pop(peer_id, None)

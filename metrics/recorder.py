@@ -23,6 +23,7 @@ from media.events import (
     KeyframeRequested,
     MediaEvent,
     MediaFlowChanged,
+    PeerClosedUnconnected,
     PeerStateChanged,
     PeerTimedOut,
     QualitySample,
@@ -160,21 +161,29 @@ class Recorder:
             self.log(sid, kind, f"{what} {event.layer} state: {event.state}{pair_text}{offered_text}",
                      connection_id=cid, stream_id=event.stream_id, peer_id=event.peer_id, layer=event.layer,
                      state=event.state, candidate_pair=pair, **offered)
-        elif isinstance(event, PeerTimedOut):
-            # Not up within the deadline: a failure of the layer that never finished, with what
-            # each side offered (the hub then logs the publish or subscription it ended).
+        elif isinstance(event, (PeerTimedOut, PeerClosedUnconnected)):
+            # Not up within the deadline (a failure), or closed by its client before it was up (the
+            # client's own report says why): the layer that never finished, with what each side
+            # offered. The hub then logs the publish or subscription that ended.
             what = "Publisher" if owner.is_publish else "Subscriber"
             ice_done = event.ice_state in ("completed", "connected")
             layer = "dtls" if ice_done else "ice"
-            why = ("ICE found a candidate pair but DTLS never connected over it" if ice_done
-                   else "no candidate pair worked")
+            if isinstance(event, PeerTimedOut):
+                why = ("ICE found a candidate pair but DTLS never connected over it" if ice_done
+                       else "no candidate pair worked")
+                state, detail = "failed", f"failed (not connected within {event.timeout_s:g} s: {why})"
+                timing: dict[str, Any] = {"reason": "timeout", "timeout_s": event.timeout_s}
+            else:
+                why = "ICE had found a candidate pair, DTLS had not connected" if ice_done else f"ICE {event.ice_state}"
+                state, detail = "closed", f"closed before connecting ({event.after_s:g} s after it was set up; {why})"
+                timing = {"reason": "closed_before_connected", "after_s": event.after_s}
             self.log(sid, EventKind.DTLS_STATE_CHANGED if ice_done else EventKind.ICE_STATE_CHANGED,
-                     f"{what} {layer} state: failed (not connected within {event.timeout_s:g} s: {why}). "
+                     f"{what} {layer} state: {detail}. "
                      + _offered_text(event.local_candidates, event.remote_candidates),
                      connection_id=cid, stream_id=event.stream_id, peer_id=event.peer_id, layer=layer,
-                     state="failed", reason="timeout", timeout_s=event.timeout_s, ice_state=event.ice_state,
-                     candidate_pair=None, local_candidates=list(event.local_candidates),
-                     remote_candidates=list(event.remote_candidates))
+                     state=state, ice_state=event.ice_state, candidate_pair=None,
+                     local_candidates=list(event.local_candidates),
+                     remote_candidates=list(event.remote_candidates), **timing)
         elif isinstance(event, KeyframeRequested):
             prom.KEYFRAMES_REQUESTED.inc()
             self.log(sid, EventKind.KEYFRAME_REQUESTED, f"Keyframe requested ({event.reason})", connection_id=cid,

@@ -17,6 +17,7 @@ from media.events import (
     KeyframeRequested,
     MediaEvent,
     MediaFlowChanged,
+    PeerClosedUnconnected,
     PeerFailed,
     PeerStateChanged,
     PeerTimedOut,
@@ -333,4 +334,34 @@ async def test_a_connection_is_logged_ice_then_connected_once_dtls_is_up() -> No
         assert all(p is not None and p["local_type"] == "host" for p in pairs), pairs
     finally:
         await pub.close()
+        await router.close()
+
+
+async def test_a_peer_closed_before_it_connected_reports_what_each_side_offered() -> None:
+    events: list[MediaEvent] = []
+    router = Router(observer=events.append)
+    stuck, live = await publisher_offer(), await publisher_offer()
+    try:
+        answer = await router.publish("stuck", stuck.localDescription.sdp)  # its client never applies it
+        await router.add_ice_candidate("stuck", {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 9 typ host",
+                                                 "sdpMid": "0"})
+        peer = router.publishes["stuck"]
+        await wait_until(lambda: peer.pc.iceConnectionState == "checking", timeout=10, message="ICE checking")
+        router.report_unconnected("stuck")
+        live_answer = await router.publish("live", live.localDescription.sdp)
+        await live.setRemoteDescription(RTCSessionDescription(sdp=live_answer, type="answer"))
+        await wait_until(lambda: router.publishes["live"].connected, timeout=20, message="connected")
+        router.report_unconnected("live")  # connected: nothing to report
+        router.report_unconnected("nobody")
+        [event] = [e for e in events if isinstance(e, PeerClosedUnconnected)]
+        assert (event.peer_id, event.ice_state) == ("stuck", "checking")
+        assert event.local_candidates == ({"type": "host", "protocol": "udp",
+                                           "address": f"127.0.0.1:{router_answer_port(answer)}"},)
+        # The offer's own candidates (aiortc puts them in its SDP) and the trickled one, each once.
+        assert {"type": "host", "protocol": "udp", "address": "127.0.0.1:9"} in event.remote_candidates
+        assert len(event.remote_candidates) >= 2, event.remote_candidates
+        assert len(set(map(str, event.remote_candidates))) == len(event.remote_candidates)
+    finally:
+        for pc in (stuck, live):
+            await pc.close()
         await router.close()

@@ -11,6 +11,7 @@ from media.events import (
     DatagramsDropped,
     KeyframeRequested,
     MediaFlowChanged,
+    PeerClosedUnconnected,
     PeerStateChanged,
     PeerTimedOut,
     QualitySample,
@@ -97,6 +98,8 @@ def test_a_peer_not_up_in_time_is_a_failure_with_both_sides_candidates(tmp_path:
         recorder.media_event(PeerTimedOut("sub_1", "st_1", 15.0, "completed", SERVER, ()), subscription)
         recorder.media_event(PeerStateChanged("st_2", "st_2", "ice", "failed", None, SERVER, CLIENT[:1]), publish)
         recorder.media_event(PeerTimedOut("st_9", "st_9", 15.0, "checking", SERVER, CLIENT), None)  # nobody's
+        # Closed by its client before it was up (the client gave up on its own deadline).
+        recorder.media_event(PeerClosedUnconnected("st_3", "st_3", 15.2, "checking", SERVER, CLIENT[:1]), publish)
         assert log.flush_sync(10)
         entries = log.events_sync("s_1")
         assert [(e["kind"], e["connection_id"], e["text"]) for e in entries] == [
@@ -110,7 +113,13 @@ def test_a_peer_not_up_in_time_is_a_failure_with_both_sides_candidates(tmp_path:
             ("iceStateChanged", "c_1",
              "Publisher ice state: failed. Server offered host udp 127.0.0.1:40000; client offered host udp "
              "192.0.2.2:5000"),
+            ("iceStateChanged", "c_1",
+             "Publisher ice state: closed before connecting (15.2 s after it was set up; ICE checking). Server "
+             "offered host udp 127.0.0.1:40000; client offered host udp 192.0.2.2:5000"),
         ]
+        closed = entries[3]["payload"]
+        assert (closed["state"], closed["reason"], closed["after_s"]) == ("closed", "closed_before_connected", 15.2)
+        assert closed["remote_candidates"] == list(CLIENT[:1])
         first = entries[0]["payload"]
         assert (first["state"], first["reason"], first["timeout_s"], first["ice_state"]) == (
             "failed", "timeout", 15.0, "checking")
