@@ -20,7 +20,13 @@ import pytest
 
 from rooms.model import Role
 from tests.browser.conftest import BrowserFactory, FirefoxFactory, ServerHandle, require_chromium
-from tests.browser.test_demo_page import demo_url, page_state, wait_for_decoded_video, wait_for_state
+from tests.browser.test_demo_page import (
+    demo_url,
+    inbound_video,
+    page_state,
+    wait_for_decoded_video,
+    wait_for_state,
+)
 from tests.call_helpers import authority, get_json
 from tests.helpers import wait_until_sync
 from tests.server import start_server
@@ -31,7 +37,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 #: The SDK's and the server's default deadline for a media connection.
 DEADLINE_S = 15.0
 
-FIREFOX_STATE_JS = """
+DEMO_STATE_JS = """
 const status = document.getElementById('status');
 if (!window.demo) { return null; }
 return {state: demo.state, error: demo.error, warning: demo.warning, sessionErrors: demo.sessionErrors,
@@ -51,7 +57,7 @@ class FirefoxPage:
         self.client = client
 
     def state(self) -> dict[str, Any]:
-        state = self.client.execute_script(FIREFOX_STATE_JS, sandbox=None)
+        state = self.client.execute_script(DEMO_STATE_JS, sandbox=None)
         assert state is not None, "window.demo is not defined: the page script did not load"
         return dict(state)
 
@@ -106,7 +112,6 @@ def test_chromium_and_firefox_call_each_other_through_the_sfu(
 
     wait_for_decoded_video(chromium, "Chromium")
     wait_for_growing_video(fox.inbound_video, "Firefox")
-    from tests.browser.test_demo_page import inbound_video
     wait_for_growing_video(lambda: inbound_video(chromium), "Chromium")
     assert page_state(chromium)["warning"] is None and fox.state()["warning"] is None
 
@@ -218,7 +223,7 @@ def test_chromium_whose_relay_cannot_reach_the_server_is_told_within_the_deadlin
 
         def told() -> bool:
             nonlocal last
-            last = dict(driver.execute_script(FIREFOX_STATE_JS))
+            last = dict(driver.execute_script(DEMO_STATE_JS))
             return last["mediaFailure"] is not None
 
         wait_until_sync(told, timeout=DEADLINE_S + 10, interval=0.25, message="the page to report the failure")
