@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from metrics import prometheus
+from metrics import prometheus, rollup
 from metrics.events import LogEntry, safe_name
 from metrics.prometheus import EventLogDropReason
 
@@ -56,6 +56,10 @@ DEFAULT_MAX_QUEUE: Final = 100_000
 DEFAULT_BATCH_MAX: Final = 2_000
 DEFAULT_BATCH_INTERVAL_S: Final = 0.05
 DEFAULT_QUERY_LIMIT: Final = 10_000
+#: Most entries (samples aside) one analysis reads.
+DEFAULT_ANALYSIS_LIMIT: Final = 200_000
+#: The resolutions of the quality timeline's roll-ups, finest first (ms).
+RESOLUTIONS_MS: Final = (10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000)
 _WARNING_INTERVAL_S: Final = 10.0
 
 _SCHEMA: Final = """
@@ -72,7 +76,133 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_by_session ON events (session_id, time_ms, seq);
 CREATE INDEX IF NOT EXISTS events_by_time ON events (time_ms);
+-- What the summary and the diagnosis read besides the roll-ups: a few hundred entries a call.
+CREATE INDEX IF NOT EXISTS events_notes ON events (session_id, time_ms, seq)
+    WHERE kind NOT IN ('qualitySample', 'clientStats');
+-- Roll-ups (metrics.rollup), written in the same transaction as the samples they sum up.
+CREATE TABLE IF NOT EXISTS rollups (
+    session_id     TEXT NOT NULL,
+    track          TEXT NOT NULL,     -- the stream id upstream ("in"), the subscription's peer id downstream
+    direction      TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    bucket_ms      INTEGER NOT NULL,  -- start of a BUCKET_MS window
+    connection_id  TEXT NOT NULL, peer_id TEXT NOT NULL, stream_id TEXT NOT NULL,
+    n INTEGER NOT NULL, n_media INTEGER NOT NULL,
+    first_ms INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_seq INTEGER NOT NULL,
+    first_media_ms INTEGER,
+    packets REAL NOT NULL, packets_lost REAL NOT NULL,
+    bitrate_sum REAL NOT NULL, bitrate_min REAL, bitrate_max REAL,
+    loss_sum REAL NOT NULL, loss_max REAL,
+    jitter_sum REAL NOT NULL, jitter_n INTEGER NOT NULL, jitter_max REAL,
+    rtt_sum REAL NOT NULL, rtt_n INTEGER NOT NULL, rtt_max REAL,
+    fps_sum REAL NOT NULL, fps_n INTEGER NOT NULL,
+    width INTEGER, height INTEGER,
+    mos_c INTEGER NOT NULL, mos_n INTEGER NOT NULL,
+    level0 INTEGER NOT NULL, level1 INTEGER NOT NULL, level2 INTEGER NOT NULL, level3 INTEGER NOT NULL,
+    level4 INTEGER NOT NULL,
+    q_min REAL,
+    last_loss REAL NOT NULL, last_jitter REAL NOT NULL,
+    PRIMARY KEY (session_id, track, direction, kind, bucket_ms)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollups_by_time ON rollups (last_ms);
+CREATE TABLE IF NOT EXISTS sample_marks (
+    seq INTEGER PRIMARY KEY,  -- the sample's entry
+    session_id TEXT NOT NULL, time_ms INTEGER NOT NULL, connection_id TEXT NOT NULL, track TEXT NOT NULL,
+    peer_id TEXT NOT NULL, stream_id TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL,
+    idx INTEGER NOT NULL, packets REAL NOT NULL, bitrate_kbps REAL NOT NULL, loss_pct REAL NOT NULL,
+    jitter_ms REAL NOT NULL, rtt_ms REAL NOT NULL, up_loss REAL NOT NULL, up_jitter REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sample_marks_by_session ON sample_marks (session_id, time_ms, seq);
+CREATE INDEX IF NOT EXISTS sample_marks_by_time ON sample_marks (time_ms);
+CREATE TABLE IF NOT EXISTS freeze_tracks (
+    session_id TEXT NOT NULL, connection_id TEXT NOT NULL, stream_id TEXT NOT NULL,
+    first_ms INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_ms INTEGER NOT NULL,
+    count INTEGER NOT NULL, frozen_s REAL NOT NULL, last_count INTEGER NOT NULL, last_s REAL NOT NULL,
+    evidence TEXT NOT NULL,  -- JSON: the first samples
+    PRIMARY KEY (session_id, connection_id, stream_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS freeze_tracks_by_time ON freeze_tracks (last_ms);
 """
+
+#: Schema version (PRAGMA user_version): 1 added the roll-ups, built on open from older files.
+_SCHEMA_VERSION: Final = 1
+
+#: Bucket columns after the key, in the order of :class:`metrics.rollup.Bucket`'s fields.
+_BUCKET_VALUES: Final = (
+    "connection_id", "peer_id", "stream_id", "n", "n_media", "first_ms", "first_seq", "last_ms", "last_seq",
+    "first_media_ms", "packets", "packets_lost", "bitrate_sum", "bitrate_min", "bitrate_max", "loss_sum", "loss_max",
+    "jitter_sum", "jitter_n", "jitter_max", "rtt_sum", "rtt_n", "rtt_max", "fps_sum", "fps_n", "width", "height",
+    "mos_c", "mos_n", "level0", "level1", "level2", "level3", "level4", "q_min", "last_loss", "last_jitter",
+)
+_BUCKET_KEY: Final = ("session_id", "track", "direction", "kind", "bucket_ms")
+
+
+def _later(column: str) -> str:
+    return f"CASE WHEN excluded.last_seq >= last_seq THEN excluded.{column} ELSE {column} END"
+
+
+def _merged(column: str) -> str:
+    """How a stored bucket and a newer partial one of the same window merge (metrics.rollup.merge)."""
+    if column in ("n", "n_media", "packets", "packets_lost", "bitrate_sum", "loss_sum", "jitter_sum", "jitter_n",
+                  "rtt_sum", "rtt_n", "fps_sum", "fps_n", "mos_c", "mos_n") or column.startswith("level"):
+        return f"{column} + excluded.{column}"
+    if column in ("bitrate_min", "q_min", "first_media_ms"):
+        return f"COALESCE(MIN({column}, excluded.{column}), {column}, excluded.{column})"
+    if column in ("bitrate_max", "loss_max", "jitter_max", "rtt_max"):
+        return f"COALESCE(MAX({column}, excluded.{column}), {column}, excluded.{column})"
+    if column in ("first_ms", "first_seq"):
+        return f"CASE WHEN excluded.first_seq < first_seq THEN excluded.{column} ELSE {column} END"
+    if column in ("width", "height"):
+        return f"COALESCE(CASE WHEN excluded.last_seq >= last_seq THEN excluded.{column} END, {column})"
+    return _later(column)  # last_ms, last_seq, last_loss, last_jitter, ids
+
+
+# last_seq goes last: every CASE above compares against the stored (old) value anyway, as SQLite
+# evaluates the whole SET list against the row before the update.
+_UPSERT_BUCKET: Final = (
+    f"INSERT INTO rollups ({', '.join(_BUCKET_KEY + _BUCKET_VALUES)})"
+    f" VALUES ({', '.join('?' * (len(_BUCKET_KEY) + len(_BUCKET_VALUES)))})"
+    f" ON CONFLICT ({', '.join(_BUCKET_KEY)}) DO UPDATE SET "
+    + ", ".join(f"{c} = {_merged(c)}" for c in _BUCKET_VALUES if c not in ("connection_id", "peer_id", "stream_id"))
+)
+_MARK_COLUMNS: Final = ("seq", "session_id", "time_ms", "connection_id", "track", "peer_id", "stream_id", "direction",
+                        "kind", "idx", "packets", "bitrate_kbps", "loss_pct", "jitter_ms", "rtt_ms", "up_loss",
+                        "up_jitter")
+_INSERT_MARK: Final = (f"INSERT OR REPLACE INTO sample_marks ({', '.join(_MARK_COLUMNS)})"
+                       f" VALUES ({', '.join('?' * len(_MARK_COLUMNS))})")
+_FREEZE_COLUMNS: Final = ("session_id", "connection_id", "stream_id", "first_ms", "first_seq", "last_ms", "count",
+                          "frozen_s", "last_count", "last_s", "evidence")
+_UPSERT_FREEZE: Final = (f"INSERT OR REPLACE INTO freeze_tracks ({', '.join(_FREEZE_COLUMNS)})"
+                         f" VALUES ({', '.join('?' * len(_FREEZE_COLUMNS))})")
+#: Kinds the roll-ups stand for (the partial index events_notes leaves them out).
+_SAMPLE_KINDS_SQL: Final = "kind NOT IN ('qualitySample', 'clientStats')"
+_ROLLED_KINDS: Final = frozenset({"qualitySample", "clientStats"})
+
+
+def _freeze_of(row: tuple[Any, ...]) -> rollup.FreezeTrack:
+    """A freeze track from its columns after session_id (:data:`_FREEZE_COLUMNS`)."""
+    cid, stream_id, first_ms, first_seq, last_ms, count, frozen_s, last_count, last_s, evidence = row
+    decoded = json.loads(evidence)
+    return rollup.FreezeTrack(cid, stream_id, first_ms, first_seq, last_ms, count, frozen_s, last_count, last_s,
+                              decoded if isinstance(decoded, list) else [])
+
+
+def _bucket_row(session_id: str, b: rollup.Bucket) -> tuple[Any, ...]:
+    return (session_id, b.track, b.direction, b.kind, b.bucket_ms, b.connection_id, b.peer_id, b.stream_id, b.n,
+            b.n_media, b.first_ms, b.first_seq, b.last_ms, b.last_seq, b.first_media_ms, b.packets, b.packets_lost,
+            b.bitrate_sum, b.bitrate_min, b.bitrate_max, b.loss_sum, b.loss_max, b.jitter_sum, b.jitter_n,
+            b.jitter_max, b.rtt_sum, b.rtt_n, b.rtt_max, b.fps_sum, b.fps_n, b.width, b.height, b.mos_c, b.mos_n,
+            *b.levels, b.q_min, b.last_loss, b.last_jitter)
+
+
+def _mark_row(session_id: str, m: rollup.Mark) -> tuple[Any, ...]:
+    return (m.seq, session_id, m.time_ms, m.connection_id, m.track, m.peer_id, m.stream_id, m.direction, m.kind,
+            m.idx, m.packets, m.bitrate_kbps, m.loss_pct, m.jitter_ms, m.rtt_ms, m.up_loss, m.up_jitter)
+
+
+def _freeze_row(session_id: str, f: rollup.FreezeTrack) -> tuple[Any, ...]:
+    return (session_id, f.connection_id, f.stream_id, f.first_ms, f.first_seq, f.last_ms, f.count, f.frozen_s,
+            f.last_count, f.last_s, json.dumps(f.evidence, separators=(",", ":"), ensure_ascii=False))
 
 _INSERT: Final = (
     "INSERT INTO events (time_ms, session_id, connection_id, stream_id, kind, component, text, payload)"
@@ -101,9 +231,9 @@ _COMMIT_NOW: Final = _CommitNow()
 _QueueItem = LogEntry | _Flush | _Close | _CommitNow
 
 
-def _row(entry: LogEntry) -> tuple[Any, ...]:
-    """The SQLite row of ``entry`` made safe: encodable by construction."""
-    safe = entry.made_safe()
+def _row(safe: LogEntry) -> tuple[Any, ...]:
+    """The SQLite row of an entry already made safe (:meth:`LogEntry.made_safe`): encodable by
+    construction."""
     return (
         safe.time_ms,
         safe.session_id,
@@ -114,6 +244,36 @@ def _row(entry: LogEntry) -> tuple[Any, ...]:
         safe.text,
         json.dumps(safe.payload, separators=(",", ":"), ensure_ascii=False, allow_nan=False),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What :meth:`EventLog.analysis` reads for the summary and the diagnosis."""
+
+    entries: list[dict[str, Any]]  # every kind but the samples
+    rolled: rollup.SessionRollup
+    span: tuple[int | None, int | None]  # first and last entry time of any kind
+
+
+def _r(value: float, digits: int = 2) -> float:
+    return round(value, digits)
+
+
+def _point(r: tuple[Any, ...], resolution_ms: int) -> dict[str, Any]:
+    """One chart point from a row of :meth:`EventLog.quality_points_sync`'s query."""
+    (t, direction, kind, cid, peer, stream, n, n_media, packets, lost, br_sum, br_min, br_max, loss_sum, loss_max,
+     jitter_sum, jitter_n, jitter_max, rtt_sum, rtt_n, rtt_max, fps_sum, fps_n, width, height, q_min) = r
+    return {
+        "connection_id": cid, "peer_id": peer, "stream_id": stream, "direction": direction, "kind": kind,
+        "time_ms": t, "interval_s": resolution_ms / 1000, "samples": n, "samples_with_media": n_media,
+        "packets": int(packets), "packets_lost": int(lost),
+        "bitrate_kbps": _r(br_sum / n, 1), "bitrate_min_kbps": br_min, "bitrate_max_kbps": br_max,
+        "loss_pct": _r(loss_sum / n), "loss_max_pct": loss_max,
+        "jitter_ms": _r(jitter_sum / jitter_n) if jitter_n else None, "jitter_max_ms": jitter_max,
+        "rtt_ms": _r(rtt_sum / rtt_n, 1) if rtt_n else None, "rtt_max_ms": rtt_max,
+        "frame_rate": _r(fps_sum / fps_n, 1) if fps_n else None, "width": width, "height": height,
+        "quality_score": q_min,
+    }
 
 
 def _like_escape(text: str) -> str:
@@ -185,9 +345,13 @@ class EventLog:
         self._loop: asyncio.AbstractEventLoop | None = None
 
         # Create the schema here, synchronously, so a bad path fails the constructor.
+        self._roller = rollup.Roller(count=self._stored_count, upstream=self._stored_upstream,
+                                     freeze=self._stored_freeze)
         conn = self._connect()
+        self._roller_conn = conn  # the loaders read through the connection of whoever folds
         try:
             conn.executescript(_SCHEMA)
+            self._backfill(conn)
         finally:
             conn.close()
         self._writer = threading.Thread(target=self._run_writer, name=f"eventlog-writer:{self.path.name}", daemon=True)
@@ -421,10 +585,13 @@ class EventLog:
         fail on their own are left, and drop and count just those."""
         rows: list[tuple[Any, ...]] = []
         entries: list[LogEntry] = []
+        safe_entries: list[LogEntry] = []
         for entry in batch:
             try:
-                rows.append(_row(entry))
+                safe = entry.made_safe()
+                rows.append(_row(safe))
                 entries.append(entry)
+                safe_entries.append(safe)
             except Exception as exc:  # made_safe() never raises; this is the last line of defence
                 self._refused(1, exc)
         pending = [(0, len(rows))]
@@ -433,7 +600,7 @@ class EventLog:
             try:
                 if self._before_write is not None:
                     self._before_write(entries[start:end])
-                self._insert(conn, rows[start:end])
+                self._insert(conn, rows[start:end], safe_entries[start:end])
             except Exception as exc:
                 if end - start == 1:
                     self._refused(1, exc)
@@ -444,16 +611,91 @@ class EventLog:
             self.written += end - start
             prometheus.EVENTLOG_ENTRIES_WRITTEN.inc(end - start)
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    def _insert(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], entries: list[LogEntry]) -> None:
+        """Insert ``rows`` (of ``entries``) and fold their samples into the roll-ups, in one
+        transaction: the roll-ups always sum up exactly the committed samples."""
         conn.execute("BEGIN")
         try:
             conn.executemany(_INSERT, rows)
+            if any(e.kind in _ROLLED_KINDS for e in entries):
+                # One writer, one transaction: the rows got consecutive seqs ending at the last one.
+                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                self._roll_up(conn, entries, last - len(entries) + 1)
             conn.execute("COMMIT")
         except BaseException:
+            self._roller.forget()  # its state may hold what was just rolled back
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+    def _roll_up(self, conn: sqlite3.Connection, entries: Iterable[LogEntry], first_seq: int) -> None:
+        """Fold the samples of ``entries`` (the first with seq ``first_seq``) and write what changed."""
+        roller = self._roller
+        self._roller_conn = conn
+        for seq, e in enumerate(entries, first_seq):
+            if e.kind in _ROLLED_KINDS:
+                roller.add(e.session_id, seq, e.time_ms, e.connection_id or "", e.kind, e.payload)
+        buckets, marks, freezes = roller.drain()
+        conn.executemany(_UPSERT_BUCKET, [_bucket_row(sid, b) for sid, b in buckets])
+        conn.executemany(_INSERT_MARK, [_mark_row(sid, m) for sid, m in marks])
+        conn.executemany(_UPSERT_FREEZE, [_freeze_row(sid, f) for sid, f in freezes])
+
+    # Loaders of the roll-up state the writer's roller evicted (or never saw: a reopened file).
+
+    def _stored_count(self, session_id: str, key: rollup.TrackKey) -> int:
+        row = self._roller_conn.execute(
+            "SELECT COALESCE(SUM(n), 0) FROM rollups WHERE session_id = ? AND track = ? AND direction = ?"
+            " AND kind = ?", (session_id, *key)).fetchone()
+        return int(row[0])
+
+    def _stored_upstream(self, session_id: str, stream_id: str, kind: str) -> tuple[float, float] | None:
+        row = self._roller_conn.execute(
+            "SELECT last_loss, last_jitter FROM rollups WHERE session_id = ? AND track = ? AND direction = 'in'"
+            " AND kind = ? ORDER BY bucket_ms DESC LIMIT 1", (session_id, stream_id, kind)).fetchone()
+        return None if row is None else (float(row[0]), float(row[1]))
+
+    def _stored_freeze(self, session_id: str, connection_id: str, stream_id: str) -> rollup.FreezeTrack | None:
+        row = self._roller_conn.execute(
+            f"SELECT {', '.join(_FREEZE_COLUMNS[1:])} FROM freeze_tracks WHERE session_id = ?"
+            " AND connection_id = ? AND stream_id = ?", (session_id, connection_id, stream_id)).fetchone()
+        return None if row is None else _freeze_of(tuple(row))
+
+    def _backfill(self, conn: sqlite3.Connection, chunk: int = 5_000) -> None:
+        """Build the roll-ups of a file written before they existed (once: PRAGMA user_version)."""
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version >= _SCHEMA_VERSION:
+            return
+        roller, last = self._roller, 0
+        self._roller_conn = conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("DELETE FROM rollups")
+            conn.execute("DELETE FROM sample_marks")
+            conn.execute("DELETE FROM freeze_tracks")
+            while True:
+                rows = conn.execute(
+                    "SELECT seq, session_id, time_ms, connection_id, kind, payload FROM events"
+                    " WHERE kind IN ('qualitySample', 'clientStats') AND seq > ? ORDER BY seq LIMIT ?",
+                    (last, chunk)).fetchall()
+                if not rows:
+                    break
+                for seq, session_id, time_ms, connection_id, kind, payload in rows:
+                    decoded = json.loads(payload)
+                    if isinstance(decoded, dict):
+                        roller.add(session_id, seq, time_ms, connection_id or "", kind, decoded)
+                last = rows[-1][0]
+                buckets, marks, freezes = roller.drain()
+                conn.executemany(_UPSERT_BUCKET, [_bucket_row(sid, b) for sid, b in buckets])
+                conn.executemany(_INSERT_MARK, [_mark_row(sid, m) for sid, m in marks])
+                conn.executemany(_UPSERT_FREEZE, [_freeze_row(sid, f) for sid, f in freezes])
+            conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            roller.forget()
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        roller.forget()
 
     def _refused(self, count: int, exc: Exception) -> None:
         # The writer must outlive a bad entry (and a bad disk): count, warn now and then, go on.
@@ -515,6 +757,88 @@ class EventLog:
         """:meth:`events_sync` in a worker thread."""
         kind_list = None if kinds is None else list(kinds)
         return await asyncio.to_thread(self.events_sync, session_id, kind_list, since_ms, until_ms, limit)
+
+    def analysis_sync(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT) -> Analysis:
+        """What the summary and the diagnosis read, in one snapshot: the session's entries but its
+        samples (at most ``limit``, oldest first), its roll-ups and the times of its first and
+        last entry of any kind."""
+        conn = self._read_connection()
+        try:
+            conn.execute("BEGIN")  # one read snapshot for the four queries
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM events WHERE session_id = ? AND {_SAMPLE_KINDS_SQL}"
+                " ORDER BY time_ms, seq LIMIT ?", (session_id, limit)).fetchall()
+            entries = [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
+            first, last = conn.execute("SELECT MIN(time_ms), MAX(time_ms) FROM events WHERE session_id = ?",
+                                       (session_id,)).fetchone()
+            tracks = {}
+            for r in conn.execute(
+                    "SELECT track, direction, kind, MIN(bucket_ms), first_ms, first_seq, connection_id, stream_id,"
+                    " SUM(n), SUM(n_media), MIN(first_media_ms), SUM(mos_c), SUM(mos_n), SUM(level0), SUM(level1),"
+                    " SUM(level2), SUM(level3), SUM(level4) FROM rollups WHERE session_id = ?"
+                    " GROUP BY track, direction, kind", (session_id,)):
+                # The bare columns come from the track's first bucket (SQLite: a lone MIN()).
+                tracks[(r[0], r[1], r[2])] = rollup.Track(r[0], r[1], r[2], r[6], r[7], r[8], r[9], r[4], r[5], r[10],
+                                                          r[11], r[12], list(r[13:18]))
+            quality = [(r[0], r[1], r[2], r[3]) for r in conn.execute(
+                "SELECT track, direction, bucket_ms, MIN(q_min) FROM rollups WHERE session_id = ? AND q_min IS NOT NULL"
+                " GROUP BY track, direction, bucket_ms ORDER BY bucket_ms", (session_id,))]
+            marks = [rollup.Mark(*r) for r in conn.execute(
+                f"SELECT {', '.join(c for c in _MARK_COLUMNS if c != 'session_id')} FROM sample_marks"
+                " WHERE session_id = ? ORDER BY time_ms, seq", (session_id,))]
+            freezes = [_freeze_of(tuple(r)) for r in conn.execute(
+                f"SELECT {', '.join(_FREEZE_COLUMNS[1:])} FROM freeze_tracks WHERE session_id = ?"
+                " ORDER BY first_ms, first_seq", (session_id,))]
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        return Analysis(entries, rollup.SessionRollup(tracks, quality, marks, freezes), (first, last))
+
+    async def analysis(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT) -> Analysis:
+        """:meth:`analysis_sync` in a worker thread."""
+        return await asyncio.to_thread(self.analysis_sync, session_id, limit)
+
+    def sample_count_sync(self, session_id: str) -> int:
+        """How many quality samples the session has (from its roll-ups)."""
+        conn = self._read_connection()
+        try:
+            row = conn.execute("SELECT COALESCE(SUM(n), 0) FROM rollups WHERE session_id = ?",
+                               (session_id,)).fetchone()
+        finally:
+            conn.close()
+        return int(row[0])
+
+    def quality_points_sync(self, session_id: str, resolution_ms: int, since_ms: int | None = None,
+                            max_points: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """The quality timeline at a resolution of its roll-ups: one point per track, kind and
+        window of ``resolution_ms`` (a multiple of the bucket), oldest first, with the window's
+        means, minima and maxima. With ``max_points``, the resolution is first coarsened (to
+        the next of :data:`RESOLUTIONS_MS`) until the points fit. Returns (resolution, points)."""
+        bucket = rollup.BUCKET_MS
+        resolution_ms = max(bucket, resolution_ms - resolution_ms % bucket)
+        since = 0 if since_ms is None else since_ms
+        conn = self._read_connection()
+        try:
+            if max_points is not None:
+                for candidate in [resolution_ms, *(r for r in RESOLUTIONS_MS if r > resolution_ms)]:
+                    resolution_ms = candidate
+                    (count,) = conn.execute(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM rollups WHERE session_id = ? AND bucket_ms >= ?"
+                        " GROUP BY track, direction, kind, bucket_ms / ?)", (session_id, since - since % bucket,
+                                                                             candidate)).fetchone()
+                    if count <= max_points:
+                        break
+            rows = conn.execute(
+                "SELECT (bucket_ms / ?) * ? AS t, direction, kind, MIN(connection_id), MIN(peer_id), MIN(stream_id),"
+                " SUM(n), SUM(n_media), SUM(packets), SUM(packets_lost), SUM(bitrate_sum), MIN(bitrate_min),"
+                " MAX(bitrate_max), SUM(loss_sum), MAX(loss_max), SUM(jitter_sum), SUM(jitter_n), MAX(jitter_max),"
+                " SUM(rtt_sum), SUM(rtt_n), MAX(rtt_max), SUM(fps_sum), SUM(fps_n), MAX(width), MAX(height),"
+                " MIN(q_min) FROM rollups WHERE session_id = ? AND bucket_ms >= ?"
+                " GROUP BY track, direction, kind, t ORDER BY t, track, direction, kind",
+                (resolution_ms, resolution_ms, session_id, since - since % bucket)).fetchall()
+        finally:
+            conn.close()
+        return resolution_ms, [_point(tuple(r), resolution_ms) for r in rows]
 
     def sessions_sync(
         self,
@@ -602,11 +926,16 @@ class EventLog:
 
     def delete_before_sync(self, before_ms: int) -> int:
         """Retention: delete every entry older than ``before_ms`` (event log, quality timeline and
-        client stats alike). Returns how many were deleted."""
+        client stats alike) and the roll-ups of those samples. Returns how many entries were
+        deleted."""
         conn = self._write_connection()
         try:
             conn.execute("BEGIN IMMEDIATE")
             deleted = conn.execute("DELETE FROM events WHERE time_ms < ?", (before_ms,)).rowcount
+            # Their roll-ups go with them: a bucket or freeze track whose last sample is older.
+            conn.execute("DELETE FROM rollups WHERE last_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM sample_marks WHERE time_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM freeze_tracks WHERE last_ms < ?", (before_ms,))
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -615,7 +944,8 @@ class EventLog:
     def anonymise_before_sync(self, before_ms: int, chunk: int = 1_000) -> int:
         """Retention: replace the personal data of every entry older than ``before_ms`` (see
         :func:`anonymised`), ``chunk`` entries per transaction. Entries anonymised earlier are
-        left alone. Returns how many were changed."""
+        left alone. Returns how many were changed. The roll-ups hold figures and random ids
+        only, nothing personal: they stay."""
         changed = 0
         conn = self._write_connection()
         try:

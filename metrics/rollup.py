@@ -1,0 +1,482 @@
+"""Roll-ups of a session's quality timeline and of its browsers' freeze counters: what the
+summary, the diagnosis and the charts read instead of every raw sample.
+
+A call-hour of four participants holds ~58,000 server quality samples and ~23,000 browser
+getStats() samples. Reading and judging each of them for every inspector request took a
+second; the findings need far less:
+
+- **buckets**: per track (a publisher's stream upstream, a subscription downstream), per kind
+  and per :data:`BUCKET_MS` of time, the count, the sums / minima / maxima of bitrate, loss,
+  jitter, RTT and frame rate, the packets, the first sample with media, the audio MOS summed
+  in hundredths, a histogram of video levels and the worst connection-quality score. Every
+  field merges exactly (sums, min, max), so buckets written in several batches equal one.
+- **marks**: the few samples a finding names one by one (a video bitrate under the floor;
+  loss, jitter or RTT over its threshold; the first samples of a subscription), in compact
+  columns, each with its index in its track (the ramp-up is not judged) and, downstream, the
+  upstream figures of the same stream just before it (what the publisher's leg already lost).
+- **freeze tracks**: per received video track, the W3C freeze counters folded as
+  :func:`metrics.scores.freezes_from_client_stats` folds them, with the first samples as
+  evidence.
+
+:class:`Roller` folds samples into these in time order; the event log's writer thread runs one
+over every batch it commits (never the media path), and :func:`from_entries` runs one over a
+list of entries, so a finding computed from the stored roll-ups equals the one computed from
+the raw samples. Pure: no clock, no I/O; the writer passes loaders for state it evicted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from metrics import scores
+from metrics.events import EventKind
+
+#: Width of one bucket: the finest resolution of the charts and of quality over time.
+BUCKET_MS: Final = 10_000
+
+# Thresholds of the diagnosis (docs/inspector.md); the marks keep every sample over one.
+LOW_VIDEO_KBPS: Final = 150.0
+LOSS_PCT: Final = 5.0
+JITTER_MS: Final = 30.0
+RTT_MS: Final = 300.0
+#: The first samples of a track, taken while it ramps up, are not judged for bitrate.
+RAMP_UP_SAMPLES: Final = 2
+#: The first samples of each downstream track are kept as evidence of one-way media.
+FIRST_SAMPLES_KEPT: Final = 5
+#: Browser samples kept as evidence of a frozen track.
+FREEZE_EVIDENCE: Final = 10
+#: Most tracks whose running state the writer keeps in memory (the rest is reloaded).
+STATE_CACHE_MAX: Final = 20_000
+
+
+def _num(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _height(width: object, height: object) -> int | None:
+    if isinstance(width, int) and isinstance(height, int):
+        return min(width, height)
+    return None
+
+
+def quality_level(score: float) -> str:
+    """The level :func:`metrics.scores.connection_quality` gives a score."""
+    if score <= 0.0:
+        return str(scores.QualityLevel.LOST)
+    if score >= scores.EXCELLENT_FROM:
+        return str(scores.QualityLevel.EXCELLENT)
+    if score >= scores.GOOD_FROM:
+        return str(scores.QualityLevel.GOOD)
+    return str(scores.QualityLevel.POOR)
+
+
+TrackKey = tuple[str, str, str]  # (track, direction, kind): track is the stream id upstream, the peer id down
+
+
+@dataclass(slots=True)
+class Bucket:
+    """One track's samples in one :data:`BUCKET_MS` window."""
+
+    track: str
+    direction: str
+    kind: str
+    bucket_ms: int
+    connection_id: str = ""
+    peer_id: str = ""
+    stream_id: str = ""
+    n: int = 0
+    n_media: int = 0  # samples with packets
+    first_ms: int = 0
+    first_seq: int = 0
+    last_ms: int = 0
+    last_seq: int = 0
+    first_media_ms: int | None = None
+    packets: float = 0.0
+    packets_lost: float = 0.0
+    bitrate_sum: float = 0.0
+    bitrate_min: float | None = None
+    bitrate_max: float | None = None
+    loss_sum: float = 0.0
+    loss_max: float | None = None
+    jitter_sum: float = 0.0
+    jitter_n: int = 0
+    jitter_max: float | None = None
+    rtt_sum: float = 0.0
+    rtt_n: int = 0
+    rtt_max: float | None = None
+    fps_sum: float = 0.0
+    fps_n: int = 0
+    width: int | None = None
+    height: int | None = None
+    mos_c: int = 0  # audio MOS of the samples with packets, in hundredths (exact sums)
+    mos_n: int = 0
+    levels: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])  # video samples per VideoLevel
+    q_min: float | None = None  # worst connection-quality score
+    last_loss: float = 0.0  # the last sample's figures (upstream of the subscribers)
+    last_jitter: float = 0.0
+
+
+def _lo(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _hi(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+@dataclass(slots=True)
+class Mark:
+    """One sample a finding may name by itself."""
+
+    seq: int
+    time_ms: int
+    connection_id: str
+    track: str
+    peer_id: str
+    stream_id: str
+    direction: str
+    kind: str
+    idx: int  # its index in its track (0 = first)
+    packets: float
+    bitrate_kbps: float
+    loss_pct: float
+    jitter_ms: float
+    rtt_ms: float
+    up_loss: float  # downstream: the upstream figures of the stream just before (0 when none)
+    up_jitter: float
+
+
+@dataclass(slots=True)
+class FreezeTrack:
+    """One received video track's freeze counters folded over its browser samples."""
+
+    connection_id: str
+    stream_id: str
+    first_ms: int
+    first_seq: int
+    last_ms: int = 0
+    count: int = 0
+    frozen_s: float = 0.0
+    last_count: int = 0
+    last_s: float = 0.0
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, seq: int, t: int, payload: Mapping[str, Any]) -> None:
+        """Fold one sample exactly as :func:`metrics.scores.freezes_from_client_stats` does."""
+        self.last_ms = t
+        c, s = payload.get("freezeCount"), payload.get("totalFreezesDuration")
+        if len(self.evidence) < FREEZE_EVIDENCE:
+            self.evidence.append({"seq": seq, "time_ms": t, "freezeCount": c, "totalFreezesDuration": s})
+        if not isinstance(c, int) or isinstance(c, bool):
+            return
+        value = float(s) if isinstance(s, (int, float)) and not isinstance(s, bool) else self.last_s
+        if c < self.last_count:
+            self.last_count, self.last_s = 0, 0.0
+        self.count += c - self.last_count
+        self.frozen_s += max(0.0, value - self.last_s)
+        self.last_count, self.last_s = c, value
+
+
+class Roller:
+    """Folds one log's quality samples and client stats into buckets, marks and freeze tracks.
+
+    Feed entries with :meth:`add` in the order they were written (time order), then
+    :meth:`drain` what changed. State that carries from one entry to the next (a track's sample
+    count, a stream's last upstream figures, a freeze track) is cached, at most
+    :data:`STATE_CACHE_MAX` of each; on a miss the loaders (the stored roll-ups) answer.
+    """
+
+    def __init__(self, *, count: Callable[[str, TrackKey], int] | None = None,
+                 upstream: Callable[[str, str, str], tuple[float, float] | None] | None = None,
+                 freeze: Callable[[str, str, str], FreezeTrack | None] | None = None) -> None:
+        self._load_count = count
+        self._load_upstream = upstream
+        self._load_freeze = freeze
+        self._counts: OrderedDict[tuple[str, TrackKey], int] = OrderedDict()
+        self._upstream: OrderedDict[tuple[str, str, str], tuple[float, float] | None] = OrderedDict()
+        self._freezes: OrderedDict[tuple[str, str, str], FreezeTrack | None] = OrderedDict()
+        self.buckets: dict[tuple[str, str, str, str, int], Bucket] = {}
+        self.marks: list[tuple[str, Mark]] = []
+        self.freezes: dict[tuple[str, str, str], FreezeTrack] = {}
+
+    def forget(self) -> None:
+        """Drop every cached state and what was not drained (a batch that was not committed)."""
+        self._counts.clear()
+        self._upstream.clear()
+        self._freezes.clear()
+        self.drain()
+
+    def drain(self) -> tuple[list[tuple[str, Bucket]], list[tuple[str, Mark]], list[tuple[str, FreezeTrack]]]:
+        """What was folded since the last drain: ``(session_id, bucket)`` partial buckets (to be
+        merged with stored ones), new marks and changed freeze tracks (whole)."""
+        buckets = [(key[0], b) for key, b in self.buckets.items()]
+        marks = self.marks
+        freezes = [(key[0], f) for key, f in self.freezes.items()]
+        self.buckets, self.marks, self.freezes = {}, [], {}
+        return buckets, marks, freezes
+
+    @staticmethod
+    def _cached(cache: OrderedDict[Any, Any], key: Any, load: Callable[[], Any]) -> Any:
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        value = load()
+        cache[key] = value
+        if len(cache) > STATE_CACHE_MAX:
+            cache.popitem(last=False)
+        return value
+
+    def add(self, session_id: str, seq: int, time_ms: int, connection_id: str, kind: str,
+            payload: Mapping[str, Any]) -> None:
+        """Fold one entry; entries of other kinds are ignored."""
+        if kind == EventKind.QUALITY_SAMPLE:
+            self._sample(session_id, seq, time_ms, connection_id, payload)
+        elif (kind == EventKind.CLIENT_STATS and payload.get("direction") == "recv"
+              and payload.get("kind") == "video"):
+            stream_id = str(payload.get("stream_id"))
+            key = (session_id, connection_id, stream_id)
+            loader = self._load_freeze
+            track: FreezeTrack | None = self._cached(
+                self._freezes, key, lambda: loader(session_id, connection_id, stream_id) if loader else None)
+            if track is None:
+                track = FreezeTrack(connection_id, stream_id, time_ms, seq)
+                self._freezes[key] = track
+            track.add(seq, time_ms, payload)
+            self.freezes[key] = track
+
+    def _sample(self, session_id: str, seq: int, t: int, connection_id: str, s: Mapping[str, Any]) -> None:
+        direction, kind = str(s.get("direction")), str(s.get("kind"))
+        stream_id, peer_id = str(s.get("stream_id")), str(s.get("peer_id"))
+        track = stream_id if direction == "in" else peer_id
+        tkey: TrackKey = (track, direction, kind)
+        count_loader = self._load_count
+        idx: int = self._cached(self._counts, (session_id, tkey),
+                                lambda: count_loader(session_id, tkey) if count_loader else 0)
+        self._counts[(session_id, tkey)] = idx + 1
+        packets = _num(s.get("packets")) or 0.0
+        bitrate, loss = _num(s.get("bitrate_kbps")), _num(s.get("loss_pct")) or 0.0
+        jitter, rtt, fps = _num(s.get("jitter_ms")), _num(s.get("rtt_ms")), _num(s.get("frame_rate"))
+        ukey = (session_id, stream_id, kind)
+        if direction == "in":
+            up: tuple[float, float] | None = (loss, jitter or 0.0)
+            self._upstream[ukey] = up
+            self._upstream.move_to_end(ukey)
+            if len(self._upstream) > STATE_CACHE_MAX:
+                self._upstream.popitem(last=False)
+        else:
+            up_loader = self._load_upstream
+            up = self._cached(self._upstream, ukey,
+                              lambda: up_loader(session_id, stream_id, kind) if up_loader else None)
+        bucket_ms = t - t % BUCKET_MS
+        b = self.buckets.get((session_id, *tkey, bucket_ms))
+        if b is None:
+            b = Bucket(track, direction, kind, bucket_ms, connection_id, peer_id, stream_id, first_ms=t,
+                       first_seq=seq)
+            self.buckets[(session_id, *tkey, bucket_ms)] = b
+        b.n += 1
+        b.last_ms, b.last_seq = t, seq
+        if packets > 0:
+            b.n_media += 1
+            if b.first_media_ms is None:
+                b.first_media_ms = t
+        b.packets += packets
+        b.packets_lost += _num(s.get("packets_lost")) or 0.0
+        b.bitrate_sum += bitrate or 0.0
+        b.bitrate_min, b.bitrate_max = _lo(b.bitrate_min, bitrate or 0.0), _hi(b.bitrate_max, bitrate or 0.0)
+        b.loss_sum += loss
+        b.loss_max = _hi(b.loss_max, loss)
+        if jitter is not None:
+            b.jitter_sum += jitter
+            b.jitter_n += 1
+            b.jitter_max = _hi(b.jitter_max, jitter)
+        if rtt is not None:
+            b.rtt_sum += rtt
+            b.rtt_n += 1
+            b.rtt_max = _hi(b.rtt_max, rtt)
+        if fps is not None:
+            b.fps_sum += fps
+            b.fps_n += 1
+        width, height = _int(s.get("width")), _int(s.get("height"))
+        if width is not None:
+            b.width = width
+        if height is not None:
+            b.height = height
+        b.last_loss, b.last_jitter = loss, jitter or 0.0
+        # Scores, computed per sample as the summary always did.
+        if kind == "audio" and packets > 0:
+            b.mos_c += round(scores.audio_mos(loss, rtt, jitter, bitrate) * 100)
+            b.mos_n += 1
+        if kind == "video":
+            b.levels[int(scores.video_level(s.get("width"), s.get("height"), fps, bitrate))] += 1
+        expected = scores.expected_video_kbps(_height(s.get("width"), s.get("height"))) * 0.5 \
+            if kind == "video" else None
+        score, _ = scores.connection_quality(loss, rtt, jitter, bitrate, expected,
+                                             s.get("packets") if isinstance(s.get("packets"), int) else None)
+        b.q_min = _lo(b.q_min, score)
+        # The samples a finding names one by one.
+        if ((kind == "video" and (bitrate or 0.0) < LOW_VIDEO_KBPS) or loss > LOSS_PCT
+                or (jitter or 0.0) > JITTER_MS or (rtt or 0.0) > RTT_MS
+                or (direction == "out" and idx < FIRST_SAMPLES_KEPT)):
+            up_loss, up_jitter = up if (up is not None and direction == "out") else (0.0, 0.0)
+            self.marks.append((session_id, Mark(seq, t, connection_id, track, peer_id, stream_id, direction, kind, idx,
+                                                packets, bitrate or 0.0, loss, jitter or 0.0, rtt or 0.0, up_loss,
+                                                up_jitter)))
+
+
+def merge(into: Bucket, b: Bucket) -> None:
+    """Merge bucket ``b`` (later samples of the same track and window) into ``into``."""
+    if (b.first_ms, b.first_seq) < (into.first_ms, into.first_seq):
+        into.first_ms, into.first_seq = b.first_ms, b.first_seq
+    if (b.last_ms, b.last_seq) >= (into.last_ms, into.last_seq):
+        into.last_ms, into.last_seq = b.last_ms, b.last_seq
+        into.last_loss, into.last_jitter = b.last_loss, b.last_jitter
+    into.n += b.n
+    into.n_media += b.n_media
+    into.first_media_ms = (b.first_media_ms if into.first_media_ms is None else into.first_media_ms
+                           if b.first_media_ms is None else min(into.first_media_ms, b.first_media_ms))
+    into.packets += b.packets
+    into.packets_lost += b.packets_lost
+    into.bitrate_sum += b.bitrate_sum
+    into.bitrate_min, into.bitrate_max = _lo(into.bitrate_min, b.bitrate_min), _hi(into.bitrate_max, b.bitrate_max)
+    into.loss_sum += b.loss_sum
+    into.loss_max = _hi(into.loss_max, b.loss_max)
+    into.jitter_sum += b.jitter_sum
+    into.jitter_n += b.jitter_n
+    into.jitter_max = _hi(into.jitter_max, b.jitter_max)
+    into.rtt_sum += b.rtt_sum
+    into.rtt_n += b.rtt_n
+    into.rtt_max = _hi(into.rtt_max, b.rtt_max)
+    into.fps_sum += b.fps_sum
+    into.fps_n += b.fps_n
+    into.width = b.width if b.width is not None else into.width
+    into.height = b.height if b.height is not None else into.height
+    into.mos_c += b.mos_c
+    into.mos_n += b.mos_n
+    into.levels = [x + y for x, y in zip(into.levels, b.levels, strict=True)]
+    into.q_min = _lo(into.q_min, b.q_min)
+
+
+# --- what the summary and the diagnosis read --------------------------------------------------
+
+@dataclass(slots=True)
+class Track:
+    """One track's totals over the whole session."""
+
+    track: str
+    direction: str
+    kind: str
+    connection_id: str
+    stream_id: str
+    n: int
+    n_media: int
+    first_ms: int
+    first_seq: int
+    first_media_ms: int | None
+    mos_c: int
+    mos_n: int
+    levels: list[int]
+
+
+@dataclass
+class SessionRollup:
+    """A session's roll-ups, read back from the event log or folded from its entries."""
+
+    tracks: dict[TrackKey, Track]
+    #: (track, direction, bucket_ms, worst score) over the kinds of the track, by bucket.
+    quality: list[tuple[str, str, int, float]]
+    marks: list[Mark]  # oldest first
+    freezes: list[FreezeTrack]  # by their first sample
+
+    def __post_init__(self) -> None:
+        self._marks_by_track: dict[TrackKey, list[Mark]] = {}
+        for m in self.marks:
+            self._marks_by_track.setdefault((m.track, m.direction, m.kind), []).append(m)
+
+    def track_marks(self, track: str, direction: str, kind: str) -> list[Mark]:
+        return self._marks_by_track.get((track, direction, kind), [])
+
+    def of(self, track: str, direction: str) -> list[Track]:
+        return [t for kind in ("audio", "video") if (t := self.tracks.get((track, direction, kind))) is not None] + [
+            t for (tr, d, k), t in self.tracks.items() if tr == track and d == direction and k not in ("audio", "video")]
+
+
+def rollup_of(buckets: Iterable[Bucket], marks: Iterable[Mark], freezes: Iterable[FreezeTrack]) -> SessionRollup:
+    """Totals per track and the worst score per track and bucket, from a session's buckets."""
+    tracks: dict[TrackKey, Track] = {}
+    worst: dict[tuple[str, str, int], float] = {}
+    for b in buckets:
+        key = (b.track, b.direction, b.kind)
+        t = tracks.get(key)
+        if t is None:
+            tracks[key] = Track(b.track, b.direction, b.kind, b.connection_id, b.stream_id, b.n, b.n_media,
+                                b.first_ms, b.first_seq, b.first_media_ms, b.mos_c, b.mos_n, list(b.levels))
+        else:
+            t.n += b.n
+            t.n_media += b.n_media
+            if (b.first_ms, b.first_seq) < (t.first_ms, t.first_seq):
+                t.first_ms, t.first_seq, t.connection_id = b.first_ms, b.first_seq, b.connection_id
+            if b.first_media_ms is not None:
+                t.first_media_ms = b.first_media_ms if t.first_media_ms is None else min(t.first_media_ms,
+                                                                                         b.first_media_ms)
+            t.mos_c += b.mos_c
+            t.mos_n += b.mos_n
+            t.levels = [x + y for x, y in zip(t.levels, b.levels, strict=True)]
+        if b.q_min is not None:
+            qkey = (b.track, b.direction, b.bucket_ms)
+            worst[qkey] = b.q_min if qkey not in worst else min(worst[qkey], b.q_min)
+    quality = sorted(((tr, d, bucket, q) for (tr, d, bucket), q in worst.items()), key=lambda x: x[2])
+    return SessionRollup(tracks, quality, sorted(marks, key=lambda m: (m.time_ms, m.seq)),
+                         sorted(freezes, key=lambda f: (f.first_ms, f.first_seq)))
+
+
+def from_entries(entries: Iterable[Mapping[str, Any]]) -> SessionRollup:
+    """Fold a session's entries (oldest first) the way the event log's writer does."""
+    roller = Roller()
+    for e in entries:
+        payload = e.get("payload")
+        if not isinstance(payload, Mapping):
+            continue
+        t = e.get("time_ms")
+        roller.add("", int(e.get("seq") or 0), t if isinstance(t, int) else 0, _str(e.get("connection_id")),
+                   str(e.get("kind")), payload)
+    buckets, marks, freezes = roller.drain()
+    return rollup_of((b for _, b in buckets), (m for _, m in marks), (f for _, f in freezes))
+
+
+def mean_mos(tracks: Iterable[Track]) -> float | None:
+    c = n = 0
+    for t in tracks:
+        c, n = c + t.mos_c, n + t.mos_n
+    return round(c / 100 / n, 2) if n else None
+
+
+def median_level(tracks: Iterable[Track]) -> int | None:
+    """The low median of the video levels of ``tracks``' samples."""
+    counts = [0, 0, 0, 0, 0]
+    for t in tracks:
+        counts = [x + y for x, y in zip(counts, t.levels, strict=True)]
+    total = sum(counts)
+    if not total:
+        return None
+    index = (total - 1) // 2
+    for level, count in enumerate(counts):
+        if index < count:
+            return level
+        index -= count
+    return None  # not reached
+
+
+def finite(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None
