@@ -58,8 +58,8 @@ DEFAULT_BATCH_INTERVAL_S: Final = 0.05
 DEFAULT_QUERY_LIMIT: Final = 10_000
 #: Most entries (samples aside) one analysis reads.
 DEFAULT_ANALYSIS_LIMIT: Final = 200_000
-#: The resolutions of the quality timeline's roll-ups, finest first (ms).
-RESOLUTIONS_MS: Final = (10_000, 30_000, 60_000, 300_000, 900_000, 3_600_000)
+#: The resolutions the quality timeline's roll-ups are served at, finest first (ms).
+RESOLUTIONS_MS: Final = (10_000, 60_000, 300_000, 900_000, 3_600_000)
 _WARNING_INTERVAL_S: Final = 10.0
 
 _SCHEMA: Final = """
@@ -82,10 +82,11 @@ CREATE INDEX IF NOT EXISTS events_notes ON events (session_id, time_ms, seq)
 -- Roll-ups (metrics.rollup), written in the same transaction as the samples they sum up.
 CREATE TABLE IF NOT EXISTS rollups (
     session_id     TEXT NOT NULL,
+    span_ms        INTEGER NOT NULL,  -- the bucket's width (metrics.rollup.SPANS_MS)
     track          TEXT NOT NULL,     -- the stream id upstream ("in"), the subscription's peer id downstream
     direction      TEXT NOT NULL,
     kind           TEXT NOT NULL,
-    bucket_ms      INTEGER NOT NULL,  -- start of a BUCKET_MS window
+    bucket_ms      INTEGER NOT NULL,  -- the bucket's start
     connection_id  TEXT NOT NULL, peer_id TEXT NOT NULL, stream_id TEXT NOT NULL,
     n INTEGER NOT NULL, n_media INTEGER NOT NULL,
     first_ms INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_seq INTEGER NOT NULL,
@@ -97,14 +98,25 @@ CREATE TABLE IF NOT EXISTS rollups (
     rtt_sum REAL NOT NULL, rtt_n INTEGER NOT NULL, rtt_max REAL,
     fps_sum REAL NOT NULL, fps_n INTEGER NOT NULL,
     width INTEGER, height INTEGER,
-    mos_c INTEGER NOT NULL, mos_n INTEGER NOT NULL,
-    level0 INTEGER NOT NULL, level1 INTEGER NOT NULL, level2 INTEGER NOT NULL, level3 INTEGER NOT NULL,
-    level4 INTEGER NOT NULL,
     q_min REAL,
-    last_loss REAL NOT NULL, last_jitter REAL NOT NULL,
-    PRIMARY KEY (session_id, track, direction, kind, bucket_ms)
+    PRIMARY KEY (session_id, span_ms, bucket_ms, track, direction, kind)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rollups_by_time ON rollups (last_ms);
+CREATE TABLE IF NOT EXISTS rollup_tracks (
+    session_id TEXT NOT NULL, track TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL,
+    connection_id TEXT NOT NULL, stream_id TEXT NOT NULL,
+    n INTEGER NOT NULL, n_media INTEGER NOT NULL, first_ms INTEGER NOT NULL, first_seq INTEGER NOT NULL,
+    first_media_ms INTEGER, mos_c INTEGER NOT NULL, mos_n INTEGER NOT NULL,
+    level0 INTEGER NOT NULL, level1 INTEGER NOT NULL, level2 INTEGER NOT NULL, level3 INTEGER NOT NULL,
+    level4 INTEGER NOT NULL, last_ms INTEGER NOT NULL, last_loss REAL NOT NULL, last_jitter REAL NOT NULL,
+    PRIMARY KEY (session_id, track, direction, kind)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS rollup_tracks_by_time ON rollup_tracks (last_ms);
+CREATE TABLE IF NOT EXISTS quality_rollups (
+    session_id TEXT NOT NULL, connection_id TEXT NOT NULL, bucket_ms INTEGER NOT NULL, q_min REAL NOT NULL,
+    PRIMARY KEY (session_id, connection_id, bucket_ms)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS quality_rollups_by_time ON quality_rollups (bucket_ms);
 CREATE TABLE IF NOT EXISTS sample_marks (
     seq INTEGER PRIMARY KEY,  -- the sample's entry
     session_id TEXT NOT NULL, time_ms INTEGER NOT NULL, connection_id TEXT NOT NULL, track TEXT NOT NULL,
@@ -132,39 +144,46 @@ _BUCKET_VALUES: Final = (
     "connection_id", "peer_id", "stream_id", "n", "n_media", "first_ms", "first_seq", "last_ms", "last_seq",
     "first_media_ms", "packets", "packets_lost", "bitrate_sum", "bitrate_min", "bitrate_max", "loss_sum", "loss_max",
     "jitter_sum", "jitter_n", "jitter_max", "rtt_sum", "rtt_n", "rtt_max", "fps_sum", "fps_n", "width", "height",
-    "mos_c", "mos_n", "level0", "level1", "level2", "level3", "level4", "q_min", "last_loss", "last_jitter",
+    "q_min",
 )
-_BUCKET_KEY: Final = ("session_id", "track", "direction", "kind", "bucket_ms")
+_BUCKET_KEY: Final = ("session_id", "span_ms", "track", "direction", "kind", "bucket_ms")
+_TRACK_KEY: Final = ("session_id", "track", "direction", "kind")
+_TRACK_VALUES: Final = ("connection_id", "stream_id", "n", "n_media", "first_ms", "first_seq", "first_media_ms",
+                        "mos_c", "mos_n", "level0", "level1", "level2", "level3", "level4", "last_ms", "last_loss",
+                        "last_jitter")
+_SUMS: Final = frozenset({"n", "n_media", "packets", "packets_lost", "bitrate_sum", "loss_sum", "jitter_sum",
+                          "jitter_n", "rtt_sum", "rtt_n", "fps_sum", "fps_n", "mos_c", "mos_n", "level0", "level1",
+                          "level2", "level3", "level4"})
 
 
-def _later(column: str) -> str:
-    return f"CASE WHEN excluded.last_seq >= last_seq THEN excluded.{column} ELSE {column} END"
-
-
-def _merged(column: str) -> str:
-    """How a stored bucket and a newer partial one of the same window merge (metrics.rollup.merge)."""
-    if column in ("n", "n_media", "packets", "packets_lost", "bitrate_sum", "loss_sum", "jitter_sum", "jitter_n",
-                  "rtt_sum", "rtt_n", "fps_sum", "fps_n", "mos_c", "mos_n") or column.startswith("level"):
+def _merged(column: str, last: str) -> str:
+    """How a stored row and a newer partial one of the same key merge: sums add, minima and
+    maxima combine, the first sample's figures stay, the last sample's (``last`` orders them) win.
+    Every expression reads the stored row as it was before the update (SQL's SET semantics)."""
+    if column in _SUMS:
         return f"{column} + excluded.{column}"
     if column in ("bitrate_min", "q_min", "first_media_ms"):
         return f"COALESCE(MIN({column}, excluded.{column}), {column}, excluded.{column})"
     if column in ("bitrate_max", "loss_max", "jitter_max", "rtt_max"):
         return f"COALESCE(MAX({column}, excluded.{column}), {column}, excluded.{column})"
-    if column in ("first_ms", "first_seq"):
+    if column in ("first_ms", "first_seq", "connection_id", "peer_id", "stream_id"):
         return f"CASE WHEN excluded.first_seq < first_seq THEN excluded.{column} ELSE {column} END"
     if column in ("width", "height"):
-        return f"COALESCE(CASE WHEN excluded.last_seq >= last_seq THEN excluded.{column} END, {column})"
-    return _later(column)  # last_ms, last_seq, last_loss, last_jitter, ids
+        return f"COALESCE(CASE WHEN excluded.{last} >= {last} THEN excluded.{column} END, {column})"
+    return f"CASE WHEN excluded.{last} >= {last} THEN excluded.{column} ELSE {column} END"
 
 
-# last_seq goes last: every CASE above compares against the stored (old) value anyway, as SQLite
-# evaluates the whole SET list against the row before the update.
-_UPSERT_BUCKET: Final = (
-    f"INSERT INTO rollups ({', '.join(_BUCKET_KEY + _BUCKET_VALUES)})"
-    f" VALUES ({', '.join('?' * (len(_BUCKET_KEY) + len(_BUCKET_VALUES)))})"
-    f" ON CONFLICT ({', '.join(_BUCKET_KEY)}) DO UPDATE SET "
-    + ", ".join(f"{c} = {_merged(c)}" for c in _BUCKET_VALUES if c not in ("connection_id", "peer_id", "stream_id"))
-)
+def _upsert(table: str, key: tuple[str, ...], values: tuple[str, ...], last: str) -> str:
+    columns = key + values
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET " + ", ".join(f"{c} = {_merged(c, last)}" for c in values))
+
+
+_UPSERT_BUCKET: Final = _upsert("rollups", _BUCKET_KEY, _BUCKET_VALUES, "last_seq")
+_UPSERT_TRACK: Final = _upsert("rollup_tracks", _TRACK_KEY, _TRACK_VALUES, "last_ms")
+_UPSERT_QUALITY: Final = ("INSERT INTO quality_rollups (session_id, connection_id, bucket_ms, q_min) VALUES (?, ?, ?, ?)"
+                          " ON CONFLICT (session_id, connection_id, bucket_ms) DO UPDATE SET"
+                          " q_min = MIN(q_min, excluded.q_min)")
 _MARK_COLUMNS: Final = ("seq", "session_id", "time_ms", "connection_id", "track", "peer_id", "stream_id", "direction",
                         "kind", "idx", "packets", "bitrate_kbps", "loss_pct", "jitter_ms", "rtt_ms", "up_loss",
                         "up_jitter")
@@ -188,11 +207,31 @@ def _freeze_of(row: tuple[Any, ...]) -> rollup.FreezeTrack:
 
 
 def _bucket_row(session_id: str, b: rollup.Bucket) -> tuple[Any, ...]:
-    return (session_id, b.track, b.direction, b.kind, b.bucket_ms, b.connection_id, b.peer_id, b.stream_id, b.n,
-            b.n_media, b.first_ms, b.first_seq, b.last_ms, b.last_seq, b.first_media_ms, b.packets, b.packets_lost,
-            b.bitrate_sum, b.bitrate_min, b.bitrate_max, b.loss_sum, b.loss_max, b.jitter_sum, b.jitter_n,
-            b.jitter_max, b.rtt_sum, b.rtt_n, b.rtt_max, b.fps_sum, b.fps_n, b.width, b.height, b.mos_c, b.mos_n,
-            *b.levels, b.q_min, b.last_loss, b.last_jitter)
+    return (session_id, b.span_ms, b.track, b.direction, b.kind, b.bucket_ms, b.connection_id, b.peer_id,
+            b.stream_id, b.n, b.n_media, b.first_ms, b.first_seq, b.last_ms, b.last_seq, b.first_media_ms, b.packets,
+            b.packets_lost, b.bitrate_sum, b.bitrate_min, b.bitrate_max, b.loss_sum, b.loss_max, b.jitter_sum,
+            b.jitter_n, b.jitter_max, b.rtt_sum, b.rtt_n, b.rtt_max, b.fps_sum, b.fps_n, b.width, b.height, b.q_min)
+
+
+def _track_row(session_id: str, t: rollup.Track) -> tuple[Any, ...]:
+    return (session_id, t.track, t.direction, t.kind, t.connection_id, t.stream_id, t.n, t.n_media, t.first_ms,
+            t.first_seq, t.first_media_ms, t.mos_c, t.mos_n, *t.levels, t.last_ms, t.last_loss, t.last_jitter)
+
+
+def _track_of(r: tuple[Any, ...]) -> rollup.Track:
+    """A track from its columns (:data:`_TRACK_KEY` without the session, then :data:`_TRACK_VALUES`)."""
+    (track, direction, kind, cid, stream_id, n, n_media, first_ms, first_seq, first_media_ms, mos_c, mos_n,
+     l0, l1, l2, l3, l4, last_ms, last_loss, last_jitter) = r
+    return rollup.Track(track, direction, kind, cid, stream_id, n, n_media, first_ms, first_seq, first_media_ms,
+                        mos_c, mos_n, [l0, l1, l2, l3, l4], last_ms, last_loss, last_jitter)
+
+
+def _write_drained(conn: sqlite3.Connection, drained: rollup.Drained) -> None:
+    conn.executemany(_UPSERT_BUCKET, [_bucket_row(sid, b) for sid, b in drained.buckets])
+    conn.executemany(_UPSERT_TRACK, [_track_row(sid, t) for sid, t in drained.tracks])
+    conn.executemany(_UPSERT_QUALITY, drained.quality)
+    conn.executemany(_INSERT_MARK, [_mark_row(sid, m) for sid, m in drained.marks])
+    conn.executemany(_UPSERT_FREEZE, [_freeze_row(sid, f) for sid, f in drained.freezes])
 
 
 def _mark_row(session_id: str, m: rollup.Mark) -> tuple[Any, ...]:
@@ -255,25 +294,41 @@ class Analysis:
     span: tuple[int | None, int | None]  # first and last entry time of any kind
 
 
-def _r(value: float, digits: int = 2) -> float:
-    return round(value, digits)
+def _point_columns(grouped: bool) -> str:
+    """The SQL of a chart point's figures (:data:`_POINT_KEYS` from ``time_ms`` on): one stored
+    bucket's, or (``grouped``) those of the buckets of a coarser window. Means are computed in
+    SQLite: no per-point work in Python."""
+    def agg(fn: str, column: str) -> str:
+        return f"{fn}({column})" if grouped else column
+
+    def mean(column: str, count: str, digits: int) -> str:
+        return (f"CASE WHEN {agg('SUM', count)} > 0 THEN ROUND({agg('SUM', column)} * 1.0 / {agg('SUM', count)},"
+                f" {digits}) END")
+
+    t = "(bucket_ms / ?) * ?" if grouped else "bucket_ms + 0 * ? * ?"  # two parameters either way
+    return ", ".join([
+        t, "? / 1000.0", agg("SUM", "n"), agg("SUM", "n_media"), f"CAST({agg('SUM', 'packets')} AS INTEGER)",
+        f"CAST({agg('SUM', 'packets_lost')} AS INTEGER)", mean("bitrate_sum", "n", 1), agg("MIN", "bitrate_min"),
+        agg("MAX", "bitrate_max"), mean("loss_sum", "n", 2), agg("MAX", "loss_max"), mean("jitter_sum", "jitter_n", 2),
+        agg("MAX", "jitter_max"), mean("rtt_sum", "rtt_n", 1), agg("MAX", "rtt_max"), mean("fps_sum", "fps_n", 1),
+        agg("MAX", "width"), agg("MAX", "height"), agg("MIN", "q_min"),
+    ])
 
 
-def _point(r: tuple[Any, ...], resolution_ms: int) -> dict[str, Any]:
-    """One chart point from a row of :meth:`EventLog.quality_points_sync`'s query."""
-    (t, direction, kind, cid, peer, stream, n, n_media, packets, lost, br_sum, br_min, br_max, loss_sum, loss_max,
-     jitter_sum, jitter_n, jitter_max, rtt_sum, rtt_n, rtt_max, fps_sum, fps_n, width, height, q_min) = r
-    return {
-        "connection_id": cid, "peer_id": peer, "stream_id": stream, "direction": direction, "kind": kind,
-        "time_ms": t, "interval_s": resolution_ms / 1000, "samples": n, "samples_with_media": n_media,
-        "packets": int(packets), "packets_lost": int(lost),
-        "bitrate_kbps": _r(br_sum / n, 1), "bitrate_min_kbps": br_min, "bitrate_max_kbps": br_max,
-        "loss_pct": _r(loss_sum / n), "loss_max_pct": loss_max,
-        "jitter_ms": _r(jitter_sum / jitter_n) if jitter_n else None, "jitter_max_ms": jitter_max,
-        "rtt_ms": _r(rtt_sum / rtt_n, 1) if rtt_n else None, "rtt_max_ms": rtt_max,
-        "frame_rate": _r(fps_sum / fps_n, 1) if fps_n else None, "width": width, "height": height,
-        "quality_score": q_min,
-    }
+#: The keys of a chart point, in the order of the query's columns.
+_POINT_KEYS: Final = (
+    "connection_id", "peer_id", "stream_id", "direction", "kind", "time_ms", "interval_s", "samples",
+    "samples_with_media", "packets", "packets_lost", "bitrate_kbps", "bitrate_min_kbps", "bitrate_max_kbps",
+    "loss_pct", "loss_max_pct", "jitter_ms", "jitter_max_ms", "rtt_ms", "rtt_max_ms", "frame_rate", "width",
+    "height", "quality_score",
+)
+_POINTS_OF_BUCKETS: Final = (
+    f"SELECT connection_id, peer_id, stream_id, direction, kind, {_point_columns(False)} FROM rollups"
+    " WHERE session_id = ? AND span_ms = ? AND bucket_ms >= ? ORDER BY bucket_ms, track, direction, kind")
+_POINTS_GROUPED: Final = (
+    f"SELECT MIN(connection_id), MIN(peer_id), MIN(stream_id), direction, kind, {_point_columns(True)}"
+    " FROM rollups WHERE session_id = ? AND span_ms = ? AND bucket_ms >= ?"
+    " GROUP BY track, direction, kind, (bucket_ms / ?) ORDER BY 6, track, direction, kind")
 
 
 def _like_escape(text: str) -> str:
@@ -635,23 +690,20 @@ class EventLog:
         for seq, e in enumerate(entries, first_seq):
             if e.kind in _ROLLED_KINDS:
                 roller.add(e.session_id, seq, e.time_ms, e.connection_id or "", e.kind, e.payload)
-        buckets, marks, freezes = roller.drain()
-        conn.executemany(_UPSERT_BUCKET, [_bucket_row(sid, b) for sid, b in buckets])
-        conn.executemany(_INSERT_MARK, [_mark_row(sid, m) for sid, m in marks])
-        conn.executemany(_UPSERT_FREEZE, [_freeze_row(sid, f) for sid, f in freezes])
+        _write_drained(conn, roller.drain())
 
     # Loaders of the roll-up state the writer's roller evicted (or never saw: a reopened file).
 
     def _stored_count(self, session_id: str, key: rollup.TrackKey) -> int:
         row = self._roller_conn.execute(
-            "SELECT COALESCE(SUM(n), 0) FROM rollups WHERE session_id = ? AND track = ? AND direction = ?"
-            " AND kind = ?", (session_id, *key)).fetchone()
-        return int(row[0])
+            "SELECT n FROM rollup_tracks WHERE session_id = ? AND track = ? AND direction = ? AND kind = ?",
+            (session_id, *key)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def _stored_upstream(self, session_id: str, stream_id: str, kind: str) -> tuple[float, float] | None:
         row = self._roller_conn.execute(
-            "SELECT last_loss, last_jitter FROM rollups WHERE session_id = ? AND track = ? AND direction = 'in'"
-            " AND kind = ? ORDER BY bucket_ms DESC LIMIT 1", (session_id, stream_id, kind)).fetchone()
+            "SELECT last_loss, last_jitter FROM rollup_tracks WHERE session_id = ? AND track = ? AND direction = 'in'"
+            " AND kind = ?", (session_id, stream_id, kind)).fetchone()
         return None if row is None else (float(row[0]), float(row[1]))
 
     def _stored_freeze(self, session_id: str, connection_id: str, stream_id: str) -> rollup.FreezeTrack | None:
@@ -669,7 +721,8 @@ class EventLog:
         self._roller_conn = conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute("DELETE FROM rollups")
+            for table in ("rollups", "rollup_tracks", "quality_rollups"):
+                conn.execute(f"DELETE FROM {table}")
             conn.execute("DELETE FROM sample_marks")
             conn.execute("DELETE FROM freeze_tracks")
             while True:
@@ -684,10 +737,7 @@ class EventLog:
                     if isinstance(decoded, dict):
                         roller.add(session_id, seq, time_ms, connection_id or "", kind, decoded)
                 last = rows[-1][0]
-                buckets, marks, freezes = roller.drain()
-                conn.executemany(_UPSERT_BUCKET, [_bucket_row(sid, b) for sid, b in buckets])
-                conn.executemany(_INSERT_MARK, [_mark_row(sid, m) for sid, m in marks])
-                conn.executemany(_UPSERT_FREEZE, [_freeze_row(sid, f) for sid, f in freezes])
+                _write_drained(conn, roller.drain())
             conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -769,20 +819,19 @@ class EventLog:
                 f"SELECT {_COLUMNS} FROM events WHERE session_id = ? AND {_SAMPLE_KINDS_SQL}"
                 " ORDER BY time_ms, seq LIMIT ?", (session_id, limit)).fetchall()
             entries = [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
-            first, last = conn.execute("SELECT MIN(time_ms), MAX(time_ms) FROM events WHERE session_id = ?",
-                                       (session_id,)).fetchone()
+            # Two index seeks (one MIN and one MAX would each scan the session).
+            first = conn.execute("SELECT time_ms FROM events WHERE session_id = ? ORDER BY time_ms LIMIT 1",
+                                 (session_id,)).fetchone()
+            last = conn.execute("SELECT time_ms FROM events WHERE session_id = ? ORDER BY time_ms DESC LIMIT 1",
+                                (session_id,)).fetchone()
             tracks = {}
-            for r in conn.execute(
-                    "SELECT track, direction, kind, MIN(bucket_ms), first_ms, first_seq, connection_id, stream_id,"
-                    " SUM(n), SUM(n_media), MIN(first_media_ms), SUM(mos_c), SUM(mos_n), SUM(level0), SUM(level1),"
-                    " SUM(level2), SUM(level3), SUM(level4) FROM rollups WHERE session_id = ?"
-                    " GROUP BY track, direction, kind", (session_id,)):
-                # The bare columns come from the track's first bucket (SQLite: a lone MIN()).
-                tracks[(r[0], r[1], r[2])] = rollup.Track(r[0], r[1], r[2], r[6], r[7], r[8], r[9], r[4], r[5], r[10],
-                                                          r[11], r[12], list(r[13:18]))
-            quality = [(r[0], r[1], r[2], r[3]) for r in conn.execute(
-                "SELECT track, direction, bucket_ms, MIN(q_min) FROM rollups WHERE session_id = ? AND q_min IS NOT NULL"
-                " GROUP BY track, direction, bucket_ms ORDER BY bucket_ms", (session_id,))]
+            for r in conn.execute(f"SELECT {', '.join(_TRACK_KEY[1:] + _TRACK_VALUES)} FROM rollup_tracks"
+                                  " WHERE session_id = ?", (session_id,)):
+                track = _track_of(tuple(r))
+                tracks[(track.track, track.direction, track.kind)] = track
+            quality = [(r[0], r[1], r[2]) for r in conn.execute(
+                "SELECT connection_id, bucket_ms, q_min FROM quality_rollups WHERE session_id = ? ORDER BY bucket_ms",
+                (session_id,))]
             marks = [rollup.Mark(*r) for r in conn.execute(
                 f"SELECT {', '.join(c for c in _MARK_COLUMNS if c != 'session_id')} FROM sample_marks"
                 " WHERE session_id = ? ORDER BY time_ms, seq", (session_id,))]
@@ -792,7 +841,8 @@ class EventLog:
             conn.execute("COMMIT")
         finally:
             conn.close()
-        return Analysis(entries, rollup.SessionRollup(tracks, quality, marks, freezes), (first, last))
+        span = (None if first is None else first[0], None if last is None else last[0])
+        return Analysis(entries, rollup.SessionRollup(tracks, quality, marks, freezes), span)
 
     async def analysis(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT) -> Analysis:
         """:meth:`analysis_sync` in a worker thread."""
@@ -802,7 +852,7 @@ class EventLog:
         """How many quality samples the session has (from its roll-ups)."""
         conn = self._read_connection()
         try:
-            row = conn.execute("SELECT COALESCE(SUM(n), 0) FROM rollups WHERE session_id = ?",
+            row = conn.execute("SELECT COALESCE(SUM(n), 0) FROM rollup_tracks WHERE session_id = ?",
                                (session_id,)).fetchone()
         finally:
             conn.close()
@@ -810,35 +860,34 @@ class EventLog:
 
     def quality_points_sync(self, session_id: str, resolution_ms: int, since_ms: int | None = None,
                             max_points: int | None = None) -> tuple[int, list[dict[str, Any]]]:
-        """The quality timeline at a resolution of its roll-ups: one point per track, kind and
-        window of ``resolution_ms`` (a multiple of the bucket), oldest first, with the window's
-        means, minima and maxima. With ``max_points``, the resolution is first coarsened (to
-        the next of :data:`RESOLUTIONS_MS`) until the points fit. Returns (resolution, points)."""
-        bucket = rollup.BUCKET_MS
-        resolution_ms = max(bucket, resolution_ms - resolution_ms % bucket)
+        """The quality timeline from its roll-ups: one point per track, kind and window of
+        ``resolution_ms`` (rounded down to one of :data:`RESOLUTIONS_MS`), oldest first, with the
+        window's sums, means, minima and maxima. With ``max_points``, the resolution is first
+        coarsened until the points fit (counted from the tracks' spans, without reading the
+        buckets). Returns (resolution, points)."""
+        resolution_ms = max([r for r in RESOLUTIONS_MS if r <= resolution_ms] or [RESOLUTIONS_MS[0]])
         since = 0 if since_ms is None else since_ms
         conn = self._read_connection()
         try:
             if max_points is not None:
-                for candidate in [resolution_ms, *(r for r in RESOLUTIONS_MS if r > resolution_ms)]:
+                spans = conn.execute("SELECT MAX(first_ms, ?), last_ms FROM rollup_tracks WHERE session_id = ?"
+                                     " AND last_ms >= ?", (since, session_id, since)).fetchall()
+                for candidate in (r for r in RESOLUTIONS_MS if r >= resolution_ms):
                     resolution_ms = candidate
-                    (count,) = conn.execute(
-                        "SELECT COUNT(*) FROM (SELECT 1 FROM rollups WHERE session_id = ? AND bucket_ms >= ?"
-                        " GROUP BY track, direction, kind, bucket_ms / ?)", (session_id, since - since % bucket,
-                                                                             candidate)).fetchone()
-                    if count <= max_points:
+                    if sum(last // candidate - first // candidate + 1 for first, last in spans) <= max_points:
                         break
-            rows = conn.execute(
-                "SELECT (bucket_ms / ?) * ? AS t, direction, kind, MIN(connection_id), MIN(peer_id), MIN(stream_id),"
-                " SUM(n), SUM(n_media), SUM(packets), SUM(packets_lost), SUM(bitrate_sum), MIN(bitrate_min),"
-                " MAX(bitrate_max), SUM(loss_sum), MAX(loss_max), SUM(jitter_sum), SUM(jitter_n), MAX(jitter_max),"
-                " SUM(rtt_sum), SUM(rtt_n), MAX(rtt_max), SUM(fps_sum), SUM(fps_n), MAX(width), MAX(height),"
-                " MIN(q_min) FROM rollups WHERE session_id = ? AND bucket_ms >= ?"
-                " GROUP BY track, direction, kind, t ORDER BY t, track, direction, kind",
-                (resolution_ms, resolution_ms, session_id, since - since % bucket)).fetchall()
+            # The finest stored width that divides the resolution; coarser ones are summed up here.
+            span = max(w for w in rollup.SPANS_MS if resolution_ms % w == 0)
+            start = since - since % resolution_ms
+            if span == resolution_ms:
+                rows = conn.execute(_POINTS_OF_BUCKETS, (resolution_ms, resolution_ms, resolution_ms, session_id, span,
+                                                         start)).fetchall()
+            else:
+                rows = conn.execute(_POINTS_GROUPED, (resolution_ms, resolution_ms, resolution_ms, session_id, span,
+                                                      start, resolution_ms)).fetchall()
         finally:
             conn.close()
-        return resolution_ms, [_point(tuple(r), resolution_ms) for r in rows]
+        return resolution_ms, [dict(zip(_POINT_KEYS, r, strict=True)) for r in rows]
 
     def sessions_sync(
         self,
@@ -934,6 +983,8 @@ class EventLog:
             deleted = conn.execute("DELETE FROM events WHERE time_ms < ?", (before_ms,)).rowcount
             # Their roll-ups go with them: a bucket or freeze track whose last sample is older.
             conn.execute("DELETE FROM rollups WHERE last_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM rollup_tracks WHERE last_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM quality_rollups WHERE bucket_ms <= ?", (before_ms - rollup.BUCKET_MS,))
             conn.execute("DELETE FROM sample_marks WHERE time_ms < ?", (before_ms,))
             conn.execute("DELETE FROM freeze_tracks WHERE last_ms < ?", (before_ms,))
             conn.execute("COMMIT")

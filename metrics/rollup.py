@@ -37,6 +37,8 @@ from metrics.events import EventKind
 
 #: Width of one bucket: the finest resolution of the charts and of quality over time.
 BUCKET_MS: Final = 10_000
+#: The widths buckets are kept at: the charts read the finest whose points fit.
+SPANS_MS: Final = (BUCKET_MS, 60_000)
 
 # Thresholds of the diagnosis (docs/inspector.md); the marks keep every sample over one.
 LOW_VIDEO_KBPS: Final = 150.0
@@ -92,6 +94,7 @@ class Bucket:
     track: str
     direction: str
     kind: str
+    span_ms: int  # the window's width: one of SPANS_MS
     bucket_ms: int
     connection_id: str = ""
     peer_id: str = ""
@@ -120,12 +123,7 @@ class Bucket:
     fps_n: int = 0
     width: int | None = None
     height: int | None = None
-    mos_c: int = 0  # audio MOS of the samples with packets, in hundredths (exact sums)
-    mos_n: int = 0
-    levels: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])  # video samples per VideoLevel
     q_min: float | None = None  # worst connection-quality score
-    last_loss: float = 0.0  # the last sample's figures (upstream of the subscribers)
-    last_jitter: float = 0.0
 
 
 def _lo(a: float | None, b: float | None) -> float | None:
@@ -207,7 +205,9 @@ class Roller:
         self._counts: OrderedDict[tuple[str, TrackKey], int] = OrderedDict()
         self._upstream: OrderedDict[tuple[str, str, str], tuple[float, float] | None] = OrderedDict()
         self._freezes: OrderedDict[tuple[str, str, str], FreezeTrack | None] = OrderedDict()
-        self.buckets: dict[tuple[str, str, str, str, int], Bucket] = {}
+        self.buckets: dict[tuple[str, int, str, str, str, int], Bucket] = {}
+        self.tracks: dict[tuple[str, str, str, str], Track] = {}
+        self.quality: dict[tuple[str, str, int], float] = {}
         self.marks: list[tuple[str, Mark]] = []
         self.freezes: dict[tuple[str, str, str], FreezeTrack] = {}
 
@@ -218,14 +218,16 @@ class Roller:
         self._freezes.clear()
         self.drain()
 
-    def drain(self) -> tuple[list[tuple[str, Bucket]], list[tuple[str, Mark]], list[tuple[str, FreezeTrack]]]:
-        """What was folded since the last drain: ``(session_id, bucket)`` partial buckets (to be
-        merged with stored ones), new marks and changed freeze tracks (whole)."""
-        buckets = [(key[0], b) for key, b in self.buckets.items()]
-        marks = self.marks
-        freezes = [(key[0], f) for key, f in self.freezes.items()]
-        self.buckets, self.marks, self.freezes = {}, [], {}
-        return buckets, marks, freezes
+    def drain(self) -> Drained:
+        """What was folded since the last drain, keyed by session: partial buckets, track totals
+        and quality (to be merged with the stored ones), new marks and changed freeze tracks
+        (whole)."""
+        drained = Drained([(key[0], b) for key, b in self.buckets.items()],
+                          [(key[0], t) for key, t in self.tracks.items()],
+                          [(sid, cid, bucket, q) for (sid, cid, bucket), q in self.quality.items()],
+                          self.marks, [(key[0], f) for key, f in self.freezes.items()])
+        self.buckets, self.tracks, self.quality, self.marks, self.freezes = {}, {}, {}, [], {}
+        return drained
 
     @staticmethod
     def _cached(cache: OrderedDict[Any, Any], key: Any, load: Callable[[], Any]) -> Any:
@@ -279,52 +281,69 @@ class Roller:
             up_loader = self._load_upstream
             up = self._cached(self._upstream, ukey,
                               lambda: up_loader(session_id, stream_id, kind) if up_loader else None)
-        bucket_ms = t - t % BUCKET_MS
-        b = self.buckets.get((session_id, *tkey, bucket_ms))
-        if b is None:
-            b = Bucket(track, direction, kind, bucket_ms, connection_id, peer_id, stream_id, first_ms=t,
-                       first_seq=seq)
-            self.buckets[(session_id, *tkey, bucket_ms)] = b
-        b.n += 1
-        b.last_ms, b.last_seq = t, seq
-        if packets > 0:
-            b.n_media += 1
-            if b.first_media_ms is None:
-                b.first_media_ms = t
-        b.packets += packets
-        b.packets_lost += _num(s.get("packets_lost")) or 0.0
-        b.bitrate_sum += bitrate or 0.0
-        b.bitrate_min, b.bitrate_max = _lo(b.bitrate_min, bitrate or 0.0), _hi(b.bitrate_max, bitrate or 0.0)
-        b.loss_sum += loss
-        b.loss_max = _hi(b.loss_max, loss)
-        if jitter is not None:
-            b.jitter_sum += jitter
-            b.jitter_n += 1
-            b.jitter_max = _hi(b.jitter_max, jitter)
-        if rtt is not None:
-            b.rtt_sum += rtt
-            b.rtt_n += 1
-            b.rtt_max = _hi(b.rtt_max, rtt)
-        if fps is not None:
-            b.fps_sum += fps
-            b.fps_n += 1
-        width, height = _int(s.get("width")), _int(s.get("height"))
-        if width is not None:
-            b.width = width
-        if height is not None:
-            b.height = height
-        b.last_loss, b.last_jitter = loss, jitter or 0.0
-        # Scores, computed per sample as the summary always did.
-        if kind == "audio" and packets > 0:
-            b.mos_c += round(scores.audio_mos(loss, rtt, jitter, bitrate) * 100)
-            b.mos_n += 1
-        if kind == "video":
-            b.levels[int(scores.video_level(s.get("width"), s.get("height"), fps, bitrate))] += 1
-        expected = scores.expected_video_kbps(_height(s.get("width"), s.get("height"))) * 0.5 \
-            if kind == "video" else None
+        level = (int(scores.video_level(s.get("width"), s.get("height"), fps, bitrate))
+                 if kind == "video" else None)
+        mos = (round(scores.audio_mos(loss, rtt, jitter, bitrate) * 100)
+               if kind == "audio" and packets > 0 else None)
+        expected = (scores.expected_video_kbps(_height(s.get("width"), s.get("height"))) * 0.5
+                    if kind == "video" else None)
         score, _ = scores.connection_quality(loss, rtt, jitter, bitrate, expected,
                                              s.get("packets") if isinstance(s.get("packets"), int) else None)
-        b.q_min = _lo(b.q_min, score)
+        for span in SPANS_MS:
+            bucket_ms = t - t % span
+            b = self.buckets.get((session_id, span, *tkey, bucket_ms))
+            if b is None:
+                b = Bucket(track, direction, kind, span, bucket_ms, connection_id, peer_id, stream_id, first_ms=t,
+                           first_seq=seq)
+                self.buckets[(session_id, span, *tkey, bucket_ms)] = b
+            b.n += 1
+            b.last_ms, b.last_seq = t, seq
+            if packets > 0:
+                b.n_media += 1
+                if b.first_media_ms is None:
+                    b.first_media_ms = t
+            b.packets += packets
+            b.packets_lost += _num(s.get("packets_lost")) or 0.0
+            b.bitrate_sum += bitrate or 0.0
+            b.bitrate_min, b.bitrate_max = _lo(b.bitrate_min, bitrate or 0.0), _hi(b.bitrate_max, bitrate or 0.0)
+            b.loss_sum += loss
+            b.loss_max = _hi(b.loss_max, loss)
+            if jitter is not None:
+                b.jitter_sum += jitter
+                b.jitter_n += 1
+                b.jitter_max = _hi(b.jitter_max, jitter)
+            if rtt is not None:
+                b.rtt_sum += rtt
+                b.rtt_n += 1
+                b.rtt_max = _hi(b.rtt_max, rtt)
+            if fps is not None:
+                b.fps_sum += fps
+                b.fps_n += 1
+            width, height = _int(s.get("width")), _int(s.get("height"))
+            if width is not None:
+                b.width = width
+            if height is not None:
+                b.height = height
+            b.q_min = _lo(b.q_min, score)
+        # The track's totals: the scores, computed per sample as the summary always did.
+        tr = self.tracks.get((session_id, *tkey))
+        if tr is None:
+            tr = Track(track, direction, kind, connection_id, stream_id, 0, 0, t, seq, None, 0, 0, [0, 0, 0, 0, 0], t)
+            self.tracks[(session_id, *tkey)] = tr
+        tr.n += 1
+        tr.last_ms, tr.last_loss, tr.last_jitter = t, loss, jitter or 0.0
+        if packets > 0:
+            tr.n_media += 1
+            if tr.first_media_ms is None:
+                tr.first_media_ms = t
+        if mos is not None:
+            tr.mos_c += mos
+            tr.mos_n += 1
+        if level is not None:
+            tr.levels[level] += 1
+        # The participant's connection quality: the worst score of what it sent and received.
+        qkey = (session_id, connection_id, t - t % BUCKET_MS)
+        self.quality[qkey] = min(score, self.quality.get(qkey, score))
         # The samples a finding names one by one.
         if ((kind == "video" and (bitrate or 0.0) < LOW_VIDEO_KBPS) or loss > LOSS_PCT
                 or (jitter or 0.0) > JITTER_MS or (rtt or 0.0) > RTT_MS
@@ -335,44 +354,11 @@ class Roller:
                                                 up_jitter)))
 
 
-def merge(into: Bucket, b: Bucket) -> None:
-    """Merge bucket ``b`` (later samples of the same track and window) into ``into``."""
-    if (b.first_ms, b.first_seq) < (into.first_ms, into.first_seq):
-        into.first_ms, into.first_seq = b.first_ms, b.first_seq
-    if (b.last_ms, b.last_seq) >= (into.last_ms, into.last_seq):
-        into.last_ms, into.last_seq = b.last_ms, b.last_seq
-        into.last_loss, into.last_jitter = b.last_loss, b.last_jitter
-    into.n += b.n
-    into.n_media += b.n_media
-    into.first_media_ms = (b.first_media_ms if into.first_media_ms is None else into.first_media_ms
-                           if b.first_media_ms is None else min(into.first_media_ms, b.first_media_ms))
-    into.packets += b.packets
-    into.packets_lost += b.packets_lost
-    into.bitrate_sum += b.bitrate_sum
-    into.bitrate_min, into.bitrate_max = _lo(into.bitrate_min, b.bitrate_min), _hi(into.bitrate_max, b.bitrate_max)
-    into.loss_sum += b.loss_sum
-    into.loss_max = _hi(into.loss_max, b.loss_max)
-    into.jitter_sum += b.jitter_sum
-    into.jitter_n += b.jitter_n
-    into.jitter_max = _hi(into.jitter_max, b.jitter_max)
-    into.rtt_sum += b.rtt_sum
-    into.rtt_n += b.rtt_n
-    into.rtt_max = _hi(into.rtt_max, b.rtt_max)
-    into.fps_sum += b.fps_sum
-    into.fps_n += b.fps_n
-    into.width = b.width if b.width is not None else into.width
-    into.height = b.height if b.height is not None else into.height
-    into.mos_c += b.mos_c
-    into.mos_n += b.mos_n
-    into.levels = [x + y for x, y in zip(into.levels, b.levels, strict=True)]
-    into.q_min = _lo(into.q_min, b.q_min)
-
-
 # --- what the summary and the diagnosis read --------------------------------------------------
 
 @dataclass(slots=True)
 class Track:
-    """One track's totals over the whole session."""
+    """One track's totals over the whole session (or, in the writer, over one batch)."""
 
     track: str
     direction: str
@@ -384,9 +370,23 @@ class Track:
     first_ms: int
     first_seq: int
     first_media_ms: int | None
-    mos_c: int
+    mos_c: int  # audio MOS of the samples with packets, in hundredths (exact sums)
     mos_n: int
-    levels: list[int]
+    levels: list[int]  # video samples per VideoLevel
+    last_ms: int
+    last_loss: float = 0.0  # the last sample's figures (upstream of the subscribers)
+    last_jitter: float = 0.0
+
+
+@dataclass(slots=True)
+class Drained:
+    """What a :class:`Roller` folded since its last drain, each with its session id."""
+
+    buckets: list[tuple[str, Bucket]]
+    tracks: list[tuple[str, Track]]
+    quality: list[tuple[str, str, int, float]]  # (session, connection, bucket_ms, worst score)
+    marks: list[tuple[str, Mark]]
+    freezes: list[tuple[str, FreezeTrack]]
 
 
 @dataclass
@@ -394,8 +394,8 @@ class SessionRollup:
     """A session's roll-ups, read back from the event log or folded from its entries."""
 
     tracks: dict[TrackKey, Track]
-    #: (track, direction, bucket_ms, worst score) over the kinds of the track, by bucket.
-    quality: list[tuple[str, str, int, float]]
+    #: (connection id, bucket_ms, worst score of what it sent and received), by bucket.
+    quality: list[tuple[str, int, float]]
     marks: list[Mark]  # oldest first
     freezes: list[FreezeTrack]  # by their first sample
 
@@ -406,39 +406,6 @@ class SessionRollup:
 
     def track_marks(self, track: str, direction: str, kind: str) -> list[Mark]:
         return self._marks_by_track.get((track, direction, kind), [])
-
-    def of(self, track: str, direction: str) -> list[Track]:
-        return [t for kind in ("audio", "video") if (t := self.tracks.get((track, direction, kind))) is not None] + [
-            t for (tr, d, k), t in self.tracks.items() if tr == track and d == direction and k not in ("audio", "video")]
-
-
-def rollup_of(buckets: Iterable[Bucket], marks: Iterable[Mark], freezes: Iterable[FreezeTrack]) -> SessionRollup:
-    """Totals per track and the worst score per track and bucket, from a session's buckets."""
-    tracks: dict[TrackKey, Track] = {}
-    worst: dict[tuple[str, str, int], float] = {}
-    for b in buckets:
-        key = (b.track, b.direction, b.kind)
-        t = tracks.get(key)
-        if t is None:
-            tracks[key] = Track(b.track, b.direction, b.kind, b.connection_id, b.stream_id, b.n, b.n_media,
-                                b.first_ms, b.first_seq, b.first_media_ms, b.mos_c, b.mos_n, list(b.levels))
-        else:
-            t.n += b.n
-            t.n_media += b.n_media
-            if (b.first_ms, b.first_seq) < (t.first_ms, t.first_seq):
-                t.first_ms, t.first_seq, t.connection_id = b.first_ms, b.first_seq, b.connection_id
-            if b.first_media_ms is not None:
-                t.first_media_ms = b.first_media_ms if t.first_media_ms is None else min(t.first_media_ms,
-                                                                                         b.first_media_ms)
-            t.mos_c += b.mos_c
-            t.mos_n += b.mos_n
-            t.levels = [x + y for x, y in zip(t.levels, b.levels, strict=True)]
-        if b.q_min is not None:
-            qkey = (b.track, b.direction, b.bucket_ms)
-            worst[qkey] = b.q_min if qkey not in worst else min(worst[qkey], b.q_min)
-    quality = sorted(((tr, d, bucket, q) for (tr, d, bucket), q in worst.items()), key=lambda x: x[2])
-    return SessionRollup(tracks, quality, sorted(marks, key=lambda m: (m.time_ms, m.seq)),
-                         sorted(freezes, key=lambda f: (f.first_ms, f.first_seq)))
 
 
 def from_entries(entries: Iterable[Mapping[str, Any]]) -> SessionRollup:
@@ -451,8 +418,10 @@ def from_entries(entries: Iterable[Mapping[str, Any]]) -> SessionRollup:
         t = e.get("time_ms")
         roller.add("", int(e.get("seq") or 0), t if isinstance(t, int) else 0, _str(e.get("connection_id")),
                    str(e.get("kind")), payload)
-    buckets, marks, freezes = roller.drain()
-    return rollup_of((b for _, b in buckets), (m for _, m in marks), (f for _, f in freezes))
+    drained = roller.drain()
+    return SessionRollup({(t.track, t.direction, t.kind): t for _, t in drained.tracks},
+                         sorted(((cid, bucket, q) for _, cid, bucket, q in drained.quality), key=lambda x: x[1]),
+                         [m for _, m in drained.marks], [f for _, f in drained.freezes])
 
 
 def mean_mos(tracks: Iterable[Track]) -> float | None:
@@ -476,7 +445,3 @@ def median_level(tracks: Iterable[Track]) -> int | None:
             return level
         index -= count
     return None  # not reached
-
-
-def finite(value: float | None) -> float | None:
-    return value if value is None or math.isfinite(value) else None

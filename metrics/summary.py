@@ -211,14 +211,8 @@ def participant_scores(view: SessionView, connection_id: str) -> dict[str, Any]:
 def quality_over_time(view: SessionView, connection_id: str) -> list[dict[str, Any]]:
     """The participant's connection quality per roll-up bucket (metrics.rollup.BUCKET_MS): the
     worst score of the tracks it sent and received in that bucket."""
-    sent = {st.stream_id for st in view.streams.values() if st.connection_id == connection_id}
-    received = {sub.subscription_id for sub in view.subscriptions.values() if sub.connection_id == connection_id}
-    by_time: dict[int, float] = {}
-    for track, direction, bucket, score in view.rollup.quality:
-        if (track in sent) if direction == "in" else (direction == "out" and track in received):
-            if bucket not in by_time or score < by_time[bucket]:
-                by_time[bucket] = score
-    return [{"time_ms": t, "score": sc, "level": rollup.quality_level(sc)} for t, sc in sorted(by_time.items())]
+    return [{"time_ms": t, "score": score, "level": rollup.quality_level(score)}
+            for cid, t, score in view.rollup.quality if cid == connection_id]
 
 
 # --- the summary ----------------------------------------------------------------------------
