@@ -2,7 +2,8 @@
 to a clinician, each with who and which direction it concerns, when, the evidence and a next step.
 
 Pure: :func:`diagnose` takes the entries ``EventLog.events`` returns (quality samples, client
-events and client stats included) and returns the findings, problems first. One rule per
+events and client stats included), or the entries but the samples together with their stored
+roll-ups (``EventLog.analysis``, see metrics.rollup), and returns the findings, problems first. One rule per
 finding type in :data:`RULES` (a table, not an if-chain); docs/inspector.md lists them all with
 their thresholds. A clean call yields no ``problem``.
 """

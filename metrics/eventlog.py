@@ -26,6 +26,13 @@ dropped rather than stalling the room that produced them. Every loss is counted 
 :meth:`flush` / :meth:`flush_sync` return once everything appended before the call is
 committed.
 
+Roll-ups: the writer folds every quality sample and client-stats entry it commits into the
+roll-up tables (metrics.rollup: buckets per track of 10 s and 60 s, track totals, connection
+quality per second, the samples findings name, freeze counters), in the same transaction, so
+the summary, the diagnosis and the charts read a few thousand rows instead of every sample
+(:meth:`EventLog.analysis`, :meth:`EventLog.quality_points_sync`). Retention deletes them with the
+samples.
+
 Queries open their own read connection and run in a worker thread (``asyncio.to_thread``)
 from the async API, or directly from the ``*_sync`` twins. They see committed entries only:
 flush first if you need to read your own writes.
@@ -112,7 +119,7 @@ CREATE TABLE IF NOT EXISTS rollup_tracks (
     PRIMARY KEY (session_id, track, direction, kind)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rollup_tracks_by_time ON rollup_tracks (last_ms);
-CREATE TABLE IF NOT EXISTS quality_rollups (
+CREATE TABLE IF NOT EXISTS quality_rollups (  -- per second (metrics.rollup.QUALITY_MS)
     session_id TEXT NOT NULL, connection_id TEXT NOT NULL, bucket_ms INTEGER NOT NULL, q_min REAL NOT NULL,
     PRIMARY KEY (session_id, connection_id, bucket_ms)
 ) WITHOUT ROWID;
@@ -181,8 +188,8 @@ def _upsert(table: str, key: tuple[str, ...], values: tuple[str, ...], last: str
 
 _UPSERT_BUCKET: Final = _upsert("rollups", _BUCKET_KEY, _BUCKET_VALUES, "last_seq")
 _UPSERT_TRACK: Final = _upsert("rollup_tracks", _TRACK_KEY, _TRACK_VALUES, "last_ms")
-_UPSERT_QUALITY: Final = ("INSERT INTO quality_rollups (session_id, connection_id, bucket_ms, q_min) VALUES (?, ?, ?, ?)"
-                          " ON CONFLICT (session_id, connection_id, bucket_ms) DO UPDATE SET"
+_UPSERT_QUALITY: Final = ("INSERT INTO quality_rollups (session_id, connection_id, bucket_ms, q_min)"
+                          " VALUES (?, ?, ?, ?) ON CONFLICT (session_id, connection_id, bucket_ms) DO UPDATE SET"
                           " q_min = MIN(q_min, excluded.q_min)")
 _MARK_COLUMNS: Final = ("seq", "session_id", "time_ms", "connection_id", "track", "peer_id", "stream_id", "direction",
                         "kind", "idx", "packets", "bitrate_kbps", "loss_pct", "jitter_ms", "rtt_ms", "up_loss",
@@ -984,7 +991,7 @@ class EventLog:
             # Their roll-ups go with them: a bucket or freeze track whose last sample is older.
             conn.execute("DELETE FROM rollups WHERE last_ms < ?", (before_ms,))
             conn.execute("DELETE FROM rollup_tracks WHERE last_ms < ?", (before_ms,))
-            conn.execute("DELETE FROM quality_rollups WHERE bucket_ms <= ?", (before_ms - rollup.BUCKET_MS,))
+            conn.execute("DELETE FROM quality_rollups WHERE bucket_ms <= ?", (before_ms - rollup.QUALITY_MS,))
             conn.execute("DELETE FROM sample_marks WHERE time_ms < ?", (before_ms,))
             conn.execute("DELETE FROM freeze_tracks WHERE last_ms < ?", (before_ms,))
             conn.execute("COMMIT")

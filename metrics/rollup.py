@@ -8,7 +8,8 @@ second; the findings need far less:
 - **buckets**: per track (a publisher's stream upstream, a subscription downstream), per kind
   and per :data:`BUCKET_MS` of time, the count, the sums / minima / maxima of bitrate, loss,
   jitter, RTT and frame rate, the packets, the first sample with media, the audio MOS summed
-  in hundredths, a histogram of video levels and the worst connection-quality score. Every
+  in hundredths, a histogram of video levels and the worst connection-quality score (per
+  participant and second, for quality over time). Every
   field merges exactly (sums, min, max), so buckets written in several batches equal one.
 - **marks**: the few samples a finding names one by one (a video bitrate under the floor;
   loss, jitter or RTT over its threshold; the first samples of a subscription), in compact
@@ -39,6 +40,8 @@ from metrics.events import EventKind
 BUCKET_MS: Final = 10_000
 #: The widths buckets are kept at: the charts read the finest whose points fit.
 SPANS_MS: Final = (BUCKET_MS, 60_000)
+#: Resolution of a participant's connection quality over time: per second with samples.
+QUALITY_MS: Final = 1_000
 
 # Thresholds of the diagnosis (docs/inspector.md); the marks keep every sample over one.
 LOW_VIDEO_KBPS: Final = 150.0
@@ -342,7 +345,7 @@ class Roller:
         if level is not None:
             tr.levels[level] += 1
         # The participant's connection quality: the worst score of what it sent and received.
-        qkey = (session_id, connection_id, t - t % BUCKET_MS)
+        qkey = (session_id, connection_id, t - t % QUALITY_MS)
         self.quality[qkey] = min(score, self.quality.get(qkey, score))
         # The samples a finding names one by one.
         if ((kind == "video" and (bitrate or 0.0) < LOW_VIDEO_KBPS) or loss > LOSS_PCT

@@ -1,11 +1,13 @@
 """Meeting stats, user data, scores and the error log of one session: pure functions over its
-event-log entries (quality samples and client stats included), as ``EventLog.events`` returns them.
+event-log entries and the roll-ups of its quality samples and client stats (metrics.rollup).
 
 :func:`session_view` reads the entries once into participants, streams and subscriptions;
-:func:`summary` and ``metrics.diagnosis.diagnose`` both work from it. Entries are dicts with
-``seq``, ``time_ms``, ``connection_id``, ``stream_id``, ``kind``, ``component``, ``text`` and
-``payload`` (a dict); anything a client wrote is read defensively (wrong types are skipped).
-"""
+:func:`summary` and ``metrics.diagnosis.diagnose`` both work from it. Given only entries (as
+``EventLog.events`` returns them, samples included) they fold the samples themselves; the API
+passes what ``EventLog.analysis`` read instead (the entries but the samples, the stored
+roll-ups and the session's span), with the same result. Entries are dicts with ``seq``,
+``time_ms``, ``connection_id``, ``stream_id``, ``kind``, ``component``, ``text`` and ``payload``
+(a dict); anything a client wrote is read defensively (wrong types are skipped)."""
 
 from __future__ import annotations
 
@@ -209,8 +211,8 @@ def participant_scores(view: SessionView, connection_id: str) -> dict[str, Any]:
 
 
 def quality_over_time(view: SessionView, connection_id: str) -> list[dict[str, Any]]:
-    """The participant's connection quality per roll-up bucket (metrics.rollup.BUCKET_MS): the
-    worst score of the tracks it sent and received in that bucket."""
+    """The participant's connection quality at each second with samples (metrics.rollup.QUALITY_MS):
+    the worst score of the tracks it sent and received (the samples its connection reported)."""
     return [{"time_ms": t, "score": score, "level": rollup.quality_level(score)}
             for cid, t, score in view.rollup.quality if cid == connection_id]
 

@@ -137,7 +137,11 @@ async def session_quality(request: web.Request) -> web.Response:
     resolution = request.query.get("resolution")
     resolution_s: int | None = None
     if resolution is not None and resolution != "raw":
-        resolution_s = _int_query(request, "resolution", 10, 86_400)
+        if not (resolution.isascii() and resolution.isdigit() and len(resolution) <= 5
+                and 10 <= int(resolution) <= 86_400):
+            raise InvalidMessage('query parameter "resolution" must be "raw" or seconds of 10-86400, '
+                                 f"got {ascii(resolution[:40])}")
+        resolution_s = int(resolution)
     await audit_lookup(request, claims, "session", session_id)
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)
