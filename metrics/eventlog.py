@@ -815,11 +815,14 @@ class EventLog:
         kind_list = None if kinds is None else list(kinds)
         return await asyncio.to_thread(self.events_sync, session_id, kind_list, since_ms, until_ms, limit)
 
-    def analysis_sync(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT) -> Analysis:
+    def analysis_sync(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
         """What the summary and the diagnosis read, in one snapshot: the session's entries but its
         samples (at most ``limit``, oldest first), its roll-ups and the times of its first and
-        last entry of any kind."""
+        last entry of any kind. ``marks=False`` leaves out the samples findings name one by one
+        (the summary does not need them; a call that was bad all along has many)."""
         conn = self._read_connection()
+        plain = conn.cursor()
+        plain.row_factory = None  # tuples: no per-row name lookup
         try:
             conn.execute("BEGIN")  # one read snapshot for the four queries
             rows = conn.execute(
@@ -836,12 +839,12 @@ class EventLog:
                                   " WHERE session_id = ?", (session_id,)):
                 track = _track_of(tuple(r))
                 tracks[(track.track, track.direction, track.kind)] = track
-            quality = [(r[0], r[1], r[2]) for r in conn.execute(
+            quality: list[tuple[str, int, float]] = plain.execute(
                 "SELECT connection_id, bucket_ms, q_min FROM quality_rollups WHERE session_id = ? ORDER BY bucket_ms",
-                (session_id,))]
-            marks = [rollup.Mark(*r) for r in conn.execute(
+                (session_id,)).fetchall()
+            mark_list = [rollup.Mark(*r) for r in plain.execute(
                 f"SELECT {', '.join(c for c in _MARK_COLUMNS if c != 'session_id')} FROM sample_marks"
-                " WHERE session_id = ? ORDER BY time_ms, seq", (session_id,))]
+                " WHERE session_id = ? ORDER BY time_ms, seq", (session_id,))] if marks else []
             freezes = [_freeze_of(tuple(r)) for r in conn.execute(
                 f"SELECT {', '.join(_FREEZE_COLUMNS[1:])} FROM freeze_tracks WHERE session_id = ?"
                 " ORDER BY first_ms, first_seq", (session_id,))]
@@ -849,11 +852,11 @@ class EventLog:
         finally:
             conn.close()
         span = (None if first is None else first[0], None if last is None else last[0])
-        return Analysis(entries, rollup.SessionRollup(tracks, quality, marks, freezes), span)
+        return Analysis(entries, rollup.SessionRollup(tracks, quality, mark_list, freezes), span)
 
-    async def analysis(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT) -> Analysis:
+    async def analysis(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
         """:meth:`analysis_sync` in a worker thread."""
-        return await asyncio.to_thread(self.analysis_sync, session_id, limit)
+        return await asyncio.to_thread(lambda: self.analysis_sync(session_id, limit, marks=marks))
 
     def sample_count_sync(self, session_id: str) -> int:
         """How many quality samples the session has (from its roll-ups)."""

@@ -158,11 +158,11 @@ async def session_quality(request: web.Request) -> web.Response:
     return web.json_response({"session_id": session_id, "resolution": resolution_ms // 1000, "samples": points})
 
 
-async def _analysis(request: web.Request, session_id: str) -> Analysis:
+async def _analysis(request: web.Request, session_id: str, *, marks: bool = True) -> Analysis:
     """The session's entries (samples aside), roll-ups and span, as the summary and diagnosis read them."""
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)
-    return await eventlog.analysis(session_id)
+    return await eventlog.analysis(session_id, marks=marks)
 
 
 async def session_summary(request: web.Request) -> web.Response:
@@ -170,7 +170,7 @@ async def session_summary(request: web.Request) -> web.Response:
     claims = inspector_claims(request)
     session_id = request.match_info["session_id"]
     await audit_lookup(request, claims, "session", session_id)
-    read = await _analysis(request, session_id)
+    read = await _analysis(request, session_id, marks=False)
     return web.json_response(await asyncio.to_thread(summary, session_id, read.entries, read.rolled, read.span))
 
 
