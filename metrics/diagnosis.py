@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from metrics.events import EventKind
+from metrics import rollup
 from metrics.rollup import JITTER_MS, LOSS_PCT, LOW_VIDEO_KBPS, RAMP_UP_SAMPLES, RTT_MS, Mark, SessionRollup
 from metrics.summary import Entry, SessionView, Stream, session_view, tracks_of
 
@@ -324,6 +325,11 @@ def _figure(m: Mark, key: str) -> Any:
     return int(value) if key == "packets" and float(value).is_integer() else value
 
 
+def _evidence(marks: Iterable[Mark], bad_type: str, *keys: str) -> list[dict[str, Any]]:
+    """The first 10 of ``marks`` (oldest first) that count for ``bad_type``, as evidence."""
+    return [_mark_ref(m, *keys) for m in marks if bad_type in rollup.bad_types(m)][:10]
+
+
 def low_bitrate(view: SessionView) -> list[Finding]:
     found = []
     rolled = view.rollup
@@ -331,43 +337,45 @@ def low_bitrate(view: SessionView) -> list[Finding]:
         if not stream.has_video:
             continue
         ins = sum(t.n for t in tracks_of(view, stream.stream_id, "in", "video")) - RAMP_UP_SAMPLES
-        low_in = [m for m in rolled.track_marks(stream.stream_id, "in", "video")
-                  if m.idx >= RAMP_UP_SAMPLES and m.bitrate_kbps < LOW_VIDEO_KBPS]
+        low_in = rolled.tallies.get((stream.stream_id, "in", "video", rollup.LOW_BITRATE))
         publisher = view.name(stream.connection_id)
-        if ins > 0 and len(low_in) >= MIN_BAD_SAMPLES and len(low_in) / ins >= LOW_BITRATE_SHARE:
-            median = statistics.median(m.bitrate_kbps for m in low_in)
+        if low_in and ins > 0 and low_in.count >= MIN_BAD_SAMPLES and low_in.count / ins >= LOW_BITRATE_SHARE:
+            median = rollup.median_low([low_in])
             found.append(Finding(
                 FindingType.LOW_BITRATE, Severity.PROBLEM,
                 f"{publisher}'s video arrived at the server at only {median:.0f} kbps (under {LOW_VIDEO_KBPS:.0f} kbps "
-                f"for {100 * len(low_in) / ins:.0f}% of the call): {publisher}'s uplink is too slow.",
+                f"for {100 * low_in.count / ins:.0f}% of the call): {publisher}'s uplink is too slow.",
                 f"Ask {publisher} to move closer to the Wi-Fi router, close other programs using the network, "
                 "or switch to audio only.", participant=view.who(stream.connection_id), direction="send",
-                from_ms=low_in[0].time_ms, until_ms=low_in[-1].time_ms,
-                samples=[_mark_ref(m, "bitrate_kbps") for m in low_in[:10]]))
+                from_ms=low_in.first_ms, until_ms=low_in.last_ms,
+                samples=_evidence(rolled.track_marks(stream.stream_id, "in", "video"), rollup.LOW_BITRATE,
+                                  "bitrate_kbps")))
             continue
         for sub in view.subscriptions.values():
             if sub.stream_id != stream.stream_id:
                 continue
             outs = sum(t.n for t in tracks_of(view, sub.subscription_id, "out", "video")) - RAMP_UP_SAMPLES
-            low_out = [m for m in rolled.track_marks(sub.subscription_id, "out", "video")
-                       if m.idx >= RAMP_UP_SAMPLES and m.bitrate_kbps < LOW_VIDEO_KBPS and m.packets > 0]
-            if outs > 0 and len(low_out) >= MIN_BAD_SAMPLES and len(low_out) / outs >= LOW_BITRATE_SHARE:
+            low_out = rolled.tallies.get((sub.subscription_id, "out", "video", rollup.LOW_BITRATE))
+            if low_out and outs > 0 and low_out.count >= MIN_BAD_SAMPLES and low_out.count / outs >= LOW_BITRATE_SHARE:
                 viewer = view.name(sub.connection_id)
-                median = statistics.median(m.bitrate_kbps for m in low_out)
+                median = rollup.median_low([low_out])
                 found.append(Finding(
                     FindingType.LOW_BITRATE, Severity.PROBLEM,
                     f"{viewer} received {publisher}'s video at only {median:.0f} kbps for "
-                    f"{100 * len(low_out) / outs:.0f}% of the call although it was sent well: "
+                    f"{100 * low_out.count / outs:.0f}% of the call although it was sent well: "
                     f"{viewer}'s downlink is too slow.",
                     f"Ask {viewer} to move closer to the Wi-Fi router or close other programs using the network.",
-                    participant=view.who(sub.connection_id), direction="recv", from_ms=low_out[0].time_ms,
-                    until_ms=low_out[-1].time_ms, samples=[_mark_ref(m, "bitrate_kbps") for m in low_out[:10]]))
+                    participant=view.who(sub.connection_id), direction="recv", from_ms=low_out.first_ms,
+                    until_ms=low_out.last_ms,
+                    samples=_evidence(rolled.track_marks(sub.subscription_id, "out", "video"), rollup.LOW_BITRATE,
+                                      "bitrate_kbps")))
     return found
 
 
 @dataclass(frozen=True)
 class _Impairment:
     type: FindingType
+    bad_type: str  # metrics.rollup's name for it
     field: str
     threshold: float
     unit: str
@@ -375,62 +383,52 @@ class _Impairment:
 
 
 _IMPAIRMENTS: Final = (
-    _Impairment(FindingType.HIGH_LOSS, "loss_pct", LOSS_PCT, "%", "lost {v:.1f}% of packets"),
-    _Impairment(FindingType.HIGH_JITTER, "jitter_ms", JITTER_MS, " ms", "had {v:.0f} ms of jitter"),
-    _Impairment(FindingType.HIGH_RTT, "rtt_ms", RTT_MS, " ms", "had a round trip of {v:.0f} ms"),
+    _Impairment(FindingType.HIGH_LOSS, rollup.HIGH_LOSS, "loss_pct", LOSS_PCT, "%", "lost {v:.1f}% of packets"),
+    _Impairment(FindingType.HIGH_JITTER, rollup.HIGH_JITTER, "jitter_ms", JITTER_MS, " ms",
+                "had {v:.0f} ms of jitter"),
+    _Impairment(FindingType.HIGH_RTT, rollup.HIGH_RTT, "rtt_ms", RTT_MS, " ms", "had a round trip of {v:.0f} ms"),
 )
 
 
 def network_impairments(view: SessionView) -> list[Finding]:
     """Loss, jitter or RTT over the threshold on one leg: a publisher's uplink (samples "in")
-    or a subscriber's downlink (samples "out")."""
+    or a subscriber's downlink (samples "out"). A subscriber leg is judged on what it added: its
+    loss and jitter include what the publisher's uplink already lost (the server forwards gaps
+    as they came), so the stream's upstream figure just before is taken off (metrics.rollup)."""
     found = []
-    legs: dict[tuple[str, str], list[tuple[int, int, int]]] = {}  # leg -> (first time, first seq, samples)
-    leg_of: dict[tuple[str, str, str], tuple[str, str]] = {}
-    for key, t in view.rollup.tracks.items():
+    legs: dict[tuple[str, str], list[rollup.Track]] = {}
+    for t in view.rollup.tracks.values():
         if t.direction == "in":
             stream = view.streams.get(t.stream_id)
-            leg = (stream.connection_id if stream else t.connection_id, "send")
+            legs.setdefault((stream.connection_id if stream else t.connection_id, "send"), []).append(t)
         elif t.direction == "out":
-            leg = (t.connection_id, "recv")
-        else:
-            continue
-        leg_of[key] = leg
-        legs.setdefault(leg, []).append((t.first_ms, t.first_seq, t.n))
-    bad_of: dict[tuple[str, str], list[Mark]] = {}
-    for m in view.rollup.marks:
-        mark_leg = leg_of.get((m.track, m.direction, m.kind))
-        if mark_leg is not None:
-            bad_of.setdefault(mark_leg, []).append(m)
+            legs.setdefault((t.connection_id, "recv"), []).append(t)
+    marks_of = view.rollup.track_marks
     # Legs in the order of their first sample.
-    for (cid, direction), parts in sorted(legs.items(), key=lambda item: min(p[:2] for p in item[1])):
-        total = sum(p[2] for p in parts)
+    for (cid, direction), tracks in sorted(legs.items(), key=lambda item: min((t.first_ms, t.first_seq)
+                                                                              for t in item[1])):
+        total = sum(t.n for t in tracks)
         name = view.name(cid)
         leg_name = "uplink (what they send)" if direction == "send" else "downlink (what they receive)"
         for imp in _IMPAIRMENTS:
-            bad = [m for m in bad_of.get((cid, direction), []) if _own_share(m, imp.field, direction) > imp.threshold
-                   and m.packets > 0]
-            if len(bad) < MIN_BAD_SAMPLES:
+            tallies = [tally for t in tracks
+                       if (tally := view.rollup.tallies.get((t.track, t.direction, t.kind, imp.bad_type)))]
+            count = sum(tally.count for tally in tallies)
+            if count < MIN_BAD_SAMPLES:
                 continue
-            worst = statistics.median(getattr(m, imp.field) for m in bad)
+            worst = rollup.median_low(tallies)
+            marks = sorted((m for t in tracks for m in marks_of(t.track, t.direction, t.kind)),
+                           key=lambda m: (m.time_ms, m.seq))
             found.append(Finding(
                 imp.type, Severity.PROBLEM,
                 f"{name}'s {leg_name} " + imp.words.format(v=worst)
-                + f" (over {imp.threshold:g}{imp.unit} in {len(bad)} of {total} samples).",
+                + f" (over {imp.threshold:g}{imp.unit} in {count} of {total} samples).",
                 f"Ask {name} to use a wired or stronger connection, or to stop other traffic on their network.",
-                participant=view.who(cid), direction=direction, from_ms=bad[0].time_ms, until_ms=bad[-1].time_ms,
-                samples=[_mark_ref(m, imp.field, "stream_id", "kind") for m in bad[:10]]))
+                participant=view.who(cid), direction=direction,
+                from_ms=min((tally.first_ms, tally.first_seq) for tally in tallies)[0],
+                until_ms=max((tally.last_ms, tally.last_seq) for tally in tallies)[0],
+                samples=_evidence(marks, imp.bad_type, imp.field, "stream_id", "kind")))
     return found
-
-
-def _own_share(m: Mark, name: str, direction: str) -> float:
-    """The figure of one sample that its own leg added: a subscriber's loss and jitter include
-    what the publisher's uplink already lost (the server forwards gaps as they came), so the
-    stream's upstream figure of the sample just before is taken off; RTT is the leg's own."""
-    value: float = getattr(m, name)
-    if direction != "recv" or name == "rtt_ms":
-        return value
-    return value - (m.up_loss if name == "loss_pct" else m.up_jitter)
 
 
 def frozen_video(view: SessionView) -> list[Finding]:

@@ -141,6 +141,15 @@ CREATE TABLE IF NOT EXISTS freeze_tracks (
     PRIMARY KEY (session_id, connection_id, stream_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS freeze_tracks_by_time ON freeze_tracks (last_ms);
+CREATE TABLE IF NOT EXISTS bad_tallies (
+    session_id TEXT NOT NULL, track TEXT NOT NULL, direction TEXT NOT NULL, kind TEXT NOT NULL,
+    type TEXT NOT NULL,  -- metrics.rollup.BAD_FIGURE
+    count INTEGER NOT NULL, first_ms INTEGER NOT NULL, first_seq INTEGER NOT NULL, last_ms INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    bins TEXT NOT NULL,  -- JSON [[figure, count], ...]
+    PRIMARY KEY (session_id, track, direction, kind, type)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS bad_tallies_by_time ON bad_tallies (last_ms);
 """
 
 #: Schema version (PRAGMA user_version): 1 added the roll-ups, built on open from older files.
@@ -203,6 +212,7 @@ _UPSERT_FREEZE: Final = (f"INSERT OR REPLACE INTO freeze_tracks ({', '.join(_FRE
 #: Kinds the roll-ups stand for (the partial index events_notes leaves them out).
 _SAMPLE_KINDS_SQL: Final = "kind NOT IN ('qualitySample', 'clientStats')"
 _ROLLED_KINDS: Final = frozenset({"qualitySample", "clientStats"})
+_ROLLUP_TABLES: Final = ("rollups", "rollup_tracks", "quality_rollups", "sample_marks", "freeze_tracks", "bad_tallies")
 
 
 def _freeze_of(row: tuple[Any, ...]) -> rollup.FreezeTrack:
@@ -233,12 +243,28 @@ def _track_of(r: tuple[Any, ...]) -> rollup.Track:
                         mos_c, mos_n, [l0, l1, l2, l3, l4], last_ms, last_loss, last_jitter)
 
 
+_TALLY_COLUMNS: Final = ("session_id", "track", "direction", "kind", "type", "count", "first_ms", "first_seq",
+                         "last_ms", "last_seq", "bins")
+_UPSERT_TALLY: Final = (f"INSERT OR REPLACE INTO bad_tallies ({', '.join(_TALLY_COLUMNS)})"
+                        f" VALUES ({', '.join('?' * len(_TALLY_COLUMNS))})")
+
+
+def _tally_row(session_id: str, key: tuple[str, str, str, str], t: rollup.Tally) -> tuple[Any, ...]:
+    return (session_id, *key, t.count, t.first_ms, t.first_seq, t.last_ms, t.last_seq,
+            json.dumps(sorted(t.bins.items()), separators=(",", ":")))
+
+
+def _tally_of(count: int, first_ms: int, first_seq: int, last_ms: int, last_seq: int, bins: str) -> rollup.Tally:
+    return rollup.Tally(count, first_ms, first_seq, last_ms, last_seq, {float(v): int(c) for v, c in json.loads(bins)})
+
+
 def _write_drained(conn: sqlite3.Connection, drained: rollup.Drained) -> None:
     conn.executemany(_UPSERT_BUCKET, [_bucket_row(sid, b) for sid, b in drained.buckets])
     conn.executemany(_UPSERT_TRACK, [_track_row(sid, t) for sid, t in drained.tracks])
     conn.executemany(_UPSERT_QUALITY, drained.quality)
     conn.executemany(_INSERT_MARK, [_mark_row(sid, m) for sid, m in drained.marks])
     conn.executemany(_UPSERT_FREEZE, [_freeze_row(sid, f) for sid, f in drained.freezes])
+    conn.executemany(_UPSERT_TALLY, [_tally_row(sid, key, t) for sid, key, t in drained.tallies])
 
 
 def _mark_row(session_id: str, m: rollup.Mark) -> tuple[Any, ...]:
@@ -408,7 +434,7 @@ class EventLog:
 
         # Create the schema here, synchronously, so a bad path fails the constructor.
         self._roller = rollup.Roller(count=self._stored_count, upstream=self._stored_upstream,
-                                     freeze=self._stored_freeze)
+                                     freeze=self._stored_freeze, tally=self._stored_tally)
         conn = self._connect()
         self._roller_conn = conn  # the loaders read through the connection of whoever folds
         try:
@@ -719,6 +745,14 @@ class EventLog:
             " AND connection_id = ? AND stream_id = ?", (session_id, connection_id, stream_id)).fetchone()
         return None if row is None else _freeze_of(tuple(row))
 
+    def _stored_tally(self, session_id: str, track: str, direction: str, kind: str,
+                      bad_type: str) -> rollup.Tally | None:
+        row = self._roller_conn.execute(
+            "SELECT count, first_ms, first_seq, last_ms, last_seq, bins FROM bad_tallies WHERE session_id = ?"
+            " AND track = ? AND direction = ? AND kind = ? AND type = ?",
+            (session_id, track, direction, kind, bad_type)).fetchone()
+        return None if row is None else _tally_of(*row)
+
     def _backfill(self, conn: sqlite3.Connection, chunk: int = 5_000) -> None:
         """Build the roll-ups of a file written before they existed (once: PRAGMA user_version)."""
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -728,10 +762,8 @@ class EventLog:
         self._roller_conn = conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for table in ("rollups", "rollup_tracks", "quality_rollups"):
+            for table in _ROLLUP_TABLES:
                 conn.execute(f"DELETE FROM {table}")
-            conn.execute("DELETE FROM sample_marks")
-            conn.execute("DELETE FROM freeze_tracks")
             while True:
                 rows = conn.execute(
                     "SELECT seq, session_id, time_ms, connection_id, kind, payload FROM events"
@@ -818,8 +850,8 @@ class EventLog:
     def analysis_sync(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
         """What the summary and the diagnosis read, in one snapshot: the session's entries but its
         samples (at most ``limit``, oldest first), its roll-ups and the times of its first and
-        last entry of any kind. ``marks=False`` leaves out the samples findings name one by one
-        (the summary does not need them; a call that was bad all along has many)."""
+        last entry of any kind. ``marks=False`` leaves out the bad samples' tallies and the
+        samples findings name one by one (the summary needs neither)."""
         conn = self._read_connection()
         plain = conn.cursor()
         plain.row_factory = None  # tuples: no per-row name lookup
@@ -848,11 +880,14 @@ class EventLog:
             freezes = [_freeze_of(tuple(r)) for r in conn.execute(
                 f"SELECT {', '.join(_FREEZE_COLUMNS[1:])} FROM freeze_tracks WHERE session_id = ?"
                 " ORDER BY first_ms, first_seq", (session_id,))]
+            tallies = {(r[0], r[1], r[2], r[3]): _tally_of(*r[4:]) for r in plain.execute(
+                "SELECT track, direction, kind, type, count, first_ms, first_seq, last_ms, last_seq, bins"
+                " FROM bad_tallies WHERE session_id = ?", (session_id,))} if marks else {}
             conn.execute("COMMIT")
         finally:
             conn.close()
         span = (None if first is None else first[0], None if last is None else last[0])
-        return Analysis(entries, rollup.SessionRollup(tracks, quality, mark_list, freezes), span)
+        return Analysis(entries, rollup.SessionRollup(tracks, quality, mark_list, freezes, tallies), span)
 
     async def analysis(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
         """:meth:`analysis_sync` in a worker thread."""
@@ -997,6 +1032,7 @@ class EventLog:
             conn.execute("DELETE FROM quality_rollups WHERE bucket_ms <= ?", (before_ms - rollup.QUALITY_MS,))
             conn.execute("DELETE FROM sample_marks WHERE time_ms < ?", (before_ms,))
             conn.execute("DELETE FROM freeze_tracks WHERE last_ms < ?", (before_ms,))
+            conn.execute("DELETE FROM bad_tallies WHERE last_ms < ?", (before_ms,))
             conn.execute("COMMIT")
         finally:
             conn.close()

@@ -54,6 +54,8 @@ RAMP_UP_SAMPLES: Final = 2
 FIRST_SAMPLES_KEPT: Final = 5
 #: Browser samples kept as evidence of a frozen track.
 FREEZE_EVIDENCE: Final = 10
+#: Bad samples of each type kept one by one per track (a finding names its first 10).
+BAD_EVIDENCE: Final = 10
 #: Most tracks whose running state the writer keeps in memory (the rest is reloaded).
 STATE_CACHE_MAX: Final = 20_000
 
@@ -190,6 +192,70 @@ class FreezeTrack:
         self.last_count, self.last_s = c, value
 
 
+#: What makes a sample bad, per finding (metrics.diagnosis): how its figure is binned is how
+#: the finding prints it, so the lower median of the bins is the one of the samples as printed.
+LOW_BITRATE: Final = "low_bitrate"
+HIGH_LOSS: Final = "loss"
+HIGH_JITTER: Final = "jitter"
+HIGH_RTT: Final = "rtt"
+BAD_FIGURE: Final = {LOW_BITRATE: ("bitrate_kbps", 0), HIGH_LOSS: ("loss_pct", 1), HIGH_JITTER: ("jitter_ms", 0),
+                     HIGH_RTT: ("rtt_ms", 0)}
+
+
+def bad_types(m: Mark) -> list[str]:
+    """The findings ``m`` counts for: a video bitrate under the floor after the ramp-up (down the
+    subscriber leg only with packets); loss or jitter its own leg added (a subscriber's minus
+    the upstream's just before) or an RTT over the threshold, with packets."""
+    found = []
+    if (m.kind == "video" and m.idx >= RAMP_UP_SAMPLES and m.bitrate_kbps < LOW_VIDEO_KBPS
+            and (m.direction == "in" or m.packets > 0)):
+        found.append(LOW_BITRATE)
+    if m.packets > 0:
+        if m.loss_pct - m.up_loss > LOSS_PCT:
+            found.append(HIGH_LOSS)
+        if m.jitter_ms - m.up_jitter > JITTER_MS:
+            found.append(HIGH_JITTER)
+        if m.rtt_ms > RTT_MS:
+            found.append(HIGH_RTT)
+    return found
+
+
+@dataclass(slots=True)
+class Tally:
+    """One track's bad samples of one type: how many, the first and the last, and their
+    figures binned as the finding prints them (a bounded histogram, not every sample)."""
+
+    count: int = 0
+    first_ms: int = 0
+    first_seq: int = 0
+    last_ms: int = 0
+    last_seq: int = 0
+    bins: dict[float, int] = field(default_factory=dict)
+
+    def add(self, m: Mark, bad_type: str) -> None:
+        name, digits = BAD_FIGURE[bad_type]
+        if not self.count:
+            self.first_ms, self.first_seq = m.time_ms, m.seq
+        self.count += 1
+        self.last_ms, self.last_seq = m.time_ms, m.seq
+        value = float(round(getattr(m, name), digits))
+        self.bins[value] = self.bins.get(value, 0) + 1
+
+
+def median_low(tallies: Iterable[Tally]) -> float:
+    """The lower median of the binned figures of ``tallies`` (at least one sample)."""
+    bins: dict[float, int] = {}
+    for t in tallies:
+        for value, count in t.bins.items():
+            bins[value] = bins.get(value, 0) + count
+    index = (sum(bins.values()) - 1) // 2
+    for value in sorted(bins):
+        if index < bins[value]:
+            return value
+        index -= bins[value]
+    raise ValueError("no samples")
+
+
 class Roller:
     """Folds one log's quality samples and client stats into buckets, marks and freeze tracks.
 
@@ -201,10 +267,13 @@ class Roller:
 
     def __init__(self, *, count: Callable[[str, TrackKey], int] | None = None,
                  upstream: Callable[[str, str, str], tuple[float, float] | None] | None = None,
-                 freeze: Callable[[str, str, str], FreezeTrack | None] | None = None) -> None:
+                 freeze: Callable[[str, str, str], FreezeTrack | None] | None = None,
+                 tally: Callable[[str, str, str, str, str], Tally | None] | None = None) -> None:
         self._load_count = count
         self._load_upstream = upstream
         self._load_freeze = freeze
+        self._load_tally = tally
+        self._tallies: OrderedDict[tuple[str, str, str, str, str], Tally | None] = OrderedDict()
         self._counts: OrderedDict[tuple[str, TrackKey], int] = OrderedDict()
         self._upstream: OrderedDict[tuple[str, str, str], tuple[float, float] | None] = OrderedDict()
         self._freezes: OrderedDict[tuple[str, str, str], FreezeTrack | None] = OrderedDict()
@@ -213,12 +282,14 @@ class Roller:
         self.quality: dict[tuple[str, str, int], float] = {}
         self.marks: list[tuple[str, Mark]] = []
         self.freezes: dict[tuple[str, str, str], FreezeTrack] = {}
+        self.tallies: dict[tuple[str, str, str, str, str], Tally] = {}
 
     def forget(self) -> None:
         """Drop every cached state and what was not drained (a batch that was not committed)."""
         self._counts.clear()
         self._upstream.clear()
         self._freezes.clear()
+        self._tallies.clear()
         self.drain()
 
     def drain(self) -> Drained:
@@ -228,8 +299,9 @@ class Roller:
         drained = Drained([(key[0], b) for key, b in self.buckets.items()],
                           [(key[0], t) for key, t in self.tracks.items()],
                           [(sid, cid, bucket, q) for (sid, cid, bucket), q in self.quality.items()],
-                          self.marks, [(key[0], f) for key, f in self.freezes.items()])
-        self.buckets, self.tracks, self.quality, self.marks, self.freezes = {}, {}, {}, [], {}
+                          self.marks, [(key[0], f) for key, f in self.freezes.items()],
+                          [(key[0], key[1:], t) for key, t in self.tallies.items()])
+        self.buckets, self.tracks, self.quality, self.marks, self.freezes, self.tallies = {}, {}, {}, [], {}, {}
         return drained
 
     @staticmethod
@@ -347,14 +419,25 @@ class Roller:
         # The participant's connection quality: the worst score of what it sent and received.
         qkey = (session_id, connection_id, t - t % QUALITY_MS)
         self.quality[qkey] = min(score, self.quality.get(qkey, score))
-        # The samples a finding names one by one.
-        if ((kind == "video" and (bitrate or 0.0) < LOW_VIDEO_KBPS) or loss > LOSS_PCT
-                or (jitter or 0.0) > JITTER_MS or (rtt or 0.0) > RTT_MS
-                or (direction == "out" and idx < FIRST_SAMPLES_KEPT)):
-            up_loss, up_jitter = up if (up is not None and direction == "out") else (0.0, 0.0)
-            self.marks.append((session_id, Mark(seq, t, connection_id, track, peer_id, stream_id, direction, kind, idx,
-                                                packets, bitrate or 0.0, loss, jitter or 0.0, rtt or 0.0, up_loss,
-                                                up_jitter)))
+        # Bad samples are counted per type; the first few of each are kept as marks (evidence).
+        up_loss, up_jitter = up if (up is not None and direction == "out") else (0.0, 0.0)
+        mark = Mark(seq, t, connection_id, track, peer_id, stream_id, direction, kind, idx, packets, bitrate or 0.0,
+                    loss, jitter or 0.0, rtt or 0.0, up_loss, up_jitter)
+        keep = direction == "out" and idx < FIRST_SAMPLES_KEPT
+        if direction in ("in", "out"):
+            for bad_type in bad_types(mark):
+                key = (session_id, *tkey, bad_type)
+                loader = self._load_tally
+                tally: Tally | None = self._cached(
+                    self._tallies, key, lambda: loader(session_id, *tkey, bad_type) if loader else None)
+                if tally is None:
+                    tally = Tally()
+                    self._tallies[key] = tally
+                keep = keep or tally.count < BAD_EVIDENCE
+                tally.add(mark, bad_type)
+                self.tallies[key] = tally
+        if keep:
+            self.marks.append((session_id, mark))
 
 
 # --- what the summary and the diagnosis read --------------------------------------------------
@@ -390,6 +473,7 @@ class Drained:
     quality: list[tuple[str, str, int, float]]  # (session, connection, bucket_ms, worst score)
     marks: list[tuple[str, Mark]]
     freezes: list[tuple[str, FreezeTrack]]
+    tallies: list[tuple[str, tuple[str, str, str, str], Tally]]  # (session, (track, direction, kind, type), tally)
 
 
 @dataclass
@@ -401,6 +485,8 @@ class SessionRollup:
     quality: list[tuple[str, int, float]]
     marks: list[Mark]  # oldest first
     freezes: list[FreezeTrack]  # by their first sample
+    #: Bad samples per (track, direction, kind, type).
+    tallies: dict[tuple[str, str, str, str], Tally] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._marks_by_track: dict[TrackKey, list[Mark]] = {}
@@ -424,7 +510,8 @@ def from_entries(entries: Iterable[Mapping[str, Any]]) -> SessionRollup:
     drained = roller.drain()
     return SessionRollup({(t.track, t.direction, t.kind): t for _, t in drained.tracks},
                          sorted(((cid, bucket, q) for _, cid, bucket, q in drained.quality), key=lambda x: x[1]),
-                         [m for _, m in drained.marks], [f for _, f in drained.freezes])
+                         [m for _, m in drained.marks], [f for _, f in drained.freezes],
+                         {key: t for _, key, t in drained.tallies})
 
 
 def mean_mos(tracks: Iterable[Track]) -> float | None:

@@ -58,6 +58,7 @@ def both_ways(path: Path, session_id: str = SID) -> tuple[dict[str, Any], dict[s
     assert sorted(read.rolled.quality) == sorted(folded.quality)
     assert read.rolled.marks == folded.marks
     assert read.rolled.freezes == folded.freezes
+    assert read.rolled.tallies == folded.tallies
     return (diagnose(session_id, raw), diagnose(session_id, read.entries, read.rolled, read.span),
             summary(session_id, raw), summary(session_id, read.entries, read.rolled, read.span))
 
@@ -214,7 +215,7 @@ def test_a_file_written_before_rollups_gets_them_on_open(tmp_path: Path) -> None
     store(path, random_call(4))
     expected = both_ways(path)
     conn = sqlite3.connect(path)
-    for table in ("rollups", "rollup_tracks", "quality_rollups", "sample_marks", "freeze_tracks"):
+    for table in ("rollups", "rollup_tracks", "quality_rollups", "sample_marks", "freeze_tracks", "bad_tallies"):
         conn.execute(f"DELETE FROM {table}")
     conn.execute("PRAGMA user_version = 0")
     conn.commit()
@@ -279,7 +280,7 @@ def test_retention_deletes_the_rollups_of_the_deleted_samples(tmp_path: Path) ->
     eventlog = EventLog(path)
     try:
         eventlog.delete_before_sync(T0 + 86_400_000)
-        assert eventlog.analysis_sync(SID).rolled == rollup.SessionRollup({}, [], [], [])
+        assert eventlog.analysis_sync(SID).rolled == rollup.SessionRollup({}, [], [], [], {})
         assert eventlog.quality_points_sync(SID, 10_000) == (10_000, [])
     finally:
         eventlog.close()
@@ -317,3 +318,32 @@ def test_freeze_fold_is_the_client_stats_rule() -> None:
         track.add(i, T0 + i, s)
     assert (track.count, round(track.frozen_s, 3)) == scores.freezes_from_client_stats(samples)
     assert len(track.evidence) == len(samples) and track.evidence[4]["freezeCount"] == "x"
+
+
+def test_the_printed_figure_is_the_lower_median_of_the_bad_samples_and_marks_stay_few(tmp_path: Path) -> None:
+    """A leg bad all along: the finding counts every bad sample and prints the lower median of
+    their figures, while only the first few are kept one by one."""
+    rng = random.Random(12)
+    log = Log()
+    log.join("c_doc", "Dr Who", "clinician")
+    log.join("c_pat", "Anna", "patient")
+    log.publish("c_doc", "st_doc")
+    losses = [round(rng.uniform(5.01, 30), 2) for _ in range(400)]
+    for loss in losses:
+        log.sample("c_doc", "st_doc", "st_doc", "in", "audio", dt=2_000, loss_pct=loss, jitter_ms=45.5,
+                   bitrate_kbps=30.0)
+    finish(log)
+    path = tmp_path / "events.sqlite3"
+    store(path, log, batch_max=64)
+    _, rolled_diagnosis, _, _ = both_ways(path)
+    loss = next(f for f in rolled_diagnosis["findings"] if f["type"] == FindingType.HIGH_LOSS)
+    expected = statistics.median_low(round(v, 1) for v in losses)
+    assert f"lost {expected:.1f}% of packets (over 5% in 400 of 400 samples)" in loss["cause"]
+    assert [s["loss_pct"] for s in loss["evidence"]["samples"]] == losses[:10]
+    jitter = next(f for f in rolled_diagnosis["findings"] if f["type"] == FindingType.HIGH_JITTER)
+    assert "had 46 ms of jitter" in jitter["cause"]
+    reader = EventLog(path)
+    try:
+        assert len(reader.analysis_sync(SID).rolled.marks) == rollup.BAD_EVIDENCE
+    finally:
+        reader.close()
