@@ -11,7 +11,6 @@ their thresholds. A clean call yields no ``problem``.
 from __future__ import annotations
 
 import re
-import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum

@@ -27,7 +27,6 @@ the raw samples. Pure: no clock, no I/O; the writer passes loaders for state it 
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field

@@ -111,10 +111,6 @@ def _str(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _num(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 #: Kinds rolled up (metrics.rollup) rather than read one by one.
 SAMPLE_KINDS: Final = frozenset({EventKind.QUALITY_SAMPLE, EventKind.CLIENT_STATS})
 
