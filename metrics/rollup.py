@@ -6,15 +6,21 @@ getStats() samples. Reading and judging each of them for every inspector request
 second; the findings need far less:
 
 - **buckets**: per track (a publisher's stream upstream, a subscription downstream), per kind
-  and per :data:`BUCKET_MS` of time, the count, the sums / minima / maxima of bitrate, loss,
-  jitter, RTT and frame rate, the packets, the first sample with media, the audio MOS summed
-  in hundredths, a histogram of video levels and the worst connection-quality score (per
-  participant and second, for quality over time). Every
-  field merges exactly (sums, min, max), so buckets written in several batches equal one.
-- **marks**: the few samples a finding names one by one (a video bitrate under the floor;
-  loss, jitter or RTT over its threshold; the first samples of a subscription), in compact
-  columns, each with its index in its track (the ramp-up is not judged) and, downstream, the
-  upstream figures of the same stream just before it (what the publisher's leg already lost).
+  and per window of :data:`SPANS_MS` (10 s and 60 s), the count, the sums / minima / maxima of
+  bitrate, loss, jitter, RTT and frame rate, the packets, the first sample with media and the
+  worst connection-quality score: what the charts draw. Every field merges exactly (sums, min,
+  max, first and last by seq), so buckets written in several batches equal one.
+- **track totals**: the same counts over the call, the audio MOS summed in hundredths (exact
+  integer sums), a histogram of video levels, the last upstream loss and jitter; and the worst
+  connection-quality score per participant and second (quality over time).
+- **tallies**: per track and type of bad sample (a video bitrate under the floor after the
+  ramp-up; loss, jitter or RTT over its threshold, a subscriber's loss and jitter net of what
+  the publisher's uplink already lost just before), how many, the first and the last, and
+  their figures binned as the finding prints them: a bounded histogram, so the finding's lower
+  median is exact however many there are.
+- **marks**: the samples a finding names one by one (the first few bad ones of each track and
+  type, the first samples of each subscription), in compact columns, each with its index in
+  its track and, downstream, the upstream figures of the same stream just before it.
 - **freeze tracks**: per received video track, the W3C freeze counters folded as
   :func:`metrics.scores.freezes_from_client_stats` folds them, with the first samples as
   evidence.
@@ -35,14 +41,14 @@ from typing import Any, Final
 from metrics import scores
 from metrics.events import EventKind
 
-#: Width of one bucket: the finest resolution of the charts and of quality over time.
+#: Width of the finest bucket: the finest resolution of the charts.
 BUCKET_MS: Final = 10_000
 #: The widths buckets are kept at: the charts read the finest whose points fit.
 SPANS_MS: Final = (BUCKET_MS, 60_000)
 #: Resolution of a participant's connection quality over time: per second with samples.
 QUALITY_MS: Final = 1_000
 
-# Thresholds of the diagnosis (docs/inspector.md); the marks keep every sample over one.
+# Thresholds of the diagnosis (docs/inspector.md): the tallies count the samples over one.
 LOW_VIDEO_KBPS: Final = 150.0
 LOSS_PCT: Final = 5.0
 JITTER_MS: Final = 30.0
