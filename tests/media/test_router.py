@@ -109,6 +109,20 @@ async def test_published_tracks_start_no_decoder_thread_and_hold_no_unused_buffe
     assert len([t for t in threading.enumerate() if t.name.endswith("-decoder")]) == 2
 
 
+async def test_published_rtp_bypasses_aiortcs_receive_queue_and_keeps_receiver_statistics(call: Call) -> None:
+    # The demultiplexer unprotects and delivers SRTP RTP itself: aiortc's DTLS receive task
+    # (which counts every datagram it takes off aioice's queue) sees only DTLS and RTCP.
+    publish = call.router.publishes["st1"]
+    [transport] = aiortc_internals.dtls_transports(publish.pc)
+    video = publish.tracks["video"]
+    await wait_until(lambda: video.packets > 150, timeout=20, message="150 video packets")
+    slow_path = transport._RTCDtlsTransport__rx_packets  # type: ignore[attr-defined]
+    assert slow_path < video.packets / 5, (slow_path, video.packets)
+    # The receiver reports and NACKs the publisher gets still come from the receiver's counters.
+    stats = aiortc_internals.receiver_statistics(video.receiver)[video.media_ssrc]
+    assert stats.packets_received >= video.packets > 150
+
+
 async def test_late_subscriber_gets_a_pli_and_starts_on_a_keyframe(call: Call) -> None:
     late = Subscriber()
     try:
