@@ -14,7 +14,8 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
 - RTCDtlsTransport._recv_next takes each datagram off aioice's queue; SRTP (first byte
   128-191, once ``_rx_srtp`` is set) is split by ``is_rtcp`` and unprotected with
   ``_rx_srtp``; RTP is parsed with ``_rtp_header_extensions_map`` and routed by
-  ``_rtp_router.route_rtp``. The demultiplexer's RTP fast path does the same itself,
+  ``_rtp_router.route_rtp``; ``_rx_srtp`` is set before ``_state`` becomes CONNECTED.
+  The demultiplexer's RTP fast path does the same itself while CONNECTED,
   skipping only the transport's ``__rx_packets``/``__rx_bytes`` counters (read by getStats
   alone).
 - RTCRtpReceiver keeps its codecs, RTX map, per-SSRC StreamStatistics and its
@@ -404,7 +405,8 @@ _MAX_FAST_SSRCS = 16
 
 
 def _rtp_fast_path(dtls: RTCDtlsTransport) -> Callable[[bytes], None]:
-    """SRTP-unprotect, parse and deliver one RTP packet on ``dtls`` to its hooked receiver:
+    """SRTP-unprotect, parse and deliver one RTP packet on ``dtls`` (connected, so its SRTP
+    session is set) to its hooked receiver:
     what aiortc's ``_recv_next`` → ``_handle_rtp_data`` → ``_handle_rtp_packet`` do, minus
     the queue, the task wake-up and the coroutines, and minus the transport's byte counters
     (only its getStats reads them). A packet that fails SRTP or does not parse is dropped,
@@ -471,8 +473,9 @@ def _demultiplexer(connection: Any, protocol: Any, drops: dict[DatagramDropReaso
             if addr[1] != port or addr[0] != host:
                 drops[DatagramDropReason.NOT_SELECTED_PAIR] += 1
                 return
-            # RTP (not RTCP: aiortc's is_rtcp, second byte 192-208) once SRTP keys exist.
-            if first > 127 and fast_rtp is not None and dtls is not None and dtls._rx_srtp is not None \
+            # RTP (not RTCP: aiortc's is_rtcp, second byte 192-208) while DTLS is connected
+            # (SRTP keys set; after stop() nothing reaches a closed publish).
+            if first > 127 and fast_rtp is not None and dtls is not None and dtls._state is State.CONNECTED \
                     and len(data) > 1 and not 191 < data[1] < 209:
                 fast_rtp(data)
                 return

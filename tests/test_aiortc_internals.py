@@ -134,6 +134,9 @@ def test_what_the_rtp_fast_path_does_instead_of_the_dtls_receive_task() -> None:
     assert "RtpPacket.parse(data, self._rtp_header_extensions_map)" in rtp
     assert "receiver = self._rtp_router.route_rtp(packet)" in rtp
     assert "return len(msg) >= 2 and msg[1] >= 192 and msg[1] <= 208" in inspect.getsource(is_rtcp)
+    # The fast path runs while CONNECTED: by then the SRTP sessions exist.
+    start = inspect.getsource(RTCDtlsTransport.start)
+    assert start.index("self._setup_srtp()") < start.index("self._set_state(State.CONNECTED)")
 
 
 async def test_sender_starts_replaceable_tasks() -> None:
