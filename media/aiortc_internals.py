@@ -11,6 +11,13 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
 - RTCDtlsTransport._handle_rtp_data parses SRTP-unprotected RTP and awaits
   ``receiver._handle_rtp_packet(packet, arrival_time_ms=…)``; RTCP goes to
   ``_handle_rtcp_packet`` of receivers and senders, routed by SSRC.
+- RTCDtlsTransport._recv_next takes each datagram off aioice's queue; SRTP (first byte
+  128-191, once ``_rx_srtp`` is set) is split by ``is_rtcp`` and unprotected with
+  ``_rx_srtp``; RTP is parsed with ``_rtp_header_extensions_map`` and routed by
+  ``_rtp_router.route_rtp``; ``_rx_srtp`` is set before ``_state`` becomes CONNECTED.
+  The demultiplexer's RTP fast path does the same itself while CONNECTED,
+  skipping only the transport's ``__rx_packets``/``__rx_bytes`` counters (read by getStats
+  alone).
 - RTCRtpReceiver keeps its codecs, RTX map, per-SSRC StreamStatistics and its
   NackGenerator in name-mangled attributes; its own _run_rtcp sends receiver
   reports from those statistics. Its receive(parameters) fills the codecs and RTX
@@ -52,13 +59,15 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import time
 import socket
+import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aioice.ice
 import aioice.turn
+import pylibsrtp
 from aioice import stun
 from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aiortc import RTCRtpReceiver, RTCRtpSender
@@ -170,23 +179,30 @@ def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHan
     nack_generator = receiver._RTCRtpReceiver__nack_generator  # type: ignore[attr-defined]
     original_rtcp = receiver._handle_rtcp_packet
 
-    async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
-        codec = codecs.get(packet.payload_type)
+    rtx_codecs: set[int] = set()  # payload types of the RTX codecs, filled by receive()
+
+    def receive_rtp(packet: RtpPacket, arrival_time_ms: int) -> None:
+        payload_type = packet.payload_type
+        codec = codecs.get(payload_type)
         if codec is None:
             return
         stats = streams.get(packet.ssrc)
         if stats is None:
             stats = streams[packet.ssrc] = StreamStatistics(codec.clockRate)
         stats.add(packet)
-        if is_rtx(codec):
+        if payload_type in rtx_codecs:
             original = rtx_ssrc.get(packet.ssrc)
             apt = codec.parameters.get("apt")
             if original is None or len(packet.payload) < 2 or apt not in codecs:
                 return
             packet = unwrap_rtx(packet, payload_type=apt, ssrc=original)
         if nack_generator is not None and nack_generator.add(packet):
-            await receiver._send_rtcp_nack(packet.ssrc, sorted(nack_generator.missing))
+            # Only when a gap opens: the NACK is sent by a task, the packet is not held up.
+            asyncio.ensure_future(receiver._send_rtcp_nack(packet.ssrc, sorted(nack_generator.missing)))
         on_rtp(packet, arrival_time_ms)
+
+    async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
+        receive_rtp(packet, arrival_time_ms)
 
     async def handle_rtcp_packet(packet: Any) -> None:
         await original_rtcp(packet)
@@ -199,6 +215,8 @@ def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHan
         for codec in parameters.codecs:
             if codec.payloadType is not None:  # always set once negotiated
                 codecs[codec.payloadType] = codec
+                if is_rtx(codec):
+                    rtx_codecs.add(codec.payloadType)
         for encoding in parameters.encodings:
             if encoding.rtx:
                 rtx_ssrc[encoding.rtx.ssrc] = encoding.ssrc
@@ -207,9 +225,14 @@ def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHan
         receiver._RTCRtpReceiver__started = True  # type: ignore[attr-defined]
 
     receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
+    _rtp_handlers[receiver] = receive_rtp
     receiver._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
     receiver.receive = receive  # type: ignore[method-assign]
     release_receiver_buffers(receiver)
+
+
+#: The synchronous RTP handler of every hooked receiver, for the demultiplexer's fast path.
+_rtp_handlers: weakref.WeakKeyDictionary[Any, RtpHandler] = weakref.WeakKeyDictionary()
 
 
 def receiver_statistics(receiver: RTCRtpReceiver) -> dict[int, StreamStatistics]:
@@ -299,6 +322,21 @@ def selected_candidate_pair(transport: RTCDtlsTransport) -> dict[str, str] | Non
     }
 
 
+def dtls_transports(pc: Any) -> list[RTCDtlsTransport]:
+    """The DTLS transports of a peer connection's transceivers (one with BUNDLE)."""
+    transports: list[RTCDtlsTransport] = []
+    for transceiver in pc.getTransceivers():
+        transport = transceiver.receiver.transport
+        if all(transport is not t for t in transports):
+            transports.append(transport)
+    return transports
+
+
+def ice_connection(transport: RTCDtlsTransport) -> Any:
+    """The aioice Connection under a DTLS transport."""
+    return transport.transport._connection
+
+
 def ice_connections(pc: Any) -> list[Any]:
     """The aioice Connections of a peer connection's transceivers (one with BUNDLE)."""
     connections: list[Any] = []
@@ -343,15 +381,62 @@ def measure_stun_rtt(connection: Any, holder: StunRtt) -> None:
         protocol.request = request
 
 
-def demux_datagrams(connection: Any, drops: dict[DatagramDropReason, int]) -> None:
+def demux_datagrams(connection: Any, drops: dict[DatagramDropReason, int],
+                    dtls: RTCDtlsTransport | None = None) -> None:
     """Put an RFC 7983 demultiplexer in front of every socket of an aioice ``connection``
     (call it once candidates are gathered): STUN (first byte 0-3) goes to aioice, from
     anyone, for connectivity checks; DTLS (20-63) and RTP/RTCP (128-191) go to aiortc
     only from the selected pair's remote address; everything else, and STUN that does
     not parse or breaks aioice, is dropped and counted in ``drops`` without a log line.
-    One byte compare per media datagram, and no STUN parse attempt for it."""
+    One byte compare per media datagram, and no STUN parse attempt for it.
+
+    With ``dtls`` (the DTLS transport on ``connection``), SRTP RTP packets take a fast path
+    once DTLS has set up SRTP: unprotected, parsed and handed to their receiver's handler
+    (``hook_receiver``) right in the datagram callback, instead of through aioice's queue,
+    the DTLS transport's receive task and two coroutines per packet. RTCP, DTLS and
+    packets for a receiver without a hook keep aiortc's path."""
     for protocol in connection._protocols:
-        protocol.datagram_received = _demultiplexer(connection, protocol, drops)
+        protocol.datagram_received = _demultiplexer(connection, protocol, drops, dtls)
+
+
+#: SSRCs the fast path remembers per DTLS transport (a publish has 2-4); more are routed
+#: again by aiortc's router, so a sender cycling SSRCs grows nothing here.
+_MAX_FAST_SSRCS = 16
+
+
+def _rtp_fast_path(dtls: RTCDtlsTransport) -> Callable[[bytes], None]:
+    """SRTP-unprotect, parse and deliver one RTP packet on ``dtls`` (connected, so its SRTP
+    session is set) to its hooked receiver:
+    what aiortc's ``_recv_next`` → ``_handle_rtp_data`` → ``_handle_rtp_packet`` do, minus
+    the queue, the task wake-up and the coroutines, and minus the transport's byte counters
+    (only its getStats reads them). A packet that fails SRTP or does not parse is dropped,
+    as aiortc drops it."""
+    by_ssrc: dict[int, RtpHandler] = {}
+    router = dtls._rtp_router
+    extensions = dtls._rtp_header_extensions_map
+    parse = RtpPacket.parse
+    srtp_error = pylibsrtp.Error
+
+    def deliver(data: bytes) -> None:
+        try:
+            packet = parse(dtls._rx_srtp.unprotect(data), extensions)
+        except (srtp_error, ValueError):
+            return
+        handler = by_ssrc.get(packet.ssrc)
+        if handler is None:
+            receiver = router.route_rtp(packet)
+            if receiver is None:
+                return
+            found = _rtp_handlers.get(receiver)
+            if found is None:  # not ours: aiortc's own handler, as a task
+                asyncio.ensure_future(receiver._handle_rtp_packet(packet, arrival_time_ms=time.monotonic_ns() // 1_000_000))
+                return
+            if len(by_ssrc) >= _MAX_FAST_SSRCS:
+                by_ssrc.clear()
+            handler = by_ssrc[packet.ssrc] = found
+        handler(packet, time.monotonic_ns() // 1_000_000)
+
+    return deliver
 
 
 def _canonical_ip(host: str | None) -> str | None:
@@ -362,9 +447,10 @@ def _canonical_ip(host: str | None) -> str | None:
         return host
 
 
-def _demultiplexer(connection: Any, protocol: Any,
-                   drops: dict[DatagramDropReason, int]) -> Callable[[bytes, tuple[Any, ...]], None]:
+def _demultiplexer(connection: Any, protocol: Any, drops: dict[DatagramDropReason, int],
+                   dtls: RTCDtlsTransport | None) -> Callable[[bytes, tuple[Any, ...]], None]:
     stun_received = protocol.datagram_received  # aioice's own (bound) handler
+    fast_rtp = _rtp_fast_path(dtls) if dtls is not None else None
     data_received = connection.data_received
     nominated: dict[int, Any] = connection._nominated
     component: int = protocol.local_candidate.component
@@ -386,6 +472,12 @@ def _demultiplexer(connection: Any, protocol: Any,
                 host = _canonical_ip(host)
             if addr[1] != port or addr[0] != host:
                 drops[DatagramDropReason.NOT_SELECTED_PAIR] += 1
+                return
+            # RTP (not RTCP: aiortc's is_rtcp, second byte 192-208) while DTLS is connected
+            # (SRTP keys set; after stop() nothing reaches a closed publish).
+            if first > 127 and fast_rtp is not None and dtls is not None and dtls._state is State.CONNECTED \
+                    and len(data) > 1 and not 191 < data[1] < 209:
+                fast_rtp(data)
                 return
             data_received(data, component)
         elif first < 4:

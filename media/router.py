@@ -575,8 +575,9 @@ class Peer:
 
     def demux(self) -> None:
         """Candidates are gathered: put the datagram demultiplexer on their sockets."""
-        for connection in internals.ice_connections(self.pc):
-            internals.demux_datagrams(connection, self.router.datagram_drops)
+        for transport in internals.dtls_transports(self.pc):
+            connection = internals.ice_connection(transport)
+            internals.demux_datagrams(connection, self.router.datagram_drops, transport)
             internals.measure_stun_rtt(connection, self.stun_rtt)
 
     def local_sdp(self) -> str:

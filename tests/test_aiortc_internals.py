@@ -20,6 +20,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCRtpSe
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtp import is_rtcp
 
 from media import aiortc_internals
 from media.events import DatagramDropReason
@@ -121,6 +122,21 @@ def test_dtls_transport_routes_rtp_to_receivers() -> None:
     assert "_handle_rtcp_packet(packet)" in rtcp
     send = inspect.getsource(RTCDtlsTransport._send_rtp)
     assert "self._tx_srtp.protect" in send and "self._state != State.CONNECTED" in send
+
+
+def test_what_the_rtp_fast_path_does_instead_of_the_dtls_receive_task() -> None:
+    # _rtp_fast_path repeats these steps of _recv_next / _handle_rtp_data for RTP.
+    recv = inspect.getsource(RTCDtlsTransport._recv_next)
+    assert "first_byte > 127 and first_byte < 192 and self._rx_srtp" in recv
+    assert "if is_rtcp(data):" in recv and "data = self._rx_srtp.unprotect(data)" in recv
+    assert "self.__rx_packets += 1" in recv and "__rx_packets" in inspect.getsource(RTCDtlsTransport._get_stats)
+    rtp = inspect.getsource(RTCDtlsTransport._handle_rtp_data)
+    assert "RtpPacket.parse(data, self._rtp_header_extensions_map)" in rtp
+    assert "receiver = self._rtp_router.route_rtp(packet)" in rtp
+    assert "return len(msg) >= 2 and msg[1] >= 192 and msg[1] <= 208" in inspect.getsource(is_rtcp)
+    # The fast path runs while CONNECTED: by then the SRTP sessions exist.
+    start = inspect.getsource(RTCDtlsTransport.start)
+    assert start.index("self._setup_srtp()") < start.index("self._set_state(State.CONNECTED)")
 
 
 async def test_sender_starts_replaceable_tasks() -> None:

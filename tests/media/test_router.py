@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -111,6 +113,45 @@ async def test_published_tracks_start_no_decoder_thread_and_hold_no_unused_buffe
     assert all(r._RTCRtpReceiver__remote_bitrate_estimator is None for r in receivers)  # type: ignore[attr-defined]
     # The subscriber (a real aiortc client) decodes in its own threads: only the server's are absent.
     assert len([t for t in threading.enumerate() if t.name.endswith("-decoder")]) == 2
+
+
+async def test_published_rtp_bypasses_aiortcs_receive_queue_and_keeps_receiver_statistics(call: Call) -> None:
+    # The demultiplexer unprotects and delivers SRTP RTP itself: aiortc's DTLS receive task
+    # (which counts every datagram it takes off aioice's queue) sees only DTLS and RTCP.
+    publish = call.router.publishes["st1"]
+    [transport] = aiortc_internals.dtls_transports(publish.pc)
+    video = publish.tracks["video"]
+    await wait_until(lambda: video.packets > 150, timeout=20, message="150 video packets")
+    slow_path = transport._RTCDtlsTransport__rx_packets  # type: ignore[attr-defined]
+    assert slow_path < video.packets / 5, (slow_path, video.packets)
+    # The receiver reports and NACKs the publisher gets still come from the receiver's counters.
+    stats = aiortc_internals.receiver_statistics(video.receiver)[video.media_ssrc]
+    assert stats.packets_received >= video.packets > 150
+
+
+async def test_forged_srtp_from_the_selected_pair_is_dropped_on_the_fast_path(call: Call) -> None:
+    # Datagrams that look like RTP but fail SRTP (or are too short to be RTP) cost one
+    # libsrtp check each: no exception in the datagram callback, no packet counted.
+    errors: list[dict[str, object]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        video = call.router.publishes["st1"].tracks["video"]
+        stats = aiortc_internals.receiver_statistics(video.receiver)[video.media_ssrc]
+        [client] = aiortc_internals.ice_connections(call.pub)
+        pair = client._nominated[1]
+        header = struct.pack("!BBHII", 0x80, 96, 1, 0, video.media_ssrc)
+        received_before, frames_before = stats.packets_received, len(call.sub.received.frames)
+        for datagram in (b"\x80\x60", header, header + os.urandom(100), header + os.urandom(1000)):
+            for _ in range(10):
+                pair.protocol.transport.sendto(datagram, pair.remote_addr)
+        await wait_until(lambda: len(call.sub.received.frames) > frames_before + 30, timeout=20,
+                         message="frames after the forged datagrams")
+        assert errors == []
+        # Only real packets were counted (≈ 30 frames of video and audio, never 40 more).
+        assert video.packets <= stats.packets_received and stats.packets_received > received_before
+    finally:
+        loop.set_exception_handler(None)
 
 
 async def test_late_subscriber_gets_a_pli_and_starts_on_a_keyframe(call: Call) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from prometheus_client import REGISTRY
@@ -76,6 +77,8 @@ def test_media_events_become_entries_samples_and_counts(tmp_path: Path) -> None:
             ("qualityAlert", "No video received from Anna for 5 seconds"),
         ]
         assert entries[0]["connection_id"] == "c_2" and entries[0]["payload"]["packets_lost"] == 1
+        # The payload is every field of the sample, as dataclasses.asdict would give it.
+        assert entries[0]["payload"] == asdict(sample)
         assert value("openconsult_media_datagrams_dropped_total", reason="empty") == dropped + 3
         assert value("openconsult_rtp_packets_forwarded_total", kind="video") == forwarded + 140
         assert value("openconsult_keyframes_requested_total") == keyframes + 1
