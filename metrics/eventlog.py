@@ -29,6 +29,12 @@ committed.
 Queries open their own read connection and run in a worker thread (``asyncio.to_thread``)
 from the async API, or directly from the ``*_sync`` twins. They see committed entries only:
 flush first if you need to read your own writes.
+
+:class:`EventStore` is the contract and the writer machinery (queue, batches, group commit,
+isolation of a bad entry); a backend supplies the connection, the batch insert, the queries and
+retention. :class:`EventLog` stores in SQLite (the embedded default);
+:class:`metrics.eventlog_pg.PgEventLog` in PostgreSQL (``[eventlog] url``), for nodes on several
+hosts. The app picks one from the config; both pass the same contract tests.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import queue
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,22 +143,24 @@ class _RateLimited:
             return True
 
 
-class EventLog:
-    """Append-only, durable event log in one SQLite file (WAL mode).
+class EventStore(ABC):
+    """The event log contract and its writer machinery, whatever stores the entries.
 
-    :param path: the database file; created with its table on first use, reopened as is after.
+    :param where: names the store in log lines and the writer thread's name.
     :param max_queue: entries held in memory before :meth:`append` starts dropping.
     :param batch_max: most entries committed in one transaction.
     :param batch_interval_s: longest an entry waits in memory for its batch to fill (when
         nobody waits for it in :meth:`committed`).
     :param before_write: test hook called in the writer thread with each batch before it is
-        written, and again with each half of a batch SQLite refused; an exception it raises
-        counts as SQLite refusing those entries (lets tests simulate a slow or failing disk).
+        written, and again with each half of a batch the store refused; an exception it raises
+        counts as the store refusing those entries (lets tests simulate a slow or failing disk).
+
+    A backend creates its schema, then calls :meth:`_start_writer`.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        where: str,
         *,
         max_queue: int = DEFAULT_MAX_QUEUE,
         batch_max: int = DEFAULT_BATCH_MAX,
@@ -160,7 +169,7 @@ class EventLog:
     ) -> None:
         if max_queue < 1 or batch_max < 1 or batch_interval_s < 0:
             raise ValueError("max_queue and batch_max must be >= 1, batch_interval_s >= 0")
-        self.path = Path(path)
+        self._where = where
         self._batch_max = batch_max
         self._batch_interval_s = batch_interval_s
         self._before_write = before_write
@@ -183,15 +192,66 @@ class EventLog:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap, on self._loop only
         self._waiter_ids = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._writer = threading.Thread(target=self._run_writer, name=f"eventlog-writer:{where}", daemon=True)
 
-        # Create the schema here, synchronously, so a bad path fails the constructor.
-        conn = self._connect()
-        try:
-            conn.executescript(_SCHEMA)
-        finally:
-            conn.close()
-        self._writer = threading.Thread(target=self._run_writer, name=f"eventlog-writer:{self.path.name}", daemon=True)
+    def _start_writer(self) -> None:
         self._writer.start()
+
+    # --- what a backend supplies -----------------------------------------------------------
+
+    @abstractmethod
+    def _open_writer(self) -> Any:
+        """The writer thread's connection (opened in the writer thread)."""
+
+    @abstractmethod
+    def _close_writer(self, conn: Any) -> None:
+        """Release the writer thread's connection."""
+
+    @abstractmethod
+    def _insert(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+        """Commit ``rows`` (from :meth:`_row`) in one transaction, or raise and commit none."""
+
+    def _row(self, entry: LogEntry) -> tuple[Any, ...]:
+        """The stored row of ``entry``, made safe (see :func:`_row`)."""
+        return _row(entry)
+
+    @abstractmethod
+    def events_sync(
+        self,
+        session_id: str,
+        kinds: Iterable[str] | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        limit: int = DEFAULT_QUERY_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """Committed entries of one session, oldest first (by time, then write order).
+
+        ``kinds`` keeps only those kinds; ``since_ms`` is inclusive, ``until_ms`` exclusive.
+        Each dict has the :class:`LogEntry` fields, ``payload`` decoded, plus ``seq``.
+        """
+
+    @abstractmethod
+    def sessions_sync(
+        self,
+        since_ms: int,
+        until_ms: int,
+        text: str | None = None,
+        limit: int = 1_000,
+        *,
+        room: str | None = None,
+        name: str | None = None,
+        session_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Back-office search: sessions with entries in ``[since_ms, until_ms)``, newest first
+        (see :meth:`EventLog.sessions_sync` for the filters)."""
+
+    @abstractmethod
+    def delete_before_sync(self, before_ms: int) -> int:
+        """Retention: delete every entry older than ``before_ms``; returns how many."""
+
+    @abstractmethod
+    def anonymise_before_sync(self, before_ms: int, chunk: int = 1_000) -> int:
+        """Retention: anonymise every entry older than ``before_ms``; returns how many changed."""
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -333,21 +393,13 @@ class EventLog:
             self.dropped += count
         # Rate-limited: a writer that is behind would otherwise add a log line per entry.
         if self._drop_warning.due():
-            logger.warning("Dropping event-log entries for %s: %s (%d dropped so far)", self.path, reason.value,
+            logger.warning("Dropping event-log entries for %s: %s (%d dropped so far)", self._where, reason.value,
                            self.dropped)
 
     # --- the writer thread -----------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash or power
-        # loss can lose the last transactions.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
     def _run_writer(self) -> None:
-        conn = self._connect()
+        conn = self._open_writer()
         try:
             while True:
                 batch, markers, closing = self._next_batch()
@@ -360,7 +412,7 @@ class EventLog:
                 if closing:
                     return
         finally:
-            conn.close()
+            self._close_writer(conn)
             # An append that raced close() may have queued an entry behind the close marker.
             left = 0
             while True:
@@ -416,14 +468,14 @@ class EventLog:
             except queue.Empty:
                 return batch, markers, False
 
-    def _write(self, conn: sqlite3.Connection, batch: list[LogEntry]) -> None:
-        """Commit ``batch``; if SQLite refuses it, retry each half until only the entries that
+    def _write(self, conn: Any, batch: list[LogEntry]) -> None:
+        """Commit ``batch``; if the store refuses it, retry each half until only the entries that
         fail on their own are left, and drop and count just those."""
         rows: list[tuple[Any, ...]] = []
         entries: list[LogEntry] = []
         for entry in batch:
             try:
-                rows.append(_row(entry))
+                rows.append(self._row(entry))
                 entries.append(entry)
             except Exception as exc:  # made_safe() never raises; this is the last line of defence
                 self._refused(1, exc)
@@ -444,8 +496,92 @@ class EventLog:
             self.written += end - start
             prometheus.EVENTLOG_ENTRIES_WRITTEN.inc(end - start)
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    def _refused(self, count: int, exc: Exception) -> None:
+        # The writer must outlive a bad entry (and a bad disk): count, warn now and then, go on.
+        if self._failure_warning.due():
+            logger.warning("Event-log writer could not write an entry to %s: %r", self._where, exc)
+        self._drop(count, EventLogDropReason.WRITE_FAILED)
+
+    # --- queries (async) -------------------------------------------------------------------
+
+    async def events(
+        self,
+        session_id: str,
+        kinds: Iterable[str] | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        limit: int = DEFAULT_QUERY_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """:meth:`events_sync` in a worker thread."""
+        kind_list = None if kinds is None else list(kinds)
+        return await asyncio.to_thread(self.events_sync, session_id, kind_list, since_ms, until_ms, limit)
+
+    async def sessions(
+        self,
+        since_ms: int,
+        until_ms: int,
+        text: str | None = None,
+        limit: int = 1_000,
+        *,
+        room: str | None = None,
+        name: str | None = None,
+        session_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """:meth:`sessions_sync` in a worker thread."""
+        return await asyncio.to_thread(lambda: self.sessions_sync(since_ms, until_ms, text, limit, room=room,
+                                                                  name=name, session_id=session_id))
+
+    # --- retention -------------------------------------------------------------------------
+
+    async def delete_before(self, before_ms: int) -> int:
+        return await asyncio.to_thread(self.delete_before_sync, before_ms)
+
+    async def anonymise_before(self, before_ms: int) -> int:
+        return await asyncio.to_thread(self.anonymise_before_sync, before_ms)
+
+
+class EventLog(EventStore):
+    """Append-only, durable event log in one SQLite file (WAL mode).
+
+    :param path: the database file; created with its table on first use, reopened as is after.
+    The other parameters are :class:`EventStore`'s.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        batch_max: int = DEFAULT_BATCH_MAX,
+        batch_interval_s: float = DEFAULT_BATCH_INTERVAL_S,
+        before_write: Callable[[Sequence[LogEntry]], object] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        super().__init__(self.path.name, max_queue=max_queue, batch_max=batch_max,
+                         batch_interval_s=batch_interval_s, before_write=before_write)
+        # Create the schema here, synchronously, so a bad path fails the constructor.
+        conn = self._connect()
+        try:
+            conn.executescript(_SCHEMA)
+        finally:
+            conn.close()
+        self._start_writer()
+
+    def _open_writer(self) -> sqlite3.Connection:
+        return self._connect()
+
+    def _close_writer(self, conn: Any) -> None:
+        conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash or power
+        # loss can lose the last transactions.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _insert(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
         conn.execute("BEGIN")
         try:
             conn.executemany(_INSERT, rows)
@@ -454,12 +590,6 @@ class EventLog:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-
-    def _refused(self, count: int, exc: Exception) -> None:
-        # The writer must outlive a bad entry (and a bad disk): count, warn now and then, go on.
-        if self._failure_warning.due():
-            logger.warning("Event-log writer could not write an entry to %s: %r", self.path, exc)
-        self._drop(count, EventLogDropReason.WRITE_FAILED)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -503,18 +633,6 @@ class EventLog:
         finally:
             conn.close()
         return [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
-
-    async def events(
-        self,
-        session_id: str,
-        kinds: Iterable[str] | None = None,
-        since_ms: int | None = None,
-        until_ms: int | None = None,
-        limit: int = DEFAULT_QUERY_LIMIT,
-    ) -> list[dict[str, Any]]:
-        """:meth:`events_sync` in a worker thread."""
-        kind_list = None if kinds is None else list(kinds)
-        return await asyncio.to_thread(self.events_sync, session_id, kind_list, since_ms, until_ms, limit)
 
     def sessions_sync(
         self,
@@ -578,21 +696,6 @@ class EventLog:
             conn.close()
         return [dict(row) for row in rows]
 
-    async def sessions(
-        self,
-        since_ms: int,
-        until_ms: int,
-        text: str | None = None,
-        limit: int = 1_000,
-        *,
-        room: str | None = None,
-        name: str | None = None,
-        session_id: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """:meth:`sessions_sync` in a worker thread."""
-        return await asyncio.to_thread(lambda: self.sessions_sync(since_ms, until_ms, text, limit, room=room,
-                                                                  name=name, session_id=session_id))
-
     # --- retention -------------------------------------------------------------------------
 
     def _write_connection(self) -> sqlite3.Connection:
@@ -643,12 +746,6 @@ class EventLog:
                 last = rows[-1]["seq"]
         finally:
             conn.close()
-
-    async def delete_before(self, before_ms: int) -> int:
-        return await asyncio.to_thread(self.delete_before_sync, before_ms)
-
-    async def anonymise_before(self, before_ms: int) -> int:
-        return await asyncio.to_thread(self.anonymise_before_sync, before_ms)
 
 
 #: Payload keys that hold personal data: names, patient and staff references, IP addresses, user
