@@ -557,7 +557,7 @@ class EventLog(EventStore):
         before_write: Callable[[Sequence[LogEntry]], object] | None = None,
     ) -> None:
         self.path = Path(path)
-        super().__init__(self.path.name, max_queue=max_queue, batch_max=batch_max,
+        super().__init__(str(self.path), max_queue=max_queue, batch_max=batch_max,
                          batch_interval_s=batch_interval_s, before_write=before_write)
         # Create the schema here, synchronously, so a bad path fails the constructor.
         conn = self._connect()

@@ -24,13 +24,16 @@ import json
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from metrics.audit import AUDIT_TYPES, CHAT_CONTENT_KEYS, ERROR_EVENT_KINDS, LogQuery, LogType, search
 from metrics.eventlog import (
     DEFAULT_BATCH_INTERVAL_S,
     DEFAULT_BATCH_MAX,
@@ -65,7 +68,7 @@ _SCHEMA: Final = (
 
 _COPY: Final = ("COPY events (time_ms, session_id, connection_id, stream_id, kind, component, text, payload, node_id)"
                 " FROM STDIN")
-_COLUMNS: Final = "seq, time_ms, session_id, connection_id, stream_id, kind, component, text, payload, node_id"
+_COLUMNS: Final = "seq, time_ms, session_id, connection_id, stream_id, kind, component, text, payload"
 _ORDER: Final = "time_ms, node_id, seq"
 _PARTITION_PREFIX: Final = "events_d"
 
@@ -184,7 +187,7 @@ class PgEventLog(EventStore):
         limit: int = DEFAULT_QUERY_LIMIT,
     ) -> list[dict[str, Any]]:
         """Committed entries of one session, oldest first by ``(time_ms, node_id, seq)``: the
-        same order from every node. Each dict as :meth:`EventLog.events_sync`'s, plus ``node_id``."""
+        same order from every node. Each dict as :meth:`EventLog.events_sync`'s."""
         where = ["session_id = %s"]
         params: list[Any] = [session_id]
         if kinds is not None:
@@ -253,6 +256,49 @@ class PgEventLog(EventStore):
         )
         with self._connect(autocommit=True) as conn, conn.cursor(row_factory=dict_row) as cur:
             return list(cur.execute(query.encode(), params).fetchall())
+
+    def backoffice_search(self, audit_db: Path, query: LogQuery) -> list[dict[str, Any]]:
+        """The back-office log (:func:`metrics.audit.search`) with the event log in PostgreSQL:
+        each side newest first and cut at ``offset + limit``, then merged (ties: event log first)."""
+        audit_query = replace(query, types=frozenset(t for t in query.types if t in AUDIT_TYPES), offset=0,
+                              limit=query.offset + query.limit)
+        audit_rows = search(None, audit_db, audit_query) if audit_query.types and query.include_audit else []
+        merged = sorted([*self._backoffice_events(query), *audit_rows],
+                        key=lambda row: (-row["time_ms"], row["id"].startswith("a")))  # stable: keeps each side's order
+        return merged[query.offset:query.offset + query.limit]
+
+    def _backoffice_events(self, query: LogQuery) -> list[dict[str, Any]]:
+        kinds = [str(t) for t in query.types if t not in AUDIT_TYPES and t is not LogType.ERROR]
+        if LogType.ERROR in query.types:
+            kinds += [str(k) for k in ERROR_EVENT_KINDS]
+        if not kinds:
+            return []
+        # The first parameter is the CASE's (error kinds shown as the type Error).
+        params: list[Any] = [[str(k) for k in ERROR_EVENT_KINDS], query.since_ms, query.until_ms, kinds]
+        where = ["time_ms >= %s", "time_ms < %s", "kind = ANY(%s)"]
+        if query.sessions is not None:
+            where.append("session_id = ANY(%s)")
+            params.append(sorted(query.sessions))
+        if query.text:
+            # A caller who may not read chat content may not search it either.
+            chat = " AND kind != 'Chat'" if query.hide_chat_content else ""
+            where.append(f"(text ILIKE %s OR session_id ILIKE %s OR (payload ILIKE %s{chat}))")
+            params.extend([f"%{_like_escape(query.text)}%"] * 3)
+        params.append(query.offset + query.limit)
+        statement = (
+            "SELECT seq, time_ms, CASE WHEN kind = ANY(%s) THEN 'Error' ELSE kind END AS kind, session_id, text,"
+            f" payload FROM events WHERE {' AND '.join(where)} ORDER BY time_ms DESC, node_id DESC, seq DESC LIMIT %s")
+        with self._connect(autocommit=True) as conn, conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(statement.encode(), params).fetchall()
+        out = []
+        for row in rows:
+            payload = json.loads(row["payload"])
+            if query.hide_chat_content and row["kind"] == LogType.CHAT:
+                payload = {k: v for k, v in payload.items() if k not in CHAT_CONTENT_KEYS}
+            out.append({"id": f"e{row['seq']}", "time_ms": row["time_ms"], "type": row["kind"],
+                        "session_id": row["session_id"], "text": row["text"], "staff": "", "role": "", "ip": "",
+                        "payload": payload})
+        return out
 
     # --- retention -------------------------------------------------------------------------
 
