@@ -72,3 +72,17 @@ def test_a_database_that_cannot_be_reached_stops_start_up_without_showing_the_pa
                      timeout=60)
     assert "eventlog.url" in str(info.value)
     assert "s3cret-pw" not in str(info.value)
+
+
+def test_the_eventlog_config_is_checked_and_read_from_the_environment() -> None:
+    from signalling.config import ConfigError, load_config
+
+    config = load_config(env={"OPENCONSULT_EVENTLOG__URL": "postgresql://u:pw@db/x",
+                              "OPENCONSULT_EVENTLOG__NODE_ID": "node-2"})
+    assert (config.eventlog.url, config.eventlog.node_id) == ("postgresql://u:pw@db/x", "node-2")
+    assert load_config(env={}).eventlog.url == ""  # default: SQLite in the data dir
+    with pytest.raises(ConfigError, match="eventlog.url must be empty") as info:
+        load_config(env={"OPENCONSULT_EVENTLOG__URL": "mysql://u:hunter2@db/x"})
+    assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError, match="eventlog.node_id"):
+        load_config(env={"OPENCONSULT_EVENTLOG__NODE_ID": "node one\n"})
