@@ -5,8 +5,10 @@ Same contract as :class:`metrics.eventlog.EventLog` (the writer machinery is
 isolated by halving): only the storage differs.
 
 - Writes: the writer thread holds one sync psycopg 3 connection and commits each batch with one
-  ``COPY`` in one transaction. A broken connection (PostgreSQL restarted) is reopened on the next
-  attempt; entries PostgreSQL refuses meanwhile are dropped and counted as ``write_failed``.
+  ``COPY`` in one transaction. A connection found broken (PostgreSQL restarted) is reopened and
+  the batch tried again at once; while PostgreSQL cannot be reached, batches are refused without
+  a connect attempt for :data:`RECONNECT_INTERVAL_S` after each failed one, and their entries are
+  dropped and counted as ``write_failed``.
 - Order across nodes: every row carries ``node_id`` and ``seq`` (a shared sequence, so unique and
   increasing per node); a session reads ordered by ``(time_ms, node_id, seq)``, the same complete
   order from any node, whatever node wrote each entry.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -47,6 +50,8 @@ from metrics.eventlog import (
 from metrics.events import LogEntry
 
 DAY_MS: Final = 86_400_000
+#: After a failed connect, the writer refuses batches without trying for this long.
+RECONNECT_INTERVAL_S: Final = 1.0
 
 _SCHEMA: Final = (
     "CREATE SEQUENCE IF NOT EXISTS events_seq",
@@ -126,6 +131,7 @@ class PgEventLog(EventStore):
         super().__init__(_redacted(url), max_queue=max_queue, batch_max=batch_max,
                          batch_interval_s=batch_interval_s, before_write=before_write)
         self._days: frozenset[int] = frozenset()  # partitions known to exist (replaced, never changed)
+        self._down_until = 0.0  # writer thread: no connect attempt before this (monotonic)
         with self._connect() as conn:
             # One node at a time creates the schema (CREATE ... IF NOT EXISTS races otherwise).
             conn.execute("SELECT pg_advisory_xact_lock(hashtext('openconsult.events.schema'))")
@@ -151,21 +157,39 @@ class PgEventLog(EventStore):
         return (*_row(entry), self.node_id)
 
     def _insert(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
-        if conn[0] is None or conn[0].closed or conn[0].broken:
-            conn[0] = self._connect()
-        pg: psycopg.Connection[Any] = conn[0]
+        # A connection found broken (PostgreSQL restarted, a failover) is replaced and the
+        # batch tried once more on the new one; a server that is down fails fast for a while
+        # instead of costing a connect timeout per half batch.
+        for attempt in (1, 2):
+            if conn[0] is None or conn[0].closed or conn[0].broken:
+                conn[0] = self._reconnect()
+            pg: psycopg.Connection[Any] = conn[0]
+            try:
+                with pg.transaction():
+                    self._ensure_partitions(pg, {day_of(row[0]) for row in rows})
+                    with pg.cursor() as cur, cur.copy(_COPY) as copy:
+                        for row in rows:
+                            copy.write_row(row)
+                return
+            except psycopg.OperationalError:
+                self._days = frozenset()
+                broken = pg.broken
+                pg.close()  # reopened on the next attempt
+                if attempt == 2 or not broken:
+                    raise
+            except psycopg.Error:
+                self._days = frozenset()  # a partition may have been dropped meanwhile: look again
+                raise
+
+    def _reconnect(self) -> psycopg.Connection[Any]:
+        now = time.monotonic()
+        if now < self._down_until:
+            raise psycopg.OperationalError("PostgreSQL was unreachable less than "
+                                           f"{RECONNECT_INTERVAL_S:g} s ago; not trying again yet")
         try:
-            with pg.transaction():
-                self._ensure_partitions(pg, {day_of(row[0]) for row in rows})
-                with pg.cursor() as cur, cur.copy(_COPY) as copy:
-                    for row in rows:
-                        copy.write_row(row)
+            return self._connect()
         except psycopg.OperationalError:
-            pg.close()  # reopened on the next attempt
-            self._days = frozenset()
-            raise
-        except psycopg.Error:
-            self._days = frozenset()  # a partition may have been dropped meanwhile: look again
+            self._down_until = now + RECONNECT_INTERVAL_S
             raise
 
     def _ensure_partitions(self, pg: psycopg.Connection[Any], days: set[int]) -> None:
@@ -309,6 +333,8 @@ class PgEventLog(EventStore):
             " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'events'::regclass").fetchall()
         out = []
         for relname, bound in rows:
+            if "FROM" not in bound:
+                continue  # a DEFAULT partition an administrator added: retention leaves it to DELETE
             # FOR VALUES FROM ('1764374400000') TO ('1764460800000')
             numbers = [int(part.strip(" '()")) for part in bound.split("FROM", 1)[1].split("TO")]
             out.append((str(relname), numbers[0], numbers[1]))

@@ -47,6 +47,16 @@ class PostgresServer:
     host: str
     port: int
     data_dir: str
+    bin_dir: str
+    options: str  # the server's command-line options (port, socket dir, loopback only)
+    log_file: str
+
+    def ctl(self, action: str, *args: str, timeout: float = 60.0) -> None:
+        """``pg_ctl start|stop|restart`` on this server (start keeps the port and options)."""
+        extra = ["-o", self.options, "-l", self.log_file] if action in ("start", "restart") else []
+        subprocess.run(_as_postgres([os.path.join(self.bin_dir, "pg_ctl"), "-D", self.data_dir, *extra, "-w", "-t",
+                                     str(int(timeout)), *args, action]),
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=os.path.dirname(self.data_dir))
 
     def url(self, dbname: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@{self.host}:{self.port}/{dbname}"
@@ -82,11 +92,8 @@ def postgres_server(timeout: float = 60.0) -> Iterator[PostgresServer]:
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp)
         port = free_port()
         options = f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-        subprocess.run(_as_postgres([os.path.join(bin_dir, "pg_ctl"), "-D", data, "-l",
-                                     os.path.join(tmp, "server.log"), "-o", options, "-w", "-t", str(int(timeout)),
-                                     "start"]),
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp)
-        server = PostgresServer("127.0.0.1", port, data)
+        server = PostgresServer("127.0.0.1", port, data, bin_dir, options, os.path.join(tmp, "server.log"))
+        server.ctl("start", timeout=timeout)
         try:
             deadline = time.monotonic() + timeout
             while True:

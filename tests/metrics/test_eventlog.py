@@ -31,7 +31,8 @@ from metrics.events import (
 )
 from rooms.model import DisconnectReason
 from tests.metrics.conftest import LogFactory
-from tests.postgres_server import PostgresServer
+from tests.helpers import wait_until_sync
+from tests.postgres_server import PostgresServer, postgres_server
 
 
 def entry(
@@ -442,3 +443,36 @@ def test_an_unreachable_database_fails_the_constructor() -> None:
 
     with pytest.raises(psycopg.OperationalError):
         PgEventLog(f"postgresql://nobody@127.0.0.1:{free_port()}/none", connect_timeout_s=2)
+
+
+@pytest.mark.slow
+def test_a_postgresql_restart_costs_no_entry_and_an_outage_only_what_was_written_during_it() -> None:
+    with postgres_server() as server:  # its own server: this test stops it
+        log = PgEventLog(server.new_database(), batch_interval_s=0)
+        try:
+            log.append(entry(text="before"))
+            assert log.flush_sync(timeout=10)
+            server.ctl("restart", "-m", "fast")
+            # The writer finds its connection broken, reconnects and writes the entry.
+            log.append(entry(text="after a restart"))
+            assert log.flush_sync(timeout=30)
+            assert log.dropped == 0
+            server.ctl("stop", "-m", "fast")
+            log.append(entry(text="lost while down"))
+            assert log.flush_sync(timeout=30)  # refused at once, not hung
+            assert log.dropped == 1
+            server.ctl("start")
+            tries = iter(range(1_000))
+
+            def written_again() -> bool:
+                before = log.written
+                log.append(entry(text=f"back-{next(tries)}"))
+                assert log.flush_sync(timeout=30)
+                return log.written > before
+
+            wait_until_sync(written_again, timeout=30, interval=0.2, message="the writer reconnects")
+            texts = [e["text"] for e in log.events_sync("s_1")]
+        finally:
+            log.close()
+    assert texts[:2] == ["before", "after a restart"] and texts[-1].startswith("back-")
+    assert "lost while down" not in texts
