@@ -48,6 +48,9 @@ class PeerStateChanged:
     layer: str  # "ice" | "dtls" | "connection"
     state: str
     pair: dict[str, str] | None = None
+    #: On "failed": the candidates each side offered (``Peer.offered_candidates``).
+    local_candidates: tuple[dict[str, str], ...] = ()
+    remote_candidates: tuple[dict[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,30 @@ class PeerFailed:
 @dataclass(frozen=True)
 class PeerTimedOut:
     """A peer connection was not connected (ICE and DTLS) within ``timeout_s``; the router
-    has closed it, its owner cleans up."""
+    has closed it, its owner cleans up. ``ice_state`` is how far ICE got ("completed": a pair
+    was nominated but DTLS never connected over it); the candidates are what each side
+    offered: the server's own and the client's (``{"type", "protocol", "address"}``)."""
 
     peer_id: str
     stream_id: str
     timeout_s: float
+    ice_state: str = "new"
+    local_candidates: tuple[dict[str, str], ...] = ()
+    remote_candidates: tuple[dict[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class PeerClosedUnconnected:
+    """A peer connection its owner closed (unpublish, unsubscribe, leave) ``after_s`` after it was
+    created without ever connecting (e.g. the client gave up on its own deadline): how far ICE
+    got and the candidates each side offered, as in :class:`PeerTimedOut`."""
+
+    peer_id: str
+    stream_id: str
+    after_s: float
+    ice_state: str = "new"
+    local_candidates: tuple[dict[str, str], ...] = ()
+    remote_candidates: tuple[dict[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,5 +158,5 @@ class QualitySample:
 
 
 MediaEvent = (PeerStateChanged | KeyframeRequested | DimensionsChanged | MediaFlowChanged | PeerFailed
-              | PeerTimedOut | DatagramsDropped | PacketsDropped | QualitySample)
+              | PeerTimedOut | PeerClosedUnconnected | DatagramsDropped | PacketsDropped | QualitySample)
 Observer = Callable[[MediaEvent], None]

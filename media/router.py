@@ -25,7 +25,10 @@ Every datagram reaches aiortc through an RFC 7983 demultiplexer on each ICE
 socket (``aiortc_internals.demux_datagrams``): junk, and media from anyone but the
 selected pair, is dropped and counted (``DatagramsDropped`` each second). A peer
 connection not connected within ``connect_timeout_s`` is closed
-(``PeerTimedOut``), and the node holds at most ``max_peer_connections``.
+(``PeerTimedOut``, with the candidates each side offered), and the node holds at most
+``max_peer_connections``. ICE "completed" is reported only once DTLS is connected too:
+aioice completes as soon as the far end nominates a pair, and a pair it nominated can
+still carry nothing (seen with Firefox and loopback-only candidates).
 
 With a ``UdpMux`` (``media.udp_port``) every peer connection's ICE agent is put on the
 node's shared sockets before its SDP is written (``aiortc_internals.use_udp_mux``); the
@@ -71,6 +74,7 @@ from media.events import (
     MediaFlowChanged,
     Observer,
     PacketsDropped,
+    PeerClosedUnconnected,
     PeerFailed,
     PeerStateChanged,
     PeerTimedOut,
@@ -104,6 +108,8 @@ NACK_CACHE_MAX_SLOTS = 2048
 SPS_PARSE_INTERVAL_S = 1.0
 #: Remote ICE candidates one peer connection accepts (a browser offers a handful to a few dozen).
 MAX_REMOTE_CANDIDATES = 64
+#: Candidates of one side kept in a failure report.
+MAX_REPORTED_CANDIDATES = 64
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
 URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 URI_AUDIO_LEVEL = "urn:ietf:params:rtp-hdrext:ssrc-audio-level"
@@ -469,6 +475,10 @@ class Peer:
         self.connected = False
         self._last_state: dict[str, str] = {}
         self._remote_candidates = 0
+        #: The candidates the client trickled with ``ice`` (at most MAX_REMOTE_CANDIDATES), for reports.
+        self._trickled: list[dict[str, str]] = []
+        #: ICE "completed"/"connected" held back until DTLS is connected too.
+        self._held_ice: str | None = None
         #: Round trip from the ICE agent's STUN checks (the RTT of a publish, which RTCP lacks).
         self.stun_rtt = internals.StunRtt()
 
@@ -489,12 +499,39 @@ class Peer:
         if self._last_state.get(layer) == state:
             return
         self._last_state[layer] = state
+        if layer == "ice":
+            self._held_ice = None
+            if state in ("completed", "connected") and not self.connected:
+                # aioice says "completed" once the far end nominated a pair, before DTLS ran
+                # over it: not reported as such until the connection is up (a timeout reports
+                # it as a DTLS failure instead).
+                self._held_ice = state
+                return
+        if layer == "connection" and state == "connected" and self._held_ice is not None:
+            held, self._held_ice = self._held_ice, None
+            self._emit_state("ice", held)
+        self._emit_state(layer, state)
+
+    def _emit_state(self, layer: str, state: str) -> None:
         pair = None
+        local: tuple[dict[str, str], ...] = ()
+        remote: tuple[dict[str, str], ...] = ()
         if state in ("completed", "connected"):
             transport = self._dtls_transport()
             if transport is not None:
                 pair = internals.selected_candidate_pair(transport)
-        self.router.emit(PeerStateChanged(self.peer_id, self.stream_id, layer, state, pair))
+        elif state == "failed":
+            local, remote = self.offered_candidates()
+        self.router.emit(PeerStateChanged(self.peer_id, self.stream_id, layer, state, pair, local, remote))
+
+    def offered_candidates(self) -> tuple[tuple[dict[str, str], ...], tuple[dict[str, str], ...]]:
+        """What each side offered, for failure reports: the server's candidates as its SDP
+        announced them, and the client's (in its SDP and trickled with ``ice``), at most
+        MAX_REPORTED_CANDIDATES each; ``{"type", "protocol", "address"}`` like a candidate pair's."""
+        local = _sdp_candidates(self.local_sdp()) if self.pc.localDescription is not None else []
+        remote = _sdp_candidates(self.pc.remoteDescription.sdp) if self.pc.remoteDescription is not None else []
+        remote += [c for c in self._trickled if c not in remote]
+        return tuple(local[:MAX_REPORTED_CANDIDATES]), tuple(remote[:MAX_REPORTED_CANDIDATES])
 
     def _dtls_transport(self) -> Any:
         for t in self.pc.getTransceivers():
@@ -525,6 +562,7 @@ class Peer:
         if parsed.sdpMid is None and parsed.sdpMLineIndex is None:
             parsed.sdpMLineIndex = 0
         self._remote_candidates += 1
+        self._trickled.append(_candidate_summary(parsed))
         await self.pc.addIceCandidate(parsed)
 
     def share_port(self) -> None:
@@ -686,6 +724,29 @@ def _offer_codecs(offer_sdp: str) -> dict[str, Any]:
     return chosen
 
 
+def _candidate_summary(candidate: RTCIceCandidate) -> dict[str, str]:
+    return {"type": str(candidate.type), "protocol": str(candidate.protocol).lower(),
+            "address": f"{candidate.ip}:{candidate.port}"}
+
+
+def _sdp_candidates(sdp: str) -> list[dict[str, str]]:
+    """The candidates of an SDP's ``a=candidate`` lines, each once (a bundle repeats them in
+    every section; one that does not parse is left out)."""
+    found: list[dict[str, str]] = []
+    for line in sdp.splitlines():
+        if not line.startswith("a=candidate:"):
+            continue
+        try:
+            candidate = _candidate_summary(candidate_from_sdp(line[len("a=candidate:"):]))
+        except (AssertionError, ValueError, IndexError):
+            continue
+        if candidate not in found:
+            found.append(candidate)
+        if len(found) >= MAX_REPORTED_CANDIDATES:
+            break
+    return found
+
+
 _CANDIDATE_RE = re.compile(r"^(a=candidate:\S+ \d+ \S+ \d+ )(\S+)( \d+ typ host)", re.M)
 
 
@@ -699,7 +760,7 @@ class Router:
 
     def __init__(self, observer: Observer | None = None, pli_interval_s: float = 0.5, sample_interval_s: float = 2.0,
                  announced_ip: str = "", answer_timeout_s: float = 30.0, idle_after_s: float = 5.0,
-                 connect_timeout_s: float = 20.0, max_peer_connections: int = 500,
+                 connect_timeout_s: float = 15.0, max_peer_connections: int = 500,
                  udp_mux: UdpMux | None = None) -> None:
         self.observer = observer
         self.pli_interval_s = pli_interval_s
@@ -789,6 +850,16 @@ class Router:
     async def add_ice_candidate(self, peer_id: str, candidate: dict[str, Any] | None) -> None:
         await self.peer(peer_id).add_ice_candidate(candidate)
 
+    def report_unconnected(self, peer_id: str) -> None:
+        """Its owner is about to close ``peer_id``: if it never connected, say how far it got and
+        what each side offered (``PeerClosedUnconnected``), while the owner can still be found."""
+        peer: Peer | None = self.publishes.get(peer_id) or self.subscriptions.get(peer_id)
+        if peer is None or peer.connected or peer.closed:
+            return
+        local, remote = peer.offered_candidates()
+        self.emit(PeerClosedUnconnected(peer.peer_id, peer.stream_id, round(time.monotonic() - peer.created, 1),
+                                        peer.pc.iceConnectionState, local, remote))
+
     async def close_peer(self, peer_id: str) -> None:
         peer: Peer | None = self.publishes.pop(peer_id, None) or self.subscriptions.pop(peer_id, None)
         if peer is not None:
@@ -809,8 +880,12 @@ class Router:
         for peers in (self.publishes, self.subscriptions):
             for peer in [p for p in peers.values() if not p.connected and now - p.created > self.connect_timeout_s]:
                 del peers[peer.peer_id]
+                # What each side offered and how far it got, read before the close clears it.
+                local, remote = peer.offered_candidates()
+                ice_state = peer.pc.iceConnectionState
                 asyncio.ensure_future(peer.close())
-                self.emit(PeerTimedOut(peer.peer_id, peer.stream_id, self.connect_timeout_s))
+                self.emit(PeerTimedOut(peer.peer_id, peer.stream_id, self.connect_timeout_s, ice_state,
+                                       local, remote))
 
     def _report_drops(self) -> None:
         drops, reported = self.datagram_drops, self._drops_reported

@@ -2,37 +2,31 @@
 to a clinician, each with who and which direction it concerns, when, the evidence and a next step.
 
 Pure: :func:`diagnose` takes the entries ``EventLog.events`` returns (quality samples, client
-events and client stats included) and returns the findings, problems first. One rule per
+events and client stats included), or the entries but the samples together with their stored
+roll-ups (``EventLog.analysis``, see metrics.rollup), and returns the findings, problems first. One rule per
 finding type in :data:`RULES` (a table, not an if-chain); docs/inspector.md lists them all with
 their thresholds. A clean call yields no ``problem``.
 """
 
 from __future__ import annotations
 
-import bisect
 import re
-import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
 
 from metrics.events import EventKind
-from metrics.scores import freezes_from_client_stats
-from metrics.summary import Entry, SessionView, Stream, session_view
+from metrics import rollup
+from metrics.rollup import JITTER_MS, LOSS_PCT, LOW_VIDEO_KBPS, RAMP_UP_SAMPLES, RTT_MS, Mark, SessionRollup
+from metrics.summary import Entry, SessionView, Stream, session_view, tracks_of
 
-# Thresholds (docs/inspector.md).
-LOW_VIDEO_KBPS: Final = 150.0
+# Thresholds (docs/inspector.md); the roll-ups keep every sample over one (metrics.rollup).
 LOW_AUDIO_KBPS: Final = 12.0
 #: Share of a stream's samples under the bitrate floor that makes a finding.
 LOW_BITRATE_SHARE: Final = 0.3
-LOSS_PCT: Final = 5.0
-JITTER_MS: Final = 30.0
-RTT_MS: Final = 300.0
 #: Samples over a threshold that make a finding (one bad interval is noise).
 MIN_BAD_SAMPLES: Final = 2
-#: The first samples of a stream, taken while it ramps up, are not judged for bitrate.
-RAMP_UP_SAMPLES: Final = 2
 
 
 class Severity(StrEnum):
@@ -103,10 +97,6 @@ def _seq(entry: Entry) -> int:
 
 def _num(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _sample_ref(s: Mapping[str, Any], *keys: str) -> dict[str, Any]:
-    return {"seq": s.get("seq"), "time_ms": s.get("time_ms"), **{k: s.get(k) for k in keys}}
 
 
 def _patients(view: SessionView) -> list[str]:
@@ -300,21 +290,23 @@ def one_way_media(view: SessionView) -> list[Finding]:
         stream = view.streams.get(sub.stream_id)
         if stream is None:
             continue
-        sent = [s for s in view.stream_samples(sub.stream_id, "in") if (s.get("packets") or 0) > 0]
-        got = view.peer_samples(sub.subscription_id)
-        if not sent or any((s.get("packets") or 0) > 0 for s in got):
+        sent = sum(t.n_media for t in tracks_of(view, sub.stream_id, "in"))
+        got = tracks_of(view, sub.subscription_id, "out")
+        if not sent or any(t.n_media > 0 for t in got):
             continue
         if sub.succeeded_ms is None and not got:
             lasted = (sub.ended_ms or view.ended_ms or sub.attempt_ms) - sub.attempt_ms
             if lasted < 10_000:
                 continue  # an attempt that ended quickly (stream gone, participant left) is not one-way media
+        first = sorted((m for t in got for m in view.rollup.track_marks(t.track, "out", t.kind)),
+                       key=lambda m: (m.time_ms, m.seq))[:5]
         name, publisher = view.name(sub.connection_id), view.name(stream.connection_id)
         found.append(Finding(FindingType.ONE_WAY_MEDIA, Severity.PROBLEM,
                              f"{name} never received {publisher}'s {_what(stream)} although the server received it.",
                              f"Ask {name} to reload the page; if it persists, check {name}'s network allows "
                              "incoming UDP or TURN.", participant=view.who(sub.connection_id), direction="recv",
                              from_ms=sub.attempt_ms, until_ms=sub.ended_ms or view.ended_ms, entries=[sub.seq],
-                             samples=[_sample_ref(s, "packets") for s in got[:5]]))
+                             samples=[_mark_ref(m, "packets") for m in first]))
     return found
 
 
@@ -322,52 +314,67 @@ def _what(stream: Stream) -> str:
     return "audio and video" if stream.has_audio and stream.has_video else "video" if stream.has_video else "audio"
 
 
+def _mark_ref(m: Mark, *keys: str) -> dict[str, Any]:
+    """A sample named as evidence: its seq, time and the figures ``keys``."""
+    return {"seq": m.seq, "time_ms": m.time_ms, **{k: _figure(m, k) for k in keys}}
+
+
+def _figure(m: Mark, key: str) -> Any:
+    value = getattr(m, key)
+    return int(value) if key == "packets" and float(value).is_integer() else value
+
+
+def _evidence(marks: Iterable[Mark], bad_type: str, *keys: str) -> list[dict[str, Any]]:
+    """The first 10 of ``marks`` (oldest first) that count for ``bad_type``, as evidence."""
+    return [_mark_ref(m, *keys) for m in marks if bad_type in rollup.bad_types(m)][:10]
+
+
 def low_bitrate(view: SessionView) -> list[Finding]:
     found = []
+    rolled = view.rollup
     for stream in view.streams.values():
         if not stream.has_video:
             continue
-        ins = [s for s in view.stream_samples(stream.stream_id, "in") if s.get("kind") == "video"][RAMP_UP_SAMPLES:]
-        low_in = [s for s in ins if (_num(s.get("bitrate_kbps")) or 0.0) < LOW_VIDEO_KBPS]
+        ins = sum(t.n for t in tracks_of(view, stream.stream_id, "in", "video")) - RAMP_UP_SAMPLES
+        low_in = rolled.tallies.get((stream.stream_id, "in", "video", rollup.LOW_BITRATE))
         publisher = view.name(stream.connection_id)
-        if ins and len(low_in) >= MIN_BAD_SAMPLES and len(low_in) / len(ins) >= LOW_BITRATE_SHARE:
-            median = statistics.median(_num(s.get("bitrate_kbps")) or 0.0 for s in low_in)
+        if low_in and ins > 0 and low_in.count >= MIN_BAD_SAMPLES and low_in.count / ins >= LOW_BITRATE_SHARE:
+            median = rollup.median_low([low_in])
             found.append(Finding(
                 FindingType.LOW_BITRATE, Severity.PROBLEM,
                 f"{publisher}'s video arrived at the server at only {median:.0f} kbps (under {LOW_VIDEO_KBPS:.0f} kbps "
-                f"for {100 * len(low_in) / len(ins):.0f}% of the call): {publisher}'s uplink is too slow.",
+                f"for {100 * low_in.count / ins:.0f}% of the call): {publisher}'s uplink is too slow.",
                 f"Ask {publisher} to move closer to the Wi-Fi router, close other programs using the network, "
                 "or switch to audio only.", participant=view.who(stream.connection_id), direction="send",
-                from_ms=_ts(low_in[0]), until_ms=_ts(low_in[-1]), samples=[_sample_ref(s, "bitrate_kbps")
-                                                                            for s in low_in[:10]]))
+                from_ms=low_in.first_ms, until_ms=low_in.last_ms,
+                samples=_evidence(rolled.track_marks(stream.stream_id, "in", "video"), rollup.LOW_BITRATE,
+                                  "bitrate_kbps")))
             continue
         for sub in view.subscriptions.values():
             if sub.stream_id != stream.stream_id:
                 continue
-            outs = [s for s in view.peer_samples(sub.subscription_id) if s.get("kind") == "video"][RAMP_UP_SAMPLES:]
-            low_out = [s for s in outs if (_num(s.get("bitrate_kbps")) or 0.0) < LOW_VIDEO_KBPS
-                       and (s.get("packets") or 0) > 0]
-            if outs and len(low_out) >= MIN_BAD_SAMPLES and len(low_out) / len(outs) >= LOW_BITRATE_SHARE:
+            outs = sum(t.n for t in tracks_of(view, sub.subscription_id, "out", "video")) - RAMP_UP_SAMPLES
+            low_out = rolled.tallies.get((sub.subscription_id, "out", "video", rollup.LOW_BITRATE))
+            if low_out and outs > 0 and low_out.count >= MIN_BAD_SAMPLES and low_out.count / outs >= LOW_BITRATE_SHARE:
                 viewer = view.name(sub.connection_id)
-                median = statistics.median(_num(s.get("bitrate_kbps")) or 0.0 for s in low_out)
+                median = rollup.median_low([low_out])
                 found.append(Finding(
                     FindingType.LOW_BITRATE, Severity.PROBLEM,
                     f"{viewer} received {publisher}'s video at only {median:.0f} kbps for "
-                    f"{100 * len(low_out) / len(outs):.0f}% of the call although it was sent well: "
+                    f"{100 * low_out.count / outs:.0f}% of the call although it was sent well: "
                     f"{viewer}'s downlink is too slow.",
                     f"Ask {viewer} to move closer to the Wi-Fi router or close other programs using the network.",
-                    participant=view.who(sub.connection_id), direction="recv", from_ms=_ts(low_out[0]),
-                    until_ms=_ts(low_out[-1]), samples=[_sample_ref(s, "bitrate_kbps") for s in low_out[:10]]))
+                    participant=view.who(sub.connection_id), direction="recv", from_ms=low_out.first_ms,
+                    until_ms=low_out.last_ms,
+                    samples=_evidence(rolled.track_marks(sub.subscription_id, "out", "video"), rollup.LOW_BITRATE,
+                                      "bitrate_kbps")))
     return found
-
-
-def _ts(sample: Mapping[str, Any]) -> int:
-    return int(sample.get("time_ms") or 0)
 
 
 @dataclass(frozen=True)
 class _Impairment:
     type: FindingType
+    bad_type: str  # metrics.rollup's name for it
     field: str
     threshold: float
     unit: str
@@ -375,98 +382,69 @@ class _Impairment:
 
 
 _IMPAIRMENTS: Final = (
-    _Impairment(FindingType.HIGH_LOSS, "loss_pct", LOSS_PCT, "%", "lost {v:.1f}% of packets"),
-    _Impairment(FindingType.HIGH_JITTER, "jitter_ms", JITTER_MS, " ms", "had {v:.0f} ms of jitter"),
-    _Impairment(FindingType.HIGH_RTT, "rtt_ms", RTT_MS, " ms", "had a round trip of {v:.0f} ms"),
+    _Impairment(FindingType.HIGH_LOSS, rollup.HIGH_LOSS, "loss_pct", LOSS_PCT, "%", "lost {v:.1f}% of packets"),
+    _Impairment(FindingType.HIGH_JITTER, rollup.HIGH_JITTER, "jitter_ms", JITTER_MS, " ms",
+                "had {v:.0f} ms of jitter"),
+    _Impairment(FindingType.HIGH_RTT, rollup.HIGH_RTT, "rtt_ms", RTT_MS, " ms", "had a round trip of {v:.0f} ms"),
 )
 
 
 def network_impairments(view: SessionView) -> list[Finding]:
     """Loss, jitter or RTT over the threshold on one leg: a publisher's uplink (samples "in")
-    or a subscriber's downlink (samples "out")."""
+    or a subscriber's downlink (samples "out"). A subscriber leg is judged on what it added: its
+    loss and jitter include what the publisher's uplink already lost (the server forwards gaps
+    as they came), so the stream's upstream figure just before is taken off (metrics.rollup)."""
     found = []
-    legs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for s in view.samples:
-        if s.get("direction") == "in":
-            stream = view.streams.get(str(s.get("stream_id")))
-            owner = stream.connection_id if stream else str(s.get("connection_id"))
-            legs.setdefault((owner, "send"), []).append(s)
-        elif s.get("direction") == "out":
-            legs.setdefault((str(s.get("connection_id")), "recv"), []).append(s)
-    upstream: dict[str, _Upstream] = {}
-    for (_, direction), samples in legs.items():
-        if direction == "send":
-            for s in samples:
-                upstream.setdefault(f'{s.get("stream_id")}/{s.get("kind")}', _Upstream()).add(s)
-    for (cid, direction), samples in legs.items():
+    legs: dict[tuple[str, str], list[rollup.Track]] = {}
+    for t in view.rollup.tracks.values():
+        if t.direction == "in":
+            stream = view.streams.get(t.stream_id)
+            legs.setdefault((stream.connection_id if stream else t.connection_id, "send"), []).append(t)
+        elif t.direction == "out":
+            legs.setdefault((t.connection_id, "recv"), []).append(t)
+    marks_of = view.rollup.track_marks
+    # Legs in the order of their first sample.
+    for (cid, direction), tracks in sorted(legs.items(), key=lambda item: min((t.first_ms, t.first_seq)
+                                                                              for t in item[1])):
+        total = sum(t.n for t in tracks)
         name = view.name(cid)
-        leg = "uplink (what they send)" if direction == "send" else "downlink (what they receive)"
+        leg_name = "uplink (what they send)" if direction == "send" else "downlink (what they receive)"
         for imp in _IMPAIRMENTS:
-            bad = [s for s in samples if _own_share(s, imp.field, direction, upstream) > imp.threshold
-                   and (s.get("packets") or 0) > 0]
-            if len(bad) < MIN_BAD_SAMPLES:
+            tallies = [tally for t in tracks
+                       if (tally := view.rollup.tallies.get((t.track, t.direction, t.kind, imp.bad_type)))]
+            count = sum(tally.count for tally in tallies)
+            if count < MIN_BAD_SAMPLES:
                 continue
-            worst = statistics.median(_num(s.get(imp.field)) or 0.0 for s in bad)
+            worst = rollup.median_low(tallies)
+            marks = sorted((m for t in tracks for m in marks_of(t.track, t.direction, t.kind)),
+                           key=lambda m: (m.time_ms, m.seq))
             found.append(Finding(
                 imp.type, Severity.PROBLEM,
-                f"{name}'s {leg} " + imp.words.format(v=worst)
-                + f" (over {imp.threshold:g}{imp.unit} in {len(bad)} of {len(samples)} samples).",
+                f"{name}'s {leg_name} " + imp.words.format(v=worst)
+                + f" (over {imp.threshold:g}{imp.unit} in {count} of {total} samples).",
                 f"Ask {name} to use a wired or stronger connection, or to stop other traffic on their network.",
-                participant=view.who(cid), direction=direction, from_ms=_ts(bad[0]), until_ms=_ts(bad[-1]),
-                samples=[_sample_ref(s, imp.field, "stream_id", "kind") for s in bad[:10]]))
+                participant=view.who(cid), direction=direction,
+                from_ms=min((tally.first_ms, tally.first_seq) for tally in tallies)[0],
+                until_ms=max((tally.last_ms, tally.last_seq) for tally in tallies)[0],
+                samples=_evidence(marks, imp.bad_type, imp.field, "stream_id", "kind")))
     return found
-
-
-class _Upstream:
-    """One stream's upstream samples (oldest first), found by time."""
-
-    def __init__(self) -> None:
-        self.times: list[int] = []
-        self.samples: list[Mapping[str, Any]] = []
-
-    def add(self, sample: Mapping[str, Any]) -> None:
-        self.times.append(_ts(sample))
-        self.samples.append(sample)
-
-    def nearest(self, t: int) -> Mapping[str, Any]:
-        i = bisect.bisect_left(self.times, t)
-        if i == len(self.times) or (i > 0 and t - self.times[i - 1] <= self.times[i] - t):
-            i -= 1
-        return self.samples[i]
-
-
-def _own_share(sample: Mapping[str, Any], name: str, direction: str, upstream: Mapping[str, _Upstream]) -> float:
-    """The figure of one sample that its own leg added: a subscriber's loss and jitter include
-    what the publisher's uplink already lost (the server forwards gaps as they came), so the
-    upstream figure nearest in time is taken off; RTT is the leg's own."""
-    value = _num(sample.get(name)) or 0.0
-    if direction != "recv" or name == "rtt_ms":
-        return value
-    ups = upstream.get(f'{sample.get("stream_id")}/{sample.get("kind")}')
-    if ups is None:
-        return value
-    return value - (_num(ups.nearest(_ts(sample)).get(name)) or 0.0)
 
 
 def frozen_video(view: SessionView) -> list[Finding]:
     found = []
-    by_track: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for s in view.client_stats:
-        if s.get("direction") == "recv" and s.get("kind") == "video":
-            by_track.setdefault((str(s.get("connection_id")), str(s.get("stream_id"))), []).append(s)
-    for (cid, stream_id), samples in by_track.items():
-        count, frozen_s = freezes_from_client_stats(samples)
+    for track in view.rollup.freezes:
+        count, frozen_s = track.count, round(track.frozen_s, 3)
         if count:
-            stream = view.streams.get(stream_id)
+            stream = view.streams.get(track.stream_id)
             publisher = view.name(stream.connection_id) if stream else "the other participant"
+            cid = track.connection_id
             name = view.name(cid)
             found.append(Finding(FindingType.FROZEN_VIDEO, Severity.PROBLEM if frozen_s >= 5 else Severity.WARNING,
                                  f"{publisher}'s video froze {count} time(s) on {name}'s screen "
                                  f"({frozen_s:.1f} s in all).",
                                  "Look at the loss and bitrate findings for the leg at fault; ask for a stronger "
-                                 "connection.", participant=view.who(cid), direction="recv", from_ms=_ts(samples[0]),
-                                 until_ms=_ts(samples[-1]),
-                                 samples=[_sample_ref(s, "freezeCount", "totalFreezesDuration") for s in samples[:10]]))
+                                 "connection.", participant=view.who(cid), direction="recv", from_ms=track.first_ms,
+                                 until_ms=track.last_ms, samples=list(track.evidence)))
     for e in view.by_kind(EventKind.QUALITY_ALERT):
         payload = _payload(e)
         if payload.get("metric") == "media_flow" and payload.get("media") == "video" and payload.get("flowing") is False:
@@ -588,7 +566,9 @@ def findings(view: SessionView) -> list[Finding]:
     return out
 
 
-def diagnose(session_id: str, entries: Iterable[Entry]) -> dict[str, Any]:
-    """The findings for one session (the shape of ``GET /api/sessions/{id}/diagnosis``)."""
-    view = session_view(session_id, entries)
+def diagnose(session_id: str, entries: Iterable[Entry], rolled: SessionRollup | None = None,
+             span: tuple[int | None, int | None] | None = None) -> dict[str, Any]:
+    """The findings for one session (the shape of ``GET /api/sessions/{id}/diagnosis``).
+    ``rolled`` and ``span``: see :func:`metrics.summary.session_view`."""
+    view = session_view(session_id, entries, rolled, span)
     return {"session_id": session_id, "findings": [f.to_json() for f in findings(view)]}

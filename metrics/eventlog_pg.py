@@ -5,7 +5,7 @@ Same contract as :class:`metrics.eventlog.EventLog` (the writer machinery is
 isolated by halving): only the storage differs.
 
 - Writes: the writer thread holds one sync psycopg 3 connection and commits each batch with one
-  ``COPY`` in one transaction. A connection found broken (PostgreSQL restarted) is reopened and
+  ``COPY`` (and its roll-ups) in one transaction. A connection found broken (PostgreSQL restarted) is reopened and
   the batch tried again at once; while PostgreSQL cannot be reached, batches are refused without
   a connect attempt for :data:`RECONNECT_INTERVAL_S` after each failed one, and their entries are
   dropped and counted as ``write_failed``.
@@ -15,6 +15,10 @@ isolated by halving): only the storage differs.
 - Partitions: ``events`` is partitioned by range of ``time_ms``, one partition per UTC day
   (``events_dYYYYMMDD``), created by the writer on first use. Retention drops the partitions that
   end before the cut-off and deletes the rest of the boundary day.
+- Roll-ups: the same tables as in SQLite (metrics.rollup; PostgreSQL's types), folded by the
+  shared writer machinery in the transaction of the batch, whose seqs are taken from
+  ``events_seq`` before the ``COPY``; retention deletes them with the entries (they are not
+  partitioned). The summary, the diagnosis and the charts read them as on SQLite.
 - Payloads are stored as the same JSON text as in SQLite; the queries that look inside a payload
   cast it to ``jsonb`` (entries are made safe before writing, so the text is always valid JSON
   without NUL characters).
@@ -37,14 +41,41 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from metrics.audit import AUDIT_TYPES, CHAT_CONTENT_KEYS, ERROR_EVENT_KINDS, LogQuery, LogType, search
+from metrics import rollup
 from metrics.eventlog import (
+    _BUCKET_KEY,
+    _BUCKET_VALUES,
+    _FREEZE_COLUMNS,
+    _MARK_COLUMNS,
+    _POINT_KEYS,
+    _ROLLED_KINDS,
+    _ROLLUP_RETENTION,
+    _SAMPLE_KINDS_SQL,
+    _SCHEMA as _SQLITE_SCHEMA,
+    _TALLY_COLUMNS,
+    _TRACK_KEY,
+    _TRACK_VALUES,
+    DEFAULT_ANALYSIS_LIMIT,
     DEFAULT_BATCH_INTERVAL_S,
     DEFAULT_BATCH_MAX,
     DEFAULT_MAX_QUEUE,
     DEFAULT_QUERY_LIMIT,
+    RESOLUTIONS_MS,
+    Analysis,
     EventStore,
+    _bucket_row,
+    _freeze_of,
+    _freeze_row,
     _like_escape,
+    _mark_row,
+    _point_columns,
+    _replace,
     _row,
+    _tally_of,
+    _tally_row,
+    _track_of,
+    _track_row,
+    _upsert,
     anonymised,
 )
 from metrics.events import LogEntry
@@ -53,7 +84,7 @@ DAY_MS: Final = 86_400_000
 #: After a failed connect, the writer refuses batches without trying for this long.
 RECONNECT_INTERVAL_S: Final = 1.0
 
-_SCHEMA: Final = (
+_SCHEMA: tuple[str, ...] = (
     "CREATE SEQUENCE IF NOT EXISTS events_seq",
     """CREATE TABLE IF NOT EXISTS events (
         time_ms       BIGINT NOT NULL,
@@ -71,8 +102,47 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS events_by_time ON events (time_ms)",
 )
 
-_COPY: Final = ("COPY events (time_ms, session_id, connection_id, stream_id, kind, component, text, payload, node_id)"
-                " FROM STDIN")
+
+
+
+def _rollup_schema() -> tuple[str, ...]:
+    """The roll-up tables and indexes of the SQLite schema in PostgreSQL's types: the same
+    columns, so the same roll-ups (metrics.rollup) are stored and read the same way."""
+    text = _SQLITE_SCHEMA[_SQLITE_SCHEMA.index("CREATE TABLE IF NOT EXISTS rollups"):]
+    text = "\n".join(line.split("--", 1)[0] for line in text.splitlines())
+    text = (text.replace("WITHOUT ROWID", "").replace("INTEGER PRIMARY KEY", "BIGINT PRIMARY KEY")
+            .replace(" INTEGER", " BIGINT").replace(" REAL", " DOUBLE PRECISION"))
+    return tuple(statement.strip() for statement in text.split(";") if statement.strip())
+
+
+_SCHEMA += (
+    # What the summary and the diagnosis read besides the roll-ups: a few hundred entries a call.
+    f"CREATE INDEX IF NOT EXISTS events_notes ON events (session_id, time_ms, node_id, seq) WHERE {_SAMPLE_KINDS_SQL}",
+    *_rollup_schema(),
+)
+
+_COPY: Final = ("COPY events (time_ms, session_id, connection_id, stream_id, kind, component, text, payload, node_id,"
+                " seq) FROM STDIN")
+_NEXT_SEQS: Final = "SELECT nextval('events_seq') FROM generate_series(1, %s) ORDER BY 1"
+# The roll-up writes (metrics.eventlog's, in PostgreSQL's spelling).
+_UPSERT_BUCKET: Final = _upsert("rollups", _BUCKET_KEY, _BUCKET_VALUES, "last_seq", pg=True)
+_UPSERT_TRACK: Final = _upsert("rollup_tracks", _TRACK_KEY, _TRACK_VALUES, "last_ms", pg=True)
+_UPSERT_QUALITY: Final = ("INSERT INTO quality_rollups AS cur (session_id, connection_id, bucket_ms, q_min)"
+                          " VALUES (%s, %s, %s, %s) ON CONFLICT (session_id, connection_id, bucket_ms) DO UPDATE SET"
+                          " q_min = LEAST(cur.q_min, excluded.q_min)")
+_INSERT_MARK: Final = _replace("sample_marks", ("seq",), _MARK_COLUMNS)
+_UPSERT_FREEZE: Final = _replace("freeze_tracks", _FREEZE_COLUMNS[:3], _FREEZE_COLUMNS)
+_UPSERT_TALLY: Final = _replace("bad_tallies", _TALLY_COLUMNS[:5], _TALLY_COLUMNS)
+# Text compares and sorts byte-wise, as in SQLite.
+_C: Final = ' COLLATE "C"'
+_POINTS_OF_BUCKETS: Final = (
+    f"SELECT connection_id, peer_id, stream_id, direction, kind, {_point_columns(False, pg=True)} FROM rollups"
+    f" WHERE session_id = %s AND span_ms = %s AND bucket_ms >= %s ORDER BY bucket_ms, track{_C}, direction{_C},"
+    f" kind{_C}")
+_POINTS_GROUPED: Final = (
+    f"SELECT MIN(connection_id{_C}), MIN(peer_id{_C}), MIN(stream_id{_C}), direction, kind,"
+    f" {_point_columns(True, pg=True)} FROM rollups WHERE session_id = %s AND span_ms = %s AND bucket_ms >= %s"
+    f" GROUP BY track, direction, kind, 6 ORDER BY 6, track{_C}, direction{_C}, kind{_C}")
 _COLUMNS: Final = "seq, time_ms, session_id, connection_id, stream_id, kind, component, text, payload"
 _ORDER: Final = "time_ms, node_id, seq"
 _PARTITION_PREFIX: Final = "events_d"
@@ -156,7 +226,7 @@ class PgEventLog(EventStore):
     def _row(self, entry: LogEntry) -> tuple[Any, ...]:
         return (*_row(entry), self.node_id)
 
-    def _insert(self, conn: Any, rows: list[tuple[Any, ...]]) -> None:
+    def _insert(self, conn: Any, rows: list[tuple[Any, ...]], entries: list[LogEntry]) -> None:
         # A connection found broken (PostgreSQL restarted, a failover) is replaced and the
         # batch tried once more on the new one; a server that is down fails fast for a while
         # instead of costing a connect timeout per half batch.
@@ -167,19 +237,42 @@ class PgEventLog(EventStore):
             try:
                 with pg.transaction():
                     self._ensure_partitions(pg, {day_of(row[0]) for row in rows})
+                    # The seqs are taken first, so the roll-ups name each sample by its entry.
+                    seqs = [int(r[0]) for r in pg.execute(_NEXT_SEQS, (len(rows),)).fetchall()]
                     with pg.cursor() as cur, cur.copy(_COPY) as copy:
-                        for row in rows:
-                            copy.write_row(row)
+                        for row, seq in zip(rows, seqs, strict=True):
+                            copy.write_row((*row, seq))
+                    if any(e.kind in _ROLLED_KINDS for e in entries):
+                        self._roll_up(pg, entries, seqs)
                 return
             except psycopg.OperationalError:
+                self._roller.forget()  # its state may hold what was just rolled back
                 self._days = frozenset()
                 broken = pg.broken
                 pg.close()  # reopened on the next attempt
                 if attempt == 2 or not broken:
                     raise
-            except psycopg.Error:
+            except BaseException:
+                self._roller.forget()
                 self._days = frozenset()  # a partition may have been dropped meanwhile: look again
                 raise
+
+    def _write_drained(self, conn: Any, drained: rollup.Drained) -> None:
+        with conn.cursor() as cur:
+            for statement, rows in (
+                (_UPSERT_BUCKET, [_bucket_row(sid, b) for sid, b in drained.buckets]),
+                (_UPSERT_TRACK, [_track_row(sid, t) for sid, t in drained.tracks]),
+                (_UPSERT_QUALITY, drained.quality),
+                (_INSERT_MARK, [_mark_row(sid, m) for sid, m in drained.marks]),
+                (_UPSERT_FREEZE, [_freeze_row(sid, f) for sid, f in drained.freezes]),
+                (_UPSERT_TALLY, [_tally_row(sid, key, t) for sid, key, t in drained.tallies]),
+            ):
+                if rows:
+                    cur.executemany(statement, rows)
+
+    def _fetch_one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        row = self._roller_conn.execute(query.replace("?", "%s").encode(), params).fetchone()
+        return None if row is None else tuple(row)
 
     def _reconnect(self) -> psycopg.Connection[Any]:
         now = time.monotonic()
@@ -231,6 +324,73 @@ class PgEventLog(EventStore):
         with self._connect(autocommit=True) as conn, conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(query.encode(), params).fetchall()
         return [{**row, "payload": json.loads(row["payload"])} for row in rows]
+
+    def analysis_sync(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
+        """As :meth:`metrics.eventlog.EventLog.analysis_sync`: one snapshot (REPEATABLE READ)."""
+        with self._connect() as conn:
+            conn.read_only = True
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with conn.transaction():
+                with conn.cursor(row_factory=dict_row) as cur:
+                    rows = cur.execute(
+                        f"SELECT {_COLUMNS} FROM events WHERE session_id = %s AND {_SAMPLE_KINDS_SQL}"
+                        f" ORDER BY {_ORDER} LIMIT %s".encode(), (session_id, limit)).fetchall()
+                entries = [{**row, "payload": json.loads(row["payload"])} for row in rows]
+                first = conn.execute("SELECT time_ms FROM events WHERE session_id = %s ORDER BY time_ms LIMIT 1",
+                                     (session_id,)).fetchone()
+                last = conn.execute("SELECT time_ms FROM events WHERE session_id = %s ORDER BY time_ms DESC LIMIT 1",
+                                    (session_id,)).fetchone()
+                tracks = {}
+                for r in conn.execute(f"SELECT {', '.join(_TRACK_KEY[1:] + _TRACK_VALUES)} FROM rollup_tracks"
+                                      " WHERE session_id = %s".encode(), (session_id,)):
+                    track = _track_of(tuple(r))
+                    tracks[(track.track, track.direction, track.kind)] = track
+                quality = [(str(c), int(b), float(q)) for c, b, q in conn.execute(
+                    "SELECT connection_id, bucket_ms, q_min FROM quality_rollups WHERE session_id = %s"
+                    f" ORDER BY bucket_ms, connection_id{_C}".encode(), (session_id,))]
+                mark_list = [rollup.Mark(*r) for r in conn.execute(
+                    f"SELECT {', '.join(c for c in _MARK_COLUMNS if c != 'session_id')} FROM sample_marks"
+                    " WHERE session_id = %s ORDER BY time_ms, seq".encode(), (session_id,))] if marks else []
+                freezes = [_freeze_of(tuple(r)) for r in conn.execute(
+                    f"SELECT {', '.join(_FREEZE_COLUMNS[1:])} FROM freeze_tracks WHERE session_id = %s"
+                    " ORDER BY first_ms, first_seq".encode(), (session_id,))]
+                tallies = {(r[0], r[1], r[2], r[3]): _tally_of(*r[4:]) for r in conn.execute(
+                    "SELECT track, direction, kind, type, count, first_ms, first_seq, last_ms, last_seq, bins"
+                    " FROM bad_tallies WHERE session_id = %s", (session_id,))} if marks else {}
+        span = (None if first is None else int(first[0]), None if last is None else int(last[0]))
+        return Analysis(entries, rollup.SessionRollup(tracks, quality, mark_list, freezes, tallies), span)
+
+    def sample_count_sync(self, session_id: str) -> int:
+        """How many quality samples the session has (from its roll-ups)."""
+        with self._connect(autocommit=True) as conn:
+            row = conn.execute("SELECT COALESCE(SUM(n), 0) FROM rollup_tracks WHERE session_id = %s",
+                               (session_id,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def quality_points_sync(self, session_id: str, resolution_ms: int, since_ms: int | None = None,
+                            max_points: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """As :meth:`metrics.eventlog.EventLog.quality_points_sync`."""
+        resolution_ms = max([r for r in RESOLUTIONS_MS if r <= resolution_ms] or [RESOLUTIONS_MS[0]])
+        since = 0 if since_ms is None else since_ms
+        with self._connect() as conn:
+            conn.read_only = True
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with conn.transaction():
+                if max_points is not None:
+                    spans = conn.execute("SELECT GREATEST(first_ms, %s), last_ms FROM rollup_tracks"
+                                         " WHERE session_id = %s AND last_ms >= %s", (since, session_id, since)).fetchall()
+                    for candidate in (r for r in RESOLUTIONS_MS if r >= resolution_ms):
+                        resolution_ms = candidate
+                        if sum(last // candidate - first // candidate + 1 for first, last in spans) <= max_points:
+                            break
+                span = max(w for w in rollup.SPANS_MS if resolution_ms % w == 0)
+                start = since - since % resolution_ms
+                if span == resolution_ms:
+                    rows = conn.execute(_POINTS_OF_BUCKETS.encode(), (resolution_ms, session_id, span, start)).fetchall()
+                else:
+                    rows = conn.execute(_POINTS_GROUPED.encode(), (resolution_ms, resolution_ms, resolution_ms,
+                                                                   session_id, span, start)).fetchall()
+        return resolution_ms, [dict(zip(_POINT_KEYS, r, strict=True)) for r in rows]
 
     def sessions_sync(
         self,
@@ -355,6 +515,9 @@ class PgEventLog(EventStore):
                         conn.execute(sql.SQL("DROP TABLE {}").format(table))
                 cur = conn.execute("DELETE FROM events WHERE time_ms < %s", (before_ms,))
                 deleted += cur.rowcount
+                # Their roll-ups go with them, as in SQLite.
+                for statement in _ROLLUP_RETENTION:
+                    conn.execute(statement.replace("?", "%s").encode(), (before_ms,))
         self._days = frozenset(day for day in self._days if (day + 1) * DAY_MS > before_ms)
         return deleted
 

@@ -13,6 +13,7 @@ Nothing here awaits or does I/O on the caller's path: the event log queues, Prom
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,7 +24,9 @@ from media.events import (
     MediaEvent,
     MediaFlowChanged,
     PacketsDropped,
+    PeerClosedUnconnected,
     PeerStateChanged,
+    PeerTimedOut,
     QualitySample,
 )
 from metrics import prometheus as prom
@@ -155,9 +158,38 @@ class Recorder:
             pair = event.pair
             pair_text = (f" via {pair['local_type']}/{pair['remote_type']} {pair['protocol']}" if pair else "")
             kind = EventKind.ICE_STATE_CHANGED if event.layer == "ice" else EventKind.DTLS_STATE_CHANGED
-            self.log(sid, kind, f"{what} {event.layer} state: {event.state}{pair_text}", connection_id=cid,
-                     stream_id=event.stream_id, peer_id=event.peer_id, layer=event.layer, state=event.state,
-                     candidate_pair=pair)
+            offered: dict[str, Any] = {}
+            offered_text = ""
+            if event.state == "failed":
+                offered = {"local_candidates": list(event.local_candidates),
+                           "remote_candidates": list(event.remote_candidates)}
+                offered_text = ". " + _offered_text(event.local_candidates, event.remote_candidates)
+            self.log(sid, kind, f"{what} {event.layer} state: {event.state}{pair_text}{offered_text}",
+                     connection_id=cid, stream_id=event.stream_id, peer_id=event.peer_id, layer=event.layer,
+                     state=event.state, candidate_pair=pair, **offered)
+        elif isinstance(event, (PeerTimedOut, PeerClosedUnconnected)):
+            # Not up within the deadline (a failure), or closed by its client before it was up (the
+            # client's own report says why): the layer that never finished, with what each side
+            # offered. The hub then logs the publish or subscription that ended.
+            what = "Publisher" if owner.is_publish else "Subscriber"
+            ice_done = event.ice_state in ("completed", "connected")
+            layer = "dtls" if ice_done else "ice"
+            if isinstance(event, PeerTimedOut):
+                why = ("ICE found a candidate pair but DTLS never connected over it" if ice_done
+                       else "no candidate pair worked")
+                state, detail = "failed", f"failed (not connected within {event.timeout_s:g} s: {why})"
+                timing: dict[str, Any] = {"reason": "timeout", "timeout_s": event.timeout_s}
+            else:
+                why = "ICE had found a candidate pair, DTLS had not connected" if ice_done else f"ICE {event.ice_state}"
+                state, detail = "closed", f"closed before connecting ({event.after_s:g} s after it was set up; {why})"
+                timing = {"reason": "closed_before_connected", "after_s": event.after_s}
+            self.log(sid, EventKind.DTLS_STATE_CHANGED if ice_done else EventKind.ICE_STATE_CHANGED,
+                     f"{what} {layer} state: {detail}. "
+                     + _offered_text(event.local_candidates, event.remote_candidates),
+                     connection_id=cid, stream_id=event.stream_id, peer_id=event.peer_id, layer=layer,
+                     state=state, ice_state=event.ice_state, candidate_pair=None,
+                     local_candidates=list(event.local_candidates),
+                     remote_candidates=list(event.remote_candidates), **timing)
         elif isinstance(event, KeyframeRequested):
             prom.KEYFRAMES_REQUESTED.inc()
             self.log(sid, EventKind.KEYFRAME_REQUESTED, f"Keyframe requested ({event.reason})", connection_id=cid,
@@ -174,3 +206,21 @@ class Recorder:
             self.log(sid, EventKind.QUALITY_ALERT, text, connection_id=cid, stream_id=event.stream_id,
                      metric="media_flow", media=event.kind, flowing=event.flowing, idle_s=event.idle_s)
         # PeerFailed / PeerTimedOut: the hub cleans up and records what ended.
+
+
+#: Candidates of one side named in an entry's sentence (all of them are in its payload).
+TEXT_CANDIDATES = 6
+
+
+def _offered_text(local: Sequence[Mapping[str, str]], remote: Sequence[Mapping[str, str]]) -> str:
+    """``Server offered host udp 127.0.0.1:40000; client offered none``: for support staff."""
+
+    def side(candidates: Sequence[Mapping[str, str]]) -> str:
+        if not candidates:
+            return "none"
+        named = ", ".join(f"{c.get('type')} {c.get('protocol')} {c.get('address')}"
+                          for c in candidates[:TEXT_CANDIDATES])
+        more = len(candidates) - TEXT_CANDIDATES
+        return named + (f" and {more} more" if more > 0 else "")
+
+    return f"Server offered {side(local)}; client offered {side(remote)}"

@@ -1,11 +1,13 @@
 """Meeting stats, user data, scores and the error log of one session: pure functions over its
-event-log entries (quality samples and client stats included), as ``EventLog.events`` returns them.
+event-log entries and the roll-ups of its quality samples and client stats (metrics.rollup).
 
 :func:`session_view` reads the entries once into participants, streams and subscriptions;
-:func:`summary` and ``metrics.diagnosis.diagnose`` both work from it. Entries are dicts with
-``seq``, ``time_ms``, ``connection_id``, ``stream_id``, ``kind``, ``component``, ``text`` and
-``payload`` (a dict); anything a client wrote is read defensively (wrong types are skipped).
-"""
+:func:`summary` and ``metrics.diagnosis.diagnose`` both work from it. Given only entries (as
+``EventLog.events`` returns them, samples included) they fold the samples themselves; the API
+passes what ``EventLog.analysis`` read instead (the entries but the samples, the stored
+roll-ups and the session's span), with the same result. Entries are dicts with ``seq``,
+``time_ms``, ``connection_id``, ``stream_id``, ``kind``, ``component``, ``text`` and ``payload``
+(a dict); anything a client wrote is read defensively (wrong types are skipped)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from metrics import scores
+from metrics import rollup, scores
 from metrics.events import EventKind
 
 Entry = Mapping[str, Any]
@@ -69,17 +71,16 @@ class Subscription:
 
 @dataclass
 class SessionView:
-    """One session read once: who was there, what they sent and received, and the raw entries."""
+    """One session read once: who was there, what they sent and received, and its entries
+    (every kind but the samples, which are read as roll-ups)."""
 
     session_id: str
     entries: list[Entry]
     participants: dict[str, Participant]
     streams: dict[str, Stream]
     subscriptions: dict[str, Subscription]
-    #: qualitySample payloads (with ``seq`` and ``connection_id``), oldest first.
-    samples: list[dict[str, Any]]
-    #: clientStats payloads (with ``seq``, ``connection_id`` and ``time_ms``), oldest first.
-    client_stats: list[dict[str, Any]]
+    #: The quality samples and client stats rolled up (metrics.rollup).
+    rollup: rollup.SessionRollup
     started_ms: int | None
     ended_ms: int | None
 
@@ -89,20 +90,6 @@ class SessionView:
     def client_events(self, *names: str) -> list[Entry]:
         return [e for e in self.entries if e.get("kind") == EventKind.CLIENT_EVENT
                 and _payload(e).get("event") in names]
-
-    def __post_init__(self) -> None:
-        # Indexes built once: a call-hour holds tens of thousands of samples.
-        self._by_stream: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        self._by_peer: dict[str, list[dict[str, Any]]] = {}
-        for s in self.samples:
-            self._by_stream.setdefault((str(s.get("stream_id")), str(s.get("direction"))), []).append(s)
-            self._by_peer.setdefault(str(s.get("peer_id")), []).append(s)
-
-    def stream_samples(self, stream_id: str, direction: str) -> list[dict[str, Any]]:
-        return self._by_stream.get((stream_id, direction), [])
-
-    def peer_samples(self, peer_id: str) -> list[dict[str, Any]]:
-        return self._by_peer.get(peer_id, [])
 
     def who(self, connection_id: str | None) -> dict[str, str] | None:
         p = self.participants.get(connection_id or "")
@@ -124,27 +111,30 @@ def _str(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _num(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+#: Kinds rolled up (metrics.rollup) rather than read one by one.
+SAMPLE_KINDS: Final = frozenset({EventKind.QUALITY_SAMPLE, EventKind.CLIENT_STATS})
 
 
-def session_view(session_id: str, entries: Iterable[Entry]) -> SessionView:
-    """Read a session's entries (any order; sorted here by time, then seq)."""
+def session_view(session_id: str, entries: Iterable[Entry], rolled: rollup.SessionRollup | None = None,
+                 span: tuple[int | None, int | None] | None = None) -> SessionView:
+    """Read a session's entries (any order; sorted here by time, then seq).
+
+    ``rolled`` and ``span`` are the session's stored roll-ups and (first, last) entry times
+    (``EventLog.analysis``): then ``entries`` need not hold the samples. Without them both are
+    computed from ``entries``, exactly as the event log's writer computes them."""
     ordered = sorted(entries, key=lambda e: (int(e.get("time_ms") or 0), int(e.get("seq") or 0)))
+    if rolled is None:
+        rolled = rollup.from_entries(ordered)
     participants: dict[str, Participant] = {}
     streams: dict[str, Stream] = {}
     subscriptions: dict[str, Subscription] = {}
-    samples: list[dict[str, Any]] = []
-    client_stats: list[dict[str, Any]] = []
+    kept: list[Entry] = []
     for e in ordered:
         kind, payload, t = e.get("kind"), _payload(e), int(e.get("time_ms") or 0)
+        if kind in SAMPLE_KINDS:
+            continue
+        kept.append(e)
         cid, sid, seq = _str(e.get("connection_id")), _str(e.get("stream_id")), int(e.get("seq") or 0)
-        if kind == EventKind.QUALITY_SAMPLE:
-            samples.append({**payload, "seq": seq, "connection_id": cid})
-            continue
-        if kind == EventKind.CLIENT_STATS:
-            client_stats.append({**payload, "seq": seq, "connection_id": cid, "time_ms": t})
-            continue
         if cid and kind in (EventKind.CONNECT_ATTEMPT, EventKind.SERVER_DETECTED_CONNECT):
             p = participants.setdefault(cid, Participant(cid))
             p.seqs.append(seq)
@@ -174,18 +164,23 @@ def session_view(session_id: str, entries: Iterable[Entry]) -> SessionView:
             subscriptions[_str(payload.get("subscription_id"))].succeeded_ms = t
         elif kind == EventKind.UNSUBSCRIBED and _str(payload.get("subscription_id")) in subscriptions:
             subscriptions[_str(payload.get("subscription_id"))].ended_ms = t
-    times = [int(e.get("time_ms") or 0) for e in ordered]
-    return SessionView(session_id, ordered, participants, streams, subscriptions, samples, client_stats,
-                       min(times) if times else None, max(times) if times else None)
+    if span is None:
+        span = ((int(ordered[0].get("time_ms") or 0), int(ordered[-1].get("time_ms") or 0)) if ordered
+                else (None, None))
+    return SessionView(session_id, kept, participants, streams, subscriptions, rolled, span[0], span[1])
 
 
 # --- scores per participant -----------------------------------------------------------------
 
+def tracks_of(view: SessionView, track: str, direction: str, kind: str | None = None) -> list[rollup.Track]:
+    """The rolled-up tracks of a stream upstream (``in``) or a subscription downstream (``out``)."""
+    kinds = ("audio", "video") if kind is None else (kind,)
+    return [t for k in kinds if (t := view.rollup.tracks.get((track, direction, k))) is not None]
+
+
 def first_media_ms(view: SessionView, subscription_id: str) -> int | None:
-    for s in view.peer_samples(subscription_id):
-        if (s.get("packets") or 0) > 0:
-            return int(s.get("time_ms") or 0)
-    return None
+    times = [t.first_media_ms for t in tracks_of(view, subscription_id, "out") if t.first_media_ms is not None]
+    return min(times) if times else None
 
 
 def participant_scores(view: SessionView, connection_id: str) -> dict[str, Any]:
@@ -194,24 +189,15 @@ def participant_scores(view: SessionView, connection_id: str) -> dict[str, Any]:
     (median over their subscriptions). A score with nothing to go on is left out."""
     out: dict[str, Any] = {}
     mine = [s for s in view.streams.values() if s.connection_id == connection_id]
-    audio = [s for st in mine for s in view.stream_samples(st.stream_id, "in")
-             if s.get("kind") == "audio" and (s.get("packets") or 0) > 0]
-    if audio:
-        out["audio_mos"] = round(statistics.fmean(scores.audio_mos(
-            _num(s.get("loss_pct")) or 0.0, _num(s.get("rtt_ms")), _num(s.get("jitter_ms")),
-            _num(s.get("bitrate_kbps"))) for s in audio), 2)
-    video = [s for st in mine for s in view.stream_samples(st.stream_id, "in") if s.get("kind") == "video"]
-    if video:
-        levels = [int(scores.video_level(s.get("width"), s.get("height"), _num(s.get("frame_rate")),
-                                         _num(s.get("bitrate_kbps")))) for s in video]
-        out["video_level"] = int(statistics.median_low(levels))
-    received = [s for s in view.client_stats if s.get("connection_id") == connection_id
-                and s.get("direction") == "recv" and s.get("kind") == "video"]
+    mos = rollup.mean_mos(t for st in mine for t in tracks_of(view, st.stream_id, "in", "audio"))
+    if mos is not None:
+        out["audio_mos"] = mos
+    level = rollup.median_level(t for st in mine for t in tracks_of(view, st.stream_id, "in", "video"))
+    if level is not None:
+        out["video_level"] = level
+    received = [f for f in view.rollup.freezes if f.connection_id == connection_id]
     if received:
-        count = 0
-        for track in {str(s.get("stream_id")) for s in received}:
-            count += scores.freezes_from_client_stats([s for s in received if str(s.get("stream_id")) == track])[0]
-        out["freezes"] = count
+        out["freezes"] = sum(f.count for f in received)
     ttfm = [t for sub in view.subscriptions.values() if sub.connection_id == connection_id
             if (t := scores.time_to_first_media(sub.attempt_ms, first_media_ms(view, sub.subscription_id)))
             is not None]
@@ -221,30 +207,10 @@ def participant_scores(view: SessionView, connection_id: str) -> dict[str, Any]:
 
 
 def quality_over_time(view: SessionView, connection_id: str) -> list[dict[str, Any]]:
-    """The participant's connection quality at each sample time: the worst over the tracks it
-    sent and received at that time."""
-    mine = [s for st in view.streams.values() if st.connection_id == connection_id
-            for s in view.stream_samples(st.stream_id, "in")]
-    mine += [s for sub in view.subscriptions.values() if sub.connection_id == connection_id
-             for s in view.peer_samples(sub.subscription_id)]
-    by_time: dict[int, tuple[float, scores.QualityLevel]] = {}
-    for s in mine:
-        expected = (scores.expected_video_kbps(_height(s)) * 0.5 if s.get("kind") == "video" else None)
-        score = scores.connection_quality(_num(s.get("loss_pct")) or 0.0, _num(s.get("rtt_ms")),
-                                          _num(s.get("jitter_ms")), _num(s.get("bitrate_kbps")), expected,
-                                          s.get("packets") if isinstance(s.get("packets"), int) else None)
-        t = int(s.get("time_ms") or 0)
-        bucket = t - t % 1000
-        if bucket not in by_time or score[0] < by_time[bucket][0]:
-            by_time[bucket] = score
-    return [{"time_ms": t, "score": sc, "level": str(level)} for t, (sc, level) in sorted(by_time.items())]
-
-
-def _height(sample: Mapping[str, Any]) -> int | None:
-    w, h = sample.get("width"), sample.get("height")
-    if isinstance(w, int) and isinstance(h, int):
-        return min(w, h)
-    return None
+    """The participant's connection quality at each second with samples (metrics.rollup.QUALITY_MS):
+    the worst score of the tracks it sent and received (the samples its connection reported)."""
+    return [{"time_ms": t, "score": score, "level": rollup.quality_level(score)}
+            for cid, t, score in view.rollup.quality if cid == connection_id]
 
 
 # --- the summary ----------------------------------------------------------------------------
@@ -275,10 +241,12 @@ def _rate(entries: Sequence[Entry], attempts: Iterable[str], failures: Iterable[
             "failures": sum(1 for e in entries if e.get("kind") in f)}
 
 
-def summary(session_id: str, entries: Iterable[Entry]) -> dict[str, Any]:
+def summary(session_id: str, entries: Iterable[Entry], rolled: rollup.SessionRollup | None = None,
+            span: tuple[int | None, int | None] | None = None) -> dict[str, Any]:
     """The session's meeting stats, participants with their scores and quality over time, and
-    its error log (the shape docs/openapi.yaml gives for ``/api/sessions/{id}/summary``)."""
-    view = session_view(session_id, entries)
+    its error log (the shape docs/openapi.yaml gives for ``/api/sessions/{id}/summary``).
+    ``rolled`` and ``span``: see :func:`session_view`."""
+    view = session_view(session_id, entries, rolled, span)
     end = view.ended_ms or 0
     streamed_ms = sum(max(0, (st.destroyed_ms or end) - (st.created_ms or end)) for st in view.streams.values())
     meeting = {

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from metrics import prometheus as prom
 from metrics.diagnosis import diagnose
+from metrics.eventlog import Analysis
 from metrics.summary import summary
 from metrics.events import EventKind
 from rooms.errors import RoomsError
@@ -121,28 +122,49 @@ async def session_events(request: web.Request) -> web.Response:
     return web.json_response({"session_id": session_id, "events": events})
 
 
+#: Default and bounds of /quality's max_points: a chart per track needs a few hundred points.
+QUALITY_MAX_POINTS = 5_000
+QUALITY_POINTS_MAX = 100_000
+#: Most raw samples /quality returns.
+QUALITY_RAW_LIMIT = 100_000
+
+
 async def session_quality(request: web.Request) -> web.Response:
-    """The session's quality timeline: one sample per track and interval."""
+    """The session's quality timeline: its raw samples (one per track and interval), or, for a
+    long call, their roll-ups at the finest resolution that fits in ``max_points``."""
     claims = inspector_claims(request)
     session_id = request.match_info["session_id"]
     since = _int_query(request, "since_ms", 0, TIME_MS_MAX)
+    max_points = _int_query(request, "max_points", 1, QUALITY_POINTS_MAX) or QUALITY_MAX_POINTS
+    resolution = request.query.get("resolution")
+    resolution_s: int | None = None
+    if resolution is not None and resolution != "raw":
+        if not (resolution.isascii() and resolution.isdigit() and len(resolution) <= 5
+                and 10 <= int(resolution) <= 86_400):
+            raise InvalidMessage('query parameter "resolution" must be "raw" or seconds of 10-86400, '
+                                 f"got {ascii(resolution[:40])}")
+        resolution_s = int(resolution)
     await audit_lookup(request, claims, "session", session_id)
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)
-    entries = await eventlog.events(session_id, kinds=[EventKind.QUALITY_SAMPLE], since_ms=since, limit=100_000)
-    samples = [{"connection_id": e["connection_id"], **e["payload"]} for e in entries]
-    return web.json_response({"session_id": session_id, "samples": samples})
+    if resolution is None:
+        count = await asyncio.to_thread(eventlog.sample_count_sync, session_id)
+        resolution = "raw" if count <= max_points else None
+    if resolution == "raw":
+        entries = await eventlog.events(session_id, kinds=[EventKind.QUALITY_SAMPLE], since_ms=since,
+                                        limit=QUALITY_RAW_LIMIT)
+        samples = [{"connection_id": e["connection_id"], **e["payload"]} for e in entries]
+        return web.json_response({"session_id": session_id, "resolution": "raw", "samples": samples})
+    resolution_ms, points = await asyncio.to_thread(eventlog.quality_points_sync, session_id,
+                                                    (resolution_s or 0) * 1000, since, max_points)
+    return web.json_response({"session_id": session_id, "resolution": resolution_ms // 1000, "samples": points})
 
 
-#: Most entries one summary or diagnosis reads: a 4-hour call of 6 participants with client stats
-#: stays far under it; beyond it the oldest part is what is judged.
-ANALYSIS_LIMIT = 200_000
-
-
-async def _all_entries(request: web.Request, session_id: str) -> list[dict[str, Any]]:
+async def _analysis(request: web.Request, session_id: str, *, marks: bool = True) -> Analysis:
+    """The session's entries (samples aside), roll-ups and span, as the summary and diagnosis read them."""
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)
-    return await eventlog.events(session_id, limit=ANALYSIS_LIMIT)
+    return await eventlog.analysis(session_id, marks=marks)
 
 
 async def session_summary(request: web.Request) -> web.Response:
@@ -150,8 +172,8 @@ async def session_summary(request: web.Request) -> web.Response:
     claims = inspector_claims(request)
     session_id = request.match_info["session_id"]
     await audit_lookup(request, claims, "session", session_id)
-    entries = await _all_entries(request, session_id)
-    return web.json_response(await asyncio.to_thread(summary, session_id, entries))
+    read = await _analysis(request, session_id, marks=False)
+    return web.json_response(await asyncio.to_thread(summary, session_id, read.entries, read.rolled, read.span))
 
 
 async def session_diagnosis(request: web.Request) -> web.Response:
@@ -159,8 +181,8 @@ async def session_diagnosis(request: web.Request) -> web.Response:
     claims = inspector_claims(request)
     session_id = request.match_info["session_id"]
     await audit_lookup(request, claims, "session", session_id)
-    entries = await _all_entries(request, session_id)
-    return web.json_response(await asyncio.to_thread(diagnose, session_id, entries))
+    read = await _analysis(request, session_id)
+    return web.json_response(await asyncio.to_thread(diagnose, session_id, read.entries, read.rolled, read.span))
 
 
 async def sessions(request: web.Request) -> web.Response:

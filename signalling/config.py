@@ -101,7 +101,7 @@ class MediaConfig:
     answer_timeout_s: float = 30.0
     #: A publish or subscription whose peer connection is not connected (ICE and DTLS)
     #: by then is closed, logged with the reason; a publish is announced only once connected.
-    connect_timeout_s: float = 20.0
+    connect_timeout_s: float = 15.0
     #: Peer connections (publishes plus subscriptions) this node holds at most; more get
     #: ``over_capacity``. Each holds UDP sockets (one per ICE address) unless ``udp_port`` is set.
     max_peer_connections: int = 500

@@ -284,6 +284,7 @@ class Hub:
         """A publish that never got connected ends: free its peer and log why (no one was told of it)."""
         if self.pending_streams.pop(stream.stream_id, None) is None:
             return
+        self.router.report_unconnected(stream.stream_id)  # logged while its owner is known
         self.peers.pop(stream.stream_id, None)
         await self.router.close_peer(stream.stream_id)
         self.log(session.session_id, EventKind.PUBLISH_FAILURE, f"Publish failed: {stream.name}: {reason}",
@@ -416,6 +417,7 @@ class Hub:
                                 notify: bool, detail: str = "") -> None:
         if session.subscriptions.pop(subscription.subscription_id, None) is None:
             return
+        self.router.report_unconnected(subscription.subscription_id)  # logged while its owner is known
         self.peers.pop(subscription.subscription_id, None)
         self.recorder.subscription_ended()
         await self.router.close_peer(subscription.subscription_id)

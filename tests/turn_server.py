@@ -51,7 +51,10 @@ def _listening(port: int, proc: subprocess.Popen[bytes], log_path: Path) -> bool
 
 
 @contextmanager
-def turn_server(workdir: Path, secret: str = "turn-test-secret-0123456789") -> Iterator[TurnServer]:
+def turn_server(workdir: Path, secret: str = "turn-test-secret-0123456789",
+                allow_loopback_peers: bool = True) -> Iterator[TurnServer]:
+    """``allow_loopback_peers=False``: coturn's default, it refuses to relay to 127.0.0.0/8, so
+    a relay-only client cannot reach a server on loopback (no candidate pair works)."""
     require_turnserver()
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -61,7 +64,7 @@ def turn_server(workdir: Path, secret: str = "turn-test-secret-0123456789") -> I
     proc = subprocess.Popen([
         TURNSERVER, "-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1", f"--listening-port={port}",
         f"--min-port={relay_min}", f"--max-port={relay_min + 99}", "--use-auth-secret",
-        f"--static-auth-secret={secret}", "--realm=openconsult.test", "--allow-loopback-peers", "--no-cli",
+        f"--static-auth-secret={secret}", "--realm=openconsult.test", *(["--allow-loopback-peers"] if allow_loopback_peers else []), "--no-cli",
         "--no-tls", "--no-dtls", "--no-multicast-peers", f"--userdb={workdir / 'turndb'}",
         f"--pidfile={workdir / 'turnserver.pid'}", "--log-file=stdout", "--simple-log",
     ], stdout=log, stderr=subprocess.STDOUT)

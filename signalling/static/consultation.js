@@ -45,6 +45,8 @@
  *   consult.reconnecting  {attempt, code} while a connection is being re-established, else null
  *   consult.reconnects    how many times a connection came back
  *   consult.sessionErrors [{code, message}] of background failures
+ *   consult.mediaFailure  {kind, reason, code, streamId, attempt, retrying, text} while a media connection is
+ *                         failing (not up within the SDK's deadline, or failed), shown in plain words; else null
  *   consult.arrival, consult.position, consult.announcements, consult.queues, consult.consultation
  *   consult.chat          [ChatMessage] as shown
  *   consult.guests        [{guest_id, name, guest_link, removed}] the clinician added in this call
@@ -69,6 +71,7 @@
     error: null,
     warning: null,
     sessionErrors: [],
+    mediaFailure: null,
     claims: null,
     sessionId: null,
     session: null, // the joined session (patient: the consultation room; clinician: the desk)
@@ -244,6 +247,28 @@
     session.on('error', (err) => {
       consult.sessionErrors.push({ code: err.code, message: err.message });
       console.warn('OpenConsult session error', err.code, err.message);
+    });
+    wireMediaFailures(session);
+  }
+
+  /** A media connection not up in time (or failed): say so, and what to try; the SDK retries it. */
+  function wireMediaFailures(session) {
+    session.on('mediaFailed', (event) => {
+      const text = OpenConsult.mediaFailureText(event);
+      consult.mediaFailure = {
+        kind: event.kind, reason: event.reason, code: event.error.code, streamId: event.streamId,
+        attempt: event.attempt, retrying: event.retrying, text: text,
+      };
+      warn({ code: event.error.code, message: text }, 'Media not connected');
+    });
+    session.on('mediaConnected', ({ peerId }) => {
+      const failure = consult.mediaFailure;
+      const subscription = session.subscriptions.get(peerId);
+      if (failure && (failure.kind === 'publish' ? session.publishers.has(peerId)
+        : Boolean(subscription && subscription.streamId === failure.streamId))) {
+        consult.mediaFailure = null;
+        clearWarning();
+      }
     });
   }
 

@@ -20,6 +20,9 @@
  *   demo.sessionId        the session id (also shown on screen)
  *   demo.session          the OpenConsult Session
  *   demo.sessionErrors    [{code, message}] of background failures (e.g. a rejected `ice`)
+ *   demo.mediaFailure     {kind, reason, code, streamId, attempt, retrying, text} while a media connection
+ *                         is failing (not up within the SDK's deadline, or failed): also on the status
+ *                         line in plain words; null once it is up again
  *   demo.join() / demo.leave()
  *   demo.screenShare      the Publisher of this page's screen share, or null
  *   await demo.startScreenShare() / demo.stopScreenShare()   (the "Share screen" button)
@@ -52,6 +55,7 @@
     localStream: null,
     subscriptions: new Map(), // stream id → Subscription
     sessionErrors: [], // background request failures, e.g. a rejected ICE candidate
+    mediaFailure: null,
     join: join,
     leave: leave,
     screenShare: null,
@@ -254,6 +258,7 @@
     demo.error = null;
     demo.warning = null;
     demo.sessionErrors = [];
+    demo.mediaFailure = null;
     demo.reconnecting = null;
     delete statusLine.dataset.code;
     leaving = false;
@@ -408,6 +413,29 @@
       const refused = error && ['connection_failed', 'connection_closed', 'timeout'].indexOf(error.code) === -1;
       showError({ code: refused ? error.code : 'connection_closed', message: message }, 'Disconnected');
       setFormEnabled(true);
+    });
+    // A media connection not up in time (or failed): say so, and what to try; the SDK retries.
+    session.on('mediaFailed', (event) => {
+      if (session !== demo.session || leaving) {
+        return;
+      }
+      const text = OpenConsult.mediaFailureText(event);
+      demo.mediaFailure = {
+        kind: event.kind, reason: event.reason, code: event.error.code, streamId: event.streamId,
+        attempt: event.attempt, retrying: event.retrying, text: text,
+      };
+      warn({ code: event.error.code, message: text }, 'Media not connected');
+    });
+    session.on('mediaConnected', ({ peerId }) => {
+      const failure = demo.mediaFailure;
+      const subscription = session.subscriptions.get(peerId);
+      const recovered = failure && (failure.kind === 'publish' ? session.publishers.has(peerId)
+        : Boolean(subscription && subscription.streamId === failure.streamId));
+      if (session === demo.session && recovered) {
+        demo.mediaFailure = null;
+        demo.warning = null;
+        refreshJoinedStatus();
+      }
     });
     session.on('error', (err) => {
       // Failures outside a user action (e.g. a rejected ICE candidate): kept for tests and support.

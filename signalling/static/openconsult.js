@@ -57,6 +57,14 @@
  * test through the server, `OpenConsult.precallVerdict(figures)` its rules. Options
  * `clientReports: false` turns this off, `statsInterval` (ms, default 5000; 0: no stats) paces it.
  *
+ * No silent hangs: a peer connection not connected within `mediaConnectTimeout` (ms, default 15000)
+ * fails like one whose ICE failed. Either way the session emits `mediaFailed` ({kind: 'publish' |
+ * 'subscribe', reason: 'timeout' | 'failed', streamId, peerId, attempt, maxAttempts, retrying, error})
+ * and rebuilds it after a pause (2 s, doubling), at most `OpenConsult.MAX_MEDIA_RESTARTS` times: then a
+ * publisher ends (`ended`) and a subscription just ends (`subscriptionEnded`). `mediaConnected`
+ * ({peerId}) says a peer connection is up.
+ * `OpenConsult.mediaFailureText(event)` says it in plain words with what to try.
+ *
  * Server design decides the shape of the media side: one RTCPeerConnection per published
  * stream and one per subscription. The server puts all its candidates in its SDP; the client
  * trickles its own with `ice` messages addressed by `peer_id` (stream id or subscription id).
@@ -88,6 +96,8 @@
     'reconnecting',
     'reconnected',
     'disconnected',
+    'mediaFailed',
+    'mediaConnected',
     'error',
   ];
 
@@ -95,8 +105,17 @@
   const FINAL_CLOSE_CODES = [1008, 1009, 4001];
   // Join failures worth another try; any other error code from the server refuses the token.
   const RETRYABLE_CODES = ['connection_failed', 'connection_closed', 'timeout', 'internal_error', 'rate_limited'];
-  // How often one stream's peer connection is rebuilt after it failed (ICE broke).
+  // How often one stream's peer connection is rebuilt after it failed (ICE broke) or timed out.
   const MAX_MEDIA_RESTARTS = 3;
+  // A peer connection not connected (ICE and DTLS) by then has failed (connect option mediaConnectTimeout).
+  const MEDIA_CONNECT_TIMEOUT_MS = 15000;
+  // Pause before the first rebuild of a failed peer connection; doubles for each further one.
+  const MEDIA_RETRY_DELAY_MS = 2000;
+
+  /** The pause before rebuilding a stream's peer connection after its `failures`-th failure. */
+  function mediaRetryDelay(failures) {
+    return MEDIA_RETRY_DELAY_MS * Math.pow(2, Math.max(0, failures - 1));
+  }
   // Client reports (docs/protocol.md, client.event / client.stats): what the browser saw.
   const CLIENT_EVENT_NAMES = ['deviceCheck', 'getUserMediaFailed', 'iceFailed', 'connectionFailed', 'reconnecting',
     'reconnected', 'pageHidden', 'pageVisible', 'tabClosed', 'precallTest'];
@@ -643,6 +662,8 @@
       // Set when the server took this connection out of the call (`removedFromCall` data).
       this.removed = null;
       this._requestTimeout = options.requestTimeout === undefined ? 15000 : options.requestTimeout;
+      this._mediaConnectTimeout = options.mediaConnectTimeout === undefined ? MEDIA_CONNECT_TIMEOUT_MS
+        : options.mediaConnectTimeout;
       this._pingInterval = options.pingInterval === undefined ? 20000 : options.pingInterval;
       // TURN servers come with the join response; 'relay' forces media through them
       // (used to test a deployment's TURN server from a browser).
@@ -796,8 +817,14 @@
       }
     }
 
-    /** A peer connection failed: which candidate types each side had, as iceFailed / connectionFailed. */
-    async _reportPeerFailure(pc, peerId) {
+    /**
+     * A peer connection failed: which candidate types each side had, as iceFailed / connectionFailed
+     * (a timeout is an ICE failure unless ICE got through and DTLS did not).
+     */
+    async _reportPeerFailure(pc, peerId, reason) {
+      const iceState = pc.iceConnectionState;
+      const iceFailed = reason === 'timeout' ? iceState !== 'connected' && iceState !== 'completed'
+        : iceState === 'failed';
       const types = await candidateTypes(pc);
       const data = {
         local_candidate_types: types.local,
@@ -807,7 +834,7 @@
       if (peerId) {
         data.peer_id = peerId;
       }
-      this.reportEvent(pc.iceConnectionState === 'failed' ? 'iceFailed' : 'connectionFailed', data);
+      this.reportEvent(iceFailed ? 'iceFailed' : 'connectionFailed', data);
     }
 
     _rtcConfiguration() {
@@ -1280,6 +1307,12 @@
           if (!subscription) {
             return;
           }
+          if (data.reason === 'networkDisconnected' && subscription.pc && this.streams.has(subscription.streamId) &&
+              subscription.pc.connectionState !== 'connected') {
+            // The server's connect deadline (media.connect_timeout_s) came before ours: the same failure.
+            this._restartSubscription(subscription, 'timeout');
+            return;
+          }
           this.subscriptions.delete(subscription.id);
           subscription._close(data.reason);
           this._emit(name, Object.assign({ subscription: subscription }, data));
@@ -1353,15 +1386,66 @@
       this._endSubscriptions(reason, false);
     }
 
-    /** Call `onFailed` when the peer connection's transport fails for good (e.g. ICE after a network change). */
+    /**
+     * Call `onFailed(reason)` once when the peer connection's transport fails for good ('failed': e.g.
+     * ICE after a network change) or is not connected within `mediaConnectTimeout` ('timeout': e.g. no
+     * candidate pair works, which browsers may not call a failure for minutes). Emits `mediaConnected`.
+     */
     _watchPeer(pc, onFailed, peerId) {
+      let failed = false;
+      let deadline = null;
+      const fail = (reason) => {
+        clearTimeout(deadline);
+        if (failed) {
+          return;
+        }
+        failed = true;
+        this._reportPeerFailure(pc, peerId(), reason);
+        if (this.state === 'connected') {
+          onFailed(reason);
+        }
+      };
+      if (this._mediaConnectTimeout > 0) {
+        deadline = setTimeout(() => {
+          // Closed by the SDK meanwhile (close() fires no event): nothing to report.
+          if (pc.signalingState !== 'closed' && pc.connectionState !== 'connected') {
+            fail('timeout');
+          }
+        }, this._mediaConnectTimeout);
+      }
       pc.addEventListener('connectionstatechange', () => {
-        if (pc.connectionState === 'failed') {
-          this._reportPeerFailure(pc, peerId());
+        if (pc.connectionState === 'connected') {
+          clearTimeout(deadline);
+          this._emit('mediaConnected', { peerId: peerId() });
+        } else if (pc.connectionState === 'failed') {
+          fail('failed');
+        } else if (pc.connectionState === 'closed') {
+          clearTimeout(deadline);
         }
-        if (pc.connectionState === 'failed' && this.state === 'connected') {
-          onFailed();
-        }
+      });
+    }
+
+    /** The error of a failed media connection: `media_timeout` (not up in time) or `media_error`. */
+    _mediaError(kind, reason, streamId) {
+      const seconds = Math.round(this._mediaConnectTimeout / 1000);
+      const what = kind === 'publish' ? 'Sending stream ' : 'Receiving stream ';
+      return reason === 'timeout'
+        ? new OpenConsultError('media_timeout', what + streamId + ' was not connected within ' + seconds + ' s')
+        : new OpenConsultError('media_error', what + streamId + ': its connection failed');
+    }
+
+    /** Tell listeners a stream's media connection failed (`mediaFailed`). */
+    _mediaFailed(kind, reason, streamId, peerId, attempt, retrying, error) {
+      this._emit('mediaFailed', {
+        kind: kind,
+        reason: reason,
+        streamId: streamId,
+        peerId: peerId,
+        attempt: attempt,
+        maxAttempts: MAX_MEDIA_RESTARTS + 1,
+        retrying: retrying,
+        timeoutMs: this._mediaConnectTimeout,
+        error: error,
       });
     }
 
@@ -1402,9 +1486,9 @@
       publisher.pc = pc;
       publisher.streamId = null;
       publisher._trickler = new IceTrickler(this, pc);
-      this._watchPeer(pc, () => {
+      this._watchPeer(pc, (reason) => {
         if (publisher.pc === pc && !publisher.closed) {
-          this._restartPublisher(publisher);
+          this._restartPublisher(publisher, reason);
         }
       }, () => publisher.streamId);
       for (const track of tracks) {
@@ -1464,20 +1548,40 @@
       }
     }
 
-    /** The publisher's peer connection failed: unpublish it and publish the same stream again. */
-    _restartPublisher(publisher) {
-      if (publisher._restarts >= MAX_MEDIA_RESTARTS) {
-        this._emit('error', new OpenConsultError('media_error', 'Sending stream ' + publisher.streamId + ' failed and was restarted too often'));
+    /**
+     * The publisher's peer connection failed or timed out: unpublish it and publish the same stream
+     * again; after MAX_MEDIA_RESTARTS tries it ends (`ended` with the error).
+     */
+    _restartPublisher(publisher, reason) {
+      const retrying = publisher._restarts < MAX_MEDIA_RESTARTS;
+      const streamId = publisher.streamId;
+      const error = this._mediaError('publish', reason || 'failed', streamId);
+      if (!retrying) {
+        this._abandonPublisher(publisher);
+        publisher._emit('ended', { error: error });
+        this._emit('error', new OpenConsultError(error.code, error.message + '; gave up after ' +
+          (MAX_MEDIA_RESTARTS + 1) + ' attempts'));
+      }
+      this._mediaFailed('publish', reason || 'failed', streamId, streamId, publisher._restarts + 1, retrying, error);
+      if (!retrying) {
         return;
       }
-      publisher._restarts += 1;
-      const previous = publisher.streamId;
-      if (previous) {
-        this.publishers.delete(previous);
-        this._request('unpublish', { stream_id: previous }).catch(() => {});
-      }
+      const pc = publisher.pc;
       publisher._dropPeer();
-      this._republish(publisher, previous);
+      // Tried again after a pause (a connection that fails at once must not burn every attempt in a
+      // moment); the server's own deadline usually reaps the old stream meanwhile, with its report.
+      setTimeout(() => {
+        if (publisher.closed || publisher.pc !== pc || this.state !== 'connected') {
+          return; // Unpublished, or already published again by a rejoin.
+        }
+        publisher._restarts += 1;
+        const previous = publisher.streamId;
+        if (previous) {
+          this.publishers.delete(previous);
+          this._request('unpublish', { stream_id: previous }).catch(() => {});
+        }
+        this._republish(publisher, previous);
+      }, mediaRetryDelay(publisher._restarts + 1));
     }
 
     /** Stop a stream published by this session (a Publisher or its stream id). */
@@ -1519,7 +1623,7 @@
         }
         subscription._emit('track', event.track);
       });
-      this._watchPeer(pc, () => this._restartSubscription(subscription), () => subscription.id);
+      this._watchPeer(pc, (reason) => this._restartSubscription(subscription, reason), () => subscription.id);
       try {
         await pc.setRemoteDescription(data.offer);
         const answer = await pc.createAnswer();
@@ -1544,18 +1648,25 @@
       }
     }
 
-    /** A subscription's peer connection failed: unsubscribe, then announce the stream again. */
-    _restartSubscription(subscription) {
+    /**
+     * A subscription's peer connection failed or timed out: unsubscribe, then announce the stream
+     * again (the page subscribes anew); after MAX_MEDIA_RESTARTS tries it just ends.
+     */
+    _restartSubscription(subscription, reason) {
       if (subscription.closed || this.subscriptions.get(subscription.id) !== subscription) {
         return;
       }
       const streamId = subscription.streamId;
       const restarts = this._resubscribes.get(streamId) || 0;
-      if (restarts >= MAX_MEDIA_RESTARTS) {
-        this._emit('error', new OpenConsultError('media_error', 'Receiving stream ' + streamId + ' failed and was restarted too often'));
-        return;
+      const retrying = restarts < MAX_MEDIA_RESTARTS;
+      const error = this._mediaError('subscribe', reason || 'failed', streamId);
+      this._mediaFailed('subscribe', reason || 'failed', streamId, subscription.id, restarts + 1, retrying, error);
+      if (retrying) {
+        this._resubscribes.set(streamId, restarts + 1);
+      } else {
+        this._emit('error', new OpenConsultError(error.code, error.message + '; gave up after ' +
+          (MAX_MEDIA_RESTARTS + 1) + ' attempts'));
       }
-      this._resubscribes.set(streamId, restarts + 1);
       this.subscriptions.delete(subscription.id);
       this._request('unsubscribe', { subscription_id: subscription.id }).catch(() => {});
       subscription._close('networkDisconnected');
@@ -1565,9 +1676,14 @@
         reason: 'networkDisconnected',
         subscription: subscription,
       });
-      const stream = this.streams.get(streamId);
-      if (stream) {
-        this._emit('streamCreated', { stream: stream });
+      if (retrying) {
+        // Announced again after a pause: the page subscribes anew.
+        setTimeout(() => {
+          const stream = this.streams.get(streamId);
+          if (stream && this.state === 'connected') {
+            this._emit('streamCreated', { stream: stream });
+          }
+        }, mediaRetryDelay(restarts + 1));
       }
     }
 
@@ -1807,13 +1923,31 @@
   }
 
   /**
+   * A `mediaFailed` event in plain words for the person at the screen: what failed, whether it is
+   * being tried again, and what to try if it keeps happening.
+   */
+  function mediaFailureText(event) {
+    const seconds = Math.round((event.timeoutMs || MEDIA_CONNECT_TIMEOUT_MS) / 1000);
+    let text = event.kind === 'publish'
+      ? 'Your camera and microphone could not connect to the server'
+      : 'The video from another participant could not connect to you';
+    text += event.reason === 'timeout' ? ' within ' + seconds + ' seconds.' : ': the connection failed.';
+    text += event.retrying
+      ? ' Trying again (attempt ' + (event.attempt + 1) + ' of ' + event.maxAttempts + ')…'
+      : ' Gave up after ' + event.maxAttempts + ' attempts.';
+    return text + ' If this keeps happening, try another network (for example mobile data instead of Wi-Fi) or ' +
+      'a wired connection, or ask your IT department to allow UDP traffic (or TURN on port 443) to this server.';
+  }
+
+  /**
    * Connect and join. Options: `token` (required JWT), `url` (default `ws(s)://<this host>/ws`),
    * `room` (optional check against the token), `requestTimeout` (ms, default 15000; 0 = none),
    * `pingInterval` (ms, default 20000; 0 = no keepalive), `userAgent` (default navigator.userAgent),
    * `iceTransportPolicy` ('all' | 'relay'), `reconnect` (default true: rejoin after an unexpected
    * close), `reconnectTimeout` (ms of retrying before giving up, default 120000),
    * `reconnectDelay` (first backoff, ms, default 500; doubles each try, ±25% jitter) and
-   * `reconnectMaxDelay` (ms, default 10000). Only a joined session reconnects: a refused join
+   * `reconnectMaxDelay` (ms, default 10000), `mediaConnectTimeout` (ms a peer connection has to connect
+   * before it counts as failed, default 15000; 0 = none). Only a joined session reconnects: a refused join
    * (close 4001, or any join error from the server but `internal_error`/`rate_limited`) does not.
    * Resolves with a joined Session; rejects with an OpenConsultError (`.code` e.g. `unauthorized`, `token_expired`).
    */
@@ -2354,6 +2488,9 @@
     connect: connect,
     walkIn: walkIn,
     decodeToken: decodeToken,
+    mediaFailureText: mediaFailureText,
+    MAX_MEDIA_RESTARTS: MAX_MEDIA_RESTARTS,
+    MEDIA_CONNECT_TIMEOUT_MS: MEDIA_CONNECT_TIMEOUT_MS,
     pageParams: pageParams,
     OpenConsultError: OpenConsultError,
     Session: Session,

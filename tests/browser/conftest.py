@@ -1,8 +1,14 @@
-"""Fixtures for the real-Chromium tests: a real server subprocess and headless Chromium pages.
+"""Fixtures for the real-browser tests: a real server subprocess, headless Chromium pages and
+headless Firefox ESR pages.
 
 The server is ``tests/server.py``'s real ``openconsult serve`` subprocess (free loopback
 port, own data dir and config, ready at ``GET /healthz``). The browser fixtures need Debian's ``chromium`` and ``chromium-driver``; without them
 the tests are skipped, or fail when ``CI=true`` so a broken CI image cannot pass silently.
+
+Firefox (Debian ``firefox-esr``; geckodriver is not packaged) is driven over its own
+Marionette protocol with ``marionette_driver``: headless, a fresh profile in a temp dir, a
+free Marionette port, fake camera and microphone without a prompt. Scripts that read page
+globals (``window.demo``) must pass ``sandbox=None``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,18 @@ CHROMIUM_ARGUMENTS = (
     "--disable-background-networking",
     "--disable-dev-shm-usage",
 )
+
+FIREFOX = os.environ.get("OPENCONSULT_FIREFOX", "/usr/bin/firefox-esr")
+
+# The prefs the browser tests run Firefox with: fake devices, no permission prompt, page
+# console on stdout (the gecko log a failing test prints), plain host candidates (no mDNS names).
+FIREFOX_PREFS: dict[str, Any] = {
+    "media.navigator.streams.fake": True,
+    "media.navigator.permission.disabled": True,
+    "media.peerconnection.ice.obfuscate_host_addresses": False,
+    "devtools.console.stdout.content": True,
+}
+
 
 def require_chromium() -> None:
     """Skip when Chromium or chromedriver is missing; fail instead when CI=true."""
@@ -139,3 +157,73 @@ def browser(
             driver.quit()
         finally:
             shutil.rmtree(profile, ignore_errors=True)
+
+
+def require_firefox() -> None:
+    """Skip when Firefox ESR or marionette_driver is missing; fail instead when CI=true."""
+    problem = None
+    if not (os.path.isfile(FIREFOX) and os.access(FIREFOX, os.X_OK)):
+        problem = f"Firefox tests need {FIREFOX} (Debian package 'firefox-esr', or set OPENCONSULT_FIREFOX)"
+    else:
+        try:
+            import marionette_driver  # noqa: F401
+        except ImportError:
+            problem = "Firefox tests need marionette_driver (the test extra: pip install -e '.[test]')"
+    if problem is None:
+        return
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(problem, pytrace=False)
+    pytest.skip(problem)
+
+
+FirefoxFactory = Callable[..., Any]
+
+
+@pytest.fixture
+def firefox(
+    request: pytest.FixtureRequest, server_log_on_failure: ServerHandle
+) -> Iterator[FirefoxFactory]:
+    """A factory of headless Firefox ESR Marionette sessions, each with its own profile and port.
+    ``firefox(loopback=True)``: the server in these tests offers only 127.0.0.1 candidates,
+    which Firefox refuses to pair with unless ``media.peerconnection.ice.loopback`` is set;
+    ``loopback=False`` is Firefox as shipped. All quit at teardown."""
+    require_firefox()
+    from marionette_driver.marionette import Marionette
+
+    from tests.helpers import free_port
+
+    clients: list[tuple[Any, str, str]] = []
+
+    def new_firefox(loopback: bool = True) -> Any:
+        workspace = tempfile.mkdtemp(prefix="openconsult-firefox-")
+        log = os.path.join(workspace, "gecko.log")
+        prefs = {**FIREFOX_PREFS, "media.peerconnection.ice.loopback": loopback}
+        try:
+            client = Marionette(bin=FIREFOX, port=free_port(), headless=True, prefs=prefs,
+                                workspace=workspace, gecko_log=log, startup_timeout=120)
+            clients.append((client, workspace, log))
+            client.start_session()
+        except Exception:
+            if not clients or clients[-1][1] != workspace:
+                shutil.rmtree(workspace, ignore_errors=True)
+            raise
+        client.timeout.script = 30
+        client.timeout.page_load = 60
+        return client
+
+    yield new_firefox
+
+    for index, (client, workspace, log) in enumerate(clients):
+        if _failed(request):
+            try:
+                with open(log, errors="replace") as handle:
+                    tail = handle.read()[-6000:]
+                print(f"\n----- firefox {index} gecko log tail -----\n{tail}")
+            except OSError as exc:
+                print(f"\n(could not read firefox {index} log: {exc})")
+        try:
+            client.cleanup()  # ends the session, quits Firefox, removes its profile
+        except Exception as exc:  # noqa: BLE001 - teardown must not hide the test's outcome
+            print(f"\n(firefox {index} did not quit cleanly: {exc})")
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)

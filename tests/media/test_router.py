@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
 
+import aioice
 import pytest
 from aiortc import RTCSessionDescription
 from aiortc.rtp import RTCP_RTPFB_NACK, RtcpReceiverInfo, RtcpRrPacket, RtcpRtpfbPacket
@@ -18,7 +20,9 @@ from media.events import (
     MediaEvent,
     MediaFlowChanged,
     PacketsDropped,
+    PeerClosedUnconnected,
     PeerFailed,
+    PeerStateChanged,
     PeerTimedOut,
     QualitySample,
 )
@@ -310,3 +314,114 @@ async def test_a_closing_subscription_reports_what_it_sent_since_the_last_sample
     # Packets may still go out between the read above and the close: at least what was read.
     assert all(reported[kind] >= sent[kind] for kind in sent), (reported, sent)
     assert all(reported[kind] <= sent[kind] + 20 for kind in sent), (reported, sent)
+
+
+def _ice_only_offer(sdp: str, username: str, password: str) -> str:
+    """A real publish offer with another ICE agent's credentials and no candidates: the agent
+    answers ICE for it, and nothing ever answers DTLS."""
+    lines = []
+    for line in sdp.splitlines():
+        if line.startswith("a=candidate:") or line == "a=end-of-candidates":
+            continue
+        if line.startswith("a=ice-ufrag:"):
+            line = f"a=ice-ufrag:{username}"
+        elif line.startswith("a=ice-pwd:"):
+            line = f"a=ice-pwd:{password}"
+        lines.append(line)
+    return "\r\n".join(lines) + "\r\n"
+
+
+async def test_ice_completed_is_not_reported_before_dtls_and_a_timeout_names_both_sides_candidates() -> None:
+    # The far end nominates a pair (aioice: ICE "completed") but never speaks DTLS: the server must
+    # not log ICE "completed", and the timeout reports how far it got and what each side offered.
+    events: list[MediaEvent] = []
+    router = Router(observer=events.append, connect_timeout_s=3.0)
+    pub = await publisher_offer()
+    agent = aioice.Connection(ice_controlling=True, components=1)
+    try:
+        await agent.gather_candidates()
+        answer = await router.publish("st1", _ice_only_offer(pub.localDescription.sdp, agent.local_username,
+                                                             agent.local_password))
+        for candidate in agent.local_candidates:
+            await router.add_ice_candidate("st1", {"candidate": "candidate:" + candidate.to_sdp(), "sdpMid": "0"})
+        await router.add_ice_candidate("st1", None)
+        for line in answer.splitlines():
+            if line.startswith("a=ice-ufrag:"):
+                agent.remote_username = line.split(":", 1)[1]
+            elif line.startswith("a=ice-pwd:"):
+                agent.remote_password = line.split(":", 1)[1]
+            elif line.startswith("a=candidate:"):
+                await agent.add_remote_candidate(aioice.Candidate.from_sdp(line[len("a=candidate:"):]))
+        await agent.add_remote_candidate(None)
+        await asyncio.wait_for(agent.connect(), timeout=10)  # ICE is done on both ends
+
+        await wait_until(lambda: any(isinstance(e, PeerTimedOut) for e in events), timeout=10,
+                         message="the publish reaped")
+        timed_out = [e for e in events if isinstance(e, PeerTimedOut)]
+        states = [(e.layer, e.state) for e in events if isinstance(e, PeerStateChanged)]
+        assert ("ice", "completed") not in states and ("connection", "connected") not in states, states
+        [event] = timed_out
+        assert (event.peer_id, event.ice_state, event.timeout_s) == ("st1", "completed", 3.0)
+        server_port = router_answer_port(answer)
+        assert event.local_candidates == ({"type": "host", "protocol": "udp", "address": f"127.0.0.1:{server_port}"},)
+        assert event.remote_candidates == tuple(
+            {"type": c.type, "protocol": "udp", "address": f"{c.host}:{c.port}"} for c in agent.local_candidates)
+    finally:
+        await agent.close()
+        await pub.close()
+        await router.close()
+
+
+def router_answer_port(sdp: str) -> int:
+    ports = {line.split()[5] for line in sdp.splitlines() if line.startswith("a=candidate:")}
+    assert len(ports) == 1, sdp
+    return int(ports.pop())
+
+
+async def test_a_connection_is_logged_ice_then_connected_once_dtls_is_up() -> None:
+    # The held-back ICE state comes out, with its pair, right before the connection's "connected".
+    events: list[MediaEvent] = []
+    router = Router(observer=events.append)
+    pub = await publisher_offer()
+    try:
+        answer = await router.publish("st1", pub.localDescription.sdp)
+        await pub.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        await wait_until(lambda: router.publishes["st1"].connected, timeout=20, message="connected")
+        states = [(e.layer, e.state) for e in events if isinstance(e, PeerStateChanged)]
+        assert states == [("ice", "checking"), ("connection", "connecting"), ("ice", "completed"),
+                          ("connection", "connected")], states
+        pairs = [e.pair for e in events if isinstance(e, PeerStateChanged) and e.state in ("completed", "connected")]
+        assert all(p is not None and p["local_type"] == "host" for p in pairs), pairs
+    finally:
+        await pub.close()
+        await router.close()
+
+
+async def test_a_peer_closed_before_it_connected_reports_what_each_side_offered() -> None:
+    events: list[MediaEvent] = []
+    router = Router(observer=events.append)
+    stuck, live = await publisher_offer(), await publisher_offer()
+    try:
+        answer = await router.publish("stuck", stuck.localDescription.sdp)  # its client never applies it
+        await router.add_ice_candidate("stuck", {"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 9 typ host",
+                                                 "sdpMid": "0"})
+        peer = router.publishes["stuck"]
+        await wait_until(lambda: peer.pc.iceConnectionState == "checking", timeout=10, message="ICE checking")
+        router.report_unconnected("stuck")
+        live_answer = await router.publish("live", live.localDescription.sdp)
+        await live.setRemoteDescription(RTCSessionDescription(sdp=live_answer, type="answer"))
+        await wait_until(lambda: router.publishes["live"].connected, timeout=20, message="connected")
+        router.report_unconnected("live")  # connected: nothing to report
+        router.report_unconnected("nobody")
+        [event] = [e for e in events if isinstance(e, PeerClosedUnconnected)]
+        assert (event.peer_id, event.ice_state) == ("stuck", "checking")
+        assert event.local_candidates == ({"type": "host", "protocol": "udp",
+                                           "address": f"127.0.0.1:{router_answer_port(answer)}"},)
+        # The offer's own candidates (aiortc puts them in its SDP) and the trickled one, each once.
+        assert {"type": "host", "protocol": "udp", "address": "127.0.0.1:9"} in event.remote_candidates
+        assert len(event.remote_candidates) >= 2, event.remote_candidates
+        assert len(set(map(str, event.remote_candidates))) == len(event.remote_candidates)
+    finally:
+        for pc in (stuck, live):
+            await pc.close()
+        await router.close()

@@ -29,6 +29,16 @@ class LogFactory:
         self.path = tmp_path / "events.db"
         self.url = pg.new_database() if pg is not None else ""
         self.opened: list[EventStore] = []
+        self._tmp_path, self._pg = tmp_path, pg
+        self._siblings: list[LogFactory] = []
+
+    def sibling(self) -> LogFactory:
+        """A factory of the same backend on a store of its own, closed with this one."""
+        directory = self._tmp_path / f"sibling{len(self._siblings)}"
+        directory.mkdir()
+        other = LogFactory(self.backend, directory, self._pg)
+        self._siblings.append(other)
+        return other
 
     @property
     def where(self) -> str:
@@ -63,6 +73,8 @@ class LogFactory:
     def close(self) -> None:
         for log in self.opened:
             log.close()
+        for other in self._siblings:
+            other.close()
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,15 +1,20 @@
 """A real ``openconsult serve`` with ``[eventlog] url`` set: a call's entries and quality samples
-land in PostgreSQL (not in a SQLite file in the data dir), and the inspector, the session search
-and the back-office log read them from there."""
+land in PostgreSQL (not in a SQLite file in the data dir), and the inspector (events, quality
+timeline and its roll-ups, summary, diagnosis), the session search and the back-office log read
+them from there."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from metrics.diagnosis import diagnose
+from metrics.eventlog_pg import PgEventLog
+from metrics.summary import summary
 from rooms.model import Role
 from tests.call_helpers import Participant, authority, get_json
 from tests.helpers import wait_until
@@ -25,6 +30,7 @@ async def test_a_call_is_logged_in_postgresql_and_the_inspector_reads_it(tmp_pat
     tokens = authority(server.data_dir)
     room = f"room-{uuid.uuid4().hex[:8]}"
     alice, bob = Participant(server.ws_url, "Alice"), Participant(server.ws_url, "Bob")
+    left = False
     try:
         joined = await alice.join(tokens, room, Role.CLINICIAN)
         await bob.join(tokens, room, Role.PATIENT)
@@ -50,9 +56,34 @@ async def test_a_call_is_logged_in_postgresql_and_the_inspector_reads_it(tmp_pat
         assert session_id in [s["session_id"] for s in found["sessions"]]
         log = get_json(f"{server.url}/api/backoffice/log?q={session_id}", support)["entries"]
         assert log and {e["session_id"] for e in log if e["type"] != "LookUp"} == {session_id}
-    finally:
+
+        # The call ends; the summary and the diagnosis the server reads from the roll-ups in
+        # PostgreSQL come to equal the same rules over the raw entries, and the quality
+        # timeline's roll-ups sum up every sample.
         await alice.close()
         await bob.close()
+        left = True
+        reader = PgEventLog(url, node_id="reader")
+        try:
+            def agrees() -> bool:
+                raw = reader.events_sync(session_id, limit=1_000_000)
+                served_summary = get_json(f"{server.url}/api/sessions/{session_id}/summary", support)
+                served_diagnosis = get_json(f"{server.url}/api/sessions/{session_id}/diagnosis", support)
+                return (served_summary == json.loads(json.dumps(summary(session_id, raw)))
+                        and served_diagnosis == json.loads(json.dumps(diagnose(session_id, raw))))
+
+            await wait_until(agrees, timeout=30, message="summary and diagnosis from the roll-ups in PostgreSQL")
+            rolled = get_json(f"{server.url}/api/sessions/{session_id}/quality?resolution=10", support)
+            assert rolled["resolution"] == 10
+            assert sum(p["samples"] for p in rolled["samples"]) == reader.sample_count_sync(session_id) > 0
+            served_summary = get_json(f"{server.url}/api/sessions/{session_id}/summary", support)
+            assert {p["name"] for p in served_summary["participants"]} >= {"Alice", "Bob"}
+        finally:
+            reader.close()
+    finally:
+        if not left:
+            await alice.close()
+            await bob.close()
         server.stop()
 
     # The entries are in PostgreSQL, written by this node, and no SQLite event log was made.

@@ -11,7 +11,9 @@ from media.events import (
     DatagramsDropped,
     KeyframeRequested,
     MediaFlowChanged,
+    PeerClosedUnconnected,
     PeerStateChanged,
+    PeerTimedOut,
     QualitySample,
 )
 from metrics.eventlog import EventLog
@@ -77,5 +79,51 @@ def test_media_events_become_entries_samples_and_counts(tmp_path: Path) -> None:
         assert value("openconsult_media_datagrams_dropped_total", reason="empty") == dropped + 3
         assert value("openconsult_rtp_packets_forwarded_total", kind="video") == forwarded + 140
         assert value("openconsult_keyframes_requested_total") == keyframes + 1
+    finally:
+        log.close()
+
+
+SERVER = ({"type": "host", "protocol": "udp", "address": "127.0.0.1:40000"},)
+CLIENT = tuple({"type": t, "protocol": "udp", "address": f"192.0.2.2:{5000 + i}"}
+               for i, t in enumerate(["host"] * 7 + ["srflx"]))
+
+
+def test_a_peer_not_up_in_time_is_a_failure_with_both_sides_candidates(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "e.db")
+    recorder = Recorder(log)
+    publish, subscription = PeerOwner("s_1", "c_1", "st_1", True), PeerOwner("s_1", "c_2", "st_1", False)
+    try:
+        # ICE never found a pair: an ICE failure. ICE found one but DTLS never came: a DTLS failure.
+        recorder.media_event(PeerTimedOut("st_1", "st_1", 15.0, "checking", SERVER, CLIENT), publish)
+        recorder.media_event(PeerTimedOut("sub_1", "st_1", 15.0, "completed", SERVER, ()), subscription)
+        recorder.media_event(PeerStateChanged("st_2", "st_2", "ice", "failed", None, SERVER, CLIENT[:1]), publish)
+        recorder.media_event(PeerTimedOut("st_9", "st_9", 15.0, "checking", SERVER, CLIENT), None)  # nobody's
+        # Closed by its client before it was up (the client gave up on its own deadline).
+        recorder.media_event(PeerClosedUnconnected("st_3", "st_3", 15.2, "checking", SERVER, CLIENT[:1]), publish)
+        assert log.flush_sync(10)
+        entries = log.events_sync("s_1")
+        assert [(e["kind"], e["connection_id"], e["text"]) for e in entries] == [
+            ("iceStateChanged", "c_1",
+             "Publisher ice state: failed (not connected within 15 s: no candidate pair worked). Server offered "
+             "host udp 127.0.0.1:40000; client offered host udp 192.0.2.2:5000, host udp 192.0.2.2:5001, host udp "
+             "192.0.2.2:5002, host udp 192.0.2.2:5003, host udp 192.0.2.2:5004, host udp 192.0.2.2:5005 and 2 more"),
+            ("dtlsStateChanged", "c_2",
+             "Subscriber dtls state: failed (not connected within 15 s: ICE found a candidate pair but DTLS never "
+             "connected over it). Server offered host udp 127.0.0.1:40000; client offered none"),
+            ("iceStateChanged", "c_1",
+             "Publisher ice state: failed. Server offered host udp 127.0.0.1:40000; client offered host udp "
+             "192.0.2.2:5000"),
+            ("iceStateChanged", "c_1",
+             "Publisher ice state: closed before connecting (15.2 s after it was set up; ICE checking). Server "
+             "offered host udp 127.0.0.1:40000; client offered host udp 192.0.2.2:5000"),
+        ]
+        closed = entries[3]["payload"]
+        assert (closed["state"], closed["reason"], closed["after_s"]) == ("closed", "closed_before_connected", 15.2)
+        assert closed["remote_candidates"] == list(CLIENT[:1])
+        first = entries[0]["payload"]
+        assert (first["state"], first["reason"], first["timeout_s"], first["ice_state"]) == (
+            "failed", "timeout", 15.0, "checking")
+        assert first["local_candidates"] == list(SERVER) and first["remote_candidates"] == list(CLIENT)
+        assert entries[1]["payload"]["layer"] == "dtls" and entries[1]["payload"]["remote_candidates"] == []
     finally:
         log.close()
