@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything the tests need and run the whole suite: Python deps in
 # .venv, and from Debian packages redis-server, chromium, chromium-driver, firefox-esr,
-# coturn (a real TURN server) and prometheus (for promtool, which checks the shipped
-# alert rules and dashboard queries) when missing. Extra arguments go to pytest. `.ci/run` calls exactly this.
+# coturn (a real TURN server), prometheus (for promtool, which checks the shipped
+# alert rules and dashboard queries) and postgresql (the tests start their own server from a
+# temporary data dir for the event log's PostgreSQL backend) when missing. Extra arguments go to pytest. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,7 @@ command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 [ -x /usr/bin/firefox-esr ] || missing+=(firefox-esr)
 command -v turnserver >/dev/null 2>&1 || missing+=(coturn)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "Installing Debian packages: ${missing[*]}"
   SUDO=""

@@ -297,7 +297,7 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
-def search(events_db: Path, audit_db: Path, query: LogQuery) -> list[dict[str, Any]]:
+def search(events_db: Path | None, audit_db: Path, query: LogQuery) -> list[dict[str, Any]]:
     """The back-office log: entries of ``query.types`` in ``[since_ms, until_ms)``, newest first
     (ties: event log before audit, newer insertion first), ``limit`` from ``offset``.
 
@@ -352,7 +352,9 @@ def search(events_db: Path, audit_db: Path, query: LogQuery) -> list[dict[str, A
     sql = (f"SELECT * FROM ({' UNION ALL '.join(parts)})"
            " ORDER BY time_ms DESC, src, seq DESC LIMIT ? OFFSET ?")
     params.extend([query.limit, query.offset])
-    conn = sqlite3.connect(f"{events_db.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0)
+    # events_db None: the event log is elsewhere (PostgreSQL) and only audit entries are asked for.
+    conn = sqlite3.connect(f"{events_db.resolve().as_uri()}?mode=ro" if events_db else ":memory:", uri=True,
+                           timeout=30.0)
     conn.row_factory = sqlite3.Row
     try:
         conn.execute("ATTACH DATABASE ? AS audit", (f"{audit_db.resolve().as_uri()}?mode=ro",))

@@ -31,11 +31,18 @@ roll-up tables (metrics.rollup: buckets per track of 10 s and 60 s, track totals
 quality per second, the samples findings name, freeze counters), in the same transaction, so
 the summary, the diagnosis and the charts read a few thousand rows instead of every sample
 (:meth:`EventLog.analysis`, :meth:`EventLog.quality_points_sync`). Retention deletes them with the
-samples.
+samples. The folding is :class:`EventStore`'s (both backends); a backend writes what was folded
+and reads it back.
 
 Queries open their own read connection and run in a worker thread (``asyncio.to_thread``)
 from the async API, or directly from the ``*_sync`` twins. They see committed entries only:
 flush first if you need to read your own writes.
+
+:class:`EventStore` is the contract and the writer machinery (queue, batches, group commit,
+isolation of a bad entry); a backend supplies the connection, the batch insert, the queries and
+retention. :class:`EventLog` stores in SQLite (the embedded default);
+:class:`metrics.eventlog_pg.PgEventLog` in PostgreSQL (``[eventlog] url``), for nodes on several
+hosts. The app picks one from the config; both pass the same contract tests.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import queue
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,27 +180,40 @@ _SUMS: Final = frozenset({"n", "n_media", "packets", "packets_lost", "bitrate_su
                           "level2", "level3", "level4"})
 
 
-def _merged(column: str, last: str) -> str:
+def _merged(column: str, last: str, pg: bool = False) -> str:
     """How a stored row and a newer partial one of the same key merge: sums add, minima and
     maxima combine, the first sample's figures stay, the last sample's (``last`` orders them) win.
-    Every expression reads the stored row as it was before the update (SQL's SET semantics)."""
+    Every expression reads the stored row as it was before the update (SQL's SET semantics).
+    ``pg``: PostgreSQL's spelling (the stored row is ``cur``; LEAST and GREATEST)."""
+    cur, lo, hi = ("cur.", "LEAST", "GREATEST") if pg else ("", "MIN", "MAX")
+    stored = f"{cur}{column}"
     if column in _SUMS:
-        return f"{column} + excluded.{column}"
+        return f"{stored} + excluded.{column}"
     if column in ("bitrate_min", "q_min", "first_media_ms"):
-        return f"COALESCE(MIN({column}, excluded.{column}), {column}, excluded.{column})"
+        return f"COALESCE({lo}({stored}, excluded.{column}), {stored}, excluded.{column})"
     if column in ("bitrate_max", "loss_max", "jitter_max", "rtt_max"):
-        return f"COALESCE(MAX({column}, excluded.{column}), {column}, excluded.{column})"
+        return f"COALESCE({hi}({stored}, excluded.{column}), {stored}, excluded.{column})"
     if column in ("first_ms", "first_seq", "connection_id", "peer_id", "stream_id"):
-        return f"CASE WHEN excluded.first_seq < first_seq THEN excluded.{column} ELSE {column} END"
+        return f"CASE WHEN excluded.first_seq < {cur}first_seq THEN excluded.{column} ELSE {stored} END"
     if column in ("width", "height"):
-        return f"COALESCE(CASE WHEN excluded.{last} >= {last} THEN excluded.{column} END, {column})"
-    return f"CASE WHEN excluded.{last} >= {last} THEN excluded.{column} ELSE {column} END"
+        return f"COALESCE(CASE WHEN excluded.{last} >= {cur}{last} THEN excluded.{column} END, {stored})"
+    return f"CASE WHEN excluded.{last} >= {cur}{last} THEN excluded.{column} ELSE {stored} END"
 
 
-def _upsert(table: str, key: tuple[str, ...], values: tuple[str, ...], last: str) -> str:
+def _upsert(table: str, key: tuple[str, ...], values: tuple[str, ...], last: str, pg: bool = False) -> str:
     columns = key + values
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET " + ", ".join(f"{c} = {_merged(c, last)}" for c in values))
+    mark = "%s" if pg else "?"
+    return (f"INSERT INTO {table}{' AS cur' if pg else ''} ({', '.join(columns)})"
+            f" VALUES ({', '.join([mark] * len(columns))})"
+            f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+            + ", ".join(f"{c} = {_merged(c, last, pg)}" for c in values))
+
+
+def _replace(table: str, key: tuple[str, ...], columns: tuple[str, ...]) -> str:
+    """PostgreSQL's INSERT OR REPLACE: the new row wins whole."""
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
+            f" ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+            + ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key))
 
 
 _UPSERT_BUCKET: Final = _upsert("rollups", _BUCKET_KEY, _BUCKET_VALUES, "last_seq")
@@ -212,6 +233,16 @@ _UPSERT_FREEZE: Final = (f"INSERT OR REPLACE INTO freeze_tracks ({', '.join(_FRE
 #: Kinds the roll-ups stand for (the partial index events_notes leaves them out).
 _SAMPLE_KINDS_SQL: Final = "kind NOT IN ('qualitySample', 'clientStats')"
 _ROLLED_KINDS: Final = frozenset({"qualitySample", "clientStats"})
+#: Retention of the roll-ups (one parameter: the cut-off): a bucket, track, tally or freeze
+#: track goes when its last sample is older, a quality second when it ends by the cut-off.
+_ROLLUP_RETENTION: Final = (
+    "DELETE FROM rollups WHERE last_ms < ?",
+    "DELETE FROM rollup_tracks WHERE last_ms < ?",
+    f"DELETE FROM quality_rollups WHERE bucket_ms <= ? - {rollup.QUALITY_MS}",
+    "DELETE FROM sample_marks WHERE time_ms < ?",
+    "DELETE FROM freeze_tracks WHERE last_ms < ?",
+    "DELETE FROM bad_tallies WHERE last_ms < ?",
+)
 _ROLLUP_TABLES: Final = ("rollups", "rollup_tracks", "quality_rollups", "sample_marks", "freeze_tracks", "bad_tallies")
 
 
@@ -327,21 +358,37 @@ class Analysis:
     span: tuple[int | None, int | None]  # first and last entry time of any kind
 
 
-def _point_columns(grouped: bool) -> str:
+def _point_columns(grouped: bool, pg: bool = False) -> str:
     """The SQL of a chart point's figures (:data:`_POINT_KEYS` from ``time_ms`` on): one stored
     bucket's, or (``grouped``) those of the buckets of a coarser window. Means are computed in
-    SQLite: no per-point work in Python."""
+    the database: no per-point work in Python. ``pg``: PostgreSQL's spelling (typed results:
+    integer sums, float means; the window's two parameters only)."""
     def agg(fn: str, column: str) -> str:
         return f"{fn}({column})" if grouped else column
 
+    def total(column: str) -> str:
+        return f"{agg('SUM', column)}::bigint" if pg and grouped else agg("SUM", column)
+
+    def whole(column: str) -> str:
+        return f"TRUNC({agg('SUM', column)})::bigint" if pg else f"CAST({agg('SUM', column)} AS INTEGER)"
+
     def mean(column: str, count: str, digits: int) -> str:
+        if pg:
+            return (f"CASE WHEN {agg('SUM', count)} > 0 THEN ROUND(({agg('SUM', column)} * 1.0 / {agg('SUM', count)})"
+                    f"::numeric, {digits})::float8 END")
         return (f"CASE WHEN {agg('SUM', count)} > 0 THEN ROUND({agg('SUM', column)} * 1.0 / {agg('SUM', count)},"
                 f" {digits}) END")
 
-    t = "(bucket_ms / ?) * ?" if grouped else "bucket_ms + 0 * ? * ?"  # two parameters either way
+    mark = "%s" if pg else "?"
+    if pg:
+        t = f"(bucket_ms / {mark}) * {mark}" if grouped else "bucket_ms"
+        interval = "%s::float8 / 1000.0"
+    else:
+        t = "(bucket_ms / ?) * ?" if grouped else "bucket_ms + 0 * ? * ?"  # two parameters either way
+        interval = "? / 1000.0"
     return ", ".join([
-        t, "? / 1000.0", agg("SUM", "n"), agg("SUM", "n_media"), f"CAST({agg('SUM', 'packets')} AS INTEGER)",
-        f"CAST({agg('SUM', 'packets_lost')} AS INTEGER)", mean("bitrate_sum", "n", 1), agg("MIN", "bitrate_min"),
+        t, interval, total("n"), total("n_media"), whole("packets"), whole("packets_lost"),
+        mean("bitrate_sum", "n", 1), agg("MIN", "bitrate_min"),
         agg("MAX", "bitrate_max"), mean("loss_sum", "n", 2), agg("MAX", "loss_max"), mean("jitter_sum", "jitter_n", 2),
         agg("MAX", "jitter_max"), mean("rtt_sum", "rtt_n", 1), agg("MAX", "rtt_max"), mean("fps_sum", "fps_n", 1),
         agg("MAX", "width"), agg("MAX", "height"), agg("MIN", "q_min"),
@@ -384,22 +431,24 @@ class _RateLimited:
             return True
 
 
-class EventLog:
-    """Append-only, durable event log in one SQLite file (WAL mode).
+class EventStore(ABC):
+    """The event log contract and its writer machinery, whatever stores the entries.
 
-    :param path: the database file; created with its table on first use, reopened as is after.
+    :param where: names the store in log lines and the writer thread's name.
     :param max_queue: entries held in memory before :meth:`append` starts dropping.
     :param batch_max: most entries committed in one transaction.
     :param batch_interval_s: longest an entry waits in memory for its batch to fill (when
         nobody waits for it in :meth:`committed`).
     :param before_write: test hook called in the writer thread with each batch before it is
-        written, and again with each half of a batch SQLite refused; an exception it raises
-        counts as SQLite refusing those entries (lets tests simulate a slow or failing disk).
+        written, and again with each half of a batch the store refused; an exception it raises
+        counts as the store refusing those entries (lets tests simulate a slow or failing disk).
+
+    A backend creates its schema, then calls :meth:`_start_writer`.
     """
 
     def __init__(
         self,
-        path: str | Path,
+        where: str,
         *,
         max_queue: int = DEFAULT_MAX_QUEUE,
         batch_max: int = DEFAULT_BATCH_MAX,
@@ -408,7 +457,7 @@ class EventLog:
     ) -> None:
         if max_queue < 1 or batch_max < 1 or batch_interval_s < 0:
             raise ValueError("max_queue and batch_max must be >= 1, batch_interval_s >= 0")
-        self.path = Path(path)
+        self._where = where
         self._batch_max = batch_max
         self._batch_interval_s = batch_interval_s
         self._before_write = before_write
@@ -431,19 +480,137 @@ class EventLog:
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []  # heap, on self._loop only
         self._waiter_ids = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-
-        # Create the schema here, synchronously, so a bad path fails the constructor.
+        self._writer = threading.Thread(target=self._run_writer, name=f"eventlog-writer:{where}", daemon=True)
         self._roller = rollup.Roller(count=self._stored_count, upstream=self._stored_upstream,
                                      freeze=self._stored_freeze, tally=self._stored_tally)
-        conn = self._connect()
-        self._roller_conn = conn  # the loaders read through the connection of whoever folds
-        try:
-            conn.executescript(_SCHEMA)
-            self._backfill(conn)
-        finally:
-            conn.close()
-        self._writer = threading.Thread(target=self._run_writer, name=f"eventlog-writer:{self.path.name}", daemon=True)
+        self._roller_conn: Any = None  # the loaders read through the connection of whoever folds
+
+    def _start_writer(self) -> None:
         self._writer.start()
+
+    # --- what a backend supplies -----------------------------------------------------------
+
+    @abstractmethod
+    def _open_writer(self) -> Any:
+        """The writer thread's connection (opened in the writer thread)."""
+
+    @abstractmethod
+    def _close_writer(self, conn: Any) -> None:
+        """Release the writer thread's connection."""
+
+    @abstractmethod
+    def _insert(self, conn: Any, rows: list[tuple[Any, ...]], entries: list[LogEntry]) -> None:
+        """Commit ``rows`` (from :meth:`_row`, of the safe ``entries``) in one transaction with
+        their roll-ups (:meth:`_roll_up`), or raise, commit none and :meth:`Roller.forget`."""
+
+    def _row(self, entry: LogEntry) -> tuple[Any, ...]:
+        """The stored row of ``entry``, made safe (see :func:`_row`)."""
+        return _row(entry)
+
+    # --- roll-ups (folded in the writer thread, in the transaction of the entries) ----------
+
+    def _roll_up(self, conn: Any, entries: Iterable[LogEntry], seqs: Iterable[int]) -> None:
+        """Fold the samples of ``entries`` (stored with ``seqs``) into the roll-ups and write
+        what changed through ``conn``, inside the transaction that writes the entries."""
+        roller = self._roller
+        self._roller_conn = conn
+        for seq, e in zip(seqs, entries, strict=True):
+            if e.kind in _ROLLED_KINDS:
+                roller.add(e.session_id, seq, e.time_ms, e.connection_id or "", e.kind, e.payload)
+        self._write_drained(conn, roller.drain())
+
+    @abstractmethod
+    def _write_drained(self, conn: Any, drained: rollup.Drained) -> None:
+        """Upsert what the roller folded (inside the open transaction)."""
+
+    @abstractmethod
+    def _fetch_one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """One row of ``query`` (SQLite placeholders) through the folding connection."""
+
+    # Loaders of the roll-up state the writer's roller evicted (or never saw: a reopened store).
+
+    def _stored_count(self, session_id: str, key: rollup.TrackKey) -> int:
+        row = self._fetch_one(
+            "SELECT n FROM rollup_tracks WHERE session_id = ? AND track = ? AND direction = ? AND kind = ?",
+            (session_id, *key))
+        return 0 if row is None else int(row[0])
+
+    def _stored_upstream(self, session_id: str, stream_id: str, kind: str) -> tuple[float, float] | None:
+        row = self._fetch_one(
+            "SELECT last_loss, last_jitter FROM rollup_tracks WHERE session_id = ? AND track = ? AND direction = 'in'"
+            " AND kind = ?", (session_id, stream_id, kind))
+        return None if row is None else (float(row[0]), float(row[1]))
+
+    def _stored_freeze(self, session_id: str, connection_id: str, stream_id: str) -> rollup.FreezeTrack | None:
+        row = self._fetch_one(
+            f"SELECT {', '.join(_FREEZE_COLUMNS[1:])} FROM freeze_tracks WHERE session_id = ?"
+            " AND connection_id = ? AND stream_id = ?", (session_id, connection_id, stream_id))
+        return None if row is None else _freeze_of(tuple(row))
+
+    def _stored_tally(self, session_id: str, track: str, direction: str, kind: str,
+                      bad_type: str) -> rollup.Tally | None:
+        row = self._fetch_one(
+            "SELECT count, first_ms, first_seq, last_ms, last_seq, bins FROM bad_tallies WHERE session_id = ?"
+            " AND track = ? AND direction = ? AND kind = ? AND type = ?",
+            (session_id, track, direction, kind, bad_type))
+        return None if row is None else _tally_of(*row)
+
+    # --- roll-up queries -------------------------------------------------------------------
+
+    @abstractmethod
+    def analysis_sync(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
+        """What the summary and the diagnosis read, in one snapshot (see :meth:`EventLog.analysis_sync`)."""
+
+    async def analysis(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
+        """:meth:`analysis_sync` in a worker thread."""
+        return await asyncio.to_thread(lambda: self.analysis_sync(session_id, limit, marks=marks))
+
+    @abstractmethod
+    def sample_count_sync(self, session_id: str) -> int:
+        """How many quality samples the session has (from its roll-ups)."""
+
+    @abstractmethod
+    def quality_points_sync(self, session_id: str, resolution_ms: int, since_ms: int | None = None,
+                            max_points: int | None = None) -> tuple[int, list[dict[str, Any]]]:
+        """The quality timeline from its roll-ups (see :meth:`EventLog.quality_points_sync`)."""
+
+    @abstractmethod
+    def events_sync(
+        self,
+        session_id: str,
+        kinds: Iterable[str] | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        limit: int = DEFAULT_QUERY_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """Committed entries of one session, oldest first (by time, then write order).
+
+        ``kinds`` keeps only those kinds; ``since_ms`` is inclusive, ``until_ms`` exclusive.
+        Each dict has the :class:`LogEntry` fields, ``payload`` decoded, plus ``seq``.
+        """
+
+    @abstractmethod
+    def sessions_sync(
+        self,
+        since_ms: int,
+        until_ms: int,
+        text: str | None = None,
+        limit: int = 1_000,
+        *,
+        room: str | None = None,
+        name: str | None = None,
+        session_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Back-office search: sessions with entries in ``[since_ms, until_ms)``, newest first
+        (see :meth:`EventLog.sessions_sync` for the filters)."""
+
+    @abstractmethod
+    def delete_before_sync(self, before_ms: int) -> int:
+        """Retention: delete every entry older than ``before_ms``; returns how many."""
+
+    @abstractmethod
+    def anonymise_before_sync(self, before_ms: int, chunk: int = 1_000) -> int:
+        """Retention: anonymise every entry older than ``before_ms``; returns how many changed."""
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -585,21 +752,13 @@ class EventLog:
             self.dropped += count
         # Rate-limited: a writer that is behind would otherwise add a log line per entry.
         if self._drop_warning.due():
-            logger.warning("Dropping event-log entries for %s: %s (%d dropped so far)", self.path, reason.value,
+            logger.warning("Dropping event-log entries for %s: %s (%d dropped so far)", self._where, reason.value,
                            self.dropped)
 
     # --- the writer thread -----------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash or power
-        # loss can lose the last transactions.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
-
     def _run_writer(self) -> None:
-        conn = self._connect()
+        conn = self._open_writer()
         try:
             while True:
                 batch, markers, closing = self._next_batch()
@@ -612,7 +771,7 @@ class EventLog:
                 if closing:
                     return
         finally:
-            conn.close()
+            self._close_writer(conn)
             # An append that raced close() may have queued an entry behind the close marker.
             left = 0
             while True:
@@ -668,8 +827,8 @@ class EventLog:
             except queue.Empty:
                 return batch, markers, False
 
-    def _write(self, conn: sqlite3.Connection, batch: list[LogEntry]) -> None:
-        """Commit ``batch``; if SQLite refuses it, retry each half until only the entries that
+    def _write(self, conn: Any, batch: list[LogEntry]) -> None:
+        """Commit ``batch``; if the store refuses it, retry each half until only the entries that
         fail on their own are left, and drop and count just those."""
         rows: list[tuple[Any, ...]] = []
         entries: list[LogEntry] = []
@@ -677,7 +836,7 @@ class EventLog:
         for entry in batch:
             try:
                 safe = entry.made_safe()
-                rows.append(_row(safe))
+                rows.append(self._row(safe))
                 entries.append(entry)
                 safe_entries.append(safe)
             except Exception as exc:  # made_safe() never raises; this is the last line of defence
@@ -699,7 +858,93 @@ class EventLog:
             self.written += end - start
             prometheus.EVENTLOG_ENTRIES_WRITTEN.inc(end - start)
 
-    def _insert(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], entries: list[LogEntry]) -> None:
+    def _refused(self, count: int, exc: Exception) -> None:
+        # The writer must outlive a bad entry (and a bad disk): count, warn now and then, go on.
+        if self._failure_warning.due():
+            logger.warning("Event-log writer could not write an entry to %s: %r", self._where, exc)
+        self._drop(count, EventLogDropReason.WRITE_FAILED)
+
+    # --- queries (async) -------------------------------------------------------------------
+
+    async def events(
+        self,
+        session_id: str,
+        kinds: Iterable[str] | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        limit: int = DEFAULT_QUERY_LIMIT,
+    ) -> list[dict[str, Any]]:
+        """:meth:`events_sync` in a worker thread."""
+        kind_list = None if kinds is None else list(kinds)
+        return await asyncio.to_thread(self.events_sync, session_id, kind_list, since_ms, until_ms, limit)
+
+    async def sessions(
+        self,
+        since_ms: int,
+        until_ms: int,
+        text: str | None = None,
+        limit: int = 1_000,
+        *,
+        room: str | None = None,
+        name: str | None = None,
+        session_id: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """:meth:`sessions_sync` in a worker thread."""
+        return await asyncio.to_thread(lambda: self.sessions_sync(since_ms, until_ms, text, limit, room=room,
+                                                                  name=name, session_id=session_id))
+
+    # --- retention -------------------------------------------------------------------------
+
+    async def delete_before(self, before_ms: int) -> int:
+        return await asyncio.to_thread(self.delete_before_sync, before_ms)
+
+    async def anonymise_before(self, before_ms: int) -> int:
+        return await asyncio.to_thread(self.anonymise_before_sync, before_ms)
+
+
+class EventLog(EventStore):
+    """Append-only, durable event log in one SQLite file (WAL mode).
+
+    :param path: the database file; created with its table on first use, reopened as is after.
+    The other parameters are :class:`EventStore`'s.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        batch_max: int = DEFAULT_BATCH_MAX,
+        batch_interval_s: float = DEFAULT_BATCH_INTERVAL_S,
+        before_write: Callable[[Sequence[LogEntry]], object] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        super().__init__(str(self.path), max_queue=max_queue, batch_max=batch_max,
+                         batch_interval_s=batch_interval_s, before_write=before_write)
+        # Create the schema here, synchronously, so a bad path fails the constructor.
+        conn = self._connect()
+        try:
+            conn.executescript(_SCHEMA)
+            self._backfill(conn)
+        finally:
+            conn.close()
+        self._start_writer()
+
+    def _open_writer(self) -> sqlite3.Connection:
+        return self._connect()
+
+    def _close_writer(self, conn: Any) -> None:
+        conn.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash or power
+        # loss can lose the last transactions.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _insert(self, conn: Any, rows: list[tuple[Any, ...]], entries: list[LogEntry]) -> None:
         """Insert ``rows`` (of ``entries``) and fold their samples into the roll-ups, in one
         transaction: the roll-ups always sum up exactly the committed samples."""
         conn.execute("BEGIN")
@@ -708,7 +953,7 @@ class EventLog:
             if any(e.kind in _ROLLED_KINDS for e in entries):
                 # One writer, one transaction: the rows got consecutive seqs ending at the last one.
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-                self._roll_up(conn, entries, last - len(entries) + 1)
+                self._roll_up(conn, entries, range(last - len(entries) + 1, last + 1))
             conn.execute("COMMIT")
         except BaseException:
             self._roller.forget()  # its state may hold what was just rolled back
@@ -716,42 +961,12 @@ class EventLog:
                 conn.execute("ROLLBACK")
             raise
 
-    def _roll_up(self, conn: sqlite3.Connection, entries: Iterable[LogEntry], first_seq: int) -> None:
-        """Fold the samples of ``entries`` (the first with seq ``first_seq``) and write what changed."""
-        roller = self._roller
-        self._roller_conn = conn
-        for seq, e in enumerate(entries, first_seq):
-            if e.kind in _ROLLED_KINDS:
-                roller.add(e.session_id, seq, e.time_ms, e.connection_id or "", e.kind, e.payload)
-        _write_drained(conn, roller.drain())
+    def _write_drained(self, conn: Any, drained: rollup.Drained) -> None:
+        _write_drained(conn, drained)
 
-    # Loaders of the roll-up state the writer's roller evicted (or never saw: a reopened file).
-
-    def _stored_count(self, session_id: str, key: rollup.TrackKey) -> int:
-        row = self._roller_conn.execute(
-            "SELECT n FROM rollup_tracks WHERE session_id = ? AND track = ? AND direction = ? AND kind = ?",
-            (session_id, *key)).fetchone()
-        return 0 if row is None else int(row[0])
-
-    def _stored_upstream(self, session_id: str, stream_id: str, kind: str) -> tuple[float, float] | None:
-        row = self._roller_conn.execute(
-            "SELECT last_loss, last_jitter FROM rollup_tracks WHERE session_id = ? AND track = ? AND direction = 'in'"
-            " AND kind = ?", (session_id, stream_id, kind)).fetchone()
-        return None if row is None else (float(row[0]), float(row[1]))
-
-    def _stored_freeze(self, session_id: str, connection_id: str, stream_id: str) -> rollup.FreezeTrack | None:
-        row = self._roller_conn.execute(
-            f"SELECT {', '.join(_FREEZE_COLUMNS[1:])} FROM freeze_tracks WHERE session_id = ?"
-            " AND connection_id = ? AND stream_id = ?", (session_id, connection_id, stream_id)).fetchone()
-        return None if row is None else _freeze_of(tuple(row))
-
-    def _stored_tally(self, session_id: str, track: str, direction: str, kind: str,
-                      bad_type: str) -> rollup.Tally | None:
-        row = self._roller_conn.execute(
-            "SELECT count, first_ms, first_seq, last_ms, last_seq, bins FROM bad_tallies WHERE session_id = ?"
-            " AND track = ? AND direction = ? AND kind = ? AND type = ?",
-            (session_id, track, direction, kind, bad_type)).fetchone()
-        return None if row is None else _tally_of(*row)
+    def _fetch_one(self, query: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        row = self._roller_conn.execute(query, params).fetchone()
+        return None if row is None else tuple(row)
 
     def _backfill(self, conn: sqlite3.Connection, chunk: int = 5_000) -> None:
         """Build the roll-ups of a file written before they existed (once: PRAGMA user_version)."""
@@ -785,12 +1000,6 @@ class EventLog:
                 conn.execute("ROLLBACK")
             raise
         roller.forget()
-
-    def _refused(self, count: int, exc: Exception) -> None:
-        # The writer must outlive a bad entry (and a bad disk): count, warn now and then, go on.
-        if self._failure_warning.due():
-            logger.warning("Event-log writer could not write an entry to %s: %r", self.path, exc)
-        self._drop(count, EventLogDropReason.WRITE_FAILED)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -835,18 +1044,6 @@ class EventLog:
             conn.close()
         return [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
 
-    async def events(
-        self,
-        session_id: str,
-        kinds: Iterable[str] | None = None,
-        since_ms: int | None = None,
-        until_ms: int | None = None,
-        limit: int = DEFAULT_QUERY_LIMIT,
-    ) -> list[dict[str, Any]]:
-        """:meth:`events_sync` in a worker thread."""
-        kind_list = None if kinds is None else list(kinds)
-        return await asyncio.to_thread(self.events_sync, session_id, kind_list, since_ms, until_ms, limit)
-
     def analysis_sync(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
         """What the summary and the diagnosis read, in one snapshot: the session's entries but its
         samples (at most ``limit``, oldest first), its roll-ups and the times of its first and
@@ -888,10 +1085,6 @@ class EventLog:
             conn.close()
         span = (None if first is None else first[0], None if last is None else last[0])
         return Analysis(entries, rollup.SessionRollup(tracks, quality, mark_list, freezes, tallies), span)
-
-    async def analysis(self, session_id: str, limit: int = DEFAULT_ANALYSIS_LIMIT, *, marks: bool = True) -> Analysis:
-        """:meth:`analysis_sync` in a worker thread."""
-        return await asyncio.to_thread(lambda: self.analysis_sync(session_id, limit, marks=marks))
 
     def sample_count_sync(self, session_id: str) -> int:
         """How many quality samples the session has (from its roll-ups)."""
@@ -996,21 +1189,6 @@ class EventLog:
             conn.close()
         return [dict(row) for row in rows]
 
-    async def sessions(
-        self,
-        since_ms: int,
-        until_ms: int,
-        text: str | None = None,
-        limit: int = 1_000,
-        *,
-        room: str | None = None,
-        name: str | None = None,
-        session_id: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """:meth:`sessions_sync` in a worker thread."""
-        return await asyncio.to_thread(lambda: self.sessions_sync(since_ms, until_ms, text, limit, room=room,
-                                                                  name=name, session_id=session_id))
-
     # --- retention -------------------------------------------------------------------------
 
     def _write_connection(self) -> sqlite3.Connection:
@@ -1027,12 +1205,8 @@ class EventLog:
             conn.execute("BEGIN IMMEDIATE")
             deleted = conn.execute("DELETE FROM events WHERE time_ms < ?", (before_ms,)).rowcount
             # Their roll-ups go with them: a bucket or freeze track whose last sample is older.
-            conn.execute("DELETE FROM rollups WHERE last_ms < ?", (before_ms,))
-            conn.execute("DELETE FROM rollup_tracks WHERE last_ms < ?", (before_ms,))
-            conn.execute("DELETE FROM quality_rollups WHERE bucket_ms <= ?", (before_ms - rollup.QUALITY_MS,))
-            conn.execute("DELETE FROM sample_marks WHERE time_ms < ?", (before_ms,))
-            conn.execute("DELETE FROM freeze_tracks WHERE last_ms < ?", (before_ms,))
-            conn.execute("DELETE FROM bad_tallies WHERE last_ms < ?", (before_ms,))
+            for statement in _ROLLUP_RETENTION:
+                conn.execute(statement, (before_ms,))
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -1070,12 +1244,6 @@ class EventLog:
                 last = rows[-1]["seq"]
         finally:
             conn.close()
-
-    async def delete_before(self, before_ms: int) -> int:
-        return await asyncio.to_thread(self.delete_before_sync, before_ms)
-
-    async def anonymise_before(self, before_ms: int) -> int:
-        return await asyncio.to_thread(self.anonymise_before_sync, before_ms)
 
 
 #: Payload keys that hold personal data: names, patient and staff references, IP addresses, user

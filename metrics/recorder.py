@@ -30,7 +30,7 @@ from media.events import (
     QualitySample,
 )
 from metrics import prometheus as prom
-from metrics.eventlog import EventLog
+from metrics.eventlog import EventStore
 from metrics.events import EventKind, LogEntry, token_rejected
 
 
@@ -57,7 +57,7 @@ class PeerOwner:
 class Recorder:
     """Typed recording methods over one event log and the process's Prometheus metrics."""
 
-    def __init__(self, eventlog: EventLog) -> None:
+    def __init__(self, eventlog: EventStore) -> None:
         self.eventlog = eventlog
 
     # --- event log --------------------------------------------------------------------------

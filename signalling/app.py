@@ -20,7 +20,7 @@ from media.router import Router
 from media.udpmux import UdpMux
 from metrics import prometheus as prom
 from metrics.audit import AuditLog
-from metrics.eventlog import EventLog
+from metrics.eventlog import EventLog, EventStore
 from metrics.recorder import Recorder
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
@@ -132,7 +132,21 @@ async def committed_replies(request: web.Request, handler: Handler) -> web.Strea
 
 
 async def _eventlog_ctx(app: web.Application) -> AsyncIterator[None]:
-    eventlog = EventLog(app[CONFIG_KEY].data_path / "events.sqlite3")
+    """The event log: PostgreSQL when ``[eventlog] url`` is set (nodes on several hosts), else
+    SQLite in the data dir. The one place that picks the backend."""
+    settings = app[CONFIG_KEY].eventlog
+    eventlog: EventStore
+    if settings.url:
+        from metrics.eventlog_pg import PgEventLog  # psycopg is loaded only when configured
+
+        try:
+            eventlog = await asyncio.to_thread(PgEventLog, settings.url, node_id=settings.node_id or None)
+        except Exception as exc:
+            # No password in the message: name the key and the driver's reason.
+            raise ConfigError(f"eventlog.url: cannot open the PostgreSQL event log: {type(exc).__name__}: "
+                              f"{str(exc).replace(settings.url, '<eventlog.url>')}") from None
+    else:
+        eventlog = EventLog(app[CONFIG_KEY].data_path / "events.sqlite3")
     app[EVENTLOG_KEY] = eventlog
     yield
     await eventlog.aclose()

@@ -32,6 +32,7 @@ from metrics.audit import (
     search,
     to_csv,
 )
+from metrics.eventlog import EventLog
 from rooms.model import Role
 from rooms.service import CONSULTATION, ROOM
 from signalling.api import STATIC_DIR, TIME_MS_MAX, _int_query, bearer_claims
@@ -102,8 +103,13 @@ def _described(query: LogQuery) -> str:
 async def _search(request: web.Request, query: LogQuery) -> list[dict[str, object]]:
     eventlog = request.app[EVENTLOG_KEY]
     await eventlog.flush(timeout=5)  # read what was logged up to this request
-    rows = await asyncio.to_thread(search, eventlog.path, request.app[AUDIT_KEY].path, query)
-    return list(rows)
+    audit_db = request.app[AUDIT_KEY].path
+    if isinstance(eventlog, EventLog):
+        return list(await asyncio.to_thread(search, eventlog.path, audit_db, query))
+    from metrics.eventlog_pg import PgEventLog  # the only other backend ([eventlog] url)
+
+    assert isinstance(eventlog, PgEventLog)
+    return list(await asyncio.to_thread(eventlog.backoffice_search, audit_db, query))
 
 
 async def backoffice_log(request: web.Request) -> web.Response:

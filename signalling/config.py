@@ -187,6 +187,16 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class EventLogSettings:
+    #: Where the event log and quality timeline live. Empty: SQLite in the data dir (one host;
+    #: workers on one host share the file). ``postgresql://user:password@host:5432/db``: PostgreSQL,
+    #: shared by nodes on several hosts (see docs/operations.md, "Event log in PostgreSQL").
+    url: str = ""
+    #: This node's name on its entries (the tie-break after time); empty: host name and process id.
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -195,6 +205,7 @@ class Config:
     workflow: WorkflowSettings = field(default_factory=WorkflowSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    eventlog: EventLogSettings = field(default_factory=EventLogSettings)
     #: Redis URL for running several nodes; empty: one node, no Redis.
     redis_url: str = ""
 
@@ -289,9 +300,18 @@ class Config:
                               f"got {m.udp_rcvbuf_bytes}")
         self._validate_workflow()
         self._validate_retention()
+        self._validate_eventlog()
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f'redis_url must start with redis://, rediss:// or unix://, got "{self.redis_url}"')
         return self
+
+    def _validate_eventlog(self) -> None:
+        e = self.eventlog
+        # The URL may hold a password: errors name the key, never echo the value.
+        if e.url and not e.url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("eventlog.url must be empty (SQLite in the data dir) or start with postgresql://")
+        if len(e.node_id) > 64 or not all(c.isalnum() or c in "-_.:" for c in e.node_id):
+            raise ConfigError(f'eventlog.node_id must be at most 64 letters, digits or "-_.:", got {e.node_id!r}')
 
     def _validate_retention(self) -> None:
         r = self.retention

@@ -7,7 +7,7 @@ import weakref
 from aiohttp import web
 
 from media.router import Router
-from metrics.eventlog import EventLog
+from metrics.eventlog import EventStore
 from signalling.auth import TokenAuthority
 from signalling.config import Config
 from signalling.hub import Hub
@@ -15,7 +15,7 @@ from signalling.workflow import Workflow
 
 CONFIG_KEY = web.AppKey("config", Config)
 TOKENS_KEY = web.AppKey("tokens", TokenAuthority)
-EVENTLOG_KEY = web.AppKey("eventlog", EventLog)
+EVENTLOG_KEY = web.AppKey("eventlog", EventStore)
 ROUTER_KEY = web.AppKey("router", Router)
 HUB_KEY = web.AppKey("hub", Hub)
 SOCKETS_KEY: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")

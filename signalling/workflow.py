@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Final, TypeVar
 
 from metrics.audit import DAY_MS, AuditLog
-from metrics.eventlog import EventLog
+from metrics.eventlog import EventStore
 from metrics.events import LogEntry, room_session_id
 from metrics.recorder import Recorder
 from rooms.announcement import Announcement
@@ -658,7 +658,7 @@ class DataRetention:
     deleted or anonymised after ``eventlog_days``) and the audit log (deleted after
     ``audit_days``). A part whose days are 0 keeps everything."""
 
-    eventlog: EventLog
+    eventlog: EventStore
     audit: AuditLog
     settings: RetentionSettings
 

@@ -30,7 +30,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.base_protocol import BaseProtocol
 
 from metrics import prometheus as prom
-from metrics.eventlog import EventLog
+from metrics.eventlog import EventStore
 from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
 from signalling.audit import join_sign_in
@@ -389,7 +389,7 @@ def _payload(codec: Codec, message: Mapping[str, Any]) -> bytes | None:
 _T = TypeVar("_T")
 
 
-async def _logged(eventlog: EventLog, request: Awaitable[_T]) -> _T:
+async def _logged(eventlog: EventStore, request: Awaitable[_T]) -> _T:
     """Run a request; before its reply (or coded error) goes out, wait until what was logged
     meanwhile is committed, so nothing a client is told survives only in memory."""
     mark = eventlog.appended

@@ -25,13 +25,15 @@ from metrics.audit import (
     search,
     to_csv,
 )
-from metrics.eventlog import PERSONAL_KEYS, EventLog, anonymised
+from metrics.eventlog import PERSONAL_KEYS, EventLog, EventStore, anonymised
+from metrics.eventlog_pg import PgEventLog
 from metrics.events import EventKind, LogEntry, now_ms, token_rejected
 from rooms.chat import Retention, RetentionKind
 from rooms.service import WorkflowConfig, WorkflowService
 from rooms.sqlite_store import SqliteStore
 from signalling.config import RetentionSettings
 from signalling.workflow import DataRetention, RetentionJob
+from tests.metrics.conftest import LogFactory
 
 
 def lookup(time_ms: int, target: str = "s_1", name: str = "Sue", kind: AuditKind = AuditKind.LOOKUP) -> AuditEntry:
@@ -48,10 +50,17 @@ def audit(tmp_path: Path) -> Iterator[AuditLog]:
 
 
 @pytest.fixture
-def eventlog(tmp_path: Path) -> Iterator[EventLog]:
-    log = EventLog(tmp_path / "events.sqlite3")
-    yield log
-    log.close()
+def eventlog(logs: LogFactory) -> EventStore:
+    """An event log on each backend (SQLite, PostgreSQL): the search and retention contract."""
+    return logs.open()
+
+
+def find(eventlog: EventStore, audit: AuditLog, query: LogQuery) -> list[dict[str, Any]]:
+    """The back-office log search as the back office runs it for this backend."""
+    if isinstance(eventlog, PgEventLog):
+        return eventlog.backoffice_search(audit.path, query)
+    assert isinstance(eventlog, EventLog)
+    return search(eventlog.path, audit.path, query)
 
 
 # --- append-only ------------------------------------------------------------------------------
@@ -145,7 +154,7 @@ def test_csv_round_trips_the_rows() -> None:
 # --- the back-office log search -----------------------------------------------------------------
 
 
-def seed(eventlog: EventLog, audit: AuditLog) -> None:
+def seed(eventlog: EventStore, audit: AuditLog) -> None:
     e = LogEntry
     eventlog.extend([
         e(time_ms=1_000, session_id="s_a", kind=EventKind.CONSULTATION, text="Booked a consultation for Anna."),
@@ -167,9 +176,9 @@ def q(**kw: Any) -> LogQuery:
     return LogQuery(**{**base, **kw})
 
 
-def test_search_merges_event_and_audit_entries_newest_first(eventlog: EventLog, audit: AuditLog) -> None:
+def test_search_merges_event_and_audit_entries_newest_first(eventlog: EventStore, audit: AuditLog) -> None:
     seed(eventlog, audit)
-    rows = search(eventlog.path, audit.path, q(until_ms=7_000))
+    rows = find(eventlog, audit, q(until_ms=7_000))
     assert [(r["time_ms"], r["type"], r["session_id"]) for r in rows] == [
         (6_000, "Login", ""), (5_000, "Queue", "room:r1"), (3_000, "Error", "s_c"), (3_000, "CallEnded", "s_b"),
         (2_500, "LookUp", "s_a"), (2_000, "Chat", "s_a"), (1_000, "Consultation", "s_a")]
@@ -179,40 +188,40 @@ def test_search_merges_event_and_audit_entries_newest_first(eventlog: EventLog, 
     login = rows[0]
     assert (login["staff"], login["role"], login["ip"], login["id"][0]) == ("Sue (sue)", "support", "10.0.0.7", "a")
     # The token rejected now (real clock) is an Error too.
-    assert [r["type"] for r in search(eventlog.path, audit.path, q(until_ms=now_ms() + 1, since_ms=7_000))] == ["Error"]
+    assert [r["type"] for r in find(eventlog, audit, q(until_ms=now_ms() + 1, since_ms=7_000))] == ["Error"]
 
 
-def test_search_filters_and_pages(eventlog: EventLog, audit: AuditLog) -> None:
+def test_search_filters_and_pages(eventlog: EventStore, audit: AuditLog) -> None:
     seed(eventlog, audit)
-    assert [r["type"] for r in search(eventlog.path, audit.path, q(types=frozenset({LogType.LOOKUP,
+    assert [r["type"] for r in find(eventlog, audit, q(types=frozenset({LogType.LOOKUP,
                                                                                    LogType.CALL_ENDED})))] \
         == ["CallEnded", "LookUp"]
-    assert [r["session_id"] for r in search(eventlog.path, audit.path, q(text="BO."))] == ["s_b"]  # case-insensitive
-    assert [r["type"] for r in search(eventlog.path, audit.path, q(text="s_a"))] == ["LookUp", "Chat", "Consultation"]
-    assert search(eventlog.path, audit.path, q(text="100%_")) == []  # LIKE wildcards are literal
-    assert [r["time_ms"] for r in search(eventlog.path, audit.path, q(since_ms=2_000, until_ms=3_000))] \
+    assert [r["session_id"] for r in find(eventlog, audit, q(text="BO."))] == ["s_b"]  # case-insensitive
+    assert [r["type"] for r in find(eventlog, audit, q(text="s_a"))] == ["LookUp", "Chat", "Consultation"]
+    assert find(eventlog, audit, q(text="100%_")) == []  # LIKE wildcards are literal
+    assert [r["time_ms"] for r in find(eventlog, audit, q(since_ms=2_000, until_ms=3_000))] \
         == [2_500, 2_000]  # since inclusive, until exclusive
-    full = search(eventlog.path, audit.path, q(until_ms=7_000))
-    pages = [search(eventlog.path, audit.path, q(until_ms=7_000, limit=3, offset=o)) for o in (0, 3, 6)]
+    full = find(eventlog, audit, q(until_ms=7_000))
+    pages = [find(eventlog, audit, q(until_ms=7_000, limit=3, offset=o)) for o in (0, 3, 6)]
     assert [r["id"] for page in pages for r in page] == [r["id"] for r in full]
 
 
-def test_role_filters(eventlog: EventLog, audit: AuditLog) -> None:
+def test_role_filters(eventlog: EventStore, audit: AuditLog) -> None:
     seed(eventlog, audit)
     # A department admin: only their sessions, never audit entries.
-    rows = search(eventlog.path, audit.path, q(sessions=frozenset({"s_a", "room:r1"}), include_audit=False))
+    rows = find(eventlog, audit, q(sessions=frozenset({"s_a", "room:r1"}), include_audit=False))
     assert [(r["type"], r["session_id"]) for r in rows] == [("Queue", "room:r1"), ("Chat", "s_a"),
                                                             ("Consultation", "s_a")]
     # Support: a chat entry's content keys are never shown (only who and how long).
-    [chat] = search(eventlog.path, audit.path, q(types=frozenset({LogType.CHAT}), hide_chat_content=True))
+    [chat] = find(eventlog, audit, q(types=frozenset({LogType.CHAT}), hide_chat_content=True))
     assert chat["payload"] == {"sender": "p1", "chars": 5}
-    [chat] = search(eventlog.path, audit.path, q(types=frozenset({LogType.CHAT})))
+    [chat] = find(eventlog, audit, q(types=frozenset({LogType.CHAT})))
     assert chat["payload"]["text"] == "hello"
     # Free text matches payloads too (a patient reference), but never chat content for support.
-    assert [r["type"] for r in search(eventlog.path, audit.path, q(text="hello"))] == ["Chat"]
-    assert search(eventlog.path, audit.path, q(text="hello", hide_chat_content=True)) == []
-    assert [r["type"] for r in search(eventlog.path, audit.path, q(text="p1", hide_chat_content=True))] == []
-    assert [r["type"] for r in search(eventlog.path, audit.path, q(text="p1"))] == ["Chat"]
+    assert [r["type"] for r in find(eventlog, audit, q(text="hello"))] == ["Chat"]
+    assert find(eventlog, audit, q(text="hello", hide_chat_content=True)) == []
+    assert [r["type"] for r in find(eventlog, audit, q(text="p1", hide_chat_content=True))] == []
+    assert [r["type"] for r in find(eventlog, audit, q(text="p1"))] == ["Chat"]
 
 
 # --- event-log retention ----------------------------------------------------------------------
@@ -233,7 +242,7 @@ def test_anonymised_keeps_figures_and_drops_personal_data() -> None:
     assert not PERSONAL_KEYS & set(payload)
 
 
-def test_event_log_retention_is_exact_at_the_cut_off(eventlog: EventLog) -> None:
+def test_event_log_retention_is_exact_at_the_cut_off(eventlog: EventStore) -> None:
     cut = 1_700_000_000_000
     eventlog.extend([personal(cut - 1), personal(cut), personal(cut + 1)])
     eventlog.extend([LogEntry(time_ms=cut - 5, session_id="s_1", kind=EventKind.QUALITY_SAMPLE, text="sample"),
@@ -266,8 +275,8 @@ async def _nothing(result: object) -> None:
 
 
 async def test_the_retention_job_runs_every_policy_and_the_audit_log_survives(
-        tmp_path: Path, store: SqliteStore) -> None:
-    eventlog = EventLog(tmp_path / "events.sqlite3")
+        tmp_path: Path, store: SqliteStore, logs: LogFactory) -> None:
+    eventlog = logs.open()
     audit = AuditLog(tmp_path / "audit.sqlite3")
     now = now_ms()
     eventlog.extend([personal(now - 40 * DAY_MS), personal(now - 20 * DAY_MS), personal(now)])

@@ -20,7 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metrics import prometheus
-from metrics.eventlog import EventLog
+from metrics.eventlog import EventLog, EventStore
+from metrics.eventlog_pg import PgEventLog
 from metrics.events import (
     MAX_NAME_CHARS,
     MAX_PAYLOAD_DEPTH,
@@ -33,6 +34,7 @@ from metrics.events import (
     safe_text,
     token_rejected,
 )
+from tests.metrics.conftest import BACKENDS, LogFactory
 
 SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
 CONTROLS = ["\x00", "\x01", "\x1b", "\r", "\x7f", "\x85", "\x9f"]
@@ -66,11 +68,6 @@ def all_strings(value: Any) -> Iterator[str]:
     elif isinstance(value, list):
         for item in value:
             yield from all_strings(item)
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "events.db"
 
 
 class Unprintable:
@@ -133,13 +130,10 @@ def test_token_rejected_with_a_hostile_header_is_safe() -> None:
 # --- one bad entry never costs another ----------------------------------------------------
 
 
-def test_a_poisoned_batch_keeps_every_other_entry(db_path: Path) -> None:
-    # A real per-entry refusal from SQLite: a trigger that aborts some inserts.
-    event_log = EventLog(db_path, batch_interval_s=60.0)  # everything lands in one batch
-    conn = sqlite3.connect(db_path)
-    conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.text LIKE '%refuse-me%'"
-                 " BEGIN SELECT RAISE(ABORT, 'refused by policy'); END")
-    conn.close()
+def test_a_poisoned_batch_keeps_every_other_entry(logs: LogFactory) -> None:
+    # A real per-entry refusal from the store: a trigger that aborts some inserts.
+    event_log = logs.open(batch_interval_s=60.0)  # everything lands in one batch
+    logs.refuse_texts_like("%refuse-me%")
     poison = [
         entry("lone \ud800 surrogate"),
         entry("ok", session_id="s_1", connection_id="c_\udfff", stream_id="\udc00", kind="kind\ud800",
@@ -182,7 +176,7 @@ def test_a_poisoned_batch_keeps_every_other_entry(db_path: Path) -> None:
         == [("kind\ufffd", "client\ufffd", "c_\ufffd", "\ufffd")]
 
 
-def test_a_forced_failure_costs_only_the_failing_entries(db_path: Path) -> None:
+def test_a_forced_failure_costs_only_the_failing_entries(logs: LogFactory) -> None:
     tries: list[int] = []
 
     def failing_disk(part: Sequence[LogEntry]) -> None:
@@ -190,7 +184,7 @@ def test_a_forced_failure_costs_only_the_failing_entries(db_path: Path) -> None:
         if any(e.text.startswith("poison") for e in part):
             raise sqlite3.OperationalError("disk I/O error")
 
-    event_log = EventLog(db_path, batch_interval_s=60.0, before_write=failing_disk)
+    event_log = logs.open(batch_interval_s=60.0, before_write=failing_disk)
     texts = [f"poison-{i}" if i in (0, 500, 501, 1_023) else f"ok-{i}" for i in range(1_024)]
     refused_before = refused_total()
     try:
@@ -227,19 +221,30 @@ entries = st.builds(
 )
 
 
+@pytest.fixture(scope="module", params=BACKENDS)
+def hypothesis_log(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EventStore]:
+    """One log per backend for every example (emptied by each example: a store per example would
+    make a PostgreSQL database per example)."""
+    log: EventStore
+    if request.param == "sqlite":
+        log = EventLog(tmp_path_factory.mktemp("hypothesis") / "events.db")
+    else:
+        log = PgEventLog(request.getfixturevalue("pg_srv").new_database())
+    yield log
+    log.close()
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.lists(entries, min_size=1, max_size=8))
-def test_anything_appended_is_read_back_made_safe(batch: list[LogEntry]) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        event_log = EventLog(Path(tmp) / "events.db")
-        try:
-            event_log.extend(batch)
-            assert event_log.flush_sync(timeout=30)
-            sessions = {e.made_safe().session_id for e in batch}
-            rows = [r for s in sorted(sessions) for r in event_log.events_sync(s)]
-        finally:
-            event_log.close()
-    assert event_log.dropped == 0
+def test_anything_appended_is_read_back_made_safe(hypothesis_log: EventStore, batch: list[LogEntry]) -> None:
+    event_log = hypothesis_log
+    dropped = event_log.dropped
+    event_log.delete_before_sync(2**63 - 1)
+    event_log.extend(batch)
+    assert event_log.flush_sync(timeout=30)
+    sessions = {e.made_safe().session_id for e in batch}
+    rows = [r for s in sorted(sessions) for r in event_log.events_sync(s)]
+    assert event_log.dropped == dropped
     expected = sorted((e.made_safe() for e in batch), key=lambda e: (e.session_id, e.time_ms))
     got = sorted(rows, key=lambda r: (r["session_id"], r["time_ms"], r["seq"]))
     assert [(r["session_id"], r["time_ms"], r["kind"], r["text"], r["connection_id"], r["stream_id"], r["payload"])
@@ -262,9 +267,9 @@ def _stable(expected: list[LogEntry], batch: list[LogEntry]) -> list[LogEntry]:
 # --- committed(): a reply waits for its entries' commit -------------------------------------
 
 
-async def test_committed_resolves_once_the_entry_is_on_disk(db_path: Path) -> None:
+async def test_committed_resolves_once_the_entry_is_on_disk(logs: LogFactory) -> None:
     # A minute-long batch window: only the waiter makes the writer commit now.
-    event_log = EventLog(db_path, batch_interval_s=60.0)
+    event_log = logs.open(batch_interval_s=60.0)
     try:
         assert event_log.appended == 0
         await asyncio.wait_for(event_log.committed(0), 10)  # nothing to wait for
@@ -278,7 +283,7 @@ async def test_committed_resolves_once_the_entry_is_on_disk(db_path: Path) -> No
         await event_log.aclose()
 
 
-async def test_many_waiters_share_few_commits(db_path: Path) -> None:
+async def test_many_waiters_share_few_commits(logs: LogFactory) -> None:
     hold = threading.Event()
     batches: list[int] = []
 
@@ -286,7 +291,7 @@ async def test_many_waiters_share_few_commits(db_path: Path) -> None:
         batches.append(len(part))
         hold.wait(30)
 
-    event_log = EventLog(db_path, batch_interval_s=60.0, before_write=slow_disk)
+    event_log = logs.open(batch_interval_s=60.0, before_write=slow_disk)
     seen: list[int] = []
 
     async def request(i: int) -> None:
@@ -307,9 +312,9 @@ async def test_many_waiters_share_few_commits(db_path: Path) -> None:
     assert sum(batches) == 50 and len(batches) <= 3, batches
 
 
-async def test_committed_since_waits_only_when_the_count_moved(db_path: Path) -> None:
+async def test_committed_since_waits_only_when_the_count_moved(logs: LogFactory) -> None:
     hold = threading.Event()
-    event_log = EventLog(db_path, before_write=lambda part: hold.wait(30))
+    event_log = logs.open(before_write=lambda part: hold.wait(30))
     try:
         event_log.append(entry("someone else's, stuck on a slow disk"))
         mark = event_log.appended
@@ -325,7 +330,7 @@ async def test_committed_since_waits_only_when_the_count_moved(db_path: Path) ->
         await event_log.aclose()
 
 
-async def test_waiters_never_hang_on_refused_dropped_or_closed(db_path: Path) -> None:
+async def test_waiters_never_hang_on_refused_dropped_or_closed(logs: LogFactory) -> None:
     hold = threading.Event()
 
     def disk(part: Sequence[LogEntry]) -> None:
@@ -333,7 +338,7 @@ async def test_waiters_never_hang_on_refused_dropped_or_closed(db_path: Path) ->
         if any(e.text == "refused" for e in part):
             raise OSError("refused")
 
-    event_log = EventLog(db_path, max_queue=5, batch_max=1, batch_interval_s=60.0, before_write=disk)
+    event_log = logs.open(max_queue=5, batch_max=1, batch_interval_s=60.0, before_write=disk)
     try:
         event_log.append(entry("refused"))
         refused_mark = event_log.appended
@@ -365,11 +370,11 @@ async def test_waiters_never_hang_on_refused_dropped_or_closed(db_path: Path) ->
         await event_log.aclose()
 
 
-def test_write_failures_are_warned_about_rate_limited(db_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_write_failures_are_warned_about_rate_limited(logs: LogFactory, caplog: pytest.LogCaptureFixture) -> None:
     def full_disk(part: Sequence[LogEntry]) -> None:
         raise OSError("No space left on device")
 
-    event_log = EventLog(db_path, batch_interval_s=60.0, before_write=full_disk)
+    event_log = logs.open(batch_interval_s=60.0, before_write=full_disk)
     try:
         with caplog.at_level("WARNING", logger="metrics.eventlog"):
             event_log.extend(entry(f"e{i}") for i in range(200))
@@ -378,15 +383,15 @@ def test_write_failures_are_warned_about_rate_limited(db_path: Path, caplog: pyt
         event_log.close()
     assert event_log.dropped == 200
     # One line saying why, one saying what was lost: not one per entry.
-    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
-        f"Event-log writer could not write an entry to {db_path}",
-        f"Dropping event-log entries for {db_path}",
-    ]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"Event-log writer could not write an entry to {logs.where}: ")
+    assert messages[1].startswith(f"Dropping event-log entries for {logs.where}: ")
 
 
-async def test_a_cancelled_waiter_costs_the_others_nothing(db_path: Path) -> None:
+async def test_a_cancelled_waiter_costs_the_others_nothing(logs: LogFactory) -> None:
     hold = threading.Event()
-    event_log = EventLog(db_path, before_write=lambda part: hold.wait(30))
+    event_log = logs.open(before_write=lambda part: hold.wait(30))
     try:
         event_log.append(entry("first"))
         cancelled = asyncio.create_task(event_log.committed(event_log.appended))

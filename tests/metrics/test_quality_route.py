@@ -1,6 +1,8 @@
 """The inspector routes over a real server: /quality serves the raw samples or their roll-ups
 (``resolution``, ``max_points``), refuses bad parameters with a coded error, and /summary and
-/diagnosis (read from the roll-ups) equal what the same rules give over the raw entries."""
+/diagnosis (read from the roll-ups) equal what the same rules give over the raw entries. The
+module runs once per event-log backend (a SQLite file in the data dir, or ``[eventlog] url`` on a
+real PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,38 +10,57 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from metrics.diagnosis import diagnose
-from metrics.eventlog import EventLog
+from metrics.eventlog import EventLog, EventStore
+from metrics.eventlog_pg import PgEventLog
 from metrics.summary import summary
 from rooms.model import Role
+from tests.metrics.conftest import BACKENDS
 from tests.metrics.test_diagnosis import SID
 from tests.metrics.test_rollup import random_call, to_entry
 from tests.server import ServerProcess, start_server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = start_server(tmp_path_factory.mktemp("quality_route"))
+@dataclass(frozen=True)
+class Served:
+    """The server and the URL of its event log in PostgreSQL ("" for its SQLite file)."""
+
+    proc: ServerProcess
+    eventlog_url: str
+
+
+def open_log(proc: ServerProcess, url: str) -> EventStore:
+    """The server's own event log: its SQLite file, or the PostgreSQL database it writes to."""
+    return PgEventLog(url) if url else EventLog(proc.data_dir / "events.sqlite3")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    url = request.getfixturevalue("pg_srv").new_database() if request.param == "postgresql" else ""
+    config = f'[eventlog]\nurl = "{url}"\n' if url else ""
+    proc = start_server(tmp_path_factory.mktemp("quality_route"), config)
     try:
         # A finished ten-minute call of three, written into the server's own event log.
-        eventlog = EventLog(proc.data_dir / "events.sqlite3")
+        eventlog = open_log(proc, url)
         try:
             eventlog.extend(to_entry(e) for e in random_call(11).entries)
             assert eventlog.flush_sync(timeout=60)
         finally:
             eventlog.close()
-        yield proc
+        yield Served(proc, url)
     finally:
         proc.stop()
 
 
-def get(server: ServerProcess, what: str) -> tuple[int, Any]:
+def get(served: Served, what: str) -> tuple[int, Any]:
     from tests.call_helpers import authority
 
+    server = served.proc
     token = authority(server.data_dir).mint("support", Role.SUPPORT, "Support")
     request = urllib.request.Request(f"{server.url}/api/sessions/{SID}/{what}",
                                      headers={"Authorization": f"Bearer {token}"})
@@ -61,7 +82,7 @@ SAMPLES = 300 * 15  # 300 ticks of 15 tracks (metrics/test_rollup.random_call)
     ("?resolution=60", 60, None),
     ("?resolution=3599", 900, None),  # rounded down to a stored resolution
 ])
-def test_quality_serves_raw_samples_or_rollups(server: ServerProcess, query: str, resolution: Any,
+def test_quality_serves_raw_samples_or_rollups(server: Served, query: str, resolution: Any,
                                                points: int | None) -> None:
     status, body = get(server, "quality" + query)
     assert status == 200, body
@@ -79,13 +100,13 @@ def test_quality_serves_raw_samples_or_rollups(server: ServerProcess, query: str
     ("?resolution=abc", "resolution"), ("?resolution=5", "resolution"), ("?resolution=%C2%B2", "resolution"),
     ("?max_points=0", "max_points"), ("?max_points=100001", "max_points"),
 ])
-def test_quality_refuses_bad_parameters(server: ServerProcess, query: str, name: str) -> None:
+def test_quality_refuses_bad_parameters(server: Served, query: str, name: str) -> None:
     status, body = get(server, "quality" + query)
     assert status == 400 and body["error"]["code"] == "invalid_message" and f'"{name}"' in body["error"]["message"]
 
 
-def test_summary_and_diagnosis_from_rollups_equal_the_raw_computation(server: ServerProcess) -> None:
-    reader = EventLog(server.data_dir / "events.sqlite3")
+def test_summary_and_diagnosis_from_rollups_equal_the_raw_computation(server: Served) -> None:
+    reader = open_log(server.proc, server.eventlog_url)
     try:
         raw = reader.events_sync(SID, limit=1_000_000)
     finally:

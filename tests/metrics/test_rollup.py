@@ -1,7 +1,8 @@
 """Roll-ups: the summary and the diagnosis computed from the roll-ups the event log's writer
 stores equal those computed from the raw samples of the same log, whatever the batches, restarts,
 refused entries or files written before roll-ups existed; the chart points sum up the samples;
-retention takes the roll-ups with the samples."""
+retention takes the roll-ups with the samples. On both backends (the fixture ``logs``), but the
+SQLite file written before roll-ups existed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from metrics.diagnosis import FindingType, diagnose
 from metrics.eventlog import EventLog
 from metrics.events import Component, EventKind, LogEntry
 from metrics.summary import summary
+from tests.metrics.conftest import LogFactory
 from tests.metrics.test_diagnosis import SID, T0, Log, call, finish
 
 
@@ -28,24 +30,24 @@ def to_entry(e: dict[str, Any]) -> LogEntry:
                     payload=e["payload"])
 
 
-def store(path: Path, log: Log, *, batch_max: int = 7, restart_every: int | None = None,
+def store(logs: LogFactory, log: Log, *, batch_max: int = 7, restart_every: int | None = None,
           before_write: Callable[[Any], object] | None = None) -> None:
     """Write ``log`` through the event log in small batches (buckets merge across batches),
-    closing and reopening the file every ``restart_every`` entries (state reloads from it)."""
+    closing and reopening the store every ``restart_every`` entries (state reloads from it)."""
     entries = [to_entry(e) for e in log.entries]
     chunk = restart_every or len(entries) or 1
     for start in range(0, len(entries), chunk):
-        eventlog = EventLog(path, batch_max=batch_max, before_write=before_write)
+        eventlog = logs.open(batch_max=batch_max, before_write=before_write)
         for entry in entries[start:start + chunk]:
             eventlog.append(entry)
         assert eventlog.flush_sync(timeout=30)
         eventlog.close()
 
 
-def both_ways(path: Path, session_id: str = SID) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
-                                                          dict[str, Any]]:
+def both_ways(logs: LogFactory, session_id: str = SID) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any],
+                                                               dict[str, Any]]:
     """(diagnosis from raw, from roll-ups, summary from raw, from roll-ups) of one stored session."""
-    reader = EventLog(path)
+    reader = logs.open()
     try:
         raw = reader.events_sync(session_id, limit=1_000_000)
         read = reader.analysis_sync(session_id)
@@ -175,26 +177,27 @@ EXPECTED: dict[str, set[str]] = {
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_findings_and_summary_from_rollups_equal_those_from_raw_samples(tmp_path: Path, name: str) -> None:
-    store(tmp_path / "events.sqlite3", SCENARIOS[name]())
-    raw_diagnosis, rolled_diagnosis, raw_summary, rolled_summary = both_ways(tmp_path / "events.sqlite3")
+def test_findings_and_summary_from_rollups_equal_those_from_raw_samples(logs: LogFactory, name: str) -> None:
+    store(logs, SCENARIOS[name]())
+    raw_diagnosis, rolled_diagnosis, raw_summary, rolled_summary = both_ways(logs)
     assert rolled_diagnosis == raw_diagnosis
     assert rolled_summary == raw_summary
     assert EXPECTED[name] <= {f["type"] for f in rolled_diagnosis["findings"]}, rolled_diagnosis
 
 
-def test_rollups_survive_restarts_and_one_entry_per_batch(tmp_path: Path) -> None:
+def test_rollups_survive_restarts_and_one_entry_per_batch(logs: LogFactory) -> None:
     """A writer that restarts mid-call reloads each track's count, upstream figures and freeze
-    counters from the file; one-entry batches merge every bucket many times."""
+    counters from the store; one-entry batches merge every bucket many times."""
     log = random_call(3)
-    store(tmp_path / "a.sqlite3", log, batch_max=1, restart_every=997)
-    store(tmp_path / "b.sqlite3", log, batch_max=5_000)
-    a = both_ways(tmp_path / "a.sqlite3")
-    b = both_ways(tmp_path / "b.sqlite3")
+    other = logs.sibling()
+    store(logs, log, batch_max=1, restart_every=997)
+    store(other, log, batch_max=5_000)
+    a = both_ways(logs)
+    b = both_ways(other)
     assert a[0] == a[1] == b[0] and a[2] == a[3] == b[2]
 
 
-def test_a_refused_entry_is_left_out_of_the_rollups_too(tmp_path: Path) -> None:
+def test_a_refused_entry_is_left_out_of_the_rollups_too(logs: LogFactory) -> None:
     log = call(loss_pct=10.0)
     poisoned = log.sample("c_doc", "st_doc", "st_doc", "in", dt=5_000, loss_pct=50.0, poison=True)
     finish(log)
@@ -203,17 +206,18 @@ def test_a_refused_entry_is_left_out_of_the_rollups_too(tmp_path: Path) -> None:
         if any(e.payload.get("poison") for e in batch):
             raise sqlite3.OperationalError("disk I/O error")
 
-    store(tmp_path / "events.sqlite3", log, batch_max=50, before_write=refuse)
-    raw_diagnosis, rolled_diagnosis, raw_summary, rolled_summary = both_ways(tmp_path / "events.sqlite3")
+    store(logs, log, batch_max=50, before_write=refuse)
+    raw_diagnosis, rolled_diagnosis, raw_summary, rolled_summary = both_ways(logs)
     assert rolled_diagnosis == raw_diagnosis and rolled_summary == raw_summary
     loss = next(f for f in rolled_diagnosis["findings"] if f["type"] == FindingType.HIGH_LOSS)
     assert poisoned not in [s["seq"] for s in loss["evidence"]["samples"]] and "lost 10.0%" in loss["cause"]
 
 
 def test_a_file_written_before_rollups_gets_them_on_open(tmp_path: Path) -> None:
-    path = tmp_path / "events.sqlite3"
-    store(path, random_call(4))
-    expected = both_ways(path)
+    logs = LogFactory("sqlite", tmp_path, None)
+    path = logs.path
+    store(logs, random_call(4))
+    expected = both_ways(logs)
     conn = sqlite3.connect(path)
     for table in ("rollups", "rollup_tracks", "quality_rollups", "sample_marks", "freeze_tracks", "bad_tallies"):
         conn.execute(f"DELETE FROM {table}")
@@ -227,14 +231,14 @@ def test_a_file_written_before_rollups_gets_them_on_open(tmp_path: Path) -> None
         assert conn.execute("SELECT COUNT(*) FROM rollup_tracks").fetchone()[0] == 15
     finally:
         conn.close()
-    assert both_ways(path) == expected
+    assert both_ways(logs) == expected
+    logs.close()
 
 
-def test_quality_points_sum_up_the_samples(tmp_path: Path) -> None:
-    path = tmp_path / "events.sqlite3"
+def test_quality_points_sum_up_the_samples(logs: LogFactory) -> None:
     log = random_call(5)
-    store(path, log)
-    reader = EventLog(path)
+    store(logs, log)
+    reader = logs.open()
     try:
         raw = reader.events_sync(SID, kinds=[EventKind.QUALITY_SAMPLE], limit=1_000_000)
         assert reader.sample_count_sync(SID) == len(raw) == 300 * 15
@@ -269,22 +273,21 @@ def test_quality_points_sum_up_the_samples(tmp_path: Path) -> None:
         reader.close()
 
 
-def test_retention_deletes_the_rollups_of_the_deleted_samples(tmp_path: Path) -> None:
-    path = tmp_path / "events.sqlite3"
+def test_retention_deletes_the_rollups_of_the_deleted_samples(logs: LogFactory) -> None:
     old, new = random_call(6), random_call(7)
     for e in new.entries:
         e["session_id"] = "s_new"
         e["time_ms"] += 86_400_000
-    store(path, old)
-    store(path, new)
-    eventlog = EventLog(path)
+    store(logs, old)
+    store(logs, new)
+    eventlog = logs.open()
     try:
         eventlog.delete_before_sync(T0 + 86_400_000)
         assert eventlog.analysis_sync(SID).rolled == rollup.SessionRollup({}, [], [], [], {})
         assert eventlog.quality_points_sync(SID, 10_000) == (10_000, [])
     finally:
         eventlog.close()
-    raw_diagnosis, rolled_diagnosis, raw_summary, rolled_summary = both_ways(path, "s_new")
+    raw_diagnosis, rolled_diagnosis, raw_summary, rolled_summary = both_ways(logs, "s_new")
     assert rolled_diagnosis == raw_diagnosis and rolled_summary == raw_summary
 
 
@@ -320,7 +323,7 @@ def test_freeze_fold_is_the_client_stats_rule() -> None:
     assert len(track.evidence) == len(samples) and track.evidence[4]["freezeCount"] == "x"
 
 
-def test_the_printed_figure_is_the_lower_median_of_the_bad_samples_and_marks_stay_few(tmp_path: Path) -> None:
+def test_the_printed_figure_is_the_lower_median_of_the_bad_samples_and_marks_stay_few(logs: LogFactory) -> None:
     """A leg bad all along: the finding counts every bad sample and prints the lower median of
     their figures, while only the first few are kept one by one."""
     rng = random.Random(12)
@@ -333,16 +336,15 @@ def test_the_printed_figure_is_the_lower_median_of_the_bad_samples_and_marks_sta
         log.sample("c_doc", "st_doc", "st_doc", "in", "audio", dt=2_000, loss_pct=loss, jitter_ms=45.5,
                    bitrate_kbps=30.0)
     finish(log)
-    path = tmp_path / "events.sqlite3"
-    store(path, log, batch_max=64)
-    _, rolled_diagnosis, _, _ = both_ways(path)
+    store(logs, log, batch_max=64)
+    _, rolled_diagnosis, _, _ = both_ways(logs)
     loss = next(f for f in rolled_diagnosis["findings"] if f["type"] == FindingType.HIGH_LOSS)
     expected = statistics.median_low(round(v, 1) for v in losses)
     assert f"lost {expected:.1f}% of packets (over 5% in 400 of 400 samples)" in loss["cause"]
     assert [s["loss_pct"] for s in loss["evidence"]["samples"]] == losses[:10]
     jitter = next(f for f in rolled_diagnosis["findings"] if f["type"] == FindingType.HIGH_JITTER)
     assert "had 46 ms of jitter" in jitter["cause"]
-    reader = EventLog(path)
+    reader = logs.open()
     try:
         assert len(reader.analysis_sync(SID).rolled.marks) == rollup.BAD_EVIDENCE
     finally:
