@@ -8,7 +8,7 @@ import errno
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
 from typing import Any, Final
 
 from aiohttp import WSCloseCode, web
@@ -22,6 +22,7 @@ from metrics import prometheus as prom
 from metrics.audit import AuditLog
 from metrics.eventlog import EventLog
 from metrics.recorder import Recorder
+from rooms.directory import DirectoryUnavailable, LocalDirectory, NodeLoad, Notice, RoomDirectory
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
@@ -29,6 +30,7 @@ from signalling.api import add_routes, coded_errors
 from signalling.audit import AUDIT_KEY, SIGN_INS_KEY, SignIns, staff_sign_ins
 from signalling.auth import TokenAuthority
 from signalling.backoffice_api import add_backoffice_routes
+from signalling.cluster import RedisDirectory
 from signalling.config import Config, ConfigError
 from signalling.hub import Hub
 from signalling.keys import (
@@ -103,6 +105,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_eventlog_ctx)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_media_ctx)
+    app.cleanup_ctx.append(_cluster_ctx)
     app.cleanup_ctx.append(_workflow_ctx)
     app.on_shutdown.append(_close_sockets)
     add_routes(app)
@@ -212,6 +215,65 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
                 prom.MEDIA_UDP_ROUTES.labels(kind=kind.value).set_function(lambda: 0)
 
 
+#: The room directory: :class:`LocalDirectory` for one node, :class:`RedisDirectory` with ``redis_url``.
+DIRECTORY_KEY: Final = web.AppKey("directory", RoomDirectory)
+#: Who hears other nodes' notices (the workflow adds itself once it exists).
+NOTICE_SINKS_KEY: Final = web.AppKey("notice_sinks", list[Callable[[Notice], None]])
+
+
+def _node_load(hub: Hub, cpu: float) -> NodeLoad:
+    sessions = list(hub.registry.sessions.values())
+    return NodeLoad(rooms=len(sessions), calls=sum(1 for s in sessions if len(s.connections) >= 2), cpu=round(cpu, 3))
+
+
+async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The room directory and this node's heartbeat (every third of ``cluster.lease_s``: load,
+    renewed leases). With Redis away the heartbeat keeps trying; calls go on meanwhile."""
+    config, hub = app[CONFIG_KEY], app[HUB_KEY]
+    directory: RoomDirectory
+    if config.redis_url:
+        directory = RedisDirectory(config.redis_url, lease_s=config.cluster.lease_s,
+                                   namespace=config.cluster.namespace, address=f"{config.server.host}:{config.server.port}")
+    else:
+        directory = LocalDirectory(lease_s=config.cluster.lease_s)
+    sinks: list[Callable[[Notice], None]] = []
+    app[NOTICE_SINKS_KEY] = sinks
+
+    def deliver(notice: Notice) -> None:
+        for sink in sinks:
+            sink(notice)
+
+    await directory.start(deliver)
+    hub.directory = directory
+    app[DIRECTORY_KEY] = directory
+    logger.info("cluster: node %s (%s)", directory.node_id,
+                "Redis directory" if config.redis_url else "one node, no Redis")
+    stop = asyncio.Event()
+
+    async def beat() -> None:
+        wall, cpu = time.monotonic(), time.process_time()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=directory.lease_s / 3)
+            except TimeoutError:
+                pass
+            now_wall, now_cpu = time.monotonic(), time.process_time()
+            share = (now_cpu - cpu) / max(1e-3, now_wall - wall)
+            wall, cpu = now_wall, now_cpu
+            try:
+                await directory.heartbeat(_node_load(hub, share))
+            except DirectoryUnavailable:
+                pass  # logged once by the directory; the next beat retries
+
+    task = asyncio.get_running_loop().create_task(beat(), name="cluster-heartbeat")
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+        await directory.close()
+
+
 async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
     """The workflow store: SQLite in the data dir (commits are synchronous, so a crash loses
     nothing acknowledged), or Redis when several nodes share ``redis_url``."""
@@ -219,11 +281,14 @@ async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
     store: Store = (RedisStore(config.redis_url) if config.redis_url
                     else SqliteStore(config.data_path / "workflow.sqlite3"))
     data = DataRetention(app[EVENTLOG_KEY], app[AUDIT_KEY], config.retention)
+    directory = app[DIRECTORY_KEY]
     workflow = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[HUB_KEY].recorder, app[TOKENS_KEY],
-                                      data)
+                                      data, directory=directory)
     app[WORKFLOW_KEY] = workflow
+    app[NOTICE_SINKS_KEY].append(workflow.deliver)
     workflow.start()  # scheduled jobs (the retention sweep), stopped before the store closes
     yield
+    app[NOTICE_SINKS_KEY].remove(workflow.deliver)
     await workflow.stop_jobs()
     await store.close()
 

@@ -53,6 +53,7 @@ from rooms.live import (
     LiveStream,
     LiveSubscription,
 )
+from rooms.directory import LocalDirectory, RoomDirectory, RoomLease
 from rooms.errors import RoomsError
 from rooms.model import (
     ConnectionId,
@@ -116,6 +117,10 @@ class Hub:
         self.peers: dict[str, PeerOwner] = {}
         #: Publishes answered but not connected yet: not announced, not subscribable.
         self.pending_streams: dict[StreamId, LiveStream] = {}
+        #: Which node holds which room (``signalling.app`` sets the cluster's when ``redis_url`` is
+        #: set): a room's first join here claims its lease, its session's end releases it.
+        self.directory: RoomDirectory = LocalDirectory()
+        self.leases: dict[str, RoomLease] = {}
         #: Client reports (client.event, client.stats, beacons) per connection.
         self.report_limiter = ReportLimiter(self.config.server.client_reports_per_min)
         #: connection id -> (session id, token sub, room) of connections that joined lately.
@@ -175,6 +180,9 @@ class Hub:
             raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
         if claims.role is Role.GUEST:
             await self._check_guest(client, claims)
+        if claims.room not in self.registry.by_room:
+            # A new room here: own it in the cluster first (RoomOwnedElsewhere, DirectoryUnavailable).
+            self.leases[claims.room] = await self.directory.claim(claims.room)
         session, created = self._session_for(claims)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
@@ -479,6 +487,17 @@ class Hub:
         self.broadcast(session, "connectionDestroyed", {"connection": connection.public(), "reason": str(reason)})
         if self.registry.end_if_empty(session):
             self.recorder.session_ended()
+            await self._release(session.room)
+
+    async def _release(self, room: str) -> None:
+        """The room's session ended here: give its lease back (it expires anyway if this fails)."""
+        lease = self.leases.pop(room, None)
+        if lease is None or room in self.registry.by_room:
+            return
+        try:
+            await self.directory.release(lease)
+        except RoomsError as exc:
+            logger.warning("room %s: lease not released (%s); it expires by itself", room, exc)
 
     async def shutdown(self) -> None:
         for client in list(self.clients.values()):
