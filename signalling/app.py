@@ -278,7 +278,7 @@ async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
     """The workflow store: SQLite in the data dir (commits are synchronous, so a crash loses
     nothing acknowledged), or Redis when several nodes share ``redis_url``."""
     config = app[CONFIG_KEY]
-    store: Store = (RedisStore(config.redis_url) if config.redis_url
+    store: Store = (RedisStore(config.redis_url, namespace=config.cluster.namespace) if config.redis_url
                     else SqliteStore(config.data_path / "workflow.sqlite3"))
     data = DataRetention(app[EVENTLOG_KEY], app[AUDIT_KEY], config.retention)
     directory = app[DIRECTORY_KEY]

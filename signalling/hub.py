@@ -118,7 +118,8 @@ class Hub:
         #: Publishes answered but not connected yet: not announced, not subscribable.
         self.pending_streams: dict[StreamId, LiveStream] = {}
         #: Which node holds which room (``signalling.app`` sets the cluster's when ``redis_url`` is
-        #: set): a room's first join here claims its lease, its session's end releases it.
+        #: set): a room's first publish here claims its lease (a room's media lives on one node),
+        #: its session's end releases it. Rooms without media (staff desks) need no lease.
         self.directory: RoomDirectory = LocalDirectory()
         self.leases: dict[str, RoomLease] = {}
         #: Client reports (client.event, client.stats, beacons) per connection.
@@ -180,9 +181,6 @@ class Hub:
             raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
         if claims.role is Role.GUEST:
             await self._check_guest(client, claims)
-        if claims.room not in self.registry.by_room:
-            # A new room here: own it in the cluster first (RoomOwnedElsewhere, DirectoryUnavailable).
-            self.leases[claims.room] = await self.directory.claim(claims.room)
         session, created = self._session_for(claims)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
@@ -238,6 +236,10 @@ class Hub:
         session, connection = self.joined(client)
         if self._peer_count(connection.connection_id, publish=True) >= self.max_publishes:
             raise InvalidState(f"this connection already publishes {self.max_publishes} streams, the most allowed")
+        if session.room not in self.leases:
+            # The room's first media here: this node must own it in the cluster, so a call is never
+            # split between nodes (RoomOwnedElsewhere or DirectoryUnavailable: nothing was done).
+            self.leases[session.room] = await self.directory.claim(session.room)
         stream_id = StreamId(new_id("st"))
         sid = session.session_id
         self.log(sid, EventKind.PUBLISH_ATTEMPT, f"Publish attempt: {connection.name}",

@@ -1,0 +1,155 @@
+"""Three ``openconsult serve`` nodes sharing one real redis-server (each its own data dir and
+port): workflow pushes reach the node holding the recipient's socket, one patient admitted from
+two nodes at once has one winner, a room's media lives on one node only, the walk-in limit and
+the node registry are cluster-wide."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from loadtest.client import RequestFailed
+from rooms.model import Role
+from signalling.auth import TokenAuthority
+from tests.call_helpers import Participant
+from tests.redis_server import RedisServer, redis_server
+from tests.server import ServerProcess, start_server
+from tests.workflow.helpers import Clinic, now_ms, wait_event
+
+SECRET = "cluster-test-secret-0123456789abcdef"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def redis() -> Iterator[RedisServer]:
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[Clinic]]:
+    ns = f"oc{tmp_path.name[-12:]}:".replace("-", "")
+    config = (f'[auth]\nsecret = "{SECRET}"\n'
+              f'[cluster]\nlease_s = 3.0\nnamespace = "{ns}"\n'
+              '[workflow]\nwalk_in_per_link_per_min = 3\n')
+    servers: list[ServerProcess] = []
+    try:
+        for name in "abc":
+            servers.append(start_server(tmp_path / name, config, env={"OPENCONSULT_REDIS_URL": redis.url}))
+        clinics = [Clinic(s, TokenAuthority("HS256", SECRET, SECRET, leeway_s=30), aiohttp.ClientSession())
+                   for s in servers]
+        admin = clinics[0].staff(Role.DEPARTMENT_ADMIN, "dana", "cardio")
+        await clinics[0].waiting_room(admin, "wr-a", "Cardiology A", "cardio")
+        yield clinics
+        for c in clinics:
+            await c.close()
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _admin(c: Clinic) -> str:
+    return c.staff(Role.DEPARTMENT_ADMIN, "dana", "cardio")
+
+
+def _doctor(c: Clinic, user: str = "dr-who") -> str:
+    return c.staff(Role.CLINICIAN, user, "cardio")
+
+
+async def _book(c: Clinic, patient: str) -> dict[str, object]:
+    return await c.book(_admin(c), department="cardio", room_id="wr-a", patient=patient, clinician="dr-who",
+                        appointment_ms=now_ms())
+
+
+async def test_a_desk_on_one_node_sees_queue_and_chat_from_patients_on_two_others(nodes: list[Clinic]) -> None:
+    a, b, c = nodes
+    desk = await c.connect(_doctor(c))
+    watched = await desk.request("queue.watch", room_id="wr-a")
+    assert watched["queue"] == []
+    booking_1, booking_2 = await _book(a, "p-one"), await _book(b, "p-two")
+    sid_1, sid_2 = (str(bk["consultation"]["session_id"]) for bk in (booking_1, booking_2))  # type: ignore[index]
+    patient_1 = await a.connect(str(booking_1["patient_token"]))
+    entered_1 = await patient_1.request("waiting_room.enter")
+    await wait_event(desk, "queueUpdated", lambda d: [q["session_id"] for q in d["queue"]] == [sid_1])
+    patient_2 = await b.connect(str(booking_2["patient_token"]))
+    await patient_2.request("waiting_room.enter")
+    await wait_event(desk, "queueUpdated", lambda d: [q["session_id"] for q in d["queue"]] == [sid_1, sid_2])
+    # The patient on node B is told their place, computed on node A when patient 1 left the queue.
+    await patient_1.request("waiting_room.leave")
+    await wait_event(patient_2, "positionChanged", lambda d: d == {"session_id": sid_2, "room_id": "wr-a",
+                                                                   "position": 1})
+    await wait_event(desk, "queueUpdated", lambda d: [q["session_id"] for q in d["queue"]] == [sid_2])
+    # Chat: patient on B -> clinician on C, and back; an announcement from C reaches B's patient.
+    channel = f"consultation:{sid_2}"
+    sent = await patient_2.request("chat.send", channel_id=channel, text="Hello from node B")
+    got = await desk.wait_event("chatMessage", message__message_id=sent["message"]["message_id"])
+    assert got["data"]["message"]["text"] == "Hello from node B"
+    reply = await desk.request("chat.send", channel_id=channel, text="Hi from node C")
+    await patient_2.wait_event("chatMessage", message__message_id=reply["message"]["message_id"])
+    ann = await desk.request("announcement.post", room_id="wr-a", text="Running late", expires_in_s=600)
+    ann_id = ann["announcement"]["announcement_id"]
+    await wait_event(patient_2, "announcement", lambda d: d["announcement"]["announcement_id"] == ann_id)
+    assert entered_1["channel_id"] == f"consultation:{sid_1}"
+    for client in (desk, patient_1, patient_2):
+        await client.close()
+
+
+async def test_concurrent_admits_from_two_nodes_have_one_winner(nodes: list[Clinic]) -> None:
+    a, b, c = nodes
+    booking = await _book(c, "p-race")
+    sid = str(booking["consultation"]["session_id"])  # type: ignore[index]
+    patient = await c.connect(str(booking["patient_token"]))
+    await patient.request("waiting_room.enter")
+    desk_a = await a.connect(_doctor(a, "dr-who"))
+    desk_b = await b.connect(_doctor(b, "dr-who"))
+
+    async def admit(desk: object) -> str:
+        try:
+            await desk.request("consultation.admit", session_id=sid)  # type: ignore[attr-defined]
+        except RequestFailed as exc:
+            return exc.code
+        return "ok"
+
+    outcomes = sorted(await asyncio.gather(admit(desk_a), admit(desk_b)))
+    assert outcomes[1] == "ok" and outcomes[0] in ("invalid_state", "conflict"), outcomes
+    # The patient, on node C, hears of it once.
+    await wait_event(patient, "admitted", lambda d: d == {"session_id": sid, "room": sid})
+    assert [e["event"] for e in patient.events].count("admitted") == 1
+    for client in (patient, desk_a, desk_b):
+        await client.close()
+
+
+async def test_a_rooms_media_lives_on_one_node(nodes: list[Clinic]) -> None:
+    a, b, _ = nodes
+    p = Participant(a.server.ws_url, "Pat")
+    d = Participant(b.server.ws_url, "Doc")
+    try:
+        await p.join(a.tokens, "room-one", Role.PATIENT)
+        await d.join(b.tokens, "room-one", Role.CLINICIAN)
+        await p.publish()
+        # Node A owns the room now; node B refuses to start a second copy of the call.
+        with pytest.raises(RequestFailed) as err:
+            await d.publish()
+        assert err.value.code == "cluster_unavailable" and "room-one" in str(err.value)
+    finally:
+        await p.close()
+        await d.close()
+
+
+async def test_walk_in_limit_is_counted_across_nodes(nodes: list[Clinic]) -> None:
+    admin = _admin(nodes[0])
+    link = await nodes[0].ok("POST", "/api/waiting-rooms/wr-a/walk-in-link", admin)
+    token = link["walk_in_token"]
+    statuses = [(await node.call("POST", "/api/walk-in", token, {"name": "W"}))[0] for node in (*nodes, nodes[0])]
+    assert statuses == [201, 201, 201, 429], statuses
+
+
+def test_a_node_without_its_redis_does_not_start(tmp_path: Path) -> None:
+    with pytest.raises(AssertionError) as err:
+        start_server(tmp_path, env={"OPENCONSULT_REDIS_URL": "redis://127.0.0.1:1/0"}, timeout=30)
+    assert "exited" in str(err.value)
