@@ -656,8 +656,9 @@ class WalkInLimiter:
     """At most ``per_minute`` walk-ins per walk-in link in any 60 seconds (a sliding window).
 
     A shared link is published, so anyone holding it could fill a queue; this caps how fast. Links
-    are told apart by a digest of their token (the token itself is not kept). The count is per node
-    (with several nodes behind a balancer the cap is per node). ``clock`` gives monotonic seconds.
+    are told apart by a digest of their token (the token itself is not kept). ``clock`` gives
+    monotonic seconds. The server counts through the room directory (``Workflow.walk_in_wait``:
+    the same window, shared by every node with ``redis_url``); this class holds ``per_minute``.
     """
 
     WINDOW_S: Final = 60.0
