@@ -18,6 +18,9 @@ The model:
 * **Notices.** What a node must tell clients it may not hold (queue updates, positions, admitted,
   chat, announcements) is a :class:`Notice`: the node delivers it to the sockets it holds, then
   publishes it to the other nodes, which do the same (so one node alone behaves as before).
+* **Relay.** :meth:`RoomDirectory.send` carries notices to one node: a client that reached a
+  node other than its room's owner has its frames relayed to the owner and the owner's replies
+  and events back (``relay.*`` notices, see ``signalling.ws``).
 * **Shared limits and jobs.** :meth:`RoomDirectory.rate_limit` counts in a window shared by all
   nodes; :meth:`RoomDirectory.job_lock` lets one node of the cluster run a scheduled job.
 
@@ -144,6 +147,9 @@ class RoomDirectory(Protocol):
     async def publish(self, notice: Notice) -> None:
         """Send ``notice`` to every other node (the caller delivered it here)."""
 
+    async def send(self, node: NodeId, notice: Notice) -> None:
+        """Send ``notice`` to node ``node`` only (a relayed client's frames, both ways)."""
+
     async def rate_limit(self, key: str, per_minute: int) -> float | None:
         """Count one event for ``key`` in a 60 s sliding window shared by the cluster: None if
         allowed, else the seconds until the next would be."""
@@ -203,6 +209,9 @@ class LocalDirectory:
 
     async def publish(self, notice: Notice) -> None:
         return None
+
+    async def send(self, node: NodeId, notice: Notice) -> None:
+        raise DirectoryUnavailable(f'node "{node}" is not this node and there is no cluster (no redis_url)')
 
     async def rate_limit(self, key: str, per_minute: int) -> float | None:
         now = self.clock()

@@ -30,7 +30,7 @@ from signalling.api import add_routes, coded_errors
 from signalling.audit import AUDIT_KEY, SIGN_INS_KEY, SignIns, staff_sign_ins
 from signalling.auth import TokenAuthority
 from signalling.backoffice_api import add_backoffice_routes
-from signalling.cluster import RedisDirectory
+from signalling.cluster import DIRECTORY_KEY, NOTICE_SINKS_KEY, RedisDirectory
 from signalling.config import Config, ConfigError
 from signalling.hub import Hub
 from signalling.keys import (
@@ -46,7 +46,7 @@ from signalling.keys import (
 )
 from signalling.staff_api import add_staff_routes
 from signalling.workflow import DataRetention, Workflow
-from signalling.ws import websocket_handler
+from signalling.ws import RELAY_DOOR_KEY, RELAY_SERVER_KEY, RelayDoor, RelayServer, websocket_handler
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +215,6 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
                 prom.MEDIA_UDP_ROUTES.labels(kind=kind.value).set_function(lambda: 0)
 
 
-#: The room directory: :class:`LocalDirectory` for one node, :class:`RedisDirectory` with ``redis_url``.
-DIRECTORY_KEY: Final = web.AppKey("directory", RoomDirectory)
-#: Who hears other nodes' notices (the workflow adds itself once it exists).
-NOTICE_SINKS_KEY: Final = web.AppKey("notice_sinks", list[Callable[[Notice], None]])
 
 
 def _node_load(hub: Hub, cpu: float) -> NodeLoad:
@@ -238,10 +234,17 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         directory = LocalDirectory(lease_s=config.cluster.lease_s)
     sinks: list[Callable[[Notice], None]] = []
     app[NOTICE_SINKS_KEY] = sinks
+    door, server = RelayDoor(), RelayServer(app)
+    app[RELAY_DOOR_KEY], app[RELAY_SERVER_KEY] = door, server
 
     def deliver(notice: Notice) -> None:
-        for sink in sinks:
-            sink(notice)
+        if notice.kind in ("relay.out", "relay.end"):
+            door.on_notice(notice)
+        elif notice.kind.startswith("relay."):
+            server.on_notice(notice)
+        else:
+            for sink in sinks:
+                sink(notice)
 
     await directory.start(deliver)
     hub.directory = directory
@@ -262,6 +265,10 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             wall, cpu = now_wall, now_cpu
             try:
                 await directory.heartbeat(_node_load(hub, share))
+                if door.links or server.conns:
+                    live = set(await directory.nodes())
+                    door.lost(live)
+                    server.lost(live)
             except DirectoryUnavailable:
                 pass  # logged once by the directory; the next beat retries
 
@@ -296,6 +303,7 @@ async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _close_sockets(app: web.Application) -> None:
     """On shutdown every connection leaves with reason serverShutdown, then sockets close."""
     app[SHUTTING_DOWN_KEY] = True
+    await app[RELAY_SERVER_KEY].close()
     await app[HUB_KEY].shutdown()
     sockets = app[SOCKETS_KEY]
     for ws in list(sockets):

@@ -12,7 +12,8 @@ namespace (``openconsult:`` by default):
 * ``rate:<key>`` — a sorted set of event times (a 60 s sliding window, Lua check-and-add).
 * ``job:<name>`` / ``jobfence:<name>`` — a scheduled job's lock and fencing counter.
 * channel ``notices`` — pub/sub of :class:`~rooms.directory.Notice` (JSON); each node skips its
-  own (it delivered them locally before publishing).
+  own (it delivered them locally before publishing). Channel ``inbox:<node>`` — notices for
+  one node (relayed signalling).
 
 Every Redis failure becomes ``DirectoryUnavailable`` (code ``cluster_unavailable``). Heartbeats
 keep running while Redis is away and re-register the node and re-assert its leases (same value,
@@ -31,6 +32,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+from aiohttp import web
 from redis.exceptions import RedisError
 
 from rooms.directory import (
@@ -39,6 +41,7 @@ from rooms.directory import (
     NodeLoad,
     Notice,
     RoomLease,
+    RoomDirectory,
     RoomOwnedElsewhere,
     new_node_id,
     pick_node,
@@ -103,6 +106,11 @@ return -1
 
 WINDOW_MS: Final = 60_000
 
+#: The room directory: ``LocalDirectory`` for one node, :class:`RedisDirectory` with ``redis_url``.
+DIRECTORY_KEY: Final = web.AppKey("directory", RoomDirectory)
+#: Who hears other nodes' notices (the workflow and the relay add themselves).
+NOTICE_SINKS_KEY: Final = web.AppKey("notice_sinks", list[Callable[[Notice], None]])
+
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
@@ -144,7 +152,7 @@ class RedisDirectory:
         self._deliver = deliver
         pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
         try:
-            await pubsub.subscribe(self._key("notices"))
+            await pubsub.subscribe(self._key("notices"), self._key("inbox", self.node_id))
         except (RedisError, OSError) as exc:
             await pubsub.aclose()
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
@@ -172,7 +180,7 @@ class RedisDirectory:
 
     async def _listen(self, pubsub: Any) -> None:
         """Deliver other nodes' notices; resubscribe after Redis comes back."""
-        channel = self._key("notices")
+        channels = (self._key("notices"), self._key("inbox", self.node_id))
         while True:
             try:
                 async for message in pubsub.listen():
@@ -188,7 +196,7 @@ class RedisDirectory:
                 try:
                     await pubsub.aclose()
                     pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                    await pubsub.subscribe(channel)
+                    await pubsub.subscribe(*channels)
                 except (RedisError, OSError):
                     continue
 
@@ -284,6 +292,13 @@ class RedisDirectory:
         except (RedisError, OSError) as exc:
             # Local sockets were told; the others miss this one (their next update carries it).
             logger.warning("cluster: notice %s not published (%s)", notice.kind, exc)
+
+    async def send(self, node: NodeId, notice: Notice) -> None:
+        body = json.dumps({"kind": notice.kind, "data": notice.data, "origin": self.node_id})
+        try:
+            await self._redis.publish(self._key("inbox", node), body)
+        except (RedisError, OSError) as exc:
+            raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
 
     async def rate_limit(self, key: str, per_minute: int) -> float | None:
         try:

@@ -102,6 +102,9 @@ class Client:
         self.left = False
         #: Set by the WebSocket edge: close this client's socket (after it was kicked).
         self.close_socket: Callable[[], None] | None = None
+        #: Set by the WebSocket edge for a client relayed to the node holding its room: whether
+        #: that node accepted its join (it is joined there, not here).
+        self.relayed: Callable[[], bool] = lambda: False
 
 
 class Hub:
@@ -118,8 +121,8 @@ class Hub:
         #: Publishes answered but not connected yet: not announced, not subscribable.
         self.pending_streams: dict[StreamId, LiveStream] = {}
         #: Which node holds which room (``signalling.app`` sets the cluster's when ``redis_url`` is
-        #: set): a room's first publish here claims its lease (a room's media lives on one node),
-        #: its session's end releases it. Rooms without media (staff desks) need no lease.
+        #: set): a room's first join here claims its lease (a room lives on one node), its
+        #: session's end releases it.
         self.directory: RoomDirectory = LocalDirectory()
         self.leases: dict[str, RoomLease] = {}
         #: Client reports (client.event, client.stats, beacons) per connection.
@@ -181,6 +184,10 @@ class Hub:
             raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
         if claims.role is Role.GUEST:
             await self._check_guest(client, claims)
+        if claims.room not in self.leases:
+            # A room new here: own it in the cluster first, so it lives on one node only
+            # (RoomOwnedElsewhere: the edge relays the join to the owner; DirectoryUnavailable).
+            self.leases[claims.room] = await self.directory.claim(claims.room)
         session, created = self._session_for(claims)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
@@ -237,8 +244,7 @@ class Hub:
         if self._peer_count(connection.connection_id, publish=True) >= self.max_publishes:
             raise InvalidState(f"this connection already publishes {self.max_publishes} streams, the most allowed")
         if session.room not in self.leases:
-            # The room's first media here: this node must own it in the cluster, so a call is never
-            # split between nodes (RoomOwnedElsewhere or DirectoryUnavailable: nothing was done).
+            # The lease was lost (e.g. Redis came back with another owner): claim it again or fail.
             self.leases[session.room] = await self.directory.claim(session.room)
         stream_id = StreamId(new_id("st"))
         sid = session.session_id

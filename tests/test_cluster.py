@@ -18,6 +18,7 @@ from signalling.auth import TokenAuthority
 from tests.call_helpers import Participant
 from tests.redis_server import RedisServer, redis_server
 from tests.server import ServerProcess, start_server
+from tests.helpers import wait_until
 from tests.workflow.helpers import Clinic, now_ms, wait_event
 
 SECRET = "cluster-test-secret-0123456789abcdef"
@@ -124,21 +125,43 @@ async def test_concurrent_admits_from_two_nodes_have_one_winner(nodes: list[Clin
         await client.close()
 
 
-async def test_a_rooms_media_lives_on_one_node(nodes: list[Clinic]) -> None:
-    a, b, _ = nodes
+async def test_a_patient_on_one_node_and_a_clinician_on_another_decode_each_other(
+        nodes: list[Clinic], redis: RedisServer) -> None:
+    a, b, c = nodes
     p = Participant(a.server.ws_url, "Pat")
     d = Participant(b.server.ws_url, "Doc")
     try:
-        await p.join(a.tokens, "room-one", Role.PATIENT)
-        await d.join(b.tokens, "room-one", Role.CLINICIAN)
-        await p.publish()
-        # Node A owns the room now; node B refuses to start a second copy of the call.
-        with pytest.raises(RequestFailed) as err:
-            await d.publish()
-        assert err.value.code == "cluster_unavailable" and "room-one" in str(err.value)
+        joined_p = await p.join(a.tokens, "room-one", Role.PATIENT)
+        joined_d = await d.join(b.tokens, "room-one", Role.CLINICIAN)
+        assert joined_p["session_id"] == joined_d["session_id"]  # one call, not two
+        assert [x["name"] for x in joined_d["connections"]] == ["Pat"]
+        stream_p, stream_d = await p.publish(), await d.publish()
+        await p.client.wait_event("streamCreated", stream__stream_id=stream_d)
+        await d.client.wait_event("streamCreated", stream__stream_id=stream_p)
+        sub_d, sub_p = await d.subscribe(stream_p), await p.subscribe(stream_d)
+        await wait_until(lambda: len(sub_d.received.frames) > 5 and len(sub_p.received.frames) > 5,
+                         timeout=60, message="video both ways across nodes")
+        # The room has one owner in Redis, and it is one of the three nodes.
+        owner = await _owner(redis, "room-one")
+        assert owner is not None
+        logs = [s.server.log_text() for s in (a, b, c)]
+        assert sum(f"cluster: node {owner} " in text for text in logs) == 1, owner
     finally:
         await p.close()
         await d.close()
+
+
+async def _owner(redis: RedisServer, room: str) -> str | None:
+    import redis.asyncio as aioredis
+
+    r = aioredis.Redis.from_url(redis.url)
+    try:
+        keys = [k for k in await r.keys(f"*room:{room}")]
+        assert len(keys) == 1, keys
+        value = await r.get(keys[0])
+        return None if value is None else value.decode().rpartition("|")[0]
+    finally:
+        await r.aclose()
 
 
 async def test_walk_in_limit_is_counted_across_nodes(nodes: list[Clinic]) -> None:
