@@ -216,6 +216,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         key = uuid.uuid4().hex
         opened = door.links[key] = _DoorLink(key, node, client, outbox, close_relayed)
         client.relayed = lambda: opened.joined
+        # A node that died a moment ago still holds its leases until they expire: a join relayed
+        # to it gets no answer, so the socket closes (1012) and the SDK tries again.
+        asyncio.get_running_loop().call_later(
+            directory.lease_s, lambda: None if opened.answered else opened.end(CLOSE_NODE_LOST, "node not answering"))
         await directory.send(node, Notice("relay.open", {"conn": key, "ip": client.remote_ip,
                                                          "ua": client.user_agent}))
         return opened
@@ -537,8 +541,10 @@ class _DoorLink:
         self.outbox = outbox
         self.close = close
         self.joined = False
+        self.answered = False
 
     def deliver(self, message: dict[str, Any]) -> None:
+        self.answered = True
         if (message.get("type") == "response" and message.get("ok") and isinstance(message.get("data"), dict)
                 and "connection_id" in message["data"] and "session_id" in message["data"]):
             self.joined = True

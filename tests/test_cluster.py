@@ -6,11 +6,15 @@ the node registry are cluster-wide."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from pathlib import Path
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 
 from loadtest.client import RequestFailed
 from rooms.model import Role
@@ -152,14 +156,13 @@ async def test_a_patient_on_one_node_and_a_clinician_on_another_decode_each_othe
 
 
 async def _owner(redis: RedisServer, room: str) -> str | None:
-    import redis.asyncio as aioredis
-
-    r = aioredis.Redis.from_url(redis.url)
+    """The node holding ``room``'s lease (there is exactly one lease key for it)."""
+    r = aioredis.Redis.from_url(redis.url, decode_responses=True)
     try:
         keys = [k for k in await r.keys(f"*room:{room}")]
         assert len(keys) == 1, keys
         value = await r.get(keys[0])
-        return None if value is None else value.decode().rpartition("|")[0]
+        return None if value is None else str(value).rpartition("|")[0]
     finally:
         await r.aclose()
 
@@ -176,3 +179,74 @@ def test_a_node_without_its_redis_does_not_start(tmp_path: Path) -> None:
     with pytest.raises(AssertionError) as err:
         start_server(tmp_path, env={"OPENCONSULT_REDIS_URL": "redis://127.0.0.1:1/0"}, timeout=30)
     assert "exited" in str(err.value)
+
+
+async def _rejoin(url: str, tokens: TokenAuthority, room: str, role: Role, name: str,
+                  deadline: float) -> tuple[Participant, dict[str, Any]]:
+    """Join like the SDK after a lost connection: try again until a node takes the join."""
+    got: list[tuple[Participant, dict[str, Any]]] = []
+
+    async def attempt() -> bool:
+        p = Participant(url, name)
+        try:
+            await p.client.connect()
+            joined = await p.client.request("join", timeout=5,
+                                            token=tokens.mint(room, role, name, consultation=room))
+        except Exception:
+            await p.close()
+            return False
+        got.append((p, joined))
+        return True
+
+    await wait_until(attempt, timeout=max(1.0, deadline - time.monotonic()), interval=0.3, message=f"{name} rejoined")
+    return got[0]
+
+
+async def test_kill_the_owner_mid_call_and_both_rejoin_through_live_nodes(
+        nodes: list[Clinic], redis: RedisServer) -> None:
+    room = "c-kill"
+    by_port = {c.server.port: c for c in nodes}
+    a, b, _ = nodes
+    p = Participant(a.server.ws_url, "Pat")
+    d = Participant(b.server.ws_url, "Doc")
+    await p.client.connect()
+    await d.client.connect()
+    first = await p.client.join(a.tokens.mint(room, Role.PATIENT, "Pat", consultation=room))
+    await d.client.join(b.tokens.mint(room, Role.CLINICIAN, "Doc", consultation=room))
+    assert first["session_id"] == room
+    stream_p, stream_d = await p.publish(), await d.publish()
+    await d.client.wait_event("streamCreated", stream__stream_id=stream_p)
+    await p.client.wait_event("streamCreated", stream__stream_id=stream_d)
+    sub = await d.subscribe(stream_p)
+    await wait_until(lambda: len(sub.received.frames) > 5, timeout=60, message="video before the kill")
+    owner = await _owner(redis, room)
+    dead = next(c for c in nodes if f"cluster: node {owner} " in c.server.log_text())
+    live = [c for c in nodes if c is not dead]
+    dead.server.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    await p.close()
+    await d.close()
+    # Each rejoins through its own node if it lives, else through another live node.
+    url_p = (a if a is not dead else live[0]).server.ws_url
+    url_d = (b if b is not dead else live[1]).server.ws_url
+    deadline = killed_at + 15
+    (p2, joined_p), (d2, joined_d) = await asyncio.gather(
+        _rejoin(url_p, a.tokens, room, Role.PATIENT, "Pat", deadline),
+        _rejoin(url_d, b.tokens, room, Role.CLINICIAN, "Doc", deadline))
+    try:
+        assert joined_p["session_id"] == joined_d["session_id"] == room  # the same session id
+        stream_p2, stream_d2 = await p2.publish(), await d2.publish()
+        await d2.client.wait_event("streamCreated", stream__stream_id=stream_p2)
+        await p2.client.wait_event("streamCreated", stream__stream_id=stream_d2)
+        sub_d, sub_p = await d2.subscribe(stream_p2), await p2.subscribe(stream_d2)
+        await wait_until(lambda: len(sub_d.received.frames) > 5 and len(sub_p.received.frames) > 5,
+                         timeout=max(1.0, deadline - time.monotonic()), message="video both ways again")
+        took = time.monotonic() - killed_at
+        assert took < 15, took
+        new_owner = await _owner(redis, room)  # one key, so one owner
+        assert new_owner is not None and new_owner != owner
+        assert any(f"cluster: node {new_owner} " in c.server.log_text() for c in live)
+        assert by_port[dead.server.port].server.proc.returncode == -signal.SIGKILL
+    finally:
+        await p2.close()
+        await d2.close()
