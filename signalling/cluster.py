@@ -179,26 +179,33 @@ class RedisDirectory:
         await self._redis.aclose()
 
     async def _listen(self, pubsub: Any) -> None:
-        """Deliver other nodes' notices; resubscribe after Redis comes back."""
+        """Deliver other nodes' notices; resubscribe (backing off) while Redis is away."""
         channels = (self._key("notices"), self._key("inbox", self.node_id))
-        while True:
-            try:
-                async for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    self._on_message(message["data"])
-            except asyncio.CancelledError:
-                await pubsub.aclose()
-                raise
-            except (RedisError, OSError) as exc:
-                logger.warning("cluster: notice channel lost (%s); resubscribing", exc)
-                await asyncio.sleep(min(1.0, self.lease_s / 10))
+        lost = False
+        try:
+            while True:
                 try:
+                    if pubsub is None:
+                        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                        await pubsub.subscribe(*channels)
+                        if lost:
+                            logger.info("cluster: notice channel back")
+                        lost = False
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._on_message(message["data"])
+                except (RedisError, OSError) as exc:
+                    if not lost:
+                        logger.warning("cluster: notice channel lost (%s); resubscribing", exc)
+                    lost = True
+                # listen() ended or failed: a fresh subscription after a pause (never a busy loop)
+                if pubsub is not None:
                     await pubsub.aclose()
-                    pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-                    await pubsub.subscribe(*channels)
-                except (RedisError, OSError):
-                    continue
+                pubsub = None
+                await asyncio.sleep(min(1.0, self.lease_s / 10))
+        finally:
+            if pubsub is not None:
+                await pubsub.aclose()
 
     def _on_message(self, raw: bytes) -> None:
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,13 +17,13 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from loadtest.client import RequestFailed
+from loadtest.client import RequestFailed, SignallingClient
 from rooms.model import Role
 from signalling.auth import TokenAuthority
 from tests.call_helpers import Participant
-from tests.redis_server import RedisServer, redis_server
+from tests.redis_server import RedisServer, redis_server, require_redis_server
 from tests.server import ServerProcess, start_server
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tests.workflow.helpers import Clinic, now_ms, wait_event
 
 SECRET = "cluster-test-secret-0123456789abcdef"
@@ -250,3 +251,55 @@ async def test_kill_the_owner_mid_call_and_both_rejoin_through_live_nodes(
     finally:
         await p2.close()
         await d2.close()
+
+
+async def test_redis_stopped_mid_call_media_flows_new_joins_fail_then_work(tmp_path: Path) -> None:
+    binary = require_redis_server()
+    port = free_port()
+    command = [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1",
+               "--dir", str(tmp_path)]
+    url = f"redis://127.0.0.1:{port}/0"
+    redis_proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node: ServerProcess | None = None
+    p = Participant("", "Pat")
+    d = Participant("", "Doc")
+    try:
+        node = start_server(tmp_path / "a", f'[auth]\nsecret = "{SECRET}"\n[cluster]\nlease_s = 3.0\n',
+                            env={"OPENCONSULT_REDIS_URL": url})
+        tokens = TokenAuthority("HS256", SECRET, SECRET, leeway_s=30)
+        p, d = Participant(node.ws_url, "Pat"), Participant(node.ws_url, "Doc")
+        await p.join(tokens, "room-r", Role.PATIENT)
+        await d.join(tokens, "room-r", Role.CLINICIAN)
+        stream = await p.publish()
+        await d.client.wait_event("streamCreated", stream__stream_id=stream)
+        sub = await d.subscribe(stream)
+        await wait_until(lambda: len(sub.received.frames) > 5, timeout=60, message="video before the outage")
+        redis_proc.kill()
+        redis_proc.wait()
+        before = len(sub.received.frames)
+        # Media goes on without Redis; a join to a new room gets a clear coded error.
+        late = SignallingClient(node.ws_url)
+        await late.connect()
+        with pytest.raises(RequestFailed) as err:
+            await late.join(tokens.mint("room-new", Role.PATIENT, "Late"))
+        assert err.value.code == "cluster_unavailable" and "Redis" in err.value.message
+        await wait_until(lambda: len(sub.received.frames) > before + 30, timeout=30, message="media without Redis")
+        await wait_until(lambda: "cluster: Redis unavailable" in node.log_text(), timeout=30, message="outage log")
+        # Redis comes back (empty): the node re-registers and re-asserts its lease; new joins work.
+        redis_proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await wait_until(lambda: "cluster: Redis is back" in node.log_text(), timeout=30, message="Redis back")
+        joined = await late.join(tokens.mint("room-new", Role.PATIENT, "Late"))
+        assert joined["room"] == "room-new"
+        r = aioredis.Redis.from_url(url, decode_responses=True)
+        try:
+            assert sorted(await r.keys("openconsult:room:*")) == ["openconsult:room:room-new", "openconsult:room:room-r"]
+        finally:
+            await r.aclose()
+        await late.close()
+    finally:
+        await p.close()
+        await d.close()
+        if node is not None:
+            node.stop()
+        redis_proc.kill()
+        redis_proc.wait()
