@@ -28,7 +28,7 @@ from tests.workflow.helpers import Clinic, now_ms, wait_event
 
 SECRET = "cluster-test-secret-0123456789abcdef"
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
 @pytest.fixture(scope="module")

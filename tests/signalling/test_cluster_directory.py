@@ -9,6 +9,8 @@ import random
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import pytest
 
@@ -22,11 +24,17 @@ from rooms.directory import (
     RoomOwnedElsewhere,
     pick_node,
 )
+from rooms.chat import Retention, RetentionKind
+from rooms.service import Result, WorkflowConfig, WorkflowService
+from rooms.sqlite_store import SqliteStore
 from signalling.cluster import RedisDirectory
+from signalling.workflow import RetentionJob
 from tests.helpers import wait_until
 from tests.redis_server import RedisServer, redis_server, redis_srv, require_redis_server
 
 __all__ = ["redis_srv"]
+
+pytestmark = pytest.mark.redis
 
 
 def _ns() -> str:
@@ -221,3 +229,24 @@ def _implements(d: RoomDirectory) -> Callable[[], None]:
 def test_both_implement_the_interface(redis_srv: RedisServer) -> None:
     _implements(LocalDirectory())
     _implements(RedisDirectory(redis_srv.url))
+
+
+async def test_the_retention_sweep_runs_once_per_period_per_cluster(
+        pair: tuple[RedisDirectory, RedisDirectory, list[Notice]], tmp_path: Path) -> None:
+    a, b, _ = pair
+    store = SqliteStore(tmp_path / "workflow.sqlite3")
+    svc = WorkflowService(store, WorkflowConfig(retention=Retention(RetentionKind.DELETE_AFTER_DAYS, 30)))
+
+    async def record(result: Result[int]) -> object:
+        return result.value
+
+    def slot(d: RedisDirectory) -> Callable[[], AbstractAsyncContextManager[int | None]]:
+        return lambda: d.job_lock("retention", 3600, release=False)
+
+    jobs = [RetentionJob(svc, record, 3600, lock=slot(d)) for d in (a, b, a, b)]
+    try:
+        await asyncio.gather(*(job._scheduled_run() for job in jobs))
+        assert sorted(len(job.runs) for job in jobs) == [0, 0, 0, 1]
+        assert all(run.ok for job in jobs for run in job.runs)
+    finally:
+        await store.close()
