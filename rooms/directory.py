@@ -135,6 +135,9 @@ class RoomDirectory(Protocol):
     async def claim(self, room: str) -> RoomLease:
         """Own ``room`` (or keep owning it): the lease, or :class:`RoomOwnedElsewhere`."""
 
+    def held(self) -> set[str]:
+        """The rooms whose lease this node holds (as of its last heartbeat)."""
+
     async def owner(self, room: str) -> NodeId | None:
         """The node holding ``room``, or None."""
 
@@ -194,6 +197,9 @@ class LocalDirectory:
         if lease is None:
             lease = self.leases[room] = RoomLease(room, self.node_id, next(self._tokens))
         return lease
+
+    def held(self) -> set[str]:
+        return set(self.leases)
 
     async def owner(self, room: str) -> NodeId | None:
         return self.node_id if room in self.leases else None

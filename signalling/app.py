@@ -265,6 +265,11 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             wall, cpu = now_wall, now_cpu
             try:
                 await directory.heartbeat(_node_load(hub, share))
+                for room in set(hub.leases) - directory.held():
+                    # Claimed by another node while this one was cut off: new joins and publishes
+                    # for it go to that node from now on.
+                    hub.leases.pop(room, None)
+                    logger.warning("cluster: room %s now belongs to another node", room)
                 if door.links or server.conns:
                     live = set(await directory.nodes())
                     door.lost(live)

@@ -273,6 +273,9 @@ class RedisDirectory:
         lease = self.leases[room] = RoomLease(room, self.node_id, int(token))
         return lease
 
+    def held(self) -> set[str]:
+        return set(self.leases)
+
     async def owner(self, room: str) -> NodeId | None:
         try:
             value = await self._redis.get(self._key("room", room))
