@@ -54,7 +54,7 @@ STATUS = {
     "invalid_message": 400, "invalid_input": 400, "unauthorized": 401, "token_expired": 401,
     "token_not_yet_valid": 401, "room_mismatch": 403, "forbidden": 403, "not_found": 404, "invalid_state": 409,
     "conflict": 409, "too_early": 409, "too_late": 409, "message_too_large": 413, "rate_limited": 429,
-    "over_capacity": 503, "codec_not_supported": 415,
+    "over_capacity": 503, "codec_not_supported": 415, "cluster_unavailable": 503,
 }
 
 

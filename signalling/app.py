@@ -8,7 +8,7 @@ import errno
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping, MutableMapping
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
 from typing import Any, Final
 
 from aiohttp import WSCloseCode, web
@@ -22,6 +22,7 @@ from metrics import prometheus as prom
 from metrics.audit import AuditLog
 from metrics.eventlog import EventLog, EventStore
 from metrics.recorder import Recorder
+from rooms.directory import DirectoryUnavailable, LocalDirectory, NodeLoad, Notice, RoomDirectory
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
@@ -29,6 +30,7 @@ from signalling.api import add_routes, coded_errors
 from signalling.audit import AUDIT_KEY, SIGN_INS_KEY, SignIns, staff_sign_ins
 from signalling.auth import TokenAuthority
 from signalling.backoffice_api import add_backoffice_routes
+from signalling.cluster import DIRECTORY_KEY, NOTICE_SINKS_KEY, RedisDirectory
 from signalling.config import Config, ConfigError
 from signalling.hub import Hub
 from signalling.keys import (
@@ -44,7 +46,7 @@ from signalling.keys import (
 )
 from signalling.staff_api import add_staff_routes
 from signalling.workflow import DataRetention, Workflow
-from signalling.ws import websocket_handler
+from signalling.ws import RELAY_DOOR_KEY, RELAY_SERVER_KEY, RelayDoor, RelayServer, websocket_handler
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_eventlog_ctx)
     app.cleanup_ctx.append(_audit_ctx)
     app.cleanup_ctx.append(_media_ctx)
+    app.cleanup_ctx.append(_cluster_ctx)
     app.cleanup_ctx.append(_workflow_ctx)
     app.on_shutdown.append(_close_sockets)
     add_routes(app)
@@ -226,18 +229,92 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
                 prom.MEDIA_UDP_ROUTES.labels(kind=kind.value).set_function(lambda: 0)
 
 
+
+
+def _node_load(hub: Hub, cpu: float) -> NodeLoad:
+    sessions = list(hub.registry.sessions.values())
+    return NodeLoad(rooms=len(sessions), calls=sum(1 for s in sessions if len(s.connections) >= 2), cpu=round(cpu, 3))
+
+
+async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The room directory and this node's heartbeat (every third of ``cluster.lease_s``: load,
+    renewed leases). With Redis away the heartbeat keeps trying; calls go on meanwhile."""
+    config, hub = app[CONFIG_KEY], app[HUB_KEY]
+    directory: RoomDirectory
+    if config.redis_url:
+        directory = RedisDirectory(config.redis_url, lease_s=config.cluster.lease_s,
+                                   namespace=config.cluster.namespace, address=f"{config.server.host}:{config.server.port}")
+    else:
+        directory = LocalDirectory(lease_s=config.cluster.lease_s)
+    sinks: list[Callable[[Notice], None]] = []
+    app[NOTICE_SINKS_KEY] = sinks
+    door, server = RelayDoor(), RelayServer(app)
+    app[RELAY_DOOR_KEY], app[RELAY_SERVER_KEY] = door, server
+
+    def deliver(notice: Notice) -> None:
+        if notice.kind in ("relay.out", "relay.end"):
+            door.on_notice(notice)
+        elif notice.kind.startswith("relay."):
+            server.on_notice(notice)
+        else:
+            for sink in sinks:
+                sink(notice)
+
+    await directory.start(deliver)
+    hub.directory = directory
+    app[DIRECTORY_KEY] = directory
+    logger.info("cluster: node %s (%s)", directory.node_id,
+                "Redis directory" if config.redis_url else "one node, no Redis")
+    stop = asyncio.Event()
+
+    async def beat() -> None:
+        wall, cpu = time.monotonic(), time.process_time()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=directory.lease_s / 3)
+            except TimeoutError:
+                pass
+            now_wall, now_cpu = time.monotonic(), time.process_time()
+            share = (now_cpu - cpu) / max(1e-3, now_wall - wall)
+            wall, cpu = now_wall, now_cpu
+            try:
+                await directory.heartbeat(_node_load(hub, share))
+                for room in set(hub.leases) - directory.held():
+                    # Claimed by another node while this one was cut off: new joins and publishes
+                    # for it go to that node from now on.
+                    hub.leases.pop(room, None)
+                    logger.warning("cluster: room %s now belongs to another node", room)
+                if door.links or server.conns:
+                    live = set(await directory.nodes())
+                    door.lost(live)
+                    server.lost(live)
+            except DirectoryUnavailable:
+                pass  # logged once by the directory; the next beat retries
+
+    task = asyncio.get_running_loop().create_task(beat(), name="cluster-heartbeat")
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+        await directory.close()
+
+
 async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
     """The workflow store: SQLite in the data dir (commits are synchronous, so a crash loses
     nothing acknowledged), or Redis when several nodes share ``redis_url``."""
     config = app[CONFIG_KEY]
-    store: Store = (RedisStore(config.redis_url) if config.redis_url
+    store: Store = (RedisStore(config.redis_url, namespace=config.cluster.namespace) if config.redis_url
                     else SqliteStore(config.data_path / "workflow.sqlite3"))
     data = DataRetention(app[EVENTLOG_KEY], app[AUDIT_KEY], config.retention)
+    directory = app[DIRECTORY_KEY]
     workflow = Workflow.from_settings(store, config.workflow, app[HUB_KEY], app[HUB_KEY].recorder, app[TOKENS_KEY],
-                                      data)
+                                      data, directory=directory)
     app[WORKFLOW_KEY] = workflow
+    app[NOTICE_SINKS_KEY].append(workflow.deliver)
     workflow.start()  # scheduled jobs (the retention sweep), stopped before the store closes
     yield
+    app[NOTICE_SINKS_KEY].remove(workflow.deliver)
     await workflow.stop_jobs()
     await store.close()
 
@@ -245,6 +322,7 @@ async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _close_sockets(app: web.Application) -> None:
     """On shutdown every connection leaves with reason serverShutdown, then sockets close."""
     app[SHUTTING_DOWN_KEY] = True
+    await app[RELAY_SERVER_KEY].close()
     await app[HUB_KEY].shutdown()
     sockets = app[SOCKETS_KEY]
     for ws in list(sockets):

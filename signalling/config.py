@@ -197,6 +197,17 @@ class EventLogSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """Several nodes sharing ``redis_url`` (ignored without it)."""
+
+    #: Seconds a room lease and a node's heartbeat live without renewal: a node killed outright
+    #: loses its rooms after at most this long. Heartbeats (which renew the leases) go every third.
+    lease_s: float = 10.0
+    #: Keys in Redis start with this (put it in a hash tag, ``{openconsult}:``, for Redis Cluster).
+    namespace: str = "openconsult:"
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -206,6 +217,7 @@ class Config:
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     eventlog: EventLogSettings = field(default_factory=EventLogSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     #: Redis URL for running several nodes; empty: one node, no Redis.
     redis_url: str = ""
 
@@ -303,6 +315,10 @@ class Config:
         self._validate_eventlog()
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f'redis_url must start with redis://, rediss:// or unix://, got "{self.redis_url}"')
+        if not 1.0 <= self.cluster.lease_s <= 300.0:
+            raise ConfigError(f"cluster.lease_s must be 1-300 seconds, got {self.cluster.lease_s}")
+        if not self.cluster.namespace or len(self.cluster.namespace) > 64:
+            raise ConfigError("cluster.namespace must be 1-64 characters")
         return self
 
     def _validate_eventlog(self) -> None:

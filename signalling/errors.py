@@ -36,6 +36,7 @@ class ErrorCode(StrEnum):
     MEDIA_ERROR = "media_error"
     OVER_CAPACITY = "over_capacity"
     CODEC_NOT_SUPPORTED = "codec_not_supported"
+    CLUSTER_UNAVAILABLE = "cluster_unavailable"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -172,6 +173,13 @@ class CodecNotSupported(OpenConsultError):
     code: ClassVar[ErrorCode] = ErrorCode.CODEC_NOT_SUPPORTED
 
 
+class ClusterUnavailable(OpenConsultError):
+    """The cluster's shared store (Redis) does not answer: what needs it (a new room, a walk-in)
+    was not done; calls in progress go on. Retry shortly."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.CLUSTER_UNAVAILABLE
+
+
 class InternalError(OpenConsultError):
     """A bug on our side; the handler logs the trace and sends this without details."""
 
@@ -199,12 +207,14 @@ ERRORS_BY_CODE: Final[dict[ErrorCode, type[OpenConsultError]]] = {
         MediaError,
         OverCapacity,
         CodecNotSupported,
+        ClusterUnavailable,
         InternalError,
     )
 }
 
 # rooms/ codes that have no class of their own on the wire.
-_ROOMS_ALIASES: Final[dict[str, ErrorCode]] = {"invalid_token": ErrorCode.UNAUTHORIZED}
+_ROOMS_ALIASES: Final[dict[str, ErrorCode]] = {"invalid_token": ErrorCode.UNAUTHORIZED,
+                                               "room_elsewhere": ErrorCode.CLUSTER_UNAVAILABLE}
 
 
 def coded(error: OpenConsultError | RoomsError) -> OpenConsultError:

@@ -53,6 +53,7 @@ from rooms.live import (
     LiveStream,
     LiveSubscription,
 )
+from rooms.directory import LocalDirectory, RoomDirectory, RoomLease
 from rooms.errors import RoomsError
 from rooms.model import (
     ConnectionId,
@@ -101,6 +102,9 @@ class Client:
         self.left = False
         #: Set by the WebSocket edge: close this client's socket (after it was kicked).
         self.close_socket: Callable[[], None] | None = None
+        #: Set by the WebSocket edge for a client relayed to the node holding its room: whether
+        #: that node accepted its join (it is joined there, not here).
+        self.relayed: Callable[[], bool] = lambda: False
 
 
 class Hub:
@@ -116,6 +120,11 @@ class Hub:
         self.peers: dict[str, PeerOwner] = {}
         #: Publishes answered but not connected yet: not announced, not subscribable.
         self.pending_streams: dict[StreamId, LiveStream] = {}
+        #: Which node holds which room (``signalling.app`` sets the cluster's when ``redis_url`` is
+        #: set): a room's first join here claims its lease (a room lives on one node), its
+        #: session's end releases it.
+        self.directory: RoomDirectory = LocalDirectory()
+        self.leases: dict[str, RoomLease] = {}
         #: Client reports (client.event, client.stats, beacons) per connection.
         self.report_limiter = ReportLimiter(self.config.server.client_reports_per_min)
         #: connection id -> (session id, token sub, room) of connections that joined lately.
@@ -175,6 +184,10 @@ class Hub:
             raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
         if claims.role is Role.GUEST:
             await self._check_guest(client, claims)
+        if claims.room not in self.leases:
+            # A room new here: own it in the cluster first, so it lives on one node only
+            # (RoomOwnedElsewhere: the edge relays the join to the owner; DirectoryUnavailable).
+            self.leases[claims.room] = await self.directory.claim(claims.room)
         session, created = self._session_for(claims)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
@@ -230,6 +243,9 @@ class Hub:
         session, connection = self.joined(client)
         if self._peer_count(connection.connection_id, publish=True) >= self.max_publishes:
             raise InvalidState(f"this connection already publishes {self.max_publishes} streams, the most allowed")
+        if session.room not in self.leases:
+            # The lease was lost (e.g. Redis came back with another owner): claim it again or fail.
+            self.leases[session.room] = await self.directory.claim(session.room)
         stream_id = StreamId(new_id("st"))
         sid = session.session_id
         self.log(sid, EventKind.PUBLISH_ATTEMPT, f"Publish attempt: {connection.name}",
@@ -481,6 +497,17 @@ class Hub:
         self.broadcast(session, "connectionDestroyed", {"connection": connection.public(), "reason": str(reason)})
         if self.registry.end_if_empty(session):
             self.recorder.session_ended()
+            await self._release(session.room)
+
+    async def _release(self, room: str) -> None:
+        """The room's session ended here: give its lease back (it expires anyway if this fails)."""
+        lease = self.leases.pop(room, None)
+        if lease is None or room in self.registry.by_room:
+            return
+        try:
+            await self.directory.release(lease)
+        except RoomsError as exc:
+            logger.warning("room %s: lease not released (%s); it expires by itself", room, exc)
 
     async def shutdown(self) -> None:
         for client in list(self.clients.values()):

@@ -200,7 +200,7 @@ async def walk_in(request: web.Request) -> web.Response:
     name = given.strip() if given else None
     workflow = request.app[WORKFLOW_KEY]
     link_token = request.headers["Authorization"][len("Bearer "):].strip()
-    wait_s = workflow.walk_in_limiter.acquire(link_token)
+    wait_s = await workflow.walk_in_wait(link_token)  # counted across the cluster
     if wait_s is not None:
         retry = max(1, math.ceil(wait_s))
         limit = workflow.walk_in_limiter.per_minute

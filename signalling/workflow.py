@@ -33,6 +33,7 @@ import logging
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass
 from typing import Any, Final, TypeVar
 
@@ -52,8 +53,9 @@ from rooms.chat import (
     consultation_channel_id,
 )
 from rooms.consultation import Consultation, Guest
+from rooms.directory import LocalDirectory, Notice, RoomDirectory
 from rooms.consultation import State as CState
-from rooms.errors import InvalidToken, NotFound, TooEarly, TooLate
+from rooms.errors import InvalidToken, NotFound, RoomsError, TooEarly, TooLate
 from rooms.model import Role, SessionId, new_id
 from rooms.permissions import Actor
 from rooms.service import (
@@ -200,15 +202,24 @@ class Workflow:
         }
         self.retention: RetentionJob | None = None
         self.walk_in_limiter = WalkInLimiter(WorkflowSettings.walk_in_per_link_per_min)
+        #: Where pushes go (every node holding a recipient's socket) and the walk-in count lives;
+        #: ``signalling.app`` sets the cluster's one when ``redis_url`` is set.
+        self.directory: RoomDirectory = LocalDirectory()
         #: The base of the links handed out (``workflow.public_url``); empty: links are relative.
         self.public_url = ""
         hub.guest_check = self.check_guest
 
     @classmethod
     def from_settings(cls, store: Store, settings: WorkflowSettings, hub: Hub, recorder: Recorder,
-                      tokens: TokenAuthority, data: DataRetention | None = None) -> Workflow:
+                      tokens: TokenAuthority, data: DataRetention | None = None,
+                      directory: RoomDirectory | None = None) -> Workflow:
         workflow = cls(WorkflowService(store, workflow_config(settings)), hub, recorder, tokens)
-        workflow.retention = RetentionJob(workflow.service, workflow.record, settings.retention_sweep_s, data=data)
+        if directory is not None:
+            workflow.directory = directory
+        period = settings.retention_sweep_s
+        workflow.retention = RetentionJob(
+            workflow.service, workflow.record, period, data=data,
+            lock=lambda: workflow.directory.job_lock("retention", max(1.0, period * 0.9), release=False))
         workflow.walk_in_limiter = WalkInLimiter(settings.walk_in_per_link_per_min)
         workflow.public_url = settings.public_url.rstrip("/")
         return workflow
@@ -252,8 +263,8 @@ class Workflow:
                     rooms.add(value)
         await self.push_queues(rooms)
         if changed is not None:
-            self._push(self._in_room(changed.session_id), "consultationChanged",
-                       {"consultation": consultation_json(changed)})
+            await self.notify("consultationChanged", {"consultation": consultation_json(changed)},
+                              room=changed.session_id)
         return result.value
 
     async def push_queues(self, room_ids: Iterable[str]) -> None:
@@ -265,19 +276,18 @@ class Workflow:
             except NotFound:
                 continue
             lines = [queued_json(q) for q in queue]
-            self._push(self.watchers.get(room_id, ()), "queueUpdated", {"room_id": room_id, "queue": lines})
+            await self.notify("queueUpdated", {"room_id": room_id, "queue": lines}, watchers=room_id)
             for q in queue:
-                self._push(self._patients_in_room(q.session_id), "positionChanged",
-                           {"session_id": q.session_id, "room_id": room_id, "position": q.position})
+                await self.notify("positionChanged", {"session_id": q.session_id, "room_id": room_id,
+                                                      "position": q.position}, patients=[q.session_id])
 
     async def announce(self, actor: Actor, room_id: str, text: str, expires_in_s: int) -> Announcement:
         now = now_ms()
         ann = await self.record(await self.service.post_announcement(
             actor, room_id, text=text, expires_ms=now + expires_in_s * 1000, now_ms=now))
         room = await self.service.waiting_room(SYSTEM, room_id)
-        targets = [c for sid in room.waiting for c in self._patients_in_room(sid)]
-        self._push([*targets, *self.watchers.get(room_id, ())], "announcement",
-                   {"announcement": announcement_json(ann)})
+        await self.notify("announcement", {"announcement": announcement_json(ann)}, watchers=room_id,
+                          patients=list(room.waiting))
         return ann
 
     async def stop(self, actor: Actor, session_id: str, how: str) -> Consultation:
@@ -306,8 +316,8 @@ class Workflow:
         changed = await self.service.consultation(SYSTEM, sid)
         await self.record(result, changed=changed)
         seg = qe.current
-        self._push(self._patients_in_room(sid), "removedFromQueue",
-                   {"session_id": sid, "room_id": seg.room_id, "removed_ms": qe.removed_ms or 0})
+        await self.notify("removedFromQueue", {"session_id": sid, "room_id": seg.room_id,
+                                               "removed_ms": qe.removed_ms or 0}, patients=[sid])
         return qe
 
     async def withdraw(self, actor: Actor, room_id: str, announcement_id: str) -> Announcement:
@@ -315,9 +325,8 @@ class Workflow:
         ann = await self.record(await self.service.withdraw_announcement(actor, room_id, announcement_id,
                                                                          now_ms=now_ms()))
         room = await self.service.waiting_room(SYSTEM, room_id)
-        targets = [c for sid in room.waiting for c in self._patients_in_room(sid)]
-        self._push([*targets, *self.watchers.get(room_id, ())], "announcement",
-                   {"announcement": announcement_json(ann)})
+        await self.notify("announcement", {"announcement": announcement_json(ann)}, watchers=room_id,
+                          patients=list(room.waiting))
         return ann
 
     async def walk_in(self, room_id: str, patient_name: str | None) -> tuple[Consultation, QueueEntry]:
@@ -450,7 +459,7 @@ class Workflow:
         sid = SessionId(msg["session_id"])
         result = await self.service.admit(actor_of(claims), sid, now_ms=now_ms(), video_session_id=sid)
         c = await self.record(result, changed=result.value)
-        self._push(self._patients_in_room(sid), "admitted", {"session_id": sid, "room": sid})
+        await self.notify("admitted", {"session_id": sid, "room": sid}, patients=[sid])
         token = self.tokens.mint(sid, Role.CLINICIAN, claims.name, sub=claims.sub, ttl_s=MEDIA_TOKEN_TTL_S,
                                  departments=claims.departments, consultation=sid)
         return {"consultation": consultation_json(c), "room": sid, "token": token}
@@ -543,14 +552,19 @@ class Workflow:
             return
         ch = ChatChannel.from_doc(doc.body)
         clinicians = {ch.clinician} - {None}
-        targets: list[Client] = []
         if ch.kind is ChannelKind.CONSULTATION and ch.session_id is not None:
-            targets.extend(self._in_room(ch.session_id))
             try:
                 c = await self.service.consultation(SYSTEM, ch.session_id)
                 clinicians |= {c.admitted_by} - {None}
             except NotFound:
                 pass
+        chat = {"session_id": ch.session_id, "patient_ref": ch.patient_ref,
+                "clinicians": sorted(c for c in clinicians if c is not None)}
+        room = ch.session_id if ch.kind is ChannelKind.CONSULTATION else None
+        await self.notify("chatMessage", {"message": message_json(message)}, room=room, chat=chat, exclude=exclude)
+
+    def _chat_targets(self, session_id: str | None, patient_ref: str | None, clinicians: set[str]) -> list[Client]:
+        targets: list[Client] = []
         for other in self.hub.clients.values():
             claims = other.claims
             if claims is None:
@@ -558,11 +572,57 @@ class Workflow:
             if claims.demo:
                 continue
             # A patient hears a consultation's chat only on a token issued for that consultation.
-            patient = (claims.role is Role.PATIENT and claims.sub == ch.patient_ref
-                       and (ch.session_id is None or claims.consultation == ch.session_id))
+            patient = (claims.role is Role.PATIENT and claims.sub == patient_ref
+                       and (session_id is None or claims.consultation == session_id))
             if patient or (claims.role is Role.CLINICIAN and claims.sub in clinicians):
                 targets.append(other)
-        self._push((t for t in targets if t is not exclude), "chatMessage", {"message": message_json(message)})
+        return targets
+
+    # --- pushes across the cluster --------------------------------------------------------------
+
+    async def notify(self, name: str, data: dict[str, Any], *, watchers: str | None = None,
+                     patients: Iterable[str] = (), room: str | None = None, chat: dict[str, Any] | None = None,
+                     exclude: Client | None = None) -> None:
+        """Push event ``name`` to its recipients on every node: those watching queue ``watchers``,
+        the patients joined to the rooms ``patients``, everyone (workflow) in ``room``, and a chat
+        channel's members (``chat``: session_id, patient_ref, clinicians).
+        This node delivers first (``exclude`` is skipped here); the directory carries the rest."""
+        to = {"watchers": watchers, "patients": list(patients), "room": room, "chat": chat}
+        notice = Notice(name, {"to": to, "data": data})
+        self._deliver(notice, exclude)
+        await self.directory.publish(notice)
+
+    def deliver(self, notice: Notice) -> None:
+        """Another node's notice: tell the recipients whose sockets this node holds."""
+        self._deliver(notice, None)
+
+    def _deliver(self, notice: Notice, exclude: Client | None) -> None:
+        to = notice.data.get("to")
+        data = notice.data.get("data")
+        if not isinstance(to, dict) or not isinstance(data, dict):
+            return
+        targets: list[Client] = []
+        watchers = to.get("watchers")
+        if isinstance(watchers, str):
+            targets.extend(self.watchers.get(watchers, ()))
+        for sid in to.get("patients") or ():
+            if isinstance(sid, str):
+                targets.extend(self._patients_in_room(sid))
+        room = to.get("room")
+        if isinstance(room, str):
+            targets.extend(self._in_room(room))
+        chat = to.get("chat")
+        if isinstance(chat, dict):
+            sid, ref = chat.get("session_id"), chat.get("patient_ref")
+            clinicians = {c for c in chat.get("clinicians") or () if isinstance(c, str)}
+            targets.extend(self._chat_targets(sid if isinstance(sid, str) else None,
+                                              ref if isinstance(ref, str) else None, clinicians))
+        self._push((t for t in targets if t is not exclude), notice.kind, data)
+
+    async def walk_in_wait(self, link_token: str) -> float | None:
+        """Count one walk-in on this link (cluster-wide): None if allowed, else seconds to wait."""
+        digest = hashlib.sha256(link_token.encode()).hexdigest()
+        return await self.directory.rate_limit("walkin:" + digest, self.walk_in_limiter.per_minute)
 
     def _in_room(self, room: str) -> list[Client]:
         """Every client joined to the live media room ``room`` (a consultation's session id) that
@@ -596,8 +656,9 @@ class WalkInLimiter:
     """At most ``per_minute`` walk-ins per walk-in link in any 60 seconds (a sliding window).
 
     A shared link is published, so anyone holding it could fill a queue; this caps how fast. Links
-    are told apart by a digest of their token (the token itself is not kept). The count is per node
-    (with several nodes behind a balancer the cap is per node). ``clock`` gives monotonic seconds.
+    are told apart by a digest of their token (the token itself is not kept). ``clock`` gives
+    monotonic seconds. The server counts through the room directory (``Workflow.walk_in_wait``:
+    the same window, shared by every node with ``redis_url``); this class holds ``per_minute``.
     """
 
     WINDOW_S: Final = 60.0
@@ -705,8 +766,11 @@ class RetentionJob:
 
     def __init__(self, service: WorkflowService, record: Callable[[Result[int]], Awaitable[object]],
                  period_s: float, *, clock: Callable[[], int] = now_ms, history: int = 100,
-                 data: DataRetention | None = None) -> None:
+                 data: DataRetention | None = None,
+                 lock: Callable[[], AbstractAsyncContextManager[int | None]] | None = None) -> None:
         self.service = service
+        #: The cluster's run slot for a scheduled run (once per cluster per period); None: no cluster.
+        self.lock = lock
         self.data = data
         self.record = record
         self.period_s = period_s
@@ -762,11 +826,26 @@ class RetentionJob:
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
-            await self.run_once()
+            await self._scheduled_run()
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.period_s)
             except TimeoutError:
                 pass
+
+    async def _scheduled_run(self) -> None:
+        """One scheduled run, unless another node of the cluster took this period's slot."""
+        if self.lock is None:
+            await self.run_once()
+            return
+        try:
+            async with self.lock() as token:
+                if token is None:
+                    logger.debug("retention sweep: another node runs this period's")
+                    return
+                logger.info("retention sweep: this node runs it (fencing token %d)", token)
+                await self.run_once()
+        except RoomsError as exc:  # the cluster is unreachable: skip, the next period retries
+            logger.warning("retention sweep skipped: %s", exc)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop after the run in progress (cancelled if it takes longer than ``timeout``)."""

@@ -23,7 +23,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -31,6 +32,7 @@ from aiohttp.base_protocol import BaseProtocol
 
 from metrics import prometheus as prom
 from metrics.eventlog import EventStore
+from rooms.directory import NodeId, Notice, RoomDirectory, RoomOwnedElsewhere
 from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
 from signalling.audit import join_sign_in
@@ -44,6 +46,7 @@ from signalling.errors import (
     ProtocolError,
     coded,
 )
+from signalling.cluster import DIRECTORY_KEY
 from signalling.hub import Client, Hub
 from signalling.proxies import client_ip, networks
 from signalling.keys import (
@@ -197,6 +200,29 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         task.add_done_callback(_CLOSING.discard)
 
     client.close_socket = close_kicked
+    clustered = bool(config.redis_url)
+    directory = request.app[DIRECTORY_KEY]
+    door = request.app[RELAY_DOOR_KEY]
+    link: _DoorLink | None = None
+
+    def close_relayed(code: int, why: bytes) -> None:
+        """The owner ended the relayed connection (or was lost): flush, then close."""
+        task = asyncio.get_running_loop().create_task(
+            _close_after(outbox, writer, ws, transport, code, why, write_timeout))
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+
+    async def open_relay(node: NodeId) -> _DoorLink:
+        key = uuid.uuid4().hex
+        opened = door.links[key] = _DoorLink(key, node, client, outbox, close_relayed)
+        client.relayed = lambda: opened.joined
+        # A node that died a moment ago still holds its leases until they expire: a join relayed
+        # to it gets no answer, so the socket closes (1012) and the SDK tries again.
+        asyncio.get_running_loop().call_later(
+            directory.lease_s, lambda: None if opened.answered else opened.end(CLOSE_NODE_LOST, "node not answering"))
+        await directory.send(node, Notice("relay.open", {"conn": key, "ip": client.remote_ip,
+                                                         "ua": client.user_agent}))
+        return opened
     # A socket that has not joined in time is closed: unauthenticated sockets cannot pile up.
     join_deadline = asyncio.get_running_loop().call_later(
         config.server.join_timeout_s, _close_unjoined, client, outbox, ws)
@@ -230,9 +256,28 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             prom.WS_MESSAGES.labels(direction="in", result="ok").inc()
             request_id = request_msg.get("id")
             try:
+                if (clustered and link is None and request_msg["type"] == "join" and client.claims is None
+                        and (owner := await _route(hub, directory, request_msg)) is not None):
+                    link = await open_relay(owner)
+                if link is not None:
+                    await directory.send(link.node, Notice("relay.req", {"conn": link.key, "msg": request_msg}))
+                    if request_msg["type"] == "leave":
+                        reason = DisconnectReason.CLIENT_DISCONNECTED
+                    continue
                 data = await _logged(request.app[EVENTLOG_KEY], _dispatch(hub, workflow, client, request_msg))
                 if request_msg["type"] == "join" and client.claims is not None:
                     await join_sign_in(request, client.claims, request_msg["token"])  # staff: a Login entry
+            except RoomOwnedElsewhere as exc:
+                if not (clustered and link is None and request_msg["type"] == "join"):
+                    await outbox.put_reply(error_response(request_id, coded(exc)))
+                    continue
+                # Another node claimed the room a moment before this one: relay the join to it.
+                try:
+                    link = await open_relay(exc.owner)
+                    await directory.send(link.node, Notice("relay.req", {"conn": link.key, "msg": request_msg}))
+                except RoomsError as again:
+                    await outbox.put_reply(error_response(request_id, coded(again)))
+                continue
             except (OpenConsultError, RoomsError) as exc:
                 error = coded(exc)  # the one place domain errors become wire errors
                 await outbox.put_reply(error_response(request_id, error))
@@ -267,6 +312,12 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             reason = DisconnectReason.SERVER_SHUTDOWN
         sockets.discard(ws)
         outbox.abandon()
+        if link is not None:
+            door.links.pop(link.key, None)
+            try:
+                await directory.send(link.node, Notice("relay.close", {"conn": link.key, "reason": str(reason)}))
+            except RoomsError:
+                pass  # the owner drops it when it finds this node gone
         workflow.forget(client)
         await hub.disconnect(client, reason)
         if not writer.done():
@@ -277,7 +328,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 
 
 def _close_unjoined(client: Client, outbox: Outbox, ws: web.WebSocketResponse) -> None:
-    if client.session is not None or ws.closed:
+    if client.session is not None or client.relayed() or ws.closed:
         return
     outbox.finish()
     # ws.close() sends the close frame and ends the read loop.
@@ -434,3 +485,240 @@ async def _dispatch(hub: Hub, workflow: Workflow, client: Client, msg: dict[str,
     if kind == "client.stats":
         return hub.client_stats(client, msg)
     raise ProtocolError(f'unknown message type "{kind}"', msg.get("id"))  # schemas make this unreachable
+
+
+# --- relay: a client whose room lives on another node ------------------------------------------
+#
+# With several nodes (``redis_url``), a client may reach any node (the *door*). A join for a room
+# held by another node (or placed on one: two random choices) is relayed: the door sends the
+# client's frames to the owner as ``relay.*`` notices through the room directory, the owner runs
+# them on a connection of its own (same hub, same workflow, same event log, same ids) and sends
+# every reply and pushed event back, in order. The client never notices; its media goes straight
+# to the owner (the owner's ICE candidates are in the SDP). When the owner is lost (its lease or
+# heartbeat gone) the door closes the socket with 1012 and the SDK rejoins, landing on a live
+# node; when the door is lost the owner drops the connection (networkDisconnected).
+
+#: A relayed connection's frames that may wait, each way, before it counts as a slow consumer.
+RELAY_QUEUE_MAX: Final = SEND_QUEUE_MAX
+#: Close code of a relayed socket whose room's node was lost: the SDK reconnects.
+CLOSE_NODE_LOST: Final = 1012
+
+
+class RelayDoor:
+    """Door side: this node's sockets relayed to another node, by relay key."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, _DoorLink] = {}
+
+    def on_notice(self, notice: Notice) -> None:
+        link = self.links.get(str(notice.data.get("conn", "")))
+        if link is None or notice.origin != link.node:
+            return
+        if notice.kind == "relay.out":
+            for message in notice.data.get("msgs") or ():
+                if isinstance(message, dict):
+                    link.deliver(message)
+        elif notice.kind == "relay.end":
+            link.end(int(notice.data.get("code") or CLOSE_POLICY), str(notice.data.get("why") or ""))
+
+    def lost(self, live: set[NodeId]) -> None:
+        """Close the sockets whose room's node is gone (the SDK rejoins through a live node)."""
+        for link in list(self.links.values()):
+            if link.node not in live:
+                link.end(CLOSE_NODE_LOST, "node lost")
+
+
+#: This node's sockets relayed to the node holding their room.
+RELAY_DOOR_KEY: Final = web.AppKey("relay_door", RelayDoor)
+
+
+class _DoorLink:
+    def __init__(self, key: str, node: NodeId, client: Client, outbox: Outbox,
+                 close: Callable[[int, bytes], None]) -> None:
+        self.key = key
+        self.node = node
+        self.client = client
+        self.outbox = outbox
+        self.close = close
+        self.joined = False
+        self.answered = False
+
+    def deliver(self, message: dict[str, Any]) -> None:
+        self.answered = True
+        if (message.get("type") == "response" and message.get("ok") and isinstance(message.get("data"), dict)
+                and "connection_id" in message["data"] and "session_id" in message["data"]):
+            self.joined = True
+        self.outbox.push(message)
+
+    def end(self, code: int, why: str) -> None:
+        self.close(code, why.encode()[:100])
+
+
+async def _route(hub: Hub, directory: RoomDirectory, msg: Mapping[str, Any]) -> NodeId | None:
+    """The node a join must go to, or None for this one (also for a token this node will refuse:
+    the refusal is logged here as usual)."""
+    try:
+        claims = hub.tokens.verify(msg["token"], room=msg.get("room"))
+    except OpenConsultError:
+        return None
+    if claims.room in hub.leases:
+        return None
+    owner = await directory.owner(claims.room)
+    if owner is None:
+        owner = await directory.place()
+    return None if owner == directory.node_id else owner
+
+
+class RelayServer:
+    """Owner side: connections whose socket is on another node, by relay key."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+        self.conns: dict[str, _Relayed] = {}
+
+    def on_notice(self, notice: Notice) -> None:
+        key = str(notice.data.get("conn", ""))
+        conn = self.conns.get(key)
+        if notice.kind == "relay.open" and conn is None:
+            if len(self.conns) >= self.app[CONFIG_KEY].server.max_connections:
+                return  # the door's join gets no answer and times out; this node is full
+            data = notice.data
+            client = Client(lambda m: None, remote_ip=str(data.get("ip", ""))[:64],
+                            user_agent=str(data.get("ua", ""))[:512])
+            conn = self.conns[key] = _Relayed(self, key, notice.origin, client)
+            conn.start()
+        elif conn is None or notice.origin != conn.door:
+            return
+        elif notice.kind == "relay.req" and isinstance(notice.data.get("msg"), dict):
+            conn.request(notice.data["msg"])
+        elif notice.kind == "relay.close":
+            reason = str(notice.data.get("reason", ""))
+            conn.finish(DisconnectReason(reason) if reason in DisconnectReason._value2member_map_
+                        else DisconnectReason.NETWORK_DISCONNECTED)
+
+    def lost(self, live: set[NodeId]) -> None:
+        """Drop the connections whose door node is gone."""
+        for conn in list(self.conns.values()):
+            if conn.door not in live:
+                conn.finish(DisconnectReason.NETWORK_DISCONNECTED)
+
+    async def close(self) -> None:
+        for conn in list(self.conns.values()):
+            conn.finish(DisconnectReason.SERVER_SHUTDOWN)
+            await conn.wait()
+
+
+#: Connections relayed to this node from the node holding their socket.
+RELAY_SERVER_KEY: Final = web.AppKey("relay_server", RelayServer)
+
+
+class _Relayed:
+    """One relayed connection on the owner: requests run in order, replies and events go back in
+    order, both bounded (overflow: a slow consumer)."""
+
+    def __init__(self, server: RelayServer, key: str, door: NodeId, client: Client) -> None:
+        self.server = server
+        self.key = key
+        self.door = door
+        self.client = client
+        self.requests: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(RELAY_QUEUE_MAX)
+        self.out: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(RELAY_QUEUE_MAX)
+        self.reason = DisconnectReason.NETWORK_DISCONNECTED
+        self.tasks: list[asyncio.Task[None]] = []
+        client.send = self._send
+        client.close_socket = lambda: self._end(CLOSE_POLICY, "removed from the call")
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.tasks = [loop.create_task(self._serve(), name=f"relay-in-{self.key}"),
+                      loop.create_task(self._forward(), name=f"relay-out-{self.key}")]
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.out.put_nowait(("relay.out", message))
+        except asyncio.QueueFull:
+            self.finish(DisconnectReason.SLOW_CONSUMER)
+
+    def _end(self, code: int, why: str) -> None:
+        try:
+            self.out.put_nowait(("relay.end", {"code": code, "why": why}))
+        except asyncio.QueueFull:
+            pass
+
+    def request(self, msg: dict[str, Any]) -> None:
+        try:
+            self.requests.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.finish(DisconnectReason.SLOW_CONSUMER)
+
+    def finish(self, reason: DisconnectReason) -> None:
+        self.reason = reason
+        while True:
+            try:
+                self.requests.put_nowait(None)
+                return
+            except asyncio.QueueFull:
+                self.requests.get_nowait()  # the connection ends: its unread requests go
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _serve(self) -> None:
+        app = self.server.app
+        hub, workflow = app[HUB_KEY], app[WORKFLOW_KEY]
+        try:
+            while (msg := await self.requests.get()) is not None:
+                request_id = msg.get("id")
+                try:
+                    data = await _logged(app[EVENTLOG_KEY], _dispatch(hub, workflow, self.client, msg))
+                except (OpenConsultError, RoomsError) as exc:
+                    error = coded(exc)
+                    self._send(error_response(request_id, error))
+                    if msg.get("type") == "join" and error.code in JOIN_ERRORS:
+                        self._end(CLOSE_POLICY, "join refused")
+                    continue
+                except Exception:
+                    logger.exception("relayed request %s failed", msg.get("type"))
+                    self._send(error_response(request_id, InternalError("the server failed to handle this request")))
+                    continue
+                self._send(response_ok(request_id, data))
+                if msg.get("type") == "leave":
+                    self.reason = DisconnectReason.CLIENT_DISCONNECTED
+                    self._end(WSCloseCode.OK, "left")
+        finally:
+            self.server.conns.pop(self.key, None)
+            workflow.forget(self.client)
+            await hub.disconnect(self.client, self.reason)
+            await self.out.put(("", {}))  # the forwarder's last message: stop
+
+    async def _forward(self) -> None:
+        directory = self.server.app[DIRECTORY_KEY]
+        while True:
+            kind, message = await self.out.get()
+            if not kind:
+                return
+            batch = [message]
+            if kind == "relay.out":  # what queued meanwhile goes in one notice
+                while not self.out.empty() and len(batch) < 64:
+                    nxt_kind, nxt = self.out.get_nowait()
+                    if nxt_kind != "relay.out":
+                        await self._publish(directory, "relay.out", batch)
+                        if not nxt_kind:
+                            return
+                        batch = []
+                        await self._publish(directory, nxt_kind, [nxt])
+                        break
+                    batch.append(nxt)
+            if batch:
+                await self._publish(directory, kind, batch)
+
+    async def _publish(self, directory: RoomDirectory, kind: str, batch: list[dict[str, Any]]) -> None:
+        data: dict[str, Any] = {"conn": self.key}
+        if kind == "relay.out":
+            data["msgs"] = batch
+        else:
+            data.update(batch[0])
+        try:
+            await directory.send(self.door, Notice(kind, data))
+        except RoomsError as exc:
+            logger.warning("relay %s: %s to node %s lost (%s)", self.key, kind, self.door, exc)

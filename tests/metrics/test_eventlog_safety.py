@@ -9,7 +9,6 @@ import itertools
 import json
 import math
 import sqlite3
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
