@@ -348,12 +348,80 @@ def summarize_profile(path: Path, top: int = 30) -> str:
     return "\n".join(lines)
 
 
-def janus_table(results: list[Result]) -> str:
-    """OpenConsult's packets out per server CPU-second over each Janus setup's, per K."""
+async def run_calls(calls: int, seconds: float, workdir: Path, media_file: Path, calls_per_process: int = 8,
+                    warmup_s: float = 2.0, connect_timeout: float = 180.0,
+                    janus_event_loops: int | None = None) -> Result:
+    """One 1:1 row: a fresh server and ``calls`` concurrent calls, each its own room where both
+    participants publish and subscribe to the other (two publishes, two subscriptions).
+    ``k`` in the result is the number of calls; PLIs are not counted."""
+    from benchmarks.janus import JanusProcess, start_janus
+    from rooms.model import Role
+    from signalling.auth import TokenAuthority, load_or_create_secret
+    from tests.server import ServerProcess, start_server
+
+    server: ServerProcess | JanusProcess
+    if janus_event_loops is None:
+        server = await asyncio.to_thread(start_server, workdir / f"server-calls{calls}",
+                                         f"max_peer_connections = {4 * calls + 8}\n")
+        label = "openconsult"
+    else:
+        server = await asyncio.to_thread(start_janus, workdir / f"janus-calls{calls}-e{janus_event_loops}",
+                                         janus_event_loops)
+        label = f"janus event_loops={janus_event_loops}" if janus_event_loops else "janus default"
+    workers: list[Worker] = []
+    try:
+        processes = max(1, math.ceil(calls / calls_per_process))
+        for p in range(processes):
+            mine = [i for i in range(calls) if i % processes == p]
+            if isinstance(server, JanusProcess):
+                config: dict[str, Any] = {"janus_url": server.ws_url, "ice_address": server.ice_address,
+                                          "rooms": [2000 + i for i in mine]}
+            else:
+                secret = load_or_create_secret(server.data_dir, create=False)
+                tokens = TokenAuthority("HS256", secret, secret, 30)
+                rooms = [f"call-{uuid.uuid4().hex[:8]}" for _ in mine]
+                config = {"ws_url": server.ws_url, "calls": [
+                    {name: tokens.mint(room, Role.PATIENT, name) for name in ("a", "a-view", "b", "b-view")}
+                    for room in rooms]}
+            workers.append(await Worker.start({"role": "calls", "media_file": str(media_file), **config}))
+        for worker in workers:
+            await worker.reply(connect_timeout)
+        deadline = time.monotonic() + connect_timeout
+        while not all([(await w.ask("counts"))["receiving"] for w in workers]):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not every participant received audio and video within {connect_timeout}s")
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(warmup_s)
+
+        async def snapshot() -> tuple[float, int, float, float, tuple[float, float]]:
+            counts = await asyncio.gather(*(w.ask("counts") for w in workers))
+            return (time.monotonic(), sum(c["packets"] for c in counts), process_cpu_s(server.proc.pid),
+                    sum(process_cpu_s(w.pid) for w in workers), host_cpu())
+
+        t0, packets0, server0, clients0, host0 = await snapshot()
+        await asyncio.sleep(seconds)
+        t1, packets1, server1, clients1, host1 = await snapshot()
+        ref = reference()
+    finally:
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+        await asyncio.to_thread(server.stop)
+    window, packets, server_cpu = t1 - t0, packets1 - packets0, server1 - server0
+    per_cpu = packets / server_cpu if server_cpu > 0 else math.inf
+    return Result(
+        k=calls, client_processes=len(workers), window_s=window, packets=packets, packets_per_s=packets / window,
+        server_cpu_s=server_cpu, server_cpu_pct=100 * server_cpu / window, packets_per_server_cpu_s=per_cpu,
+        clients_cpu_pct=100 * (clients1 - clients0) / window,
+        host_busy_pct=100 * (host1[0] - host0[0]) / max(1.0, host1[1] - host0[1]) * (os.cpu_count() or 1),
+        reference=ref, ratio=per_cpu / ref.srtp_sendto_per_cpu_s, keyframe_requests=0, server=label)
+
+
+def janus_table(results: list[Result], unit: str = "K") -> str:
+    """OpenConsult's packets out per server CPU-second over each Janus setup's, per K
+    (``unit`` "N": per number of 1:1 calls)."""
     janus_servers = list(dict.fromkeys(r.server for r in results if r.server != "openconsult"))
     by_key = {(r.server, r.k): r.packets_per_server_cpu_s for r in results}
     lines = ["OpenConsult ÷ Janus, packets out per server CPU-second (> 1: OpenConsult forwards more per CPU-second):",
-             f"{'K':>3} {'openconsult':>12} " + " ".join(f"{s:>22} {'ratio':>6}" for s in janus_servers)]
+             f"{unit:>3} {'openconsult':>12} " + " ".join(f"{s:>22} {'ratio':>6}" for s in janus_servers)]
     for k in dict.fromkeys(r.k for r in results):
         ours = by_key.get(("openconsult", k), math.nan)
         cells = []
@@ -380,9 +448,15 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"media: {len(media.video)} VP8 frames ({media.video_bitrate / 1000:.0f} kbps, "
               f"{sum(f.keyframe for f in media.video)} keyframes), {len(media.audio)} Opus frames; "
               f"host: {os.cpu_count()} CPUs", flush=True)
-        print(HEADER, flush=True)
+        print(HEADER.replace("  K", "  N") if args.calls else HEADER, flush=True)
         results = []
-        for k in ks:
+        for calls in [int(n) for n in args.calls.split(",") if n]:
+            for loops in [None, *janus_loops]:
+                result = await run_calls(calls, args.seconds, Path(tmp), media_file, warmup_s=args.warmup,
+                                         janus_event_loops=loops)
+                results.append(result)
+                print(format_row(result), flush=True)
+        for k in ks if not args.calls else []:
             profile = Path(f"{args.profile}-k{k}.txt") if args.profile else None
             result = await run_forwarding(k, args.seconds, Path(tmp), args.subs_per_process,
                                           warmup_s=args.warmup, media_file=media_file, profile=profile)
@@ -401,7 +475,7 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
     if janus_loops:
-        print(janus_table(results))
+        print(janus_table(results, "N" if args.calls else "K"))
     for r in results:
         if r.k == 32 and r.server == "openconsult":
             verdict = "meets" if r.packets_per_server_cpu_s >= TARGET_K32 else "MISSES"
@@ -432,8 +506,12 @@ async def worker_main() -> None:
     configure_ice_addresses((config.get("ice_address", "127.0.0.1"),))
     publisher: PreEncodedPublisher | JanusPublisher | None = None
     subscribers: list[CountingSubscriber] | list[JanusSubscriber] = []
+    closers: list[Any] = []
     try:
-        if "janus_url" in config and config["role"] == "publisher":
+        if config["role"] == "calls":
+            subscribers = await _start_calls(config, closers)
+            reply({"calls": len(subscribers) // 2})
+        elif "janus_url" in config and config["role"] == "publisher":
             publisher = JanusPublisher(config["janus_url"], load_media(Path(config["media_file"])))
             reply({"stream_id": await publisher.publish()})
         elif "janus_url" in config:
@@ -468,8 +546,48 @@ async def worker_main() -> None:
         reply({"error": f"{type(exc).__name__}: {exc}"})
     finally:
         await asyncio.gather(*(s.close() for s in subscribers), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in closers), return_exceptions=True)
         if publisher is not None:
             await publisher.close()
+
+
+async def _start_calls(config: dict[str, Any], closers: list[Any]) -> Any:
+    """Set up this worker's 1:1 calls; return their counting subscribers (two per call).
+    Publishers go into ``closers``."""
+    from benchmarks.janus import JanusPublisher, JanusSubscriber
+    from loadtest.media import load_media
+    from loadtest.peers import CountingSubscriber, PreEncodedPublisher
+
+    media = load_media(Path(config["media_file"]))
+    views: list[Any] = []
+
+    async def janus_call(room: int) -> None:
+        a, b = JanusPublisher(config["janus_url"], media), JanusPublisher(config["janus_url"], media)
+        a_view, b_view = JanusSubscriber(config["janus_url"]), JanusSubscriber(config["janus_url"])
+        closers.extend((a, b))
+        views.extend((a_view, b_view))
+        feed_a = await a.publish("a", room, create=True)
+        feed_b = await b.publish("b", room)
+        await asyncio.gather(a_view.subscribe(feed_b, room), b_view.subscribe(feed_a, room))
+
+    async def call(tokens: dict[str, str]) -> None:
+        a, b = PreEncodedPublisher(config["ws_url"], media), PreEncodedPublisher(config["ws_url"], media)
+        a_view, b_view = CountingSubscriber(config["ws_url"]), CountingSubscriber(config["ws_url"])
+        closers.extend((a, b))
+        views.extend((a_view, b_view))
+        for peer, name in ((a, "a"), (b, "b"), (a_view, "a-view"), (b_view, "b-view")):
+            await peer.join(tokens[name])
+        streams = await asyncio.gather(a.publish(), b.publish())
+        for viewer, stream_id in ((a_view, streams[1]), (b_view, streams[0])):
+            # Joined before the publish: the stream is announced once its media is up.
+            await viewer.client.wait_event("streamCreated", timeout=120, stream__stream_id=stream_id)
+            await viewer.subscribe(stream_id)
+
+    if "janus_url" in config:
+        await asyncio.gather(*(janus_call(room) for room in config["rooms"]))
+    else:
+        await asyncio.gather(*(call(tokens) for tokens in config["calls"]))
+    return views
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,6 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--janus", action="store_true",
                         help="also run every K against Debian's janus (installed when missing) and print "
                              "OpenConsult ÷ Janus per K")
+    parser.add_argument("--calls", default="",
+                        help="comma-separated counts of concurrent 1:1 calls to run instead of the K fan-out "
+                             "(each call: two participants publishing and subscribing to each other; K is then "
+                             "the number of calls)")
     parser.add_argument("--janus-event-loops", default="2",
                         help="comma-separated event_loops settings run besides Janus's default")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")

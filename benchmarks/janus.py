@@ -338,10 +338,14 @@ class JanusPublisher:
         self.pc: RTCPeerConnection | None = None
         self.tracks: dict[str, PreEncodedTrack] = {}
 
-    async def publish(self, display: str = "publisher") -> int:
-        """Join as publisher, configure with the offer; return the feed id subscribers ask for."""
+    async def publish(self, display: str = "publisher", room: int = ROOM, create: bool = False) -> int:
+        """Join ``room`` as publisher (``create``: make it first, like the configured one),
+        configure with the offer; return the feed id subscribers ask for."""
         await self.client.connect()
-        joined = await self.client.message({"request": "join", "ptype": "publisher", "room": ROOM,
+        if create:
+            await self.client.message({"request": "create", "room": room, "publishers": 2, "bitrate": 0,
+                                       "fir_freq": 0, "audiocodec": "opus", "videocodec": "vp8"})
+        joined = await self.client.message({"request": "join", "ptype": "publisher", "room": room,
                                             "display": display})
         feed = int(joined["data"]["id"])
         self.pc = pc = _peer_connection()
@@ -381,10 +385,10 @@ class JanusSubscriber:
         self.pc: RTCPeerConnection | None = None
         self.counts: dict[str, PacketCount] = {}
 
-    async def subscribe(self, feed: int) -> None:
+    async def subscribe(self, feed: int, room: int = ROOM) -> None:
         """Join as subscriber to ``feed``, answer Janus's offer and ``start``."""
         await self.client.connect()
-        attached = await self.client.message({"request": "join", "ptype": "subscriber", "room": ROOM,
+        attached = await self.client.message({"request": "join", "ptype": "subscriber", "room": room,
                                               "streams": [{"feed": feed}]})
         if not attached["jsep"]:
             raise JanusError(f"subscriber join answered without an SDP: {attached['data']}")
@@ -393,7 +397,7 @@ class JanusSubscriber:
         for transceiver in pc.getTransceivers():
             self.counts[transceiver.kind] = count_instead_of_decoding(transceiver.receiver)
         await pc.setLocalDescription(await pc.createAnswer())
-        await self.client.message({"request": "start", "room": ROOM},
+        await self.client.message({"request": "start", "room": room},
                                   {"type": "answer", "sdp": pc.localDescription.sdp})
 
     @property
