@@ -310,8 +310,8 @@ HEADER = (f"{'server':<22} {'K':>3} {'procs':>5} {'window s':>8} {'pkts out':>9}
 
 def format_row(r: Result) -> str:
     return (f"{r.server:<22} {r.k:>3} {r.client_processes:>5} {r.window_s:>8.1f} {r.packets:>9} "
-            f"{r.packets_per_s:>8.0f} {r.server_cpu_pct:>12.1f} {r.packets_per_server_cpu_s:>17.0f} {r.clients_cpu_pct:>13.1f} "
-            f"{r.host_busy_pct:>11.1f} {r.reference.srtp_sendto_per_cpu_s:>21.0f} "
+            f"{r.packets_per_s:>8.0f} {r.server_cpu_pct:>12.1f} {r.packets_per_server_cpu_s:>17.0f} "
+            f"{r.clients_cpu_pct:>13.1f} {r.host_busy_pct:>11.1f} {r.reference.srtp_sendto_per_cpu_s:>21.0f} "
             f"{r.reference.sendto_per_cpu_s:>16.0f} {r.ratio:>6.3f} {r.keyframe_requests:>4}")
 
 
