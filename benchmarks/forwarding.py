@@ -20,7 +20,9 @@ the SRTP reference's packets per CPU-second.
 With ``--janus``, every K is also run against Debian's ``janus`` (installed when
 missing; see benchmarks/janus.py) with its videoroom plugin, once with Janus's
 defaults and once per ``--janus-event-loops`` value, with the same publisher,
-subscribers and window, and the run ends with OpenConsult ÷ Janus per K.
+subscribers and window, and the run ends with OpenConsult ÷ Janus per K. With
+``--calls 8,16`` it runs N concurrent 1:1 calls instead (each its own room, both
+participants publishing and subscribing to each other), the K column reading N.
 
 Client processes are this file run as ``python -m benchmarks.forwarding worker``;
 they read one JSON config line on stdin, then answer ``counts``/``stop`` lines.
