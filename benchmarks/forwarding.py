@@ -15,7 +15,14 @@ a 12-byte RTP header, SRTP-protect with libsrtp, ``sendto`` on loopback to a
 socket another process drains), and the plain ``sendto`` loop alone. The ratio is server packets per CPU-second over
 the SRTP reference's packets per CPU-second.
 
-    .venv/bin/python benchmarks/forwarding.py [--k 1,4,16,32] [--seconds 10]
+    .venv/bin/python benchmarks/forwarding.py [--k 1,4,16,32] [--seconds 10] [--janus]
+
+With ``--janus``, every K is also run against Debian's ``janus`` (installed when
+missing; see benchmarks/janus.py) with its videoroom plugin, once with Janus's
+defaults and once per ``--janus-event-loops`` value, with the same publisher,
+subscribers and window, and the run ends with OpenConsult ÷ Janus per K. With
+``--calls 8,16`` it runs N concurrent 1:1 calls instead (each its own room, both
+participants publishing and subscribing to each other), the K column reading N.
 
 Client processes are this file run as ``python -m benchmarks.forwarding worker``;
 they read one JSON config line on stdin, then answer ``counts``/``stop`` lines.
@@ -36,6 +43,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +152,7 @@ class Result:
     reference: Reference
     ratio: float
     keyframe_requests: int
+    server: str = "openconsult"
 
 
 # --- the orchestrator ------------------------------------------------------------
@@ -197,37 +206,61 @@ class Worker:
 
 async def run_forwarding(k: int, seconds: float = 10.0, workdir: Path | None = None, subs_per_process: int = 16,
                          media_seconds: float = 10.0, warmup_s: float = 2.0, media_file: Path | None = None,
-                         connect_timeout: float = 90.0, profile: Path | None = None) -> Result:
+                         connect_timeout: float = 90.0, profile: Path | None = None,
+                         janus_event_loops: int | None = None) -> Result:
     """One benchmark row: a fresh server, 1 publisher, ``k`` counting subscribers.
     With ``profile``, py-spy samples the server during the window into that file
-    (collapsed stacks); the profiler's own cost then inflates the CPU figures."""
+    (collapsed stacks); the profiler's own cost then inflates the CPU figures.
+    With ``janus_event_loops`` (0: Janus's default), the server is Janus instead."""
+    from benchmarks.janus import JanusProcess, start_janus
     from loadtest.media import encode_media, save_media
     from rooms.model import Role
     from signalling.auth import TokenAuthority, load_or_create_secret
-    from tests.server import start_server
+    from tests.server import ServerProcess, start_server
 
     with tempfile.TemporaryDirectory(prefix="forwarding-") as tmp:
         base = workdir or Path(tmp)
         if media_file is None:
             media_file = base / "media.bin"
             save_media(encode_media(media_seconds), media_file)
-        server = await asyncio.to_thread(start_server, base / f"server-k{k}")
+        server: ServerProcess | JanusProcess
+        if janus_event_loops is None:
+            server = await asyncio.to_thread(start_server, base / f"server-k{k}")
+            label = "openconsult"
+        else:
+            (base / f"janus-k{k}-e{janus_event_loops}").mkdir(parents=True)
+            server = await asyncio.to_thread(start_janus, base / f"janus-k{k}-e{janus_event_loops}",
+                                             janus_event_loops)
+            label = f"janus event_loops={janus_event_loops}" if janus_event_loops else "janus default"
         workers: list[Worker] = []
         try:
-            secret = load_or_create_secret(server.data_dir, create=False)
-            tokens = TokenAuthority("HS256", secret, secret, 30)
-            room = f"bench-{uuid.uuid4().hex[:8]}"
-            publisher = await Worker.start({"role": "publisher", "ws_url": server.ws_url,
-                                            "token": tokens.mint(room, Role.PATIENT, "publisher"),
-                                            "media_file": str(media_file)})
+            # Both servers get the same worker configs; the keys say whose API to speak.
+            publisher_config: dict[str, Any]
+            subscriber_config: Callable[[list[str]], dict[str, Any]]
+            if isinstance(server, JanusProcess):
+                janus_keys = {"janus_url": server.ws_url, "ice_address": server.ice_address}
+                publisher_config = {"role": "publisher", **janus_keys}
+
+                def subscriber_config(names: list[str]) -> dict[str, Any]:
+                    return {"role": "subscribers", **janus_keys, "stream_id": stream_id, "tokens": names}
+            else:
+                secret = load_or_create_secret(server.data_dir, create=False)
+                tokens = TokenAuthority("HS256", secret, secret, 30)
+                room = f"bench-{uuid.uuid4().hex[:8]}"
+                ws_url = server.ws_url
+                publisher_config = {"role": "publisher", "ws_url": ws_url,
+                                    "token": tokens.mint(room, Role.PATIENT, "publisher")}
+
+                def subscriber_config(names: list[str]) -> dict[str, Any]:
+                    return {"role": "subscribers", "ws_url": ws_url, "stream_id": stream_id,
+                            "tokens": [tokens.mint(room, Role.PATIENT, name) for name in names]}
+            publisher = await Worker.start({**publisher_config, "media_file": str(media_file)})
             workers.append(publisher)
             stream_id = (await publisher.reply(connect_timeout))["stream_id"]
             processes = max(1, math.ceil(k / subs_per_process))
             for p in range(processes):
-                names = [f"sub-{i}" for i in range(k) if i % processes == p]
-                workers.append(await Worker.start({
-                    "role": "subscribers", "ws_url": server.ws_url, "stream_id": stream_id,
-                    "tokens": [tokens.mint(room, Role.PATIENT, name) for name in names]}))
+                workers.append(await Worker.start(subscriber_config(
+                    [f"sub-{i}" for i in range(k) if i % processes == p])))
             subscribers = workers[1:]
             for worker in subscribers:
                 await worker.reply(connect_timeout)
@@ -268,18 +301,19 @@ async def run_forwarding(k: int, seconds: float = 10.0, workdir: Path | None = N
         server_cpu_s=server_cpu, server_cpu_pct=100 * server_cpu / window, packets_per_server_cpu_s=per_cpu,
         clients_cpu_pct=100 * (clients1 - clients0) / window,
         host_busy_pct=100 * (host1[0] - host0[0]) / max(1.0, host1[1] - host0[1]) * (os.cpu_count() or 1),
-        reference=ref, ratio=per_cpu / ref.srtp_sendto_per_cpu_s, keyframe_requests=keyframe_requests)
+        reference=ref, ratio=per_cpu / ref.srtp_sendto_per_cpu_s, keyframe_requests=keyframe_requests,
+        server=label)
 
 
-HEADER = (f"{'K':>3} {'procs':>5} {'window s':>8} {'pkts out':>9} {'pkts/s':>8} {'server CPU %':>12} "
+HEADER = (f"{'server':<22} {'K':>3} {'procs':>5} {'window s':>8} {'pkts out':>9} {'pkts/s':>8} {'server CPU %':>12} "
           f"{'pkts/server CPU-s':>17} {'clients CPU %':>13} {'host busy %':>11} "
           f"{'ref srtp+sendto/CPU-s':>21} {'ref sendto/CPU-s':>16} {'ratio':>6} {'PLIs':>4}")
 
 
 def format_row(r: Result) -> str:
-    return (f"{r.k:>3} {r.client_processes:>5} {r.window_s:>8.1f} {r.packets:>9} {r.packets_per_s:>8.0f} "
-            f"{r.server_cpu_pct:>12.1f} {r.packets_per_server_cpu_s:>17.0f} {r.clients_cpu_pct:>13.1f} "
-            f"{r.host_busy_pct:>11.1f} {r.reference.srtp_sendto_per_cpu_s:>21.0f} "
+    return (f"{r.server:<22} {r.k:>3} {r.client_processes:>5} {r.window_s:>8.1f} {r.packets:>9} "
+            f"{r.packets_per_s:>8.0f} {r.server_cpu_pct:>12.1f} {r.packets_per_server_cpu_s:>17.0f} "
+            f"{r.clients_cpu_pct:>13.1f} {r.host_busy_pct:>11.1f} {r.reference.srtp_sendto_per_cpu_s:>21.0f} "
             f"{r.reference.sendto_per_cpu_s:>16.0f} {r.ratio:>6.3f} {r.keyframe_requests:>4}")
 
 
@@ -316,10 +350,99 @@ def summarize_profile(path: Path, top: int = 30) -> str:
     return "\n".join(lines)
 
 
+async def run_calls(calls: int, seconds: float, workdir: Path, media_file: Path, calls_per_process: int = 8,
+                    warmup_s: float = 2.0, connect_timeout: float = 180.0,
+                    janus_event_loops: int | None = None) -> Result:
+    """One 1:1 row: a fresh server and ``calls`` concurrent calls, each its own room where both
+    participants publish and subscribe to the other (two publishes, two subscriptions).
+    ``k`` in the result is the number of calls; PLIs are not counted."""
+    from benchmarks.janus import JanusProcess, start_janus
+    from rooms.model import Role
+    from signalling.auth import TokenAuthority, load_or_create_secret
+    from tests.server import ServerProcess, start_server
+
+    server: ServerProcess | JanusProcess
+    if janus_event_loops is None:
+        server = await asyncio.to_thread(start_server, workdir / f"server-calls{calls}",
+                                         f"max_peer_connections = {4 * calls + 8}\n")
+        label = "openconsult"
+    else:
+        server = await asyncio.to_thread(start_janus, workdir / f"janus-calls{calls}-e{janus_event_loops}",
+                                         janus_event_loops)
+        label = f"janus event_loops={janus_event_loops}" if janus_event_loops else "janus default"
+    workers: list[Worker] = []
+    try:
+        processes = max(1, math.ceil(calls / calls_per_process))
+        for p in range(processes):
+            mine = [i for i in range(calls) if i % processes == p]
+            if isinstance(server, JanusProcess):
+                config: dict[str, Any] = {"janus_url": server.ws_url, "ice_address": server.ice_address,
+                                          "rooms": [2000 + i for i in mine]}
+            else:
+                secret = load_or_create_secret(server.data_dir, create=False)
+                tokens = TokenAuthority("HS256", secret, secret, 30)
+                rooms = [f"call-{uuid.uuid4().hex[:8]}" for _ in mine]
+                config = {"ws_url": server.ws_url, "calls": [
+                    {name: tokens.mint(room, Role.PATIENT, name) for name in ("a", "a-view", "b", "b-view")}
+                    for room in rooms]}
+            workers.append(await Worker.start({"role": "calls", "media_file": str(media_file), **config}))
+        for worker in workers:
+            await worker.reply(connect_timeout)
+        deadline = time.monotonic() + connect_timeout
+        while not all([(await w.ask("counts"))["receiving"] for w in workers]):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"not every participant received audio and video within {connect_timeout}s")
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(warmup_s)
+
+        async def snapshot() -> tuple[float, int, float, float, tuple[float, float]]:
+            counts = await asyncio.gather(*(w.ask("counts") for w in workers))
+            return (time.monotonic(), sum(c["packets"] for c in counts), process_cpu_s(server.proc.pid),
+                    sum(process_cpu_s(w.pid) for w in workers), host_cpu())
+
+        t0, packets0, server0, clients0, host0 = await snapshot()
+        await asyncio.sleep(seconds)
+        t1, packets1, server1, clients1, host1 = await snapshot()
+        ref = reference()
+    finally:
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+        await asyncio.to_thread(server.stop)
+    window, packets, server_cpu = t1 - t0, packets1 - packets0, server1 - server0
+    per_cpu = packets / server_cpu if server_cpu > 0 else math.inf
+    return Result(
+        k=calls, client_processes=len(workers), window_s=window, packets=packets, packets_per_s=packets / window,
+        server_cpu_s=server_cpu, server_cpu_pct=100 * server_cpu / window, packets_per_server_cpu_s=per_cpu,
+        clients_cpu_pct=100 * (clients1 - clients0) / window,
+        host_busy_pct=100 * (host1[0] - host0[0]) / max(1.0, host1[1] - host0[1]) * (os.cpu_count() or 1),
+        reference=ref, ratio=per_cpu / ref.srtp_sendto_per_cpu_s, keyframe_requests=0, server=label)
+
+
+def janus_table(results: list[Result], unit: str = "K") -> str:
+    """OpenConsult's packets out per server CPU-second over each Janus setup's, per K
+    (``unit`` "N": per number of 1:1 calls)."""
+    janus_servers = list(dict.fromkeys(r.server for r in results if r.server != "openconsult"))
+    by_key = {(r.server, r.k): r.packets_per_server_cpu_s for r in results}
+    lines = ["OpenConsult ÷ Janus, packets out per server CPU-second (> 1: OpenConsult forwards more per CPU-second):",
+             f"{unit:>3} {'openconsult':>12} " + " ".join(f"{s:>22} {'ratio':>6}" for s in janus_servers)]
+    for k in dict.fromkeys(r.k for r in results):
+        ours = by_key.get(("openconsult", k), math.nan)
+        cells = []
+        for name in janus_servers:
+            theirs = by_key.get((name, k), math.nan)
+            cells.append(f"{theirs:>22.0f} {ours / theirs if theirs else math.nan:>6.2f}")
+        lines.append(f"{k:>3} {ours:>12.0f} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 async def main_async(args: argparse.Namespace) -> int:
     from loadtest.media import encode_media, save_media
 
     ks = [int(k) for k in args.k.split(",")]
+    janus_loops = [0, *(int(n) for n in args.janus_event_loops.split(",") if n)] if args.janus else []
+    if janus_loops:
+        from benchmarks.janus import ensure_janus
+
+        ensure_janus()  # install before the first window, not during it
     with tempfile.TemporaryDirectory(prefix="forwarding-") as tmp:
         media_file = Path(tmp) / "media.bin"
         media = encode_media(args.media_seconds)
@@ -327,9 +450,15 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"media: {len(media.video)} VP8 frames ({media.video_bitrate / 1000:.0f} kbps, "
               f"{sum(f.keyframe for f in media.video)} keyframes), {len(media.audio)} Opus frames; "
               f"host: {os.cpu_count()} CPUs", flush=True)
-        print(HEADER, flush=True)
+        print(HEADER.replace("  K", "  N") if args.calls else HEADER, flush=True)
         results = []
-        for k in ks:
+        for calls in [int(n) for n in args.calls.split(",") if n]:
+            for loops in [None, *janus_loops]:
+                result = await run_calls(calls, args.seconds, Path(tmp), media_file, warmup_s=args.warmup,
+                                         janus_event_loops=loops)
+                results.append(result)
+                print(format_row(result), flush=True)
+        for k in ks if not args.calls else []:
             profile = Path(f"{args.profile}-k{k}.txt") if args.profile else None
             result = await run_forwarding(k, args.seconds, Path(tmp), args.subs_per_process,
                                           warmup_s=args.warmup, media_file=media_file, profile=profile)
@@ -337,12 +466,20 @@ async def main_async(args: argparse.Namespace) -> int:
             print(format_row(result), flush=True)
             if profile is not None:
                 print(summarize_profile(profile), flush=True)
+            for loops in janus_loops:
+                result = await run_forwarding(k, args.seconds, Path(tmp), args.subs_per_process,
+                                              warmup_s=args.warmup, media_file=media_file,
+                                              janus_event_loops=loops)
+                results.append(result)
+                print(format_row(result), flush=True)
     print("pkts out = RTP packets received by all subscribers in the window; the ratio is "
           "pkts/server CPU-s over the SRTP+sendto reference measured in this run.")
     if args.json:
         print(json.dumps([asdict(r) for r in results]))
+    if janus_loops:
+        print(janus_table(results, "N" if args.calls else "K"))
     for r in results:
-        if r.k == 32:
+        if r.k == 32 and r.server == "openconsult":
             verdict = "meets" if r.packets_per_server_cpu_s >= TARGET_K32 else "MISSES"
             print(f"K=32: {r.packets_per_server_cpu_s:.0f} packets out per server CPU-second "
                   f"{verdict} the target of {TARGET_K32}")
@@ -356,9 +493,9 @@ async def worker_main() -> None:
     """A client process: a publisher or a group of counting subscribers."""
     from loadtest.media import load_media
     from loadtest.peers import CountingSubscriber, PreEncodedPublisher
+    from benchmarks.janus import JanusPublisher, JanusSubscriber
     from media.aiortc_internals import configure_ice_addresses
 
-    configure_ice_addresses(("127.0.0.1",))
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -368,15 +505,27 @@ async def worker_main() -> None:
         sys.stdout.flush()
 
     config = json.loads(await reader.readline())
-    publisher: PreEncodedPublisher | None = None
-    subscribers: list[CountingSubscriber] = []
+    configure_ice_addresses((config.get("ice_address", "127.0.0.1"),))
+    publisher: PreEncodedPublisher | JanusPublisher | None = None
+    subscribers: list[CountingSubscriber] | list[JanusSubscriber] = []
+    closers: list[Any] = []
     try:
-        if config["role"] == "publisher":
+        if config["role"] == "calls":
+            subscribers = await _start_calls(config, closers)
+            reply({"calls": len(subscribers) // 2})
+        elif "janus_url" in config and config["role"] == "publisher":
+            publisher = JanusPublisher(config["janus_url"], load_media(Path(config["media_file"])))
+            reply({"stream_id": await publisher.publish()})
+        elif "janus_url" in config:
+            subscribers = janus_subscribers = [JanusSubscriber(config["janus_url"]) for _ in config["tokens"]]
+            await asyncio.gather(*(s.subscribe(int(config["stream_id"])) for s in janus_subscribers))
+            reply({"subscribed": len(subscribers)})
+        elif config["role"] == "publisher":
             publisher = PreEncodedPublisher(config["ws_url"], load_media(Path(config["media_file"])))
             await publisher.join(config["token"])
             reply({"stream_id": await publisher.publish()})
         else:
-            subscribers = [CountingSubscriber(config["ws_url"]) for _ in config["tokens"]]
+            subscribers = counting = [CountingSubscriber(config["ws_url"]) for _ in config["tokens"]]
 
             async def start(sub: CountingSubscriber, token: str) -> None:
                 joined = await sub.join(token)
@@ -385,7 +534,7 @@ async def worker_main() -> None:
                     await sub.client.wait_event("streamCreated", stream__stream_id=config["stream_id"])
                 await sub.subscribe(config["stream_id"])
 
-            await asyncio.gather(*(start(s, t) for s, t in zip(subscribers, config["tokens"])))
+            await asyncio.gather(*(start(s, t) for s, t in zip(counting, config["tokens"])))
             reply({"subscribed": len(subscribers)})
         while line := await reader.readline():
             command = json.loads(line)["command"]
@@ -399,8 +548,48 @@ async def worker_main() -> None:
         reply({"error": f"{type(exc).__name__}: {exc}"})
     finally:
         await asyncio.gather(*(s.close() for s in subscribers), return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in closers), return_exceptions=True)
         if publisher is not None:
             await publisher.close()
+
+
+async def _start_calls(config: dict[str, Any], closers: list[Any]) -> Any:
+    """Set up this worker's 1:1 calls; return their counting subscribers (two per call).
+    Publishers go into ``closers``."""
+    from benchmarks.janus import JanusPublisher, JanusSubscriber
+    from loadtest.media import load_media
+    from loadtest.peers import CountingSubscriber, PreEncodedPublisher
+
+    media = load_media(Path(config["media_file"]))
+    views: list[Any] = []
+
+    async def janus_call(room: int) -> None:
+        a, b = JanusPublisher(config["janus_url"], media), JanusPublisher(config["janus_url"], media)
+        a_view, b_view = JanusSubscriber(config["janus_url"]), JanusSubscriber(config["janus_url"])
+        closers.extend((a, b))
+        views.extend((a_view, b_view))
+        feed_a = await a.publish("a", room, create=True)
+        feed_b = await b.publish("b", room)
+        await asyncio.gather(a_view.subscribe(feed_b, room), b_view.subscribe(feed_a, room))
+
+    async def call(tokens: dict[str, str]) -> None:
+        a, b = PreEncodedPublisher(config["ws_url"], media), PreEncodedPublisher(config["ws_url"], media)
+        a_view, b_view = CountingSubscriber(config["ws_url"]), CountingSubscriber(config["ws_url"])
+        closers.extend((a, b))
+        views.extend((a_view, b_view))
+        for peer, name in ((a, "a"), (b, "b"), (a_view, "a-view"), (b_view, "b-view")):
+            await peer.join(tokens[name])
+        streams = await asyncio.gather(a.publish(), b.publish())
+        for viewer, stream_id in ((a_view, streams[1]), (b_view, streams[0])):
+            # Joined before the publish: the stream is announced once its media is up.
+            await viewer.client.wait_event("streamCreated", timeout=120, stream__stream_id=stream_id)
+            await viewer.subscribe(stream_id)
+
+    if "janus_url" in config:
+        await asyncio.gather(*(janus_call(room) for room in config["rooms"]))
+    else:
+        await asyncio.gather(*(call(tokens) for tokens in config["calls"]))
+    return views
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +613,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="",
                         help="py-spy the server during each window into <PROFILE>-k<K>.txt and print a summary "
                              "(the profiler's cost inflates that run's CPU figures)")
+    parser.add_argument("--janus", action="store_true",
+                        help="also run every K against Debian's janus (installed when missing) and print "
+                             "OpenConsult ÷ Janus per K")
+    parser.add_argument("--calls", default="",
+                        help="comma-separated counts of concurrent 1:1 calls to run instead of the K fan-out "
+                             "(each call: two participants publishing and subscribing to each other; K is then "
+                             "the number of calls)")
+    parser.add_argument("--janus-event-loops", default="2",
+                        help="comma-separated event_loops settings run besides Janus's default")
     parser.add_argument("--json", action="store_true", help="also print the results as JSON")
     return asyncio.run(main_async(parser.parse_args(argv)))
 

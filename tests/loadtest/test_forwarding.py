@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.forwarding import run_forwarding
+
+from benchmarks.forwarding import Reference, Result, janus_table, run_forwarding
 from loadtest.media import encode_media, load_media, save_media, vp8_is_keyframe
 
 
@@ -25,3 +26,20 @@ async def test_one_publisher_one_subscriber_run_counts_packets(tmp_path: Path) -
     print(result)
     assert result.packets > 0
     assert result.server_cpu_s >= 0 and result.reference.srtp_sendto_per_cpu_s > 0
+
+
+def _result(server: str, k: int, per_cpu_s: float) -> Result:
+    reference = Reference(srtp_sendto_per_cpu_s=100_000.0, sendto_per_cpu_s=200_000.0)
+    return Result(k=k, client_processes=2, window_s=10.0, packets=1000, packets_per_s=100.0, server_cpu_s=0.1,
+                  server_cpu_pct=1.0, packets_per_server_cpu_s=per_cpu_s, clients_cpu_pct=1.0, host_busy_pct=50.0,
+                  reference=reference, ratio=per_cpu_s / 100_000, keyframe_requests=1, server=server)
+
+
+def test_janus_table_divides_openconsult_by_each_janus_setup_per_k() -> None:
+    table = janus_table([_result("openconsult", 1, 6000.0), _result("janus default", 1, 12000.0),
+                         _result("janus event_loops=2", 1, 4000.0),
+                         _result("openconsult", 32, 60000.0), _result("janus default", 32, 40000.0),
+                         _result("janus event_loops=2", 32, 80000.0)])
+    rows = [line.split() for line in table.splitlines()[2:]]
+    assert rows == [["1", "6000", "12000", "0.50", "4000", "1.50"], ["32", "60000", "40000", "1.50", "80000", "0.75"]]
+    assert "janus default" in table.splitlines()[1] and "janus event_loops=2" in table.splitlines()[1]
