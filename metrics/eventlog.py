@@ -415,6 +415,56 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+@dataclass(frozen=True)
+class SqlDialect:
+    """How one backend spells the parts of the sessions search that differ."""
+
+    #: The parameter placeholder: ``?`` (sqlite3) or ``%s`` (psycopg).
+    param: str
+    #: A case-insensitive substring match on a backslash-escaped pattern; ``{p}`` is the placeholder.
+    like: str
+    #: The text of one top-level payload field; ``{field}`` is its name.
+    json_text: str
+
+
+SQLITE_DIALECT: Final = SqlDialect("?", "LIKE {p} ESCAPE '\\'", "json_extract(payload, '$.{field}')")
+POSTGRES_DIALECT: Final = SqlDialect("%s", "ILIKE {p}", "payload::jsonb ->> '{field}'")
+
+
+def sessions_query(dialect: SqlDialect, since_ms: int, until_ms: int, text: str | None, limit: int,
+                   room: str | None, name: str | None, session_id: str | None) -> tuple[str, list[Any]]:
+    """The back-office session search (see :meth:`EventStore.sessions_sync`) as SQL and its
+    parameters, in ``dialect``: one query for every backend."""
+    p = dialect.param
+
+    def like(column: str) -> str:
+        return f"{column} {dialect.like.format(p=p)}"
+
+    window = f"time_ms >= {p} AND time_ms < {p}"
+    params: list[Any] = [since_ms, until_ms]
+    filters = ""
+    if text:
+        pattern = f"%{_like_escape(text)}%"
+        filters += (f" AND session_id IN (SELECT DISTINCT session_id FROM events WHERE {window} AND ("
+                    f"{like('session_id')} OR {like('connection_id')} OR {like('stream_id')} OR {like('text')}))")
+        params.extend([since_ms, until_ms, pattern, pattern, pattern, pattern])
+    if room:
+        filters += (f" AND (session_id = {p} OR session_id IN (SELECT DISTINCT session_id FROM events"
+                    f" WHERE {window} AND kind = 'VideoSession' AND {dialect.json_text.format(field='room')} = {p}))")
+        params.extend([room, since_ms, until_ms, room])
+    if name:
+        filters += (f" AND session_id IN (SELECT DISTINCT session_id FROM events WHERE {window}"
+                    f" AND kind = 'serverDetectedConnect' AND {like(dialect.json_text.format(field='name'))})")
+        params.extend([since_ms, until_ms, f"%{_like_escape(name)}%"])
+    if session_id:
+        filters += f" AND {like('session_id')}"
+        params.append(f"%{_like_escape(session_id)}%")
+    params.append(limit)
+    sql = ("SELECT session_id, MIN(time_ms) AS first_ms, MAX(time_ms) AS last_ms, COUNT(*) AS count"
+           f" FROM events WHERE {window}{filters} GROUP BY session_id ORDER BY last_ms DESC, session_id LIMIT {p}")
+    return sql, params
+
+
 class _RateLimited:
     """At most one log line per interval for one kind of trouble (thread-safe)."""
 
@@ -1148,40 +1198,7 @@ class EventLog(EventStore):
         The filters combine. Each dict: ``session_id``, ``first_ms``, ``last_ms``, ``count``
         (counted over the window).
         """
-        params: list[Any] = [since_ms, until_ms]
-        text_filter = ""
-        if text:
-            pattern = f"%{_like_escape(text)}%"
-            text_filter = (
-                " AND session_id IN (SELECT DISTINCT session_id FROM events"
-                " WHERE time_ms >= ? AND time_ms < ? AND ("
-                " session_id LIKE ? ESCAPE '\\' OR connection_id LIKE ? ESCAPE '\\'"
-                " OR stream_id LIKE ? ESCAPE '\\' OR text LIKE ? ESCAPE '\\'))"
-            )
-            params.extend([since_ms, until_ms, pattern, pattern, pattern, pattern])
-        if room:
-            text_filter += (
-                " AND (session_id = ? OR session_id IN (SELECT DISTINCT session_id FROM events"
-                " WHERE time_ms >= ? AND time_ms < ? AND kind = 'VideoSession'"
-                " AND json_extract(payload, '$.room') = ?))"
-            )
-            params.extend([room, since_ms, until_ms, room])
-        if name:
-            text_filter += (
-                " AND session_id IN (SELECT DISTINCT session_id FROM events"
-                " WHERE time_ms >= ? AND time_ms < ? AND kind = 'serverDetectedConnect'"
-                " AND json_extract(payload, '$.name') LIKE ? ESCAPE '\\')"
-            )
-            params.extend([since_ms, until_ms, f"%{_like_escape(name)}%"])
-        if session_id:
-            text_filter += " AND session_id LIKE ? ESCAPE '\\'"
-            params.append(f"%{_like_escape(session_id)}%")
-        params.append(limit)
-        sql = (
-            "SELECT session_id, MIN(time_ms) AS first_ms, MAX(time_ms) AS last_ms, COUNT(*) AS count"
-            f" FROM events WHERE time_ms >= ? AND time_ms < ?{text_filter}"
-            " GROUP BY session_id ORDER BY last_ms DESC, session_id LIMIT ?"
-        )
+        sql, params = sessions_query(SQLITE_DIALECT, since_ms, until_ms, text, limit, room, name, session_id)
         conn = self._read_connection()
         try:
             rows = conn.execute(sql, params).fetchall()

@@ -40,8 +40,15 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from metrics.audit import AUDIT_TYPES, CHAT_CONTENT_KEYS, ERROR_EVENT_KINDS, LogQuery, LogType, search
 from metrics import rollup
+from metrics.audit import (
+    AUDIT_TYPES,
+    CHAT_CONTENT_KEYS,
+    ERROR_EVENT_KINDS,
+    LogQuery,
+    LogType,
+    search,
+)
 from metrics.eventlog import (
     _BUCKET_KEY,
     _BUCKET_VALUES,
@@ -51,7 +58,6 @@ from metrics.eventlog import (
     _ROLLED_KINDS,
     _ROLLUP_RETENTION,
     _SAMPLE_KINDS_SQL,
-    _SCHEMA as _SQLITE_SCHEMA,
     _TALLY_COLUMNS,
     _TRACK_KEY,
     _TRACK_VALUES,
@@ -60,6 +66,7 @@ from metrics.eventlog import (
     DEFAULT_BATCH_MAX,
     DEFAULT_MAX_QUEUE,
     DEFAULT_QUERY_LIMIT,
+    POSTGRES_DIALECT,
     RESOLUTIONS_MS,
     Analysis,
     EventStore,
@@ -77,6 +84,10 @@ from metrics.eventlog import (
     _track_row,
     _upsert,
     anonymised,
+    sessions_query,
+)
+from metrics.eventlog import (
+    _SCHEMA as _SQLITE_SCHEMA,
 )
 from metrics.events import LogEntry
 
@@ -405,39 +416,7 @@ class PgEventLog(EventStore):
     ) -> list[dict[str, Any]]:
         """As :meth:`metrics.eventlog.EventLog.sessions_sync` (substring filters are
         case-insensitive)."""
-        params: list[Any] = [since_ms, until_ms]
-        text_filter = ""
-        if text:
-            pattern = f"%{_like_escape(text)}%"
-            text_filter = (
-                " AND session_id IN (SELECT DISTINCT session_id FROM events"
-                " WHERE time_ms >= %s AND time_ms < %s AND ("
-                " session_id ILIKE %s OR connection_id ILIKE %s OR stream_id ILIKE %s OR text ILIKE %s))"
-            )
-            params.extend([since_ms, until_ms, pattern, pattern, pattern, pattern])
-        if room:
-            text_filter += (
-                " AND (session_id = %s OR session_id IN (SELECT DISTINCT session_id FROM events"
-                " WHERE time_ms >= %s AND time_ms < %s AND kind = 'VideoSession'"
-                " AND payload::jsonb ->> 'room' = %s))"
-            )
-            params.extend([room, since_ms, until_ms, room])
-        if name:
-            text_filter += (
-                " AND session_id IN (SELECT DISTINCT session_id FROM events"
-                " WHERE time_ms >= %s AND time_ms < %s AND kind = 'serverDetectedConnect'"
-                " AND payload::jsonb ->> 'name' ILIKE %s)"
-            )
-            params.extend([since_ms, until_ms, f"%{_like_escape(name)}%"])
-        if session_id:
-            text_filter += " AND session_id ILIKE %s"
-            params.append(f"%{_like_escape(session_id)}%")
-        params.append(limit)
-        query = (
-            "SELECT session_id, MIN(time_ms) AS first_ms, MAX(time_ms) AS last_ms, COUNT(*) AS count"
-            f" FROM events WHERE time_ms >= %s AND time_ms < %s{text_filter}"
-            " GROUP BY session_id ORDER BY last_ms DESC, session_id LIMIT %s"
-        )
+        query, params = sessions_query(POSTGRES_DIALECT, since_ms, until_ms, text, limit, room, name, session_id)
         with self._connect(autocommit=True) as conn, conn.cursor(row_factory=dict_row) as cur:
             return list(cur.execute(query.encode(), params).fetchall())
 
