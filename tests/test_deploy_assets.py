@@ -21,6 +21,7 @@ from metrics import prometheus
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "openconsult.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 METRIC_NAME = re.compile(r"\b(?:openconsult|process)_[a-z_]+")
@@ -36,6 +37,24 @@ REQUIRED_ALERTS = {
     "OpenConsultTokenRejectionsSpike",
     "OpenConsultMediaPlaneStuck",
     "OpenConsultHighCPU",
+    "OpenConsultClusterNodeLost",
+    "OpenConsultLeaseConflict",
+    "OpenConsultRedisUnavailable",
+}
+
+#: What the dashboard's Cluster row must show per node (and the node id of each instance).
+CLUSTER_PANEL_METRICS = {
+    "openconsult_node_info",
+    "openconsult_sessions_active",
+    "openconsult_calls_active",
+    "process_cpu_seconds",
+    "openconsult_cluster_redis_up",
+    "openconsult_cluster_nodes",
+    "openconsult_cluster_rooms_owned",
+    "openconsult_cluster_leases_lost",
+    "openconsult_cluster_claims",
+    "openconsult_cluster_relayed_connections",
+    "openconsult_cluster_heartbeat_failures",
 }
 
 # Which sample-name suffixes each metric type has in the exposition (and so in Prometheus).
@@ -209,6 +228,28 @@ def test_dashboard_metrics_are_exported() -> None:
     assert {"process_cpu_seconds", "process_resident_memory_bytes"} <= used
 
 
+def test_dashboard_cluster_row_shows_each_node() -> None:
+    families = exported_families()
+    panels = load_dashboard()["panels"]
+    rows = [p for p in panels if p["type"] == "row"]
+    (cluster,) = [r for r in rows if r["title"] == "Cluster"]
+    below = [r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > cluster["gridPos"]["y"]]
+    end = min(below, default=10**6)
+    inside = [p for p in panels if p["type"] != "row" and cluster["gridPos"]["y"] < p["gridPos"]["y"] < end]
+    shown: set[str] = set()
+    for panel in inside:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            shown |= {f for f in (resolve(n, families) for n in metric_names(expr)) if f}
+            if target.get("format") == "table" or expr.startswith("count("):
+                continue
+            # Per node: one line per instance, named by it, never summed over the nodes.
+            assert "{{instance}}" in target.get("legendFormat", ""), (panel["title"], target)
+            assert not re.search(r"\b(sum|max|min|avg|count)\s*\(", expr) or "by (instance" in expr, expr
+    missing = CLUSTER_PANEL_METRICS - shown
+    assert not missing, f"the Cluster row shows no {sorted(missing)}"
+
+
 def test_dashboard_has_datasource_input_and_variables() -> None:
     dashboard = load_dashboard()
     assert dashboard["schemaVersion"] >= 36
@@ -280,6 +321,22 @@ def test_alerts_are_complete_and_annotated() -> None:
     # Lost records must page at the first one.
     assert "openconsult_eventlog_entries_dropped_total" in by_name["OpenConsultEventLogEntriesDropped"]["expr"]
     assert "> 0" in by_name["OpenConsultEventLogEntriesDropped"]["expr"]
+
+
+def test_alert_unit_tests_cover_the_cluster_alerts() -> None:
+    """``promtool test rules`` proves each cluster alert fires on a failing series and stays quiet
+    on a healthy one (node lost, lease conflict, Redis unavailable on a clustered node only)."""
+    tests = load_yaml(ALERT_TESTS)
+    assert tests["rule_files"] == [ALERTS.name]
+    tested = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]}
+    assert {"OpenConsultClusterNodeLost", "OpenConsultLeaseConflict", "OpenConsultRedisUnavailable"} <= tested
+    for name in tested:
+        fires = [c for t in tests["tests"] for c in t["alert_rule_test"] if c["alertname"] == name and c["exp_alerts"]]
+        quiet = [c for t in tests["tests"] for c in t["alert_rule_test"] if c["alertname"] == name and not c["exp_alerts"]]
+        assert fires and quiet, f"{name} needs a case where it fires and one where it does not"
+    result = subprocess.run(["promtool", "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_scrape_config_matches_the_alerts() -> None:
