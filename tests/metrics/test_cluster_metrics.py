@@ -5,10 +5,13 @@ all of it move when a node is killed and when Redis stops."""
 
 from __future__ import annotations
 
+import json
 import signal
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -100,6 +103,23 @@ def scrape(server: ServerProcess) -> dict[str, float]:
     return found
 
 
+def http(server: ServerProcess, method: str, path: str, token: str | None,
+         body: object = None) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(server.url + path, method=method,
+                                     data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text)
+        except ValueError:
+            return exc.code, {"error": {"code": "?", "message": text.decode(errors="replace")[:300]}}
+
+
 def node_info(metrics: dict[str, float]) -> str:
     (key,) = [k for k, v in metrics.items() if k.startswith("openconsult_node_info{") and v == 1]
     return key
@@ -154,6 +174,15 @@ async def test_two_nodes_export_the_cluster_and_see_a_node_and_redis_go(tmp_path
                              message="redis_up 0 after Redis stopped")
             await wait_until(lambda: scrape(owner)["openconsult_cluster_heartbeat_failures_total"] >= 1,
                              timeout=30, interval=0.2)
+            # What needs Redis answers 503 cluster_unavailable, naming Redis (not a 500).
+            staff = tokens.mint("staff", Role.DEPARTMENT_ADMIN, "dana", sub="dana", departments=["cardio"])
+            for method, path, token, body in (
+                    ("GET", "/api/departments/cardio/consultations", staff, None),
+                    ("POST", "/api/waiting-rooms", staff, {"room_id": "wr-c", "name": "Cardiology", "department": "cardio"}),
+                    ("POST", "/api/demo/token", None, {"room": "room-d", "name": "Demo"})):
+                status, answer = http(owner, method, path, token, body)
+                assert status == 503 and answer["error"]["code"] == "cluster_unavailable", (path, status, answer)
+                assert "Redis" in answer["error"]["message"]
             # The owner's own participant (when it joined there directly) keeps its room meanwhile;
             # a room whose participants all came through the dead node ended with them.
             assert scrape(owner)["openconsult_cluster_rooms_owned"] == (1 if owner is a else 0)
