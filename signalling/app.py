@@ -26,6 +26,7 @@ from rooms.directory import DirectoryUnavailable, LocalDirectory, NodeLoad, Noti
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
+from signalling import logs
 from signalling.api import add_routes, coded_errors
 from signalling.audit import AUDIT_KEY, SIGN_INS_KEY, SignIns, staff_sign_ins
 from signalling.auth import TokenAuthority
@@ -33,7 +34,6 @@ from signalling.backoffice_api import add_backoffice_routes
 from signalling.cluster import DIRECTORY_KEY, NOTICE_SINKS_KEY, RedisDirectory
 from signalling.config import Config, ConfigError
 from signalling.hub import Hub
-from signalling import logs
 from signalling.keys import (
     CONFIG_KEY,
     EVENTLOG_KEY,
@@ -241,12 +241,12 @@ def _export_cluster(hub: Hub, directory: RoomDirectory | None, door: RelayDoor, 
                     clustered: bool) -> None:
     """This node's id in the logs and /metrics, and the gauges of its load and cluster state, read
     at scrape time (``directory`` None: the node is stopping, they read 0)."""
-    prom.CALLS_ACTIVE.set_function(lambda: _node_load(hub, 0).calls if directory is not None else 0)
+    live = directory is not None
     if directory is not None:
         logs.bind_process(node_id=directory.node_id)
         prom.NODE.info({"node_id": directory.node_id, "directory": "redis" if clustered else "local"})
+    prom.CALLS_ACTIVE.set_function(lambda: _node_load(hub, 0).calls if live else 0)
     prom.CLUSTER_ROOMS_OWNED.set_function(lambda: len(directory.held()) if directory is not None else 0)
-    live = directory is not None
     prom.CLUSTER_RELAYED_CONNECTIONS.labels(side=prom.RelaySide.DOOR.value).set_function(
         lambda: len(door.links) if live else 0)
     prom.CLUSTER_RELAYED_CONNECTIONS.labels(side=prom.RelaySide.OWNER.value).set_function(
