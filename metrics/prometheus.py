@@ -24,6 +24,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Info,
     disable_created_metrics,
     generate_latest,
 )
@@ -69,6 +70,23 @@ class UdpRouteKind(StrEnum):
     ADDRESS = "address"
 
 
+class ClaimResult(StrEnum):
+    """A room-lease claim: ``won`` (this node holds the room now), ``elsewhere`` (another node
+    does), ``error`` (Redis did not answer)."""
+
+    WON = "won"
+    ELSEWHERE = "elsewhere"
+    ERROR = "error"
+
+
+class RelaySide(StrEnum):
+    """A relayed connection as this node sees it: ``door`` (the socket is here, the room on
+    another node), ``owner`` (the room is here, the socket on another node)."""
+
+    DOOR = "door"
+    OWNER = "owner"
+
+
 class WsDirection(StrEnum):
     INBOUND = "in"
     OUTBOUND = "out"
@@ -94,6 +112,12 @@ SESSIONS_ACTIVE: Final = Gauge("sessions_active", "Sessions with at least one co
 STREAMS_ACTIVE: Final = Gauge("streams_active", "Published streams currently live", namespace=NAMESPACE)
 SUBSCRIPTIONS_ACTIVE: Final = Gauge(
     "subscriptions_active", "Subscriptions currently forwarding a stream", namespace=NAMESPACE
+)
+CALLS_ACTIVE: Final = Gauge(
+    "calls_active",
+    "Sessions with two or more connections (calls in progress): with openconsult_sessions_active, the"
+    " load a node reports to the cluster",
+    namespace=NAMESPACE,
 )
 
 # --- Lifecycle ----------------------------------------------------------------------------
@@ -179,6 +203,54 @@ WS_MESSAGES: Final = Counter(
     namespace=NAMESPACE,
 )
 
+# --- Cluster (several nodes sharing Redis) --------------------------------------------------
+
+NODE: Final = Info(
+    "node",
+    "This node: node_id (its id in the cluster directory and in JSON logs) and directory"
+    " (redis: one of a cluster; local: alone, no Redis)",
+    namespace=NAMESPACE,
+)
+CLUSTER_REDIS_UP: Final = Gauge(
+    "cluster_redis_up",
+    "1 if this node's last heartbeat reached Redis, else 0 (also 0 on a node without Redis:"
+    " see openconsult_node_info's directory label)",
+    namespace=NAMESPACE,
+)
+CLUSTER_HEARTBEAT_FAILURES: Final = Counter(
+    "cluster_heartbeat_failures",
+    "Heartbeats that could not reach Redis (one every cluster.lease_s / 3 while it is away)",
+    namespace=NAMESPACE,
+)
+CLUSTER_NODES: Final = Gauge(
+    "cluster_nodes",
+    "Live nodes (this one included) this node saw in the directory at its last look (each heartbeat)",
+    namespace=NAMESPACE,
+)
+CLUSTER_ROOMS_OWNED: Final = Gauge(
+    "cluster_rooms_owned", "Room leases this node holds", namespace=NAMESPACE
+)
+CLUSTER_LEASES_LOST: Final = Counter(
+    "cluster_leases_lost",
+    "Room leases this node found taken by another node at renewal (a lease conflict: this node"
+    " was cut off from Redis for longer than cluster.lease_s)",
+    namespace=NAMESPACE,
+)
+CLUSTER_CLAIMS: Final = Counter(
+    "cluster_claims",
+    "Room-lease claims by result: won (held here now), elsewhere (another node holds the room),"
+    " error (Redis did not answer)",
+    ["result"],
+    namespace=NAMESPACE,
+)
+CLUSTER_RELAYED_CONNECTIONS: Final = Gauge(
+    "cluster_relayed_connections",
+    "Signalling connections relayed between nodes, by side: door (socket here, room elsewhere)"
+    " or owner (room here, socket elsewhere)",
+    ["side"],
+    namespace=NAMESPACE,
+)
+
 
 def _precreate() -> None:
     """Create every labelled series at 0 so it is exported before its first event."""
@@ -199,6 +271,10 @@ def _precreate() -> None:
         RTP_PACKETS_DROPPED.labels(reason=forward_reason.value)
     for log_drop_reason in EventLogDropReason:
         EVENTLOG_ENTRIES_DROPPED.labels(reason=log_drop_reason.value)
+    for claim_result in ClaimResult:
+        CLUSTER_CLAIMS.labels(result=claim_result.value)
+    for side in RelaySide:
+        CLUSTER_RELAYED_CONNECTIONS.labels(side=side.value)
     for direction in WsDirection:
         for result in WsResult:
             WS_MESSAGES.labels(direction=direction.value, result=result.value)

@@ -10,15 +10,21 @@ A commit is one Lua script: it compares every expected version and only then wri
 on the Redis server, so two nodes admitting the same patient cannot both win. Trimming a log uses
 WATCH/MULTI and retries if an append raced it. Multi-key scripts need all keys on one server:
 with Redis Cluster, put the namespace in a hash tag (``{openconsult}:``).
+
+A Redis that does not answer raises ``DirectoryUnavailable`` (code ``cluster_unavailable``, HTTP
+503), as the room directory does: the workflow's requests fail with a coded error, not a crash.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
+
+from rooms.directory import DirectoryUnavailable
 
 from rooms.store import (
     Append,
@@ -67,6 +73,15 @@ def _as_bytes(value: bytes | str | None) -> bytes:
     return value
 
 
+@contextmanager
+def _answering() -> Iterator[None]:
+    """Redis failures (refused, reset, timed out) become ``DirectoryUnavailable``."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
+
+
 class RedisStore:
     """``RedisStore("redis://127.0.0.1:6379/0", namespace="openconsult:")``."""
 
@@ -92,14 +107,16 @@ class RedisStore:
 
     async def get(self, kind: str, key: str) -> Doc | None:
         self._check_kind(kind)
-        found = await self._redis.hmget(self._doc_key(kind, key), ["v", "d"])
+        with _answering():
+            found = await self._redis.hmget(self._doc_key(kind, key), ["v", "d"])
         if found[0] is None:
             return None
         return Doc(int(found[0]), unpack(_as_bytes(found[1])))
 
     async def keys(self, kind: str) -> list[str]:
         self._check_kind(kind)
-        members = await self._redis.smembers(self._set_key(kind))
+        with _answering():
+            members = await self._redis.smembers(self._set_key(kind))
         return sorted(_as_bytes(m).decode() for m in members)
 
     async def commit(self, ops: Sequence[Op]) -> None:
@@ -122,7 +139,8 @@ class RedisStore:
                 else:
                     assert isinstance(op, Check)
                     args += ["c", op.expected_version, b"", ""]
-        result = await self._commit(keys=keys + sets, args=args)
+        with _answering():
+            result = await self._commit(keys=keys + sets, args=args)
         failed, actual = int(result[0]), int(result[1])
         if failed:
             op = ops[failed - 1]
@@ -131,11 +149,17 @@ class RedisStore:
 
     async def read_log(self, log: str, key: str) -> list[Body]:
         self._check_kind(log)
-        return [unpack(_as_bytes(d)) for d in await self._redis.lrange(self._log_key(log, key), 0, -1)]
+        with _answering():
+            items = await self._redis.lrange(self._log_key(log, key), 0, -1)
+        return [unpack(_as_bytes(d)) for d in items]
 
     async def trim_log(self, log: str, key: str, before_ms: int | None) -> int:
         self._check_kind(log)
         k = self._log_key(log, key)
+        with _answering():
+            return await self._trim(k, before_ms)
+
+    async def _trim(self, k: str, before_ms: int | None) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
             while True:
                 try:

@@ -26,6 +26,7 @@ from rooms.directory import DirectoryUnavailable, LocalDirectory, NodeLoad, Noti
 from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
+from signalling import logs
 from signalling.api import add_routes, coded_errors
 from signalling.audit import AUDIT_KEY, SIGN_INS_KEY, SignIns, staff_sign_ins
 from signalling.auth import TokenAuthority
@@ -236,6 +237,22 @@ def _node_load(hub: Hub, cpu: float) -> NodeLoad:
     return NodeLoad(rooms=len(sessions), calls=sum(1 for s in sessions if len(s.connections) >= 2), cpu=round(cpu, 3))
 
 
+def _export_cluster(hub: Hub, directory: RoomDirectory | None, door: RelayDoor, server: RelayServer,
+                    clustered: bool) -> None:
+    """This node's id in the logs and /metrics, and the gauges of its load and cluster state, read
+    at scrape time (``directory`` None: the node is stopping, they read 0)."""
+    live = directory is not None
+    if directory is not None:
+        logs.bind_process(node_id=directory.node_id)
+        prom.NODE.info({"node_id": directory.node_id, "directory": "redis" if clustered else "local"})
+    prom.CALLS_ACTIVE.set_function(lambda: _node_load(hub, 0).calls if live else 0)
+    prom.CLUSTER_ROOMS_OWNED.set_function(lambda: len(directory.held()) if directory is not None else 0)
+    prom.CLUSTER_RELAYED_CONNECTIONS.labels(side=prom.RelaySide.DOOR.value).set_function(
+        lambda: len(door.links) if live else 0)
+    prom.CLUSTER_RELAYED_CONNECTIONS.labels(side=prom.RelaySide.OWNER.value).set_function(
+        lambda: len(server.conns) if live else 0)
+
+
 async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     """The room directory and this node's heartbeat (every third of ``cluster.lease_s``: load,
     renewed leases). With Redis away the heartbeat keeps trying; calls go on meanwhile."""
@@ -263,6 +280,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     await directory.start(deliver)
     hub.directory = directory
     app[DIRECTORY_KEY] = directory
+    _export_cluster(hub, directory, door, server, bool(config.redis_url))
     logger.info("cluster: node %s (%s)", directory.node_id,
                 "Redis directory" if config.redis_url else "one node, no Redis")
     stop = asyncio.Event()
@@ -284,8 +302,9 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
                     # for it go to that node from now on.
                     hub.leases.pop(room, None)
                     logger.warning("cluster: room %s now belongs to another node", room)
+                live = set(await directory.nodes())
+                prom.CLUSTER_NODES.set(len(live))
                 if door.links or server.conns:
-                    live = set(await directory.nodes())
                     door.lost(live)
                     server.lost(live)
             except DirectoryUnavailable:
@@ -298,6 +317,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         stop.set()
         await task
         await directory.close()
+        _export_cluster(hub, None, door, server, bool(config.redis_url))
 
 
 async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="directory for the SQLite files and the generated secret (default ./data)")
     serve.add_argument("--config", help="TOML config file (see deploy/openconsult.sample.toml)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--log-format", choices=["text", "json"],
+                       help="log lines on stderr: text, or json (one object per line); default server.log_format")
     token = sub.add_parser("token", help="print a signed join token")
     token.add_argument("--room", required=True)
     token.add_argument("--role", required=True, choices=[r.value for r in Role])
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     server: dict[str, Any] = {}
-    for key in ("host", "port", "data_dir"):
+    for key in ("host", "port", "data_dir", "log_format"):
         value = getattr(args, key, None)
         if value is not None:
             server[key] = value
@@ -99,7 +101,10 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
 
     from signalling.app import create_app
 
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from signalling import logs
+
+    logs.configure(config.server.log_format, args.log_level)
+    json_logs = config.server.log_format == "json"
     for noisy in ("aiohttp.access", "aioice", "aiortc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
@@ -116,18 +121,24 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     try:
         app = create_app(config)
     except (ConfigError, OSError) as exc:
-        print(f"openconsult: {exc}", file=sys.stderr)
+        if json_logs:
+            logging.error("openconsult: %s", exc)
+        else:
+            print(f"openconsult: {exc}", file=sys.stderr)
         return 2
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
-    print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: demo page at http://{shown}:{config.server.port}/ "
-          f"(data in {config.data_path.resolve()})", flush=True)
+    if json_logs:  # every line a log collector reads is a JSON object
+        logging.info("OpenConsult listening on %s:%d (data in %s)", shown, config.server.port, config.data_path.resolve())
+    else:
+        print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: demo page at http://{shown}:{config.server.port}/ "
+              f"(data in {config.data_path.resolve()})", flush=True)
     try:
         web.run_app(app, host=host, port=config.server.port, print=None, shutdown_timeout=5)
     except OSError as exc:
         # Most often the port is taken (another OpenConsult, or another web server).
-        print(f"openconsult: cannot listen on {shown}:{config.server.port}: {exc.strerror or exc}. "
-              "Pick another port with --port.", file=sys.stderr)
+        logging.error("openconsult: cannot listen on %s:%d: %s. Pick another port with --port.", shown,
+                      config.server.port, exc.strerror or exc)
         return 2
     return 0
 

@@ -35,6 +35,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from metrics import prometheus as prom
 from rooms.directory import (
     DirectoryUnavailable,
     NodeId,
@@ -236,17 +237,21 @@ class RedisDirectory:
                 if not ok and self.leases.get(room) == lease:
                     del self.leases[room]
                     self.lost = [*self.lost[-99:], room]
+                    prom.CLUSTER_LEASES_LOST.inc()
                     logger.warning("cluster: node %s lost the lease of room %s (token %d)", self.node_id, room,
                                    lease.token)
         except (RedisError, OSError) as exc:
+            prom.CLUSTER_HEARTBEAT_FAILURES.inc()
             if self.available:
                 logger.warning("cluster: Redis unavailable (%s); media goes on, new rooms wait", exc)
             self.available = False
+            prom.CLUSTER_REDIS_UP.set(0)
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
         if not self.available:
             logger.info("cluster: Redis is back; node %s registered, %d leases re-asserted", self.node_id,
                         len(self.leases))
         self.available = True
+        prom.CLUSTER_REDIS_UP.set(1)
 
     async def nodes(self) -> dict[NodeId, NodeLoad]:
         try:
@@ -266,11 +271,14 @@ class RedisDirectory:
             owner, token = await self._claim(keys=[self._key("room", room), self._key("fence", room)],
                                              args=[self.node_id, self._lease_ms])
         except (RedisError, OSError) as exc:
+            prom.CLUSTER_CLAIMS.labels(result=prom.ClaimResult.ERROR).inc()
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
         owner_id = NodeId(_text(owner))
         if owner_id != self.node_id or not token:
+            prom.CLUSTER_CLAIMS.labels(result=prom.ClaimResult.ELSEWHERE).inc()
             raise RoomOwnedElsewhere(room, owner_id)
         lease = self.leases[room] = RoomLease(room, self.node_id, int(token))
+        prom.CLUSTER_CLAIMS.labels(result=prom.ClaimResult.WON).inc()
         return lease
 
     def held(self) -> set[str]:

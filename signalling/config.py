@@ -57,6 +57,9 @@ class ServerConfig:
     #: for the client's IP (shown in the inspector). Empty: those headers are ignored and the IP is
     #: the TCP peer's.
     trusted_proxies: tuple[str, ...] = ()
+    #: Log lines on stderr: "text" (readable) or "json" (one object per line, with node, session
+    #: and connection ids as fields, for a log collector). ``--log-format`` overrides it.
+    log_format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,8 @@ class Config:
                               "server.max_subscriptions_per_connection 1-1024")
         if not 1 <= s.client_reports_per_min <= 10_000:
             raise ConfigError(f"server.client_reports_per_min must be 1-10000, got {s.client_reports_per_min}")
+        if s.log_format not in ("text", "json"):
+            raise ConfigError(f'server.log_format must be "text" or "json", got "{s.log_format}"')
         for proxy in s.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)

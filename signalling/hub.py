@@ -65,7 +65,7 @@ from rooms.model import (
     SubscriptionId,
     new_id,
 )
-from signalling import turn
+from signalling import logs, turn
 from signalling.auth import Claims, TokenAuthority, unverified_consultation, unverified_room
 from signalling.client_reports import ReportLimiter, event_entry, stats_entries
 from signalling.config import Config
@@ -214,6 +214,9 @@ class Hub:
                        exclude=connection.connection_id)
         self.log(sid, EventKind.SUCCESSFULLY_JOINED, f"Successfully joined the session: {claims.name}",
                  connection_id=connection.connection_id)
+        # From here on every line this connection's task logs names its session and connection.
+        logs.bind(session_id=sid, connection_id=connection.connection_id)
+        logger.info("connection joined room %s as %s", claims.room, claims.role)
         return {
             "session_id": sid, "connection_id": connection.connection_id, "room": claims.room,
             "role": str(claims.role), "name": claims.name,
@@ -495,6 +498,8 @@ class Hub:
                  f"Server detected disconnect: {connection.name}. Reason: {reason}" + (f" ({detail})" if detail else ""),
                  connection_id=connection.connection_id, reason=str(reason), **({"detail": detail} if detail else {}))
         self.broadcast(session, "connectionDestroyed", {"connection": connection.public(), "reason": str(reason)})
+        logger.info("connection left: %s", reason,
+                    extra={"session_id": session.session_id, "connection_id": connection.connection_id})
         if self.registry.end_if_empty(session):
             self.recorder.session_ended()
             await self._release(session.room)

@@ -8,11 +8,14 @@ suffix breaks this test instead of silently emptying a panel or disarming an ale
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,7 +24,11 @@ from metrics import prometheus
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "openconsult.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 SCRAPE_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+UNIT = ROOT / "deploy" / "openconsult.service"
+#: Where the unit expects the venv (docs/operations.md, "Installing with systemd").
+UNIT_BINARY = "/opt/openconsult/venv/bin/openconsult"
 
 METRIC_NAME = re.compile(r"\b(?:openconsult|process)_[a-z_]+")
 # Prometheus adds these per target itself; the app does not export them.
@@ -36,6 +43,24 @@ REQUIRED_ALERTS = {
     "OpenConsultTokenRejectionsSpike",
     "OpenConsultMediaPlaneStuck",
     "OpenConsultHighCPU",
+    "OpenConsultClusterNodeLost",
+    "OpenConsultLeaseConflict",
+    "OpenConsultRedisUnavailable",
+}
+
+#: What the dashboard's Cluster row must show per node (and the node id of each instance).
+CLUSTER_PANEL_METRICS = {
+    "openconsult_node_info",
+    "openconsult_sessions_active",
+    "openconsult_calls_active",
+    "process_cpu_seconds",
+    "openconsult_cluster_redis_up",
+    "openconsult_cluster_nodes",
+    "openconsult_cluster_rooms_owned",
+    "openconsult_cluster_leases_lost",
+    "openconsult_cluster_claims",
+    "openconsult_cluster_relayed_connections",
+    "openconsult_cluster_heartbeat_failures",
 }
 
 # Which sample-name suffixes each metric type has in the exposition (and so in Prometheus).
@@ -209,6 +234,28 @@ def test_dashboard_metrics_are_exported() -> None:
     assert {"process_cpu_seconds", "process_resident_memory_bytes"} <= used
 
 
+def test_dashboard_cluster_row_shows_each_node() -> None:
+    families = exported_families()
+    panels = load_dashboard()["panels"]
+    rows = [p for p in panels if p["type"] == "row"]
+    (cluster,) = [r for r in rows if r["title"] == "Cluster"]
+    below = [r["gridPos"]["y"] for r in rows if r["gridPos"]["y"] > cluster["gridPos"]["y"]]
+    end = min(below, default=10**6)
+    inside = [p for p in panels if p["type"] != "row" and cluster["gridPos"]["y"] < p["gridPos"]["y"] < end]
+    shown: set[str] = set()
+    for panel in inside:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            shown |= {f for f in (resolve(n, families) for n in metric_names(expr)) if f}
+            if target.get("format") == "table" or expr.startswith("count("):
+                continue
+            # Per node: one line per instance, named by it, never summed over the nodes.
+            assert "{{instance}}" in target.get("legendFormat", ""), (panel["title"], target)
+            assert not re.search(r"\b(sum|max|min|avg|count)\s*\(", expr) or "by (instance" in expr, expr
+    missing = CLUSTER_PANEL_METRICS - shown
+    assert not missing, f"the Cluster row shows no {sorted(missing)}"
+
+
 def test_dashboard_has_datasource_input_and_variables() -> None:
     dashboard = load_dashboard()
     assert dashboard["schemaVersion"] >= 36
@@ -282,6 +329,22 @@ def test_alerts_are_complete_and_annotated() -> None:
     assert "> 0" in by_name["OpenConsultEventLogEntriesDropped"]["expr"]
 
 
+def test_alert_unit_tests_cover_the_cluster_alerts() -> None:
+    """``promtool test rules`` proves each cluster alert fires on a failing series and stays quiet
+    on a healthy one (node lost, lease conflict, Redis unavailable on a clustered node only)."""
+    tests = load_yaml(ALERT_TESTS)
+    assert tests["rule_files"] == [ALERTS.name]
+    tested = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]}
+    assert {"OpenConsultClusterNodeLost", "OpenConsultLeaseConflict", "OpenConsultRedisUnavailable"} <= tested
+    for name in tested:
+        fires = [c for t in tests["tests"] for c in t["alert_rule_test"] if c["alertname"] == name and c["exp_alerts"]]
+        quiet = [c for t in tests["tests"] for c in t["alert_rule_test"] if c["alertname"] == name and not c["exp_alerts"]]
+        assert fires and quiet, f"{name} needs a case where it fires and one where it does not"
+    result = subprocess.run(["promtool", "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_scrape_config_matches_the_alerts() -> None:
     config = load_yaml(SCRAPE_CONFIG)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -312,3 +375,81 @@ def test_promtool_accepts_config_rules_and_dashboard_queries(tmp_path: Path) -> 
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     promtool("check", "rules", str(path))
+
+
+# --- systemd unit --------------------------------------------------------------------------
+
+
+def unit_directives(text: str) -> dict[str, list[str]]:
+    """``Key`` -> its values (in order) over all sections; comments and blank lines skipped."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def systemd_verify(text: str, tmp_path: Path) -> str:
+    """``systemd-analyze verify`` on ``text`` with ExecStart pointed at a stub executable (verify
+    needs the binary to exist); what it said about the unit, empty when the unit is clean."""
+    analyze = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
+    if not os.path.exists(analyze):
+        message = "systemd-analyze is not installed (apt install systemd)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and {message}", pytrace=False)
+        pytest.skip(message)
+    stub = tmp_path / "openconsult"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    unit = tmp_path / "openconsult.service"
+    unit.write_text(text.replace(UNIT_BINARY, str(stub)))
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "openconsult" in line]
+    if result.returncode != 0:
+        said.append(f"exit status {result.returncode}")
+    return "\n".join(said)
+
+
+def test_systemd_unit_verifies_clean(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    assert UNIT_BINARY in text
+    assert systemd_verify(text, tmp_path) == ""
+
+
+def test_systemd_unit_is_hardened_and_runs_the_json_logging_server() -> None:
+    d = unit_directives(UNIT.read_text())
+    (exec_start,) = d["ExecStart"]
+    assert exec_start == f"{UNIT_BINARY} serve --config /etc/openconsult/openconsult.toml --log-format json"
+    expected = {
+        "User": "openconsult", "Group": "openconsult", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+        "PrivateTmp": "yes", "ProtectHome": "yes", "CapabilityBoundingSet": "", "AmbientCapabilities": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX AF_NETLINK",
+        "SystemCallFilter": "@system-service", "Restart": "on-failure", "KillSignal": "SIGTERM",
+    }
+    for key, value in expected.items():
+        assert d.get(key) == [value], (key, d.get(key))
+    assert d["ReadWritePaths"] == ["/var/lib/openconsult"] and d["WorkingDirectory"] == ["/var/lib/openconsult"]
+    assert float(d["RestartSec"][0]) >= 1
+    # Many sockets: well above server.max_connections' default (20000) plus media sockets.
+    assert int(d["LimitNOFILE"][0]) >= 65536
+    # Room for the server's own shutdown (connections leave, the event log flushes) and a drain.
+    assert int(d["TimeoutStopSec"][0]) >= 60
+
+
+@pytest.mark.parametrize("breakage", [
+    ("Restart=on-failure", "Restart=sometimes"),       # a value systemd cannot parse
+    ("NoNewPrivileges=yes", "NoNewPrivilege=yes"),     # a misspelt key (systemd would ignore it)
+    ("[Install]", "[Install]\nWantedBy"),              # a line that is no assignment
+])
+def test_systemd_verify_catches_a_broken_unit(tmp_path: Path, breakage: tuple[str, str]) -> None:
+    text = UNIT.read_text()
+    assert breakage[0] in text
+    assert systemd_verify(text.replace(breakage[0], breakage[1], 1), tmp_path) != ""
+
+
+def test_systemd_verify_catches_a_missing_binary(tmp_path: Path) -> None:
+    text = UNIT.read_text().replace(UNIT_BINARY, "/nonexistent/openconsult")
+    assert "/nonexistent/openconsult" in systemd_verify(text, tmp_path)
