@@ -15,8 +15,9 @@ alternating which path goes first, a new participant:
 - and closes its socket.
 
 *direct* sends it to A (the owner), *relayed* to B (the door relays it through Redis pub/sub).
-Each row prints p50/p95/p99 of both paths and the p95 the relay adds; the host's 1-minute load
-average is sampled at every participant. ``--warmup`` participants per path go first, unrecorded.
+Each row prints p50/p95/p99 of both paths and what the relay adds at p50 and p95; the host's
+1-minute load average is sampled at every participant. ``--warmup`` participants per path go
+first, unrecorded.
 
     .venv/bin/python benchmarks/cluster_join.py [--samples 200] [--rooms 4] [--no-first-frame] [--json out.json]
 """
@@ -65,18 +66,23 @@ class Samples:
 
 
 def compare(direct: list[float], relayed: list[float]) -> dict[str, Any]:
-    """Percentiles of both paths and what the relay adds at p95 (None without samples)."""
+    """Percentiles of both paths and what the relay adds at p50 and p95 (None without samples)."""
     from loadtest.report import percentiles
 
     d, r = percentiles(direct), percentiles(relayed)
-    added = None if d["p95"] is None or r["p95"] is None else round(r["p95"] - d["p95"], 1)
-    return {"direct": d, "relayed": r, "added_p95": added}
+
+    def added(q: str) -> float | None:
+        direct_q, relayed_q = d[q], r[q]
+        return None if direct_q is None or relayed_q is None else round(relayed_q - direct_q, 1)
+
+    return {"direct": d, "relayed": r, "added_p50": added("p50"), "added_p95": added("p95")}
 
 
 def format_table(samples: Samples) -> str:
-    """One row per measure that has samples: n, p50/p95/p99 direct and relayed, added p95."""
+    """One row per measure that has samples: n, p50/p95/p99 direct and relayed, what the relay adds
+    at p50 and p95."""
     head = (f"{'ms':<24} {'n':>4}  {'direct p50':>10} {'p95':>7} {'p99':>7}  "
-            f"{'relayed p50':>11} {'p95':>7} {'p99':>7}  {'added p95':>9}")
+            f"{'relayed p50':>11} {'p95':>7} {'p99':>7}  {'added p50':>9} {'p95':>7}")
     lines = [head]
     for key, label in MEASURES:
         row = compare(samples.values["direct"][key], samples.values["relayed"][key])
@@ -85,7 +91,8 @@ def format_table(samples: Samples) -> str:
             continue
         n = min(d["count"], r["count"])
         lines.append(f"{label:<24} {n:>4}  {_f(d['p50']):>10} {_f(d['p95']):>7} {_f(d['p99']):>7}  "
-                     f"{_f(r['p50']):>11} {_f(r['p95']):>7} {_f(r['p99']):>7}  {_signed(row['added_p95']):>9}")
+                     f"{_f(r['p50']):>11} {_f(r['p95']):>7} {_f(r['p99']):>7}  "
+                     f"{_signed(row['added_p50']):>9} {_signed(row['added_p95']):>7}")
     if samples.load:
         lines.append(f"host: {os.cpu_count()} cores, 1-minute load average during the run "
                      f"min {min(samples.load):.2f} mean {sum(samples.load) / len(samples.load):.2f} "
