@@ -193,18 +193,6 @@ def vp8_keyframe_size(payload: bytes) -> tuple[int, int] | None:
     return width & 0x3FFF, height & 0x3FFF
 
 
-def one_byte_extensions(elements: list[tuple[int, bytes]]) -> bytes:
-    """An RFC 8285 one-byte-header extension block (profile 0xBEDE), padded to 32 bits."""
-    body = b"".join(bytes([(ext_id << 4) | (len(value) - 1)]) + value for ext_id, value in elements)
-    body += b"\x00" * (-len(body) % 4)
-    return struct.pack("!HH", 0xBEDE, len(body) // 4) + body
-
-
-def rtp_header(marker: int, payload_type: int, seq: int, timestamp: int, ssrc: int, extensions: bytes) -> bytes:
-    """The 12-byte RTP header (X bit set when there are extensions) plus the extension block."""
-    return _HEADER.pack(0x90 if extensions else 0x80, (marker << 7) | payload_type, seq, timestamp, ssrc) + extensions
-
-
 def sender_report(ssrc: int, ntp: int, rtp_timestamp: int, packets: int, octets: int) -> bytes:
     return bytes(
         RtcpSrPacket(
