@@ -5,7 +5,9 @@ Each consultation is two participants, each publishing 640x480 VP8 at ~1 Mbit/s 
 and receiving the other (a call script built here and validated like any other). The
 benchmark starts a real ``openconsult serve`` (temp data dir, free port, ICE on 127.0.0.1)
 unless ``--url`` is given, then runs steps of ``--step-s`` seconds with 1, 2, 4, 6, ... calls
-(``--steps``), each a fresh load-test run against the same server. A step passes when the
+(``--steps``), each a fresh load-test run against the same server, its participants joining
+over ``--ramp-s`` seconds (0: all at once; the step's maximum time to first frame is then
+how long the node took to set up all of its calls). A step passes when the
 loss on received tracks is at most ``--max-loss`` % and the server's CPU over the step's
 steady part (after the ramp and a settling time) stays under ``--max-cpu`` % of one core.
 The first failing step ends the ramp; the maximum is the last passing step, printed with the
@@ -68,7 +70,7 @@ async def run_step(calls: int, target: Any, args: argparse.Namespace) -> dict[st
     from loadtest.report import build_report
     from loadtest.runner import run
 
-    ramp_s = min(10.0, 0.5 * calls)
+    ramp_s = min(10.0, 0.5 * calls) if args.ramp_s is None else args.ramp_s
     script = call_script(calls, args.step_s, ramp_s)
     result = await run(script, target, processes=args.processes, cache_dir=args.cache_dir)
     report = build_report(result)
@@ -82,7 +84,8 @@ async def run_step(calls: int, target: Any, args: argparse.Namespace) -> dict[st
         "server_cpu_pct_per_call": round(cpu / calls, 2) if cpu is not None else None,
         "loss_pct": report["tracks"]["loss_pct"], "packets": report["tracks"]["packets"],
         "joins_failed": report["joins"]["failed"],
-        "p95_join_ms": report["join_ms"]["p95"], "p95_first_frame_ms": report["first_frame_ms"]["p95"],
+        "p95_join_ms": report["join_ms"]["p95"], "max_join_ms": report["join_ms"]["max"], "p95_first_frame_ms": report["first_frame_ms"]["p95"],
+        "max_first_frame_ms": report["first_frame_ms"]["max"],
         "freezes_per_min": report["tracks"]["freezes_per_min"],
         "server_rss_mb": report["server"]["rss_mb"]["max"],
         "generator_cpu_pct": [w["cpu_pct"] for w in report["generator"]["workers"]],
@@ -112,13 +115,13 @@ async def main_async(args: argparse.Namespace) -> int:
         rows: list[dict[str, Any]] = []
         try:
             print(f"{'calls':>5} {'srv CPU %':>9} {'CPU/call':>8} {'loss %':>7} {'p95 join':>8} "
-                  f"{'p95 1st frame':>13} {'freezes/min':>11} {'RSS MB':>7} {'host load':>9}  generator CPU %",
+                  f"{'max join':>8} {'p95 1st frame':>13} {'max 1st frame':>13} {'freezes/min':>11} {'RSS MB':>7} {'host load':>9}  generator CPU %",
                   flush=True)
             for calls in steps:
                 row = await run_step(calls, target, args)
                 rows.append(row)
                 print(f"{row['calls']:>5} {_f(row['server_cpu_pct']):>9} {_f(row['server_cpu_pct_per_call']):>8} "
-                      f"{_f(row['loss_pct']):>7} {_f(row['p95_join_ms']):>8} {_f(row['p95_first_frame_ms']):>13} "
+                      f"{_f(row['loss_pct']):>7} {_f(row['p95_join_ms']):>8} {_f(row['max_join_ms']):>8} {_f(row['p95_first_frame_ms']):>13} {_f(row['max_first_frame_ms']):>13} "
                       f"{_f(row['freezes_per_min']):>11} {_f(row['server_rss_mb']):>7} {_f(row['host_load_1min']):>9}  "
                       f"{' '.join(_f(c) for c in row['generator_cpu_pct'])}"
                       f"{'' if row['passed'] else '  <- over the limit'}", flush=True)
@@ -151,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", default="1,2,4,6,8,10,12,14,16", help="concurrent calls per step")
     parser.add_argument("--step-s", type=float, default=25.0, help="seconds per step (default 25)")
+    parser.add_argument("--ramp-s", type=float,
+                        help="seconds over which a step's participants join (default: half a second per call, "
+                             "at most 10; 0: all at once, for the time to set up N calls)")
     parser.add_argument("--max-loss", type=float, default=0.5, help="loss %% that ends the ramp (default 0.5)")
     parser.add_argument("--max-cpu", type=float, default=90.0,
                         help="server CPU %% of one core that counts as saturated (default 90)")

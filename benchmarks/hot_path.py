@@ -28,7 +28,7 @@ def per_copy_us(k: int, copies: int = 40_000) -> float:
     from aiortc import RTCRtpSender
     from aiortc.rtp import RtpPacket
 
-    from media.router import ForwardingSender, PublishedTrack, Router
+    from media.router import URI_ABS_SEND_TIME, URI_MID, ForwardingSender, PublishedTrack, Router
 
     router = Router()
     publish: Any = type("Publish", (), {"stream_id": "st", "peer_id": "st"})()
@@ -39,9 +39,8 @@ def per_copy_us(k: int, copies: int = 40_000) -> float:
     forwarders = []
     for _ in range(k):
         fwd = ForwardingSender(subscription, track, sender)
-        fwd.send = lambda data: True
-        fwd.payload_type, fwd.ext_kind = 96, "abs"
-        fwd.ext_head, fwd.ext_tail = b"\xbe\xde\x00\x02\x10\x61\x32", b"\x00"
+        fwd.send_rtp = lambda data: True
+        fwd.configure(96, {URI_MID: 1, URI_ABS_SEND_TIME: 3}, "a")
         fwd.ready = True
         forwarders.append(fwd)
     track.subscribers = tuple(forwarders)

@@ -17,9 +17,11 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
   ``_rtp_router.route_rtp``; ``_rx_srtp`` is set before ``_state`` becomes CONNECTED.
   The demultiplexer's RTP fast path does the same itself while CONNECTED,
   skipping only the transport's ``__rx_packets``/``__rx_bytes`` counters (read by getStats
-  alone).
-- RTCRtpReceiver keeps its codecs, RTX map, per-SSRC StreamStatistics and its
-  NackGenerator in name-mangled attributes; its own _run_rtcp sends receiver
+  alone); once an SSRC is routed it parses with ``media.rtp.parse_rtp``, reading the audio
+  level id from the map's name-mangled ``__ids`` (a ``HeaderExtensions``).
+- RTCRtpReceiver keeps its kind, codecs, RTX map, per-SSRC StreamStatistics and its
+  NackGenerator (``max_seq``, the set ``missing``; for the next packet in order with
+  nothing missing, ``add`` only moves ``max_seq``) in name-mangled attributes; its own _run_rtcp sends receiver
   reports from those statistics. Its receive(parameters) fills the codecs and RTX
   map, starts a decoder thread, registers with its DTLS transport and starts
   _run_rtcp; our replacement does all of that but the thread (a thread per
@@ -32,6 +34,10 @@ Assumptions on aiortc 1.16.0 / aioice 0.13.0:
 - RTCDtlsTransport._tx_srtp.protect/protect_rtcp, RTCIceTransport._connection
   (an aioice Connection) whose ``_nominated[1]`` pair sends with
   ``protocol.transport.sendto(data, remote_addr)``.
+- RTCPeerConnection keeps its certificates in ``__certificates`` (one, generated in
+  ``__init__``) and hands them to each RTCDtlsTransport it creates (``addTransceiver``,
+  ``setRemoteDescription``); the transport calls ``certificate._create_ssl_context(
+  srtp_profiles)`` once, at ``start``, and ``getFingerprints()`` for every SDP it writes.
 - aioice.ice.get_host_addresses(use_ipv4, use_ipv6) lists the addresses
   gathered as host candidates (loopback excluded).
 - aioice sets SO_RCVBUF on every socket it opens (host candidates in
@@ -65,6 +71,8 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from OpenSSL import SSL
+
 import aioice.ice
 import aioice.turn
 import pylibsrtp
@@ -73,13 +81,14 @@ from aioice.candidate import Candidate, candidate_foundation, candidate_priority
 from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import is_rtx
 from aiortc.jitterbuffer import JitterBuffer
-from aiortc.rtcdtlstransport import RTCDtlsTransport, State
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsFingerprint, RTCDtlsTransport, SRTPProtectionProfile, State
 from aiortc.rtcrtpparameters import RTCRtpReceiveParameters, RTCRtpSendParameters
 from aiortc.rtcrtpreceiver import StreamStatistics
 from aiortc.rtp import RtpPacket, is_rtcp, unwrap_rtx
 
 from media.events import DatagramDropReason
-from media.udpmux import UdpMux
+from media.rtp import parse_rtp
+from media.udpmux import MuxTransport, UdpMux
 
 RtpHandler = Callable[[RtpPacket, int], None]
 RtcpHandler = Callable[[Any], Awaitable[None]]
@@ -126,6 +135,57 @@ def use_udp_mux(connection: Any, mux: UdpMux) -> None:
         return candidates + others
 
     connection.get_component_candidates = get_component_candidates
+
+
+class SharedCertificate(RTCCertificate):
+    """An aiortc certificate shared by many peer connections: its OpenSSL context (one per
+    SRTP profile list, ≈ 23 KiB) and its fingerprints are built once instead of per
+    connection. The context caches no DTLS sessions (WebRTC never resumes one; a shared
+    cache would only grow) and lets each connection release its buffers while idle."""
+
+    def __init__(self, key: Any, cert: Any) -> None:
+        super().__init__(key, cert)
+        self._contexts: dict[tuple[str, ...], SSL.Context] = {}
+        self._fingerprints: list[RTCDtlsFingerprint] | None = None
+
+    def _create_ssl_context(self, srtp_profiles: list[SRTPProtectionProfile]) -> SSL.Context:
+        key = tuple(str(p.openssl_profile) for p in srtp_profiles)
+        context = self._contexts.get(key)
+        if context is None:
+            context = self._contexts[key] = super()._create_ssl_context(srtp_profiles)
+            context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+            # Free a connection's read/write buffers while it is idle: after the handshake DTLS
+            # carries nothing here (SRTP goes around it), yet each kept tens of KB.
+            context.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        return context
+
+    def getFingerprints(self) -> list[RTCDtlsFingerprint]:
+        if self._fingerprints is None:
+            self._fingerprints = super().getFingerprints()
+        return list(self._fingerprints)
+
+
+class CertificateRotation:
+    """The DTLS certificate new peer connections use: one per process instead of one per
+    connection (aiortc's default; about 0.5 ms of CPU and a key pair, context and
+    fingerprints each), replaced by a fresh one every ``rotate_after_s`` (aiortc's
+    certificates are valid 30 days; a peer connection keeps the one it started with)."""
+
+    def __init__(self, rotate_after_s: float = 86400.0) -> None:
+        self.rotate_after_s = rotate_after_s
+        self._certificate: SharedCertificate | None = None
+        self._created = 0.0
+
+    def current(self, now: float) -> SharedCertificate:
+        if self._certificate is None or now - self._created >= self.rotate_after_s:
+            self._certificate = SharedCertificate.generateCertificate()
+            self._created = now
+        return self._certificate
+
+
+def use_certificate(pc: Any, certificate: RTCCertificate) -> None:
+    """Make a new peer connection (before any transceiver) use ``certificate`` for DTLS."""
+    pc._RTCPeerConnection__certificates = [certificate]
 
 
 def host_addresses() -> list[str]:
@@ -196,9 +256,15 @@ def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHan
             if original is None or len(packet.payload) < 2 or apt not in codecs:
                 return
             packet = unwrap_rtx(packet, payload_type=apt, ssrc=original)
-        if nack_generator is not None and nack_generator.add(packet):
-            # Only when a gap opens: the NACK is sent by a task, the packet is not held up.
-            asyncio.ensure_future(receiver._send_rtcp_nack(packet.ssrc, sorted(nack_generator.missing)))
+        if nack_generator is not None:
+            highest = nack_generator.max_seq
+            if highest is not None and not nack_generator.missing \
+                    and packet.sequence_number == (highest + 1) & 0xFFFF:
+                # The next packet in order with nothing missing: all that add() would do.
+                nack_generator.max_seq = packet.sequence_number
+            elif nack_generator.add(packet):
+                # Only when a gap opens: the NACK is sent by a task, the packet is not held up.
+                asyncio.ensure_future(receiver._send_rtcp_nack(packet.ssrc, sorted(nack_generator.missing)))
         on_rtp(packet, arrival_time_ms)
 
     async def handle_rtp_packet(packet: RtpPacket, arrival_time_ms: int) -> None:
@@ -225,14 +291,15 @@ def hook_receiver(receiver: RTCRtpReceiver, on_rtp: RtpHandler, on_rtcp: RtcpHan
         receiver._RTCRtpReceiver__started = True  # type: ignore[attr-defined]
 
     receiver._handle_rtp_packet = handle_rtp_packet  # type: ignore[method-assign]
-    _rtp_handlers[receiver] = receive_rtp
+    _rtp_handlers[receiver] = (receive_rtp, receiver._RTCRtpReceiver__kind == "audio")  # type: ignore[attr-defined]
     receiver._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
     receiver.receive = receive  # type: ignore[method-assign]
     release_receiver_buffers(receiver)
 
 
-#: The synchronous RTP handler of every hooked receiver, for the demultiplexer's fast path.
-_rtp_handlers: weakref.WeakKeyDictionary[Any, RtpHandler] = weakref.WeakKeyDictionary()
+#: The synchronous RTP handler of every hooked receiver, for the demultiplexer's fast path, and
+#: whether its packets' audio level is read.
+_rtp_handlers: weakref.WeakKeyDictionary[Any, tuple[RtpHandler, bool]] = weakref.WeakKeyDictionary()
 
 
 def receiver_statistics(receiver: RTCRtpReceiver) -> dict[int, StreamStatistics]:
@@ -303,6 +370,38 @@ def raw_sender(transport: RTCDtlsTransport) -> Callable[[bytes], bool]:
         return True
 
     return send
+
+
+def rtp_sender(transport: RTCDtlsTransport) -> Callable[[bytes], bool]:
+    """``raw_sender`` for RTP only (no RTCP check), with the nominated pair's address and send
+    function looked up once per pair rather than per packet. On a shared UDP port it sends
+    on the shared socket directly (``MuxTransport.send_media``: media never claims a route).
+    Returns False when the transport cannot send (yet)."""
+    nominated: dict[int, Any] = transport.transport._connection._nominated
+    connected = State.CONNECTED
+    current: Any = None
+    sendto: Callable[[bytes, Any], None] = _no_sendto
+    addr: Any = None
+
+    def send(data: bytes) -> bool:
+        nonlocal current, sendto, addr
+        if transport._state is not connected:
+            return False
+        pair = nominated.get(1)
+        if pair is not current:
+            if pair is None:
+                return False
+            current, addr = pair, pair.remote_addr
+            udp = pair.protocol.transport
+            sendto = udp.send_media if isinstance(udp, MuxTransport) else udp.sendto
+        sendto(transport._tx_srtp.protect(data), addr)
+        return True
+
+    return send
+
+
+def _no_sendto(data: bytes, addr: Any) -> None:
+    pass
 
 
 def selected_candidate_pair(transport: RTCDtlsTransport) -> dict[str, str] | None:
@@ -411,30 +510,42 @@ def _rtp_fast_path(dtls: RTCDtlsTransport) -> Callable[[bytes], None]:
     the queue, the task wake-up and the coroutines, and minus the transport's byte counters
     (only its getStats reads them). A packet that fails SRTP or does not parse is dropped,
     as aiortc drops it."""
-    by_ssrc: dict[int, RtpHandler] = {}
+    by_ssrc: dict[int, tuple[RtpHandler, int]] = {}
     router = dtls._rtp_router
     extensions = dtls._rtp_header_extensions_map
-    parse = RtpPacket.parse
     srtp_error = pylibsrtp.Error
+    monotonic_ns = time.monotonic_ns
 
     def deliver(data: bytes) -> None:
         try:
-            packet = parse(dtls._rx_srtp.unprotect(data), extensions)
-        except (srtp_error, ValueError):
+            plain = dtls._rx_srtp.unprotect(data)
+        except srtp_error:
             return
-        handler = by_ssrc.get(packet.ssrc)
-        if handler is None:
-            receiver = router.route_rtp(packet)
-            if receiver is None:
+        route = by_ssrc.get(int.from_bytes(plain[8:12], "big"))
+        if route is not None:  # a known SSRC: parse only what its handler reads
+            try:
+                packet = parse_rtp(plain, route[1])
+            except ValueError:
                 return
-            found = _rtp_handlers.get(receiver)
-            if found is None:  # not ours: aiortc's own handler, as a task
-                asyncio.ensure_future(receiver._handle_rtp_packet(packet, arrival_time_ms=time.monotonic_ns() // 1_000_000))
-                return
-            if len(by_ssrc) >= _MAX_FAST_SSRCS:
-                by_ssrc.clear()
-            handler = by_ssrc[packet.ssrc] = found
-        handler(packet, time.monotonic_ns() // 1_000_000)
+            route[0](packet, monotonic_ns() // 1_000_000)
+            return
+        try:
+            packet = RtpPacket.parse(plain, extensions)  # routing may need the MID / RID
+        except ValueError:
+            return
+        receiver = router.route_rtp(packet)
+        if receiver is None:
+            return
+        found = _rtp_handlers.get(receiver)
+        if found is None:  # not ours: aiortc's own handler, as a task
+            asyncio.ensure_future(receiver._handle_rtp_packet(packet, arrival_time_ms=monotonic_ns() // 1_000_000))
+            return
+        if len(by_ssrc) >= _MAX_FAST_SSRCS:
+            by_ssrc.clear()
+        handler, audio = found
+        level_id = (extensions._HeaderExtensionsMap__ids.audio_level or 0) if audio else 0  # type: ignore[attr-defined]
+        by_ssrc[packet.ssrc] = (handler, level_id)
+        handler(packet, monotonic_ns() // 1_000_000)
 
     return deliver
 

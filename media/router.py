@@ -83,11 +83,12 @@ from media.events import (
 from media.forwarder import NackResponder, PacketCache, PliLimiter, RembAggregator, RtpTranslator, sender_report_rtp_time
 from media.h264 import find_sps, h264_is_keyframe, sps_frame_size
 from media.rtp import (
+    NTP_EPOCH_OFFSET,
+    RtpWriter,
     nack,
     ntp_now,
     pli,
     remb,
-    rtp_header,
     sender_report,
     vp8_is_keyframe,
     vp8_keyframe_size,
@@ -131,6 +132,7 @@ class PublishedTrack:
         self.receiver = receiver
         self.rtcp_ssrc = rtcp_ssrc
         self.clock_rate = 90000 if kind == "video" else 48000
+        self.video = kind == "video"
         self.media_ssrc = 0
         self.subscribers: tuple[ForwardingSender, ...] = ()
         self.cache = PacketCache(NACK_CACHE_SECONDS, NACK_CACHE_MIN_SLOTS, NACK_CACHE_MAX_SLOTS)
@@ -159,7 +161,7 @@ class PublishedTrack:
         self.media_ssrc = packet.ssrc
         self.last_arrival = now = time.time()
         keyframe = False
-        if self.kind == "video":
+        if self.video:
             self.cache.put(packet.sequence_number, packet.timestamp, packet.marker, payload)
             if packet.marker:
                 self.frames += 1
@@ -180,9 +182,15 @@ class PublishedTrack:
                 if size is not None and size != self.size:
                     self.size = size
                     self.router.emit(DimensionsChanged(self.publish.stream_id, size[0], size[1]))
-        abs_send_time = ((ntp_now(now) >> 14) & 0x00FFFFFF).to_bytes(3, "big")
+            # abs-send-time (6.18 fixed-point seconds of NTP time), the same for every subscriber.
+            variable = (int((now + NTP_EPOCH_OFFSET) * 262144.0) & 0x00FFFFFF).to_bytes(3, "big")
+        else:
+            # The audio level (V bit and level, RFC 6464) passes through; none: 127, silence.
+            level = packet.extensions.audio_level
+            variable = _LEVEL_BYTES[(0x80 if level[0] else 0) | (level[1] & 0x7F)] if level is not None \
+                else _LEVEL_BYTES[0x7F]
         for sub in self.subscribers:
-            sub.forward(packet, keyframe, abs_send_time, now)
+            sub.forward(packet, keyframe, variable, now)
 
     def _h264_size(self, payload: bytes, now: float) -> tuple[int, int] | None:
         """The frame size from an SPS this keyframe packet carries, parsed only when the SPS
@@ -288,11 +296,14 @@ class ForwardingSender:
         self.kind = track.kind
         self.ssrc = internals.local_ssrc(sender)
         self.clock_rate = track.clock_rate
+        #: Sends an RTP packet (SRTP-protected), and an RTCP one, to the subscriber.
+        self.send_rtp: Callable[[bytes], bool] = _never_send
         self.send: Callable[[bytes], bool] = _never_send
         self.payload_type = 0
-        self.ext_head = b""
-        self.ext_tail = b""
-        self.ext_kind = ""  # "abs" (video), "level" (audio) or "" (none)
+        #: Builds the subscriber's packets (``configure``); its variable extension is the track's
+        #: (abs-send-time for video, audio level for audio) or none.
+        self.writer = RtpWriter(0, self.ssrc, [])
+        self.write = self.writer.write
         self.ready = False
         self.translator = RtpTranslator(self.clock_rate, track.kind == "video", random.randint(0, 32767),
                                         random.randint(0, 0xFFFFFFFF))
@@ -315,38 +326,26 @@ class ForwardingSender:
 
     def start(self, parameters: RTCRtpSendParameters) -> None:
         """DTLS is up and the sender's parameters are negotiated: start forwarding."""
-        self.payload_type = parameters.codecs[0].payloadType or 0
-        ids = {ext.uri: ext.id for ext in parameters.headerExtensions}
-        elements: list[tuple[int, bytes]] = []
-        mid = parameters.muxId
-        if URI_MID in ids and mid:
-            elements.append((ids[URI_MID], mid.encode()))
-        variable_id = ids.get(URI_ABS_SEND_TIME if self.kind == "video" else URI_AUDIO_LEVEL)
-        body = b"".join(bytes([(i << 4) | (len(v) - 1)]) + v for i, v in elements)
-        var_len = 0
-        if variable_id:
-            var_len = 3 if self.kind == "video" else 1
-            body += bytes([(variable_id << 4) | (var_len - 1)])
-            self.ext_kind = "abs" if self.kind == "video" else "level"
-        total = len(body) + var_len
-        pad = -total % 4
-        if total:
-            self.ext_head = (0xBEDE).to_bytes(2, "big") + ((total + pad) // 4).to_bytes(2, "big") + body
-            self.ext_tail = b"\x00" * pad
+        self.configure(parameters.codecs[0].payloadType or 0,
+                       {ext.uri: ext.id for ext in parameters.headerExtensions}, parameters.muxId)
+        self.send_rtp = internals.rtp_sender(self.sender.transport)
         self.send = internals.raw_sender(self.sender.transport)
         self.ready = True
         self.track.add_subscriber(self)
 
-    def _extensions(self, packet: RtpPacket, abs_send_time: bytes) -> bytes:
-        if self.ext_kind == "abs":
-            return self.ext_head + abs_send_time + self.ext_tail
-        if self.ext_kind == "level":
-            level = packet.extensions.audio_level
-            value = ((0x80 if level[0] else 0) | (level[1] & 0x7F)) if level is not None else 0x7F
-            return self.ext_head + bytes([value]) + self.ext_tail
-        return self.ext_head + self.ext_tail
+    def configure(self, payload_type: int, extension_ids: dict[str, int], mid: str | None) -> None:
+        """The subscriber's payload type and header extensions (ids by URI), as negotiated: its
+        packets carry the MID and the track's variable extension when it accepted them."""
+        self.payload_type = payload_type
+        fixed = [(extension_ids[URI_MID], mid.encode())] if URI_MID in extension_ids and mid else []
+        video = self.kind == "video"
+        variable_id = extension_ids.get(URI_ABS_SEND_TIME if video else URI_AUDIO_LEVEL, 0)
+        self.writer = RtpWriter(payload_type, self.ssrc, fixed, variable_id, 3 if video else 1)
+        self.write = self.writer.write
 
-    def forward(self, packet: RtpPacket, keyframe: bool, abs_send_time: bytes, now: float) -> None:
+    def forward(self, packet: RtpPacket, keyframe: bool, variable: bytes, now: float) -> None:
+        """Send ``packet`` to this subscriber if its translator admits it; ``variable`` is the
+        track's variable extension value for this packet (abs-send-time or audio level)."""
         if not self.ready:
             return
         t = self.translator
@@ -360,8 +359,8 @@ class ForwardingSender:
             return
         ts = (ts + t.ts_offset) & 0xFFFFFFFF
         payload = packet.payload
-        if self.send(rtp_header(packet.marker, self.payload_type, (seq + t.seq_offset) & 0xFFFF,
-                                ts, self.ssrc, self._extensions(packet, abs_send_time)) + payload):
+        if self.send_rtp(self.write(packet.marker, (seq + t.seq_offset) & 0xFFFF, ts,
+                                    variable, payload)):
             self.packets += 1
             self.octets += len(payload)
             self.frames += packet.marker
@@ -402,11 +401,9 @@ class ForwardingSender:
         if self.kind != "video":
             return
         resend, upstream = NACK_RESPONDER.respond(lost, self.track.cache, self.translator)
+        # Video's variable extension is abs-send-time; a retransmission carries zero.
         for packet in resend:
-            # Video's variable extension is abs-send-time; a retransmission carries zero.
-            data = rtp_header(packet.marker, self.payload_type, packet.seq, packet.timestamp, self.ssrc,
-                              self.ext_head + (b"\x00\x00\x00" if self.ext_kind else b"") + self.ext_tail)
-            if self.send(data + packet.payload):
+            if self.send_rtp(self.write(packet.marker, packet.seq, packet.timestamp, b"", packet.payload)):
                 self.retransmitted += 1
         if upstream:
             self.track.nack_upstream(upstream)
@@ -458,6 +455,10 @@ def _never_send(data: bytes) -> bool:
     return False
 
 
+#: The one-byte audio level extension values, built once.
+_LEVEL_BYTES = [bytes([value]) for value in range(256)]
+
+
 NACK_RESPONDER = NackResponder()
 
 
@@ -469,6 +470,7 @@ class Peer:
         self.peer_id = peer_id
         self.stream_id = stream_id
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        internals.use_certificate(self.pc, router.certificates.current(time.monotonic()))
         self.closed = False
         self.created = time.monotonic()
         #: ICE and DTLS are up (connectionState "connected" was reached once).
@@ -786,6 +788,8 @@ class Router:
         self._forward_drops_reported: dict[ForwardDropReason, int] = dict.fromkeys(ForwardDropReason, 0)
         self.publishes: dict[str, PublishPeer] = {}
         self.subscriptions: dict[str, SubscribePeer] = {}
+        #: The DTLS certificate of every peer connection of this node, rotated daily.
+        self.certificates = internals.CertificateRotation()
         self._timer: asyncio.Task[None] | None = None
         #: When the timer last sampled every track (monotonic): a closing subscription reports what
         #: it sent since then, so no forwarded packet goes uncounted.

@@ -108,6 +108,10 @@ class MuxTransport(asyncio.DatagramTransport):
             self.mux_socket.claim(self, addr)
         self._sendto(data, addr)
 
+    def send_media(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Send SRTP/SRTCP: never a STUN request, so no route to claim; straight to the socket."""
+        self._sendto(data, addr)
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.mux_socket.transport.get_extra_info(name, default)
 

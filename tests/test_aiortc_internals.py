@@ -19,8 +19,9 @@ import aioice.turn
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
 from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer
-from aiortc.rtcrtpparameters import RTCRtpCodecParameters
-from aiortc.rtp import is_rtcp
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.rtcrtpreceiver import NackGenerator
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket, is_rtcp
 
 from media import aiortc_internals
 from media.events import DatagramDropReason
@@ -43,11 +44,23 @@ async def test_receiver_private_state_exists() -> None:
         receiver = pc.addTransceiver("video", direction="recvonly").receiver
         for name in ("__codecs", "__rtx_ssrc", "__remote_streams", "__nack_generator"):
             assert hasattr(receiver, f"_RTCRtpReceiver{name}"), name
+        assert receiver._RTCRtpReceiver__kind == "video"  # type: ignore[attr-defined]
         assert isinstance(aiortc_internals.receiver_statistics(receiver), dict)
         assert inspect.iscoroutinefunction(receiver._handle_rtp_packet)
         assert inspect.iscoroutinefunction(receiver._send_rtcp_nack)
     finally:
         await pc.close()
+
+
+def test_nack_generator_in_order_packet_only_moves_max_seq() -> None:
+    # hook_receiver skips NackGenerator.add for the next packet in order when nothing is missing.
+    generator = NackGenerator()
+    for seq in (65534, 65535, 0):
+        packet = RtpPacket(sequence_number=seq)
+        missing_before = set(generator.missing)
+        assert generator.add(packet) is False
+        assert generator.max_seq == seq and generator.missing == missing_before == set()
+    assert generator.add(RtpPacket(sequence_number=3)) is True and generator.missing == {1, 2}
 
 
 def test_only_the_rtp_handler_feeds_the_decoder() -> None:
@@ -134,6 +147,12 @@ def test_what_the_rtp_fast_path_does_instead_of_the_dtls_receive_task() -> None:
     assert "RtpPacket.parse(data, self._rtp_header_extensions_map)" in rtp
     assert "receiver = self._rtp_router.route_rtp(packet)" in rtp
     assert "return len(msg) >= 2 and msg[1] >= 192 and msg[1] <= 208" in inspect.getsource(is_rtcp)
+    # Once an SSRC is routed it parses with media.rtp.parse_rtp, taking the audio level id
+    # from the transport's extension map.
+    extensions = HeaderExtensionsMap()
+    extensions.configure(RTCRtpParameters(headerExtensions=[
+        RTCRtpHeaderExtensionParameters(id=7, uri="urn:ietf:params:rtp-hdrext:ssrc-audio-level")]))
+    assert extensions._HeaderExtensionsMap__ids.audio_level == 7  # type: ignore[attr-defined]
     # The fast path runs while CONNECTED: by then the SRTP sessions exist.
     start = inspect.getsource(RTCDtlsTransport.start)
     assert start.index("self._setup_srtp()") < start.index("self._set_state(State.CONNECTED)")
@@ -150,6 +169,27 @@ async def test_sender_starts_replaceable_tasks() -> None:
         for name in ("__rtp_started", "__rtp_exited", "__rtcp_started", "__rtcp_exited"):
             assert hasattr(sender, f"_RTCRtpSender{name}"), name
         assert isinstance(aiortc_internals.local_ssrc(sender), int)
+    finally:
+        await pc.close()
+
+
+async def test_peer_connection_certificate_internals() -> None:
+    # use_certificate replaces the one certificate RTCPeerConnection made; its DTLS transports
+    # take it from there, build their SSL context from it at start, and fingerprint it per SDP.
+    assert "self.__certificates = [RTCCertificate.generateCertificate()]" in inspect.getsource(RTCPeerConnection)
+    assert "RTCDtlsTransport(iceTransport, self.__certificates)" in inspect.getsource(RTCPeerConnection)
+    start = inspect.getsource(RTCDtlsTransport.start)
+    assert "self.__local_certificate._create_ssl_context(" in start and "srtp_profiles=self._srtp_profiles" in start
+    assert "self.__local_certificate.getFingerprints()" in inspect.getsource(RTCDtlsTransport.getLocalParameters)
+    rotation = aiortc_internals.CertificateRotation(rotate_after_s=10)
+    certificate = rotation.current(0.0)
+    assert rotation.current(9.9) is certificate and rotation.current(10.0) is not certificate
+    pc = RTCPeerConnection()
+    try:
+        aiortc_internals.use_certificate(pc, certificate)
+        transceiver = pc.addTransceiver("audio")
+        parameters = transceiver.sender.transport.getLocalParameters()
+        assert parameters.fingerprints == certificate.getFingerprints()
     finally:
         await pc.close()
 

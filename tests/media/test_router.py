@@ -61,6 +61,12 @@ async def test_forwards_vp8_and_opus_without_transcoding() -> None:
         assert sub.first_extensions["audio"].audio_level is not None
         assert sub.first_extensions["audio"].mid == sub.pc.getTransceivers()[0].mid
         assert sub.first_extensions["video"].abs_send_time is not None
+        # Both of the node's peer connections ran DTLS with its one certificate and one context.
+        transports = [t for peer in (router.publishes["st1"], router.subscriptions["sub1"])
+                      for t in aiortc_internals.dtls_transports(peer.pc)]
+        assert len({t.getLocalParameters().fingerprints[0].value for t in transports}) == 1
+        contexts = {id(t._ssl.get_context()) if t._ssl is not None else None for t in transports}
+        assert len(contexts) == 1 and None not in contexts
         await wait_until(lambda: any(isinstance(e, QualitySample) and e.direction == "out" for e in events),
                          timeout=10, message="an outbound quality sample")
     finally:
