@@ -179,7 +179,7 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     try:
         app = create_app(config, worker=spec)
     except (ConfigError, OSError) as exc:
-        print(f"openconsult: {exc}", file=sys.stderr)
+        print(f"openconsult: {who}{exc}", file=sys.stderr)
         return 2
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
@@ -188,10 +188,10 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     try:
         # Workers share the public port: the kernel spreads new connections over them.
         web.run_app(app, host=host, port=config.server.port, print=None, shutdown_timeout=5,
-                    reuse_port=spec is not None or None)
+                    reuse_port=True if spec is not None else None)
     except OSError as exc:
         # Most often the port is taken (another OpenConsult, or another web server).
-        print(f"openconsult: cannot listen on {shown}:{config.server.port}: {exc.strerror or exc}. "
+        print(f"openconsult: {who}cannot listen on {shown}:{config.server.port}: {exc.strerror or exc}. "
               "Pick another port with --port.", file=sys.stderr)
         return 2
     return 0

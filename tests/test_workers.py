@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from loadtest.runner import scrape_metrics
 from rooms.model import Role
 from signalling.auth import TokenAuthority
 from tests.call_helpers import Participant, get_json
@@ -165,6 +166,11 @@ async def test_metrics_from_the_shared_port_carry_both_workers(host: tuple[Serve
         assert _value(text, 'openconsult_worker_up{worker="0"}') == _value(text, 'openconsult_worker_up{worker="1"}') == 1
         for name in ("openconsult_connections_active", "process_resident_memory_bytes"):
             assert {f'{name}{{worker="{i}"}}' in text for i in (0, 1)} == {True}, name
+        # The load tester reads the host's CPU from the same scrape: the workers' sum.
+        scraped = await scrape_metrics(http, server.url)
+        workers_cpu = [scraped[f'process_cpu_seconds_total{{worker="{i}"}}'] for i in (0, 1)]
+        assert scraped["process_cpu_seconds_total"] == pytest.approx(sum(workers_cpu))
+        assert min(workers_cpu) > 0
     finally:
         for ws in sockets:
             await ws.close()
@@ -264,3 +270,16 @@ def test_workers_of_a_killed_supervisor_exit(tmp_path: Path, redis: RedisServer)
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert server.log_path.read_text().count("the supervisor (pid ") == 2  # both said why they stopped
+
+
+def test_a_worker_that_cannot_start_stops_the_host_with_exit_2(tmp_path: Path, redis: RedisServer) -> None:
+    udp_port = free_udp_ports(2)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", udp_port + 1))  # worker 1's media port, held by someone else
+        with pytest.raises(AssertionError, match="server exited with 2"):
+            start_server(tmp_path, f"udp_port = {udp_port}\n", env={"OPENCONSULT_REDIS_URL": redis.url},
+                         args=("--workers", "2"), timeout=60)
+    log = (tmp_path / next(p.name for p in tmp_path.glob("server-*.log"))).read_text()
+    assert f"openconsult: worker 1: media.udp_port = {udp_port + 1}: cannot bind UDP" in log, log
+    assert "worker 1 (pid " in log and "exited with code 2: it cannot start as configured" in log, log
+    assert "restarting it" not in log

@@ -4,6 +4,7 @@ worker spec, config checks, and the host-wide /healthz and /metrics merges."""
 from __future__ import annotations
 
 import signal
+import socket
 from dataclasses import replace
 from typing import Any
 
@@ -17,6 +18,7 @@ from signalling.supervisor import (
     RestartPolicy,
     WorkerSpec,
     available_cores,
+    check_port_free,
     check_worker_config,
     describe_exit,
     parse_worker_count,
@@ -72,6 +74,18 @@ def test_serve_workers_without_redis_url_is_a_config_error(capsys: pytest.Captur
     monkeypatch.delenv("OPENCONSULT_REDIS_URL", raising=False)
     assert main(["serve", "--workers", "2", "--data-dir", str(tmp_path)]) == 2
     assert "config error: redis_url is required with --workers" in capsys.readouterr().err
+
+
+def test_a_public_port_someone_listens_on_is_refused_before_any_worker_starts() -> None:
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as a worker of another host would
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(OSError) as err:
+            check_port_free("127.0.0.1", port)
+        assert err.value.strerror.startswith(f"cannot listen on 127.0.0.1:{port}: ")
+    check_port_free("127.0.0.1", port)  # closed: free again
 
 
 def test_restart_back_off_doubles_for_deaths_in_a_row_and_resets_after_a_stable_run() -> None:
