@@ -84,7 +84,7 @@ def test_a_public_port_someone_listens_on_is_refused_before_any_worker_starts() 
         port = listener.getsockname()[1]
         with pytest.raises(OSError) as err:
             check_port_free("127.0.0.1", port)
-        assert err.value.strerror.startswith(f"cannot listen on 127.0.0.1:{port}: ")
+        assert str(err.value.strerror).startswith(f"cannot listen on 127.0.0.1:{port}: ")
     check_port_free("127.0.0.1", port)  # closed: free again
 
 
