@@ -20,7 +20,7 @@ from tests.browser.test_reconnect import RECONNECT_TIMEOUT, wait_for_frames, wai
 from tests.helpers import wait_until_sync
 from tests.redis_server import RedisServer, redis_server
 from tests.test_cluster import _owner
-from tests.test_workers import health, start_host
+from tests.test_workers import health, restarted, start_host
 
 pytestmark = [pytest.mark.browser, pytest.mark.redis, pytest.mark.slow]
 
@@ -60,11 +60,8 @@ def test_two_pages_call_through_workers_and_rejoin_after_a_worker_is_killed(
     os.kill(dead["pid"], signal.SIGKILL)
     killed_at = time.monotonic()
 
-    def restarted() -> bool:
-        row = health(server)["workers"][dead["index"]]
-        return bool(row["status"] == "ok" and row["pid"] != dead["pid"])
-
-    wait_until_sync(restarted, timeout=RECONNECT_TIMEOUT, interval=0.3, message="the killed worker back")
+    wait_until_sync(lambda: restarted(server, dead), timeout=RECONNECT_TIMEOUT, interval=0.3,
+                    message="the killed worker back")
     # The SDK notices the lost socket (or the relay's 1012) and rejoins through the shared port.
     for who, page in pages.items():
         wait_for_new_video(page, who, before[who])
