@@ -208,8 +208,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (returns 0) or a worker that cannot start (returns 2)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         code = 0
         try:
             for slot in self.slots:
@@ -224,6 +223,8 @@ class Supervisor:
             self._stop_all()
             for slot in self.slots:
                 slot.control.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return code
 
     def _watch(self, now: float) -> int | None:

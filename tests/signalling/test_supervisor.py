@@ -3,8 +3,13 @@ worker spec, config checks, and the host-wide /healthz and /metrics merges."""
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import socket
+import sys
+import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -16,6 +21,7 @@ from signalling.config import Config, ConfigError, load_config
 from signalling.supervisor import (
     MAX_WORKERS,
     RestartPolicy,
+    Supervisor,
     WorkerSpec,
     available_cores,
     check_port_free,
@@ -176,3 +182,75 @@ def test_metrics_of_every_worker_in_one_exposition_with_a_worker_label() -> None
     }
     text = body.decode()
     assert text.count("# TYPE openconsult_connections_closed_total counter") == 1  # one family, both workers
+
+
+def _argv_by_index(scripts: dict[int, str]) -> Any:
+    """Worker commands that are small Python programs (real processes, no server)."""
+    def argv(spec: WorkerSpec) -> list[str]:
+        return [sys.executable, "-c", scripts[spec.index]]
+    return argv
+
+
+def _run_until(supervisor: Supervisor, done: Any) -> int:
+    """Run the supervisor in this (main) thread; a helper thread stops it once ``done()``."""
+    finished = threading.Event()
+
+    def stopper() -> None:
+        deadline = time.monotonic() + 60
+        while not done() and not finished.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        supervisor.stopping.set()
+
+    thread = threading.Thread(target=stopper, daemon=True)
+    thread.start()
+    try:
+        return supervisor.run()
+    finally:
+        finished.set()
+        thread.join()
+
+
+def test_a_worker_that_dies_at_once_is_restarted_with_growing_delays(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="openconsult.supervisor")
+    policy = RestartPolicy(min_delay_s=0.1, max_delay_s=0.4, stable_after_s=30.0)
+    supervisor = Supervisor(2, (0, 0), _argv_by_index({0: "import time; time.sleep(60)", 1: "raise SystemExit(1)"}),
+                            policy=policy, poll_s=0.01)
+    assert _run_until(supervisor, lambda: len(supervisor.slots[1].pids) >= 5) == 0
+    stable, dying = supervisor.slots
+    assert len(stable.pids) == 1  # the other worker is left alone
+    assert len(set(dying.pids)) == len(dying.pids) >= 5
+    restarts = [r.getMessage() for r in caplog.records if "restarting it in" in r.getMessage()]
+    assert [m.split("restarting it in ")[1] for m in restarts[:4]] == [
+        "0.1 s (death 1 in a row)", "0.2 s (death 2 in a row)", "0.4 s (death 3 in a row)", "0.4 s (death 4 in a row)"]
+    assert all(m.startswith("worker 1 (pid ") and " exited with code 1 after " in m for m in restarts)
+    assert "all workers stopped" in caplog.text
+    assert stable.proc is not None and stable.proc.returncode == -signal.SIGTERM  # stopped, not left running
+
+
+def test_a_worker_that_cannot_start_stops_the_others_and_the_supervisor_exits_2() -> None:
+    supervisor = Supervisor(2, (0, 0), _argv_by_index({0: "import time; time.sleep(60)", 1: "raise SystemExit(2)"}),
+                            poll_s=0.01)
+    assert _run_until(supervisor, lambda: False) == 2  # returns by itself, long before the stopper
+    assert supervisor.slots[0].proc is not None and supervisor.slots[0].proc.returncode == -signal.SIGTERM
+    assert len(supervisor.slots[1].pids) == 1  # not restarted
+
+
+def test_each_worker_is_handed_its_own_private_socket_and_every_port() -> None:
+    script = ("import json, socket, sys; spec = json.loads(sys.argv[sys.argv.index('--worker-spec') + 1]); "
+              "s = socket.socket(fileno=spec['control_fd']); "
+              "assert s.getsockname()[1] == spec['control_ports'][spec['index']], (s.getsockname(), spec); "
+              "raise SystemExit(0)")
+    seen: list[WorkerSpec] = []
+
+    def argv(spec: WorkerSpec) -> list[str]:
+        seen.append(spec)
+        return [sys.executable, "-c", script, "--worker-spec", spec.to_arg()]
+
+    supervisor = Supervisor(3, (40000, 40001, 40002), argv, poll_s=0.01)
+    # Exit 0 after checking: each is restarted (0.5 s), so wait for every first run to end.
+    assert _run_until(supervisor, lambda: all(s.deaths >= 1 for s in supervisor.slots)) == 0
+    first = seen[:3]
+    assert [s.index for s in first] == [0, 1, 2]
+    assert [s.udp_port for s in first] == [40000, 40001, 40002]
+    assert len(set(first[0].control_ports)) == 3 and all(s.control_ports == first[0].control_ports for s in first)
+    assert all(s.supervisor_pid == os.getpid() for s in first)
