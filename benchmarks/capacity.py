@@ -17,13 +17,21 @@ The generator's own CPU per process is printed per step: when it is near 100 % t
 not the server, is the limit; add ``--processes`` (the clients then take more cores than the
 server; on a 2-core machine the two compete, so the figure is a lower bound).
 
+With ``--workers N`` the benchmark starts a redis-server of its own (tests/redis_server.py)
+and the server as ``openconsult serve --workers N``: server CPU is then the sum over the workers
+(100 % per core) and a step passes while it stays under ``--max-cpu`` % of N cores. Compare
+``--workers 1`` with ``--workers 2`` in one session; on a machine with fewer cores than workers
+plus generator processes they all compete, so the ratio is a lower bound.
+
     .venv/bin/python benchmarks/capacity.py [--steps 1,2,4,6,8,10,12] [--step-s 25] [--processes 1]
+    .venv/bin/python benchmarks/capacity.py --workers 2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -93,7 +101,9 @@ async def run_step(calls: int, target: Any, args: argparse.Namespace) -> dict[st
         "host_load_1min": round(os.getloadavg()[0], 2),
     }
     loss = row["loss_pct"] if row["loss_pct"] is not None else 100.0
-    row["passed"] = (loss <= args.max_loss and cpu is not None and cpu < args.max_cpu and row["joins_failed"] == 0)
+    cores = args.workers or 1  # --workers N: the server may use N cores
+    row["passed"] = (loss <= args.max_loss and cpu is not None and cpu < args.max_cpu * cores
+                     and row["joins_failed"] == 0)
     return row
 
 
@@ -102,13 +112,11 @@ async def main_async(args: argparse.Namespace) -> int:
 
     steps = [int(s) for s in args.steps.split(",")]
     server = None
-    with tempfile.TemporaryDirectory(prefix="openconsult-capacity-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="openconsult-capacity-") as tmp, contextlib.ExitStack() as stack:
         if args.url:
             target = Target(args.url.rstrip("/"), read_secret(args.secret, args.data_dir))
         else:
-            from tests.server import start_server
-
-            server = await asyncio.to_thread(start_server, Path(tmp) / "server")
+            server = await asyncio.to_thread(_start, Path(tmp) / "server", args.workers, stack)
             target = Target(server.url, read_secret(None, str(server.data_dir)))
         if args.fresh_cache:
             args.cache_dir = str(Path(tmp) / "media")
@@ -137,13 +145,32 @@ async def main_async(args: argparse.Namespace) -> int:
     best = passed[-1]
     stopped = "" if len(passed) == len(rows) else f" (at {rows[-1]['calls']} calls: loss {_f(rows[-1]['loss_pct'])} %, " \
         f"server CPU {_f(rows[-1]['server_cpu_pct'])} %)"
+    shape = "one server process" if not args.workers else f"serve --workers {args.workers}"
     print(f"\nhost: {os.cpu_count()} cores, 1-minute load {os.getloadavg()[0]:.2f} at the end")
-    print(f"maximum: {best['calls']} concurrent 1:1 audio+video consultations on one server process{stopped}; "
+    print(f"maximum: {best['calls']} concurrent 1:1 audio+video consultations on {shape}{stopped}; "
           f"server CPU {_f(best['server_cpu_pct_per_call'])} % of a core per call, loss {_f(best['loss_pct'])} %, "
           f"p95 join {_f(best['p95_join_ms'])} ms, p95 time to first frame {_f(best['p95_first_frame_ms'])} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"steps": rows, "maximum": best}, indent=1) + "\n")
     return 0
+
+
+def _start(workdir: Path, workers: int | None, stack: contextlib.ExitStack) -> Any:
+    """The server under test: one process, or ``--workers N`` with a redis-server of its own
+    (stopped by ``stack``), ready when /healthz says every worker is ok."""
+    from tests.helpers import wait_until_sync
+    from tests.server import start_server
+
+    if not workers:
+        return start_server(workdir)
+    from tests.call_helpers import get_json
+    from tests.redis_server import redis_server
+
+    redis = stack.enter_context(redis_server())
+    server = start_server(workdir, env={"OPENCONSULT_REDIS_URL": redis.url}, args=("--workers", str(workers)))
+    wait_until_sync(lambda: get_json(f"{server.url}/healthz", "")["status"] == "ok", timeout=60, interval=0.2,
+                    message="every worker ok")
+    return server
 
 
 def _f(value: Any) -> str:
@@ -162,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="server CPU %% of one core that counts as saturated (default 90)")
     parser.add_argument("--processes", type=int, default=1, help="generator processes (default 1)")
     parser.add_argument("--url", help="an already running server (default: start one)")
+    parser.add_argument("--workers", type=int, help="start the server as serve --workers N (with a redis-server)")
     parser.add_argument("--secret", help="with --url: the server's jwt-secret file or value")
     parser.add_argument("--data-dir", help="with --url: the server's data dir")
     parser.add_argument("--cache-dir", help="pre-encoded media cache (default: the load tester's)")

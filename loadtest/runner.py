@@ -123,7 +123,9 @@ async def preflight(url: str, timeout: float = 2.5) -> None:
 
 
 async def scrape_metrics(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    """Every sample of ``/metrics`` as ``{"name{label=\"v\"}": value}``."""
+    """Every sample of ``/metrics`` as ``{"name{label=\"v\"}": value}``. A server run with
+    ``--workers`` labels each worker's samples ``worker="i"``: they are kept, and also summed
+    without that label, so ``process_cpu_seconds_total`` is the whole host's (100 % per core)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     async with http.get(url.rstrip("/") + "/metrics") as response:
@@ -131,9 +133,16 @@ async def scrape_metrics(http: aiohttp.ClientSession, url: str) -> dict[str, flo
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+            out[_sample_key(sample.name, sample.labels)] = float(sample.value)
+            if "worker" in sample.labels:
+                host = _sample_key(sample.name, {k: v for k, v in sample.labels.items() if k != "worker"})
+                out[host] = out.get(host, 0.0) + float(sample.value)
     return out
+
+
+def _sample_key(name: str, labels: dict[str, str]) -> str:
+    text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{text}}}" if text else name
 
 
 def _staff_token(target: Target, role: str, user: str, department: str) -> str:

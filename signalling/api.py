@@ -38,6 +38,7 @@ from signalling.errors import (
 )
 from signalling.keys import CONFIG_KEY, EVENTLOG_KEY, HUB_KEY, STARTED_KEY, TOKENS_KEY, WORKFLOW_KEY
 from signalling.proxies import client_ip, networks
+from signalling.worker import WORKER_KEY
 
 STATIC_DIR = Path(__file__).parent / "static"
 #: What the event list shows: every kind but the quality timeline (read via /quality).
@@ -100,14 +101,22 @@ def inspector_claims(request: web.Request) -> Claims:
     return bearer_claims(request, INSPECTOR_ROLES, room=INSPECTOR_ROOM)
 
 
-async def healthz(request: web.Request) -> web.Response:
-    hub = request.app[HUB_KEY]
-    return web.json_response({
+def node_health(app: web.Application) -> dict[str, Any]:
+    """This process's /healthz body."""
+    hub = app[HUB_KEY]
+    return {
         "status": "ok", "version": __version__,
-        "uptime_s": round(time.monotonic() - request.app[STARTED_KEY], 1),
+        "uptime_s": round(time.monotonic() - app[STARTED_KEY], 1),
         # len() of the hub's joined clients: O(1), where summing over sessions cost a few ms at 10k sockets.
         "rooms": len(hub.registry.sessions), "connections": len(hub.clients),
-    })
+    }
+
+
+async def healthz(request: web.Request) -> web.Response:
+    worker = request.app.get(WORKER_KEY)
+    if worker is not None:  # serve --workers: every worker of the host (signalling/worker.py)
+        return web.json_response(await worker.host_health())
+    return web.json_response(node_health(request.app))
 
 
 async def session_events(request: web.Request) -> web.Response:
@@ -349,6 +358,9 @@ async def precall_page(request: web.Request) -> web.FileResponse:
 
 async def metrics(request: web.Request) -> web.Response:
     body, content_type = prom.render()
+    worker = request.app.get(WORKER_KEY)
+    if worker is not None:  # serve --workers: every worker's series, labelled (signalling/worker.py)
+        body = await worker.host_metrics(own=body)
     response = web.Response(body=body)
     response.content_type = content_type.split(";")[0]
     return response

@@ -27,7 +27,7 @@ from rooms.redis_store import RedisStore
 from rooms.sqlite_store import SqliteStore
 from rooms.store import Store
 from signalling import logs
-from signalling.api import add_routes, coded_errors
+from signalling.api import add_routes, coded_errors, node_health
 from signalling.audit import AUDIT_KEY, SIGN_INS_KEY, SignIns, staff_sign_ins
 from signalling.auth import TokenAuthority
 from signalling.backoffice_api import add_backoffice_routes
@@ -46,6 +46,8 @@ from signalling.keys import (
     WORKFLOW_KEY,
 )
 from signalling.staff_api import add_staff_routes
+from signalling.supervisor import WorkerSpec
+from signalling.worker import WORKER_KEY, WorkerNode
 from signalling.workflow import DataRetention, Workflow
 from signalling.ws import RELAY_DOOR_KEY, RELAY_SERVER_KEY, RelayDoor, RelayServer, websocket_handler
 
@@ -91,7 +93,9 @@ def _add_security_headers(request: web.Request, headers: MutableMapping[str, str
     headers["Content-Security-Policy"] = _csp(request)
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, worker: WorkerSpec | None = None) -> web.Application:
+    """The application; ``worker``: this process is one worker of ``serve --workers`` (its
+    private site, host-wide /healthz and /metrics, see signalling/worker.py)."""
     app = web.Application(middlewares=[committed_replies, security_headers, coded_errors, staff_sign_ins],
                           client_max_size=1024 * 1024)
     config.data_path.mkdir(parents=True, exist_ok=True)
@@ -108,6 +112,9 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_media_ctx)
     app.cleanup_ctx.append(_cluster_ctx)
     app.cleanup_ctx.append(_workflow_ctx)
+    if worker is not None:
+        app[WORKER_KEY] = WorkerNode(worker)
+        app.cleanup_ctx.append(_worker_ctx)
     app.on_shutdown.append(_close_sockets)
     add_routes(app)
     add_staff_routes(app)
@@ -337,6 +344,14 @@ async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:
     app[NOTICE_SINKS_KEY].remove(workflow.deliver)
     await workflow.stop_jobs()
     await store.close()
+
+
+async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    """This worker's private loopback site and parent-death check (``serve --workers``)."""
+    worker = app[WORKER_KEY]
+    await worker.start(app[DIRECTORY_KEY].node_id, lambda: node_health(app), lambda: prom.render()[0])
+    yield
+    await worker.close()
 
 
 async def _close_sockets(app: web.Application) -> None:

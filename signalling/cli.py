@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -13,6 +14,7 @@ from typing import Any
 from loadtest.cli import add_parser as add_loadtest
 from rooms.model import Role
 from signalling.config import ConfigError, load_config
+from signalling.supervisor import WorkerSpec
 
 
 def _timestamp(value: str) -> int:
@@ -30,6 +32,23 @@ def _timestamp(value: str) -> int:
     return int(dt.timestamp())
 
 
+def _workers(value: str) -> int:
+    from signalling.supervisor import available_cores, parse_worker_count
+
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    try:
+        return parse_worker_count(value, available_cores(os.cpu_count(), affinity))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _worker_spec(value: str) -> WorkerSpec:
+    try:
+        return WorkerSpec.from_arg(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="openconsult", description="OpenConsult video consultation server")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument("--log-format", choices=["text", "json"],
                        help="log lines on stderr: text, or json (one object per line); default server.log_format")
+    serve.add_argument("--workers", type=_workers,
+                       help='run N worker processes (or "auto": one per core) behind one port, each a node of '
+                            "the cluster in redis_url (required); without it: one process (see docs/operations.md)")
+    serve.add_argument("--worker-spec", type=_worker_spec, help=argparse.SUPPRESS)  # set by the supervisor
     token = sub.add_parser("token", help="print a signed join token")
     token.add_argument("--room", required=True)
     token.add_argument("--role", required=True, choices=[r.value for r in Role])
@@ -96,14 +119,57 @@ def _token(args: argparse.Namespace, config: Any) -> int:
     return 0
 
 
+def _supervise(args: argparse.Namespace, config: Any) -> int:
+    """``serve --workers N``: the supervisor (signalling/supervisor.py) runs N workers, each this
+    command with the same options and its ``--worker-spec``."""
+    from signalling.auth import TokenAuthority
+    from signalling.supervisor import check_port_free, check_worker_config, supervise, worker_command
+
+    from signalling import logs
+
+    logs.configure(config.server.log_format, args.log_level, label="supervisor: ")
+    try:
+        check_worker_config(config, args.workers)
+        # The generated secret (if any) is written once here, not raced by the workers.
+        config.data_path.mkdir(parents=True, exist_ok=True)
+        TokenAuthority.from_config(config)
+    except (ConfigError, OSError) as exc:
+        print(f"openconsult: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_port_free(config.server.host, config.server.port)
+    except OSError as exc:
+        print(f"openconsult: {exc.strerror}", file=sys.stderr)
+        return 2
+    serve_args = ["--log-level", args.log_level, "--log-format", config.server.log_format]
+    for option in ("host", "port", "data_dir", "config"):
+        value = getattr(args, option)
+        if value is not None:
+            serve_args += [f"--{option.replace('_', '-')}", str(value)]
+    host = config.server.host
+    shown = f"[{host}]" if ":" in host else host
+    print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: {args.workers} workers on http://{shown}:"
+          f"{config.server.port}/ (data in {config.data_path.resolve()})", flush=True)
+    return supervise(args.workers, config, worker_command(serve_args))
+
+
 def _serve(args: argparse.Namespace, config: Any) -> int:
+    from dataclasses import replace
+
     from aiohttp import web
 
     from signalling.app import create_app
 
     from signalling import logs
 
-    logs.configure(config.server.log_format, args.log_level)
+    if args.workers is not None:
+        return _supervise(args, config)
+    spec: WorkerSpec | None = args.worker_spec
+    who = "" if spec is None else f"worker {spec.index}: "
+    if spec is not None:
+        config = replace(config, media=replace(config.media, udp_port=spec.udp_port))
+        logs.bind_process(worker=str(spec.index))
+    logs.configure(config.server.log_format, args.log_level, label=who)
     json_logs = config.server.log_format == "json"
     for noisy in ("aiohttp.access", "aioice", "aiortc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -119,22 +185,24 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     else:
         logging.info("%s", config.demo_status())
     try:
-        app = create_app(config)
+        app = create_app(config, worker=spec)
     except (ConfigError, OSError) as exc:
         if json_logs:
             logging.error("openconsult: %s", exc)
         else:
-            print(f"openconsult: {exc}", file=sys.stderr)
+            print(f"openconsult: {who}{exc}", file=sys.stderr)
         return 2
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
     if json_logs:  # every line a log collector reads is a JSON object
         logging.info("OpenConsult listening on %s:%d (data in %s)", shown, config.server.port, config.data_path.resolve())
     else:
-        print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: demo page at http://{shown}:{config.server.port}/ "
+        print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: {who}demo page at http://{shown}:{config.server.port}/ "
               f"(data in {config.data_path.resolve()})", flush=True)
     try:
-        web.run_app(app, host=host, port=config.server.port, print=None, shutdown_timeout=5)
+        # Workers share the public port: the kernel spreads new connections over them.
+        web.run_app(app, host=host, port=config.server.port, print=None, shutdown_timeout=5,
+                    reuse_port=True if spec is not None else None)
     except OSError as exc:
         # Most often the port is taken (another OpenConsult, or another web server).
         logging.error("openconsult: cannot listen on %s:%d: %s. Pick another port with --port.", shown,

@@ -86,7 +86,8 @@ class MediaConfig:
     #: One UDP port for all media of this server process: every peer connection's host
     #: candidate is on it (one socket per ICE address), datagrams routed by STUN username and
     #: then by remote address. 0: one socket per peer connection on an ephemeral port.
-    #: Several processes on one host each need their own port.
+    #: Several processes on one host each need their own port (``serve --workers N``: worker i
+    #: binds ``udp_port + i``).
     udp_port: int = 0
     #: TURN servers handed to clients (``turn:host:3478?transport=udp``, ``turns:host:443?transport=tcp``)
     #: for networks that block UDP to this server. Empty: clients get no TURN server.

@@ -87,12 +87,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
-def configure(log_format: str, level: str | int = logging.INFO, stream: TextIO | None = None) -> logging.Handler:
-    """Send every log record (Python warnings included) to ``stream`` (stderr) in ``log_format``."""
+def configure(log_format: str, level: str | int = logging.INFO, stream: TextIO | None = None,
+              label: str = "") -> logging.Handler:
+    """Send every log record (Python warnings included) to ``stream`` (stderr) in ``log_format``;
+    ``label`` (e.g. ``"worker 1: "``) goes before the logger's name on text lines (JSON lines
+    carry the process's ids as fields instead)."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f'log format must be one of {", ".join(LOG_FORMATS)}, got "{log_format}"')
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT.replace("%(name)s", label + "%(name)s")))
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
     for old in list(root.handlers):

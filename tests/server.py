@@ -71,7 +71,7 @@ def start_server(workdir: Path, extra_config: str = "", module: str = "signallin
     appended to a config whose only table is ``[media]`` (ICE on 127.0.0.1). ``port``
     (default: a free one) lets a restart come back where clients reconnect to; the
     previous process on it must have exited (``stop()`` waits for that). ``args`` go after
-    ``serve``'s own (e.g. ``("--log-format", "json")``)."""
+    ``serve``'s own (e.g. ``("--workers", "2")`` or ``("--log-format", "json")``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or workdir / "data"
     config_path = workdir / "openconsult.toml"
