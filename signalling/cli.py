@@ -128,19 +128,27 @@ def _supervise(args: argparse.Namespace, config: Any) -> int:
     from signalling import logs
 
     logs.configure(config.server.log_format, args.log_level, label="supervisor: ")
+    json_logs = config.server.log_format == "json"
+    log = logging.getLogger("openconsult.supervisor")
+
+    def refuse(message: str) -> int:
+        if json_logs:  # every line a log collector reads is a JSON object
+            log.error("openconsult: %s", message)
+        else:
+            print(f"openconsult: {message}", file=sys.stderr)
+        return 2
+
     try:
         check_worker_config(config, args.workers)
         # The generated secret (if any) is written once here, not raced by the workers.
         config.data_path.mkdir(parents=True, exist_ok=True)
         TokenAuthority.from_config(config)
     except (ConfigError, OSError) as exc:
-        print(f"openconsult: config error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(f"config error: {exc}")
     try:
         check_port_free(config.server.host, config.server.port)
     except OSError as exc:
-        print(f"openconsult: {exc.strerror}", file=sys.stderr)
-        return 2
+        return refuse(str(exc.strerror))
     serve_args = ["--log-level", args.log_level, "--log-format", config.server.log_format]
     for option in ("host", "port", "data_dir", "config"):
         value = getattr(args, option)
@@ -148,8 +156,12 @@ def _supervise(args: argparse.Namespace, config: Any) -> int:
             serve_args += [f"--{option.replace('_', '-')}", str(value)]
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
-    print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: {args.workers} workers on http://{shown}:"
-          f"{config.server.port}/ (data in {config.data_path.resolve()})", flush=True)
+    if json_logs:
+        log.info("OpenConsult: %d workers on %s:%d (data in %s)", args.workers, shown, config.server.port,
+                     config.data_path.resolve())
+    else:
+        print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: {args.workers} workers on http://{shown}:"
+              f"{config.server.port}/ (data in {config.data_path.resolve()})", flush=True)
     return supervise(args.workers, config, worker_command(serve_args))
 
 

@@ -6,6 +6,7 @@ for the whole host whichever worker the request lands on."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -57,14 +58,15 @@ def free_udp_ports(count: int) -> int:
     raise AssertionError("no run of free UDP ports")
 
 
-def start_host(workdir: Path, redis: RedisServer, workers: int = 2) -> tuple[ServerProcess, int]:
+def start_host(workdir: Path, redis: RedisServer, workers: int = 2,
+               args: tuple[str, ...] = ()) -> tuple[ServerProcess, int]:
     """The supervisor with ``workers`` workers, ready when /healthz says every worker is ok."""
     udp_port = free_udp_ports(workers)
     ns = f"ocw{workdir.name[-12:]}:".replace("-", "")
     config = (f"udp_port = {udp_port}\n"
               f'[auth]\nsecret = "{SECRET}"\n'
               f'[cluster]\nlease_s = 3.0\nnamespace = "{ns}"\n')
-    host = start_server(workdir, config, env={"OPENCONSULT_REDIS_URL": redis.url}, args=("--workers", str(workers)))
+    host = start_server(workdir, config, env={"OPENCONSULT_REDIS_URL": redis.url}, args=("--workers", str(workers), *args))
     try:
         wait_until_sync(lambda: health(host)["status"] == "ok", timeout=60, interval=0.2, message="every worker ok")
     except BaseException:
@@ -304,3 +306,20 @@ def test_a_worker_that_cannot_start_stops_the_host_with_exit_2(tmp_path: Path, r
     assert f"openconsult: worker 1: media.udp_port = {udp_port + 1}: cannot bind UDP" in log, log
     assert "worker 1 (pid " in log and "exited with code 2: it cannot start as configured" in log, log
     assert "restarting it" not in log
+
+
+def test_json_logs_reach_the_workers_and_name_each_one(tmp_path: Path, redis: RedisServer) -> None:
+    server, _ = start_host(tmp_path / "json", redis, args=("--log-format", "json"))
+    try:
+        wait_until_sync(lambda: server.log_text().count("cluster: node") >= 2, timeout=30, interval=0.2,
+                        message="both workers' start-up lines")
+        text = server.log_text()
+    finally:
+        assert server.stop() == 0, server.log_tail()
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    unnamed = [line for line in lines if line["logger"] != "openconsult.supervisor" and "worker" not in line]
+    assert not unnamed, unnamed
+    assert {line["worker"] for line in lines if "worker" in line} == {"0", "1"}
+    assert any("2 workers on" in line["message"] for line in lines)
+    assert all(line.get("worker") in ("0", "1") and line.get("node_id") for line in lines
+               if line["message"].startswith("cluster: node"))
