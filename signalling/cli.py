@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", help="directory for the SQLite files and the generated secret (default ./data)")
     serve.add_argument("--config", help="TOML config file (see deploy/openconsult.sample.toml)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--drain", action="store_true",
+                       help="SIGTERM drains the node (no new rooms; exit once its calls end, at most "
+                            "cluster.drain_timeout_s) instead of stopping it; a second SIGTERM stops it")
     token = sub.add_parser("token", help="print a signed join token")
     token.add_argument("--room", required=True)
     token.add_argument("--role", required=True, choices=[r.value for r in Role])
@@ -118,6 +121,10 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     except (ConfigError, OSError) as exc:
         print(f"openconsult: {exc}", file=sys.stderr)
         return 2
+    if args.drain:
+        from signalling.failover import drain_on_sigterm
+
+        drain_on_sigterm(app)
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
     print(f"OpenConsult {time.strftime('%Y-%m-%d %H:%M:%S')}: demo page at http://{shown}:{config.server.port}/ "

@@ -53,7 +53,7 @@ from rooms.live import (
     LiveStream,
     LiveSubscription,
 )
-from rooms.directory import LocalDirectory, RoomDirectory, RoomLease
+from rooms.directory import LocalDirectory, NodeDraining, RoomDirectory, RoomLease
 from rooms.errors import RoomsError
 from rooms.model import (
     ConnectionId,
@@ -65,7 +65,7 @@ from rooms.model import (
     SubscriptionId,
     new_id,
 )
-from signalling import turn
+from signalling import failover, turn
 from signalling.auth import Claims, TokenAuthority, unverified_consultation, unverified_room
 from signalling.client_reports import ReportLimiter, event_entry, stats_entries
 from signalling.config import Config
@@ -102,6 +102,9 @@ class Client:
         self.left = False
         #: Set by the WebSocket edge: close this client's socket (after it was kicked).
         self.close_socket: Callable[[], None] | None = None
+        #: Set by the WebSocket edge: close this client's socket with 1012 (its room moved to another
+        #: node; the SDK rejoins and lands on the room's owner).
+        self.close_moved: Callable[[], None] | None = None
         #: Set by the WebSocket edge for a client relayed to the node holding its room: whether
         #: that node accepted its join (it is joined there, not here).
         self.relayed: Callable[[], bool] = lambda: False
@@ -125,6 +128,8 @@ class Hub:
         #: session's end releases it.
         self.directory: RoomDirectory = LocalDirectory()
         self.leases: dict[str, RoomLease] = {}
+        #: The node drains (``signalling.failover``): a join for a room not held here is refused.
+        self.draining = False
         #: Client reports (client.event, client.stats, beacons) per connection.
         self.report_limiter = ReportLimiter(self.config.server.client_reports_per_min)
         #: connection id -> (session id, token sub, room) of connections that joined lately.
@@ -149,12 +154,16 @@ class Hub:
             if client is not None:
                 client.send(message)
 
-    def _session_for(self, claims: Claims) -> tuple[LiveSession, bool]:
-        """The live session for the token's room. A consultation's room runs under the
-        consultation's own session id, so its workflow and media entries share one log (the id
-        support staff paste); any other room gets a fresh session id per instance."""
+    def _planned_session(self, claims: Claims) -> SessionId:
+        """The session id the token's room runs under here: its live session's, else a new one. A
+        consultation's room runs under the consultation's own session id, so its workflow and
+        media entries share one log (the id support staff paste); any other room gets a fresh
+        session id per instance."""
         room = claims.room
-        return self.registry.session_for_room(room, SessionId(room) if claims.consultation == room else None)
+        current = self.registry.by_room.get(room)
+        if current is not None:
+            return current
+        return SessionId(room) if claims.consultation == room else SessionId(new_id("s"))
 
     def _peer_count(self, connection_id: str, publish: bool) -> int:
         """Peer connections of a connection, negotiating ones included."""
@@ -184,11 +193,17 @@ class Hub:
             raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
         if claims.role is Role.GUEST:
             await self._check_guest(client, claims)
+        planned = self._planned_session(claims)
         if claims.room not in self.leases:
+            if self.draining:
+                raise NodeDraining("this node is draining: it finishes its calls and takes no new room; "
+                                   "join through another node")
             # A room new here: own it in the cluster first, so it lives on one node only
             # (RoomOwnedElsewhere: the edge relays the join to the owner; DirectoryUnavailable).
-            self.leases[claims.room] = await self.directory.claim(claims.room)
-        session, created = self._session_for(claims)
+            lease = self.leases[claims.room] = await self.directory.claim(claims.room, planned)
+            if lease.previous is not None:
+                await self._node_failed(lease)
+        session, created = self.registry.session_for_room(claims.room, planned)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
         sid = session.session_id
@@ -245,7 +260,7 @@ class Hub:
             raise InvalidState(f"this connection already publishes {self.max_publishes} streams, the most allowed")
         if session.room not in self.leases:
             # The lease was lost (e.g. Redis came back with another owner): claim it again or fail.
-            self.leases[session.room] = await self.directory.claim(session.room)
+            self.leases[session.room] = await self.directory.claim(session.room, session.session_id)
         stream_id = StreamId(new_id("st"))
         sid = session.session_id
         self.log(sid, EventKind.PUBLISH_ATTEMPT, f"Publish attempt: {connection.name}",
@@ -508,6 +523,41 @@ class Hub:
             await self.directory.release(lease)
         except RoomsError as exc:
             logger.warning("room %s: lease not released (%s); it expires by itself", room, exc)
+
+    async def _node_failed(self, lease: RoomLease) -> None:
+        """This node took over a room another node held without releasing it: log the failure and
+        close what the log shows that node left open, under the session it ran there."""
+        previous = lease.previous
+        assert previous is not None
+        session_id = previous.session or lease.room
+        try:
+            await self.recorder.eventlog.flush(timeout=5)
+            entries = await self.recorder.eventlog.events(session_id, kinds=failover.LEFT_OPEN_KINDS)
+        except Exception as exc:  # the failure is still logged, without the connections
+            logger.warning("room %s: could not read session %s to close what node %s left open: %s", lease.room,
+                           session_id, previous.node, exc)
+            entries = []
+        found = failover.left_open(entries)
+        for kind, text, fields in failover.failure_entries(session_id, previous, lease.node, found):
+            cid, stream = fields.pop("connection_id", None), fields.pop("stream_id", None)
+            self.log(session_id, kind, text, connection_id=cid, stream_id=stream, **fields)
+        logger.warning("room %s: node %s failed holding session %s; %d connections it left open logged as "
+                       "nodeFailure", lease.room, previous.node, session_id, len(found.connections))
+
+    async def lose_room(self, room: str) -> None:
+        """Another node claimed ``room`` while this one was cut off or paused: close its clients
+        here (1012: the SDK rejoins and lands on the room's owner), so the room is held once."""
+        session_id = self.registry.by_room.get(room)
+        session = self.registry.sessions.get(session_id) if session_id is not None else None
+        if session is None:
+            return
+        for connection_id in list(session.connections):
+            client = self.clients.get(connection_id)
+            if client is None:
+                continue
+            await self.disconnect(client, DisconnectReason.NODE_FAILURE, "the room moved to another node")
+            if client.close_moved is not None:
+                client.close_moved()
 
     async def shutdown(self) -> None:
         for client in list(self.clients.values()):

@@ -32,6 +32,8 @@ from aiohttp.base_protocol import BaseProtocol
 
 from metrics import prometheus as prom
 from metrics.eventlog import EventStore
+from metrics.events import EventKind
+from metrics.recorder import Recorder
 from rooms.directory import NodeId, Notice, RoomDirectory, RoomOwnedElsewhere
 from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
@@ -200,6 +202,15 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         task.add_done_callback(_CLOSING.discard)
 
     client.close_socket = close_kicked
+
+    def close_moved() -> None:
+        """The room moved to another node (this one lost its lease): flush, then close 1012."""
+        task = asyncio.get_running_loop().create_task(
+            _close_after(outbox, writer, ws, transport, CLOSE_NODE_LOST, b"room moved to another node", write_timeout))
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+
+    client.close_moved = close_moved
     clustered = bool(config.redis_url)
     directory = request.app[DIRECTORY_KEY]
     door = request.app[RELAY_DOOR_KEY]
@@ -505,10 +516,12 @@ CLOSE_NODE_LOST: Final = 1012
 
 
 class RelayDoor:
-    """Door side: this node's sockets relayed to another node, by relay key."""
+    """Door side: this node's sockets relayed to another node, by relay key. ``recorder``: where a
+    relayed connection whose node was lost is logged as disconnected (``nodeFailure``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recorder: Recorder | None = None) -> None:
         self.links: dict[str, _DoorLink] = {}
+        self.recorder = recorder
 
     def on_notice(self, notice: Notice) -> None:
         link = self.links.get(str(notice.data.get("conn", "")))
@@ -522,10 +535,35 @@ class RelayDoor:
             link.end(int(notice.data.get("code") or CLOSE_POLICY), str(notice.data.get("why") or ""))
 
     def lost(self, live: set[NodeId]) -> None:
-        """Close the sockets whose room's node is gone (the SDK rejoins through a live node)."""
+        """Close the sockets whose room's node is gone (the SDK rejoins through a live node). The
+        lost node never logs their disconnect: this node does, reason ``nodeFailure``."""
         for link in list(self.links.values()):
             if link.node not in live:
+                if link.joined and self.recorder is not None:
+                    task = asyncio.get_running_loop().create_task(self._log_lost(self.recorder, link))
+                    _CLOSING.add(task)
+                    task.add_done_callback(_CLOSING.discard)
+                self.links.pop(link.key, None)
                 link.end(CLOSE_NODE_LOST, "node lost")
+
+    @staticmethod
+    async def _log_lost(recorder: Recorder, link: _DoorLink) -> None:
+        """Log the relayed connection's disconnect (``nodeFailure``) unless the node that took the
+        room over logged it already (a shared event log)."""
+        try:
+            entries = await recorder.eventlog.events(link.session_id, kinds=[str(EventKind.DISCONNECT)])
+        except Exception as exc:  # logged anyway: a duplicate beats a connection never closed
+            logger.warning("relay: could not read session %s: %s", link.session_id, exc)
+            entries = []
+        logger.warning("relay: node %s lost; connection %s of session %s closed (1012)", link.node,
+                       link.connection_id, link.session_id)
+        if any(e.get("connection_id") == link.connection_id for e in entries):
+            return
+        reason = DisconnectReason.NODE_FAILURE
+        recorder.log(link.session_id, EventKind.DISCONNECT,
+                     f"Server detected disconnect: {link.name}. Reason: {reason} (node {link.node} stopped)",
+                     connection_id=link.connection_id, reason=str(reason), detail=f"node {link.node} stopped",
+                     node=link.node)
 
 
 #: This node's sockets relayed to the node holding their room.
@@ -542,12 +580,18 @@ class _DoorLink:
         self.close = close
         self.joined = False
         self.answered = False
+        self.session_id = ""
+        self.connection_id = ""
+        self.name = ""
 
     def deliver(self, message: dict[str, Any]) -> None:
         self.answered = True
-        if (message.get("type") == "response" and message.get("ok") and isinstance(message.get("data"), dict)
-                and "connection_id" in message["data"] and "session_id" in message["data"]):
+        data = message.get("data")
+        if (message.get("type") == "response" and message.get("ok") and isinstance(data, dict)
+                and "connection_id" in data and "session_id" in data):
             self.joined = True
+            self.session_id, self.connection_id = str(data["session_id"]), str(data["connection_id"])
+            self.name = str(data.get("name") or self.connection_id)
         self.outbox.push(message)
 
     def end(self, code: int, why: str) -> None:
@@ -627,6 +671,7 @@ class _Relayed:
         self.tasks: list[asyncio.Task[None]] = []
         client.send = self._send
         client.close_socket = lambda: self._end(CLOSE_POLICY, "removed from the call")
+        client.close_moved = lambda: self._end(CLOSE_NODE_LOST, "room moved to another node")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
