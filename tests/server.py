@@ -66,11 +66,12 @@ def _healthy(server: ServerProcess) -> bool:
 
 def start_server(workdir: Path, extra_config: str = "", module: str = "signalling.cli",
                  env: dict[str, str] | None = None, data_dir: Path | None = None,
-                 timeout: float = 60.0, port: int | None = None) -> ServerProcess:
+                 timeout: float = 60.0, port: int | None = None, args: tuple[str, ...] = ()) -> ServerProcess:
     """Start ``python -m <module> serve`` and wait for /healthz. ``extra_config`` is
     appended to a config whose only table is ``[media]`` (ICE on 127.0.0.1). ``port``
     (default: a free one) lets a restart come back where clients reconnect to; the
-    previous process on it must have exited (``stop()`` waits for that)."""
+    previous process on it must have exited (``stop()`` waits for that). ``args``: more
+    ``serve`` options (e.g. ``--drain``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = data_dir or workdir / "data"
     config_path = workdir / "openconsult.toml"
@@ -79,7 +80,7 @@ def start_server(workdir: Path, extra_config: str = "", module: str = "signallin
     log_file = log_path.open("wb")
     port = port or free_port()
     command = [sys.executable, "-m", module, "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--data-dir", str(data_dir), "--config", str(config_path)]
+               "--data-dir", str(data_dir), "--config", str(config_path), *args]
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                             stdout=log_file, stderr=subprocess.STDOUT)
     server = ServerProcess(f"http://127.0.0.1:{port}", port, proc, data_dir, config_path, log_path, log_file)
