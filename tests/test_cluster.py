@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 from pathlib import Path
 
@@ -21,12 +22,15 @@ from loadtest.client import RequestFailed, SignallingClient
 from rooms.model import Role
 from signalling.auth import TokenAuthority
 from tests.call_helpers import Participant
+from tests.postgres_server import PostgresServer, pg_srv
 from tests.redis_server import RedisServer, redis_server, require_redis_server
 from tests.server import ServerProcess, start_server
 from tests.helpers import free_port, wait_until
 from tests.workflow.helpers import Clinic, now_ms, wait_event
 
 SECRET = "cluster-test-secret-0123456789abcdef"
+
+__all__ = ["pg_srv"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -37,12 +41,12 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture
-async def nodes(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[Clinic]]:
+@asynccontextmanager
+async def _cluster(tmp_path: Path, redis: RedisServer, extra: str = "") -> AsyncIterator[list[Clinic]]:
     ns = f"oc{tmp_path.name[-12:]}:".replace("-", "")
     config = (f'[auth]\nsecret = "{SECRET}"\n'
               f'[cluster]\nlease_s = 3.0\nnamespace = "{ns}"\n'
-              '[workflow]\nwalk_in_per_link_per_min = 3\n')
+              '[workflow]\nwalk_in_per_link_per_min = 3\n' + extra)
     servers: list[ServerProcess] = []
     try:
         for name in "abc":
@@ -56,7 +60,23 @@ async def nodes(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[Clinic
             await c.close()
     finally:
         for s in servers:
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGCONT)  # a test may have paused one
             s.stop()
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[Clinic]]:
+    async with _cluster(tmp_path, redis) as clinics:
+        yield clinics
+
+
+@pytest.fixture
+async def pg_nodes(tmp_path: Path, redis: RedisServer, pg_srv: PostgresServer) -> AsyncIterator[list[Clinic]]:
+    """Three nodes sharing one Redis and one PostgreSQL event log (a session written from several
+    nodes reads complete from any)."""
+    async with _cluster(tmp_path, redis, f'[eventlog]\nurl = "{pg_srv.new_database()}"\n') as clinics:
+        yield clinics
 
 
 def _admin(c: Clinic) -> str:
@@ -204,7 +224,8 @@ async def _rejoin(url: str, tokens: TokenAuthority, room: str, role: Role, name:
 
 
 async def test_kill_the_owner_mid_call_and_both_rejoin_through_live_nodes(
-        nodes: list[Clinic], redis: RedisServer) -> None:
+        pg_nodes: list[Clinic], redis: RedisServer) -> None:
+    nodes = pg_nodes
     room = "c-kill"
     by_port = {c.server.port: c for c in nodes}
     a, b, _ = nodes
@@ -213,7 +234,7 @@ async def test_kill_the_owner_mid_call_and_both_rejoin_through_live_nodes(
     await p.client.connect()
     await d.client.connect()
     first = await p.client.join(a.tokens.mint(room, Role.PATIENT, "Pat", consultation=room))
-    await d.client.join(b.tokens.mint(room, Role.CLINICIAN, "Doc", consultation=room))
+    first_d = await d.client.join(b.tokens.mint(room, Role.CLINICIAN, "Doc", consultation=room))
     assert first["session_id"] == room
     stream_p, stream_d = await p.publish(), await d.publish()
     await d.client.wait_event("streamCreated", stream__stream_id=stream_p)
@@ -248,6 +269,33 @@ async def test_kill_the_owner_mid_call_and_both_rejoin_through_live_nodes(
         assert new_owner is not None and new_owner != owner
         assert any(f"cluster: node {new_owner} " in c.server.log_text() for c in live)
         assert by_port[dead.server.port].server.proc.returncode == -signal.SIGKILL
+        # The event log (one PostgreSQL for the three nodes), read through any live node: the
+        # failure, the connections the dead node left open closed as nodeFailure, and the call
+        # resumed under the same session id.
+        support = live[0].tokens.mint("support", Role.SUPPORT, "Sue")
+        old_conns = {first["connection_id"], first_d["connection_id"]}
+
+        async def failure_logged() -> bool:
+            events = (await live[1].ok("GET", f"/api/sessions/{room}/events", support))["events"]
+            closed = {e["connection_id"] for e in events
+                      if e["kind"] == "disconnect" and e["payload"].get("reason") == "nodeFailure"}
+            return closed == old_conns
+
+        await wait_until(failure_logged, timeout=30, message="nodeFailure disconnects of both connections")
+        events = (await live[0].ok("GET", f"/api/sessions/{room}/events", support))["events"]
+        failures = [e for e in events if e["kind"] == "nodeFailure"]
+        assert len(failures) == 1 and failures[0]["payload"]["node"] == owner, failures
+        assert failures[0]["payload"]["by_node"] == new_owner
+        gone = [e for e in events if e["kind"] == "disconnect" and e["connection_id"] in old_conns]
+        assert len(gone) == 2 and {e["payload"]["reason"] for e in gone} == {"nodeFailure"}, gone
+        rejoined = [e for e in events if e["kind"] == "serverDetectedConnect"
+                    and e["connection_id"] in (joined_p["connection_id"], joined_d["connection_id"])]
+        assert len(rejoined) == 2 and min(events.index(e) for e in rejoined) > events.index(failures[0])
+        diagnosis = await live[1].ok("GET", f"/api/sessions/{room}/diagnosis", support)
+        node_failure = [f for f in diagnosis["findings"] if f["type"] == "node_failure"]
+        assert len(node_failure) == 1, diagnosis
+        assert node_failure[0]["cause"].startswith(f"The server node holding this call ({owner}) stopped; both "
+                                                   "participants rejoined through another node after "), node_failure
     finally:
         await p2.close()
         await d2.close()
