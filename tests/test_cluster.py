@@ -351,3 +351,104 @@ async def test_redis_stopped_mid_call_media_flows_new_joins_fail_then_work(tmp_p
             node.stop()
         redis_proc.kill()
         redis_proc.wait()
+
+
+async def _call(url_p: str, url_d: str, tokens: TokenAuthority, room: str) -> tuple[Participant, Participant, Any]:
+    """Pat and Doc in ``room`` (joined through the given nodes), Doc receiving Pat's video."""
+    p, d = Participant(url_p, "Pat"), Participant(url_d, "Doc")
+    await p.client.connect()
+    await d.client.connect()
+    await p.client.join(tokens.mint(room, Role.PATIENT, "Pat", consultation=room))
+    await d.client.join(tokens.mint(room, Role.CLINICIAN, "Doc", consultation=room))
+    stream = await p.publish()
+    await d.client.wait_event("streamCreated", stream__stream_id=stream)
+    sub = await d.subscribe(stream)
+    await wait_until(lambda: len(sub.received.frames) > 5, timeout=60, message=f"video in {room}")
+    return p, d, sub
+
+
+async def test_drain_a_node_new_rooms_go_elsewhere_its_call_ends_then_it_exits_0(
+        nodes: list[Clinic], redis: RedisServer) -> None:
+    a = nodes[0]
+    p, d, sub = await _call(a.server.ws_url, a.server.ws_url, a.tokens, "c-held")
+    owner = await _owner(redis, "c-held")
+    drained = next(c for c in nodes if f"cluster: node {owner} " in c.server.log_text())
+    n1: Participant | None = None
+    n2: Participant | None = None
+    try:
+        admin = drained.tokens.mint("ops", Role.ADMIN, "ops")
+        status, body = await drained.call("POST", "/api/admin/drain", admin, {"deadline_s": 600})
+        assert status == 202 and body["draining"] and body["node"] == owner and body["rooms"] == 1, body
+        assert (await drained.call("GET", "/healthz", None))[0] == 503
+        # A new room joined through the draining node lands on another one, and decodes (the media
+        # goes to the owner's candidates; the signalling is relayed).
+        n1, n2, sub_new = await _call(drained.server.ws_url, drained.server.ws_url, drained.tokens, "c-new")
+        new_owner = await _owner(redis, "c-new")
+        assert new_owner is not None and new_owner != owner
+        # The drained node's call keeps decoding, and its clinician can rejoin it there.
+        before = len(sub.received.frames)
+        await wait_until(lambda: len(sub.received.frames) > before + 30, timeout=30, message="the held call goes on")
+        await d.close()
+        d = Participant(drained.server.ws_url, "Doc")
+        await d.client.connect()
+        rejoined = await d.client.join(drained.tokens.mint("c-held", Role.CLINICIAN, "Doc", consultation="c-held"))
+        assert rejoined["session_id"] == "c-held" and [c["name"] for c in rejoined["connections"]] == ["Pat"]
+        assert await _owner(redis, "c-held") == owner
+        assert drained.server.proc.poll() is None
+        # The calls end (the new room's sockets were relayed through the drained node): it exits 0.
+        for left in (p, d, n1, n2):
+            assert left is not None
+            await left.client.request("leave")
+        await wait_until(lambda: drained.server.proc.poll() is not None, timeout=30, message="the drained node exits")
+        assert drained.server.proc.returncode == 0
+        assert "holds no more rooms or connections; exiting" in drained.server.log_text()
+        assert len(sub_new.received.frames) > 5
+    finally:
+        for end in (p, d, n1, n2):
+            if end is not None:
+                await end.close()
+
+
+async def test_a_paused_owner_whose_room_was_claimed_closes_its_clients_1012(
+        nodes: list[Clinic], redis: RedisServer) -> None:
+    a = nodes[0]
+    room = "c-pause"
+    p = Participant(a.server.ws_url, "Pat")
+    await p.client.connect()
+    await p.client.join(a.tokens.mint(room, Role.PATIENT, "Pat", consultation=room))
+    owner = await _owner(redis, room)
+    paused = next(c for c in nodes if f"cluster: node {owner} " in c.server.log_text())
+    other = next(c for c in nodes if c is not paused)
+    # A guest connected to the owner itself (Pat's socket may be relayed through another node).
+    g = Participant(paused.server.ws_url, "Gus")
+    await g.client.connect()
+    await g.client.join(paused.tokens.mint(room, Role.PATIENT, "Gus", consultation=room))
+    d: Participant | None = None
+    paused.server.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Past the lease, a join through another node claims the room there.
+        d, _ = await _rejoin(other.server.ws_url, other.tokens, room, Role.CLINICIAN, "Doc", time.monotonic() + 30)
+        new_owner = await _owner(redis, room)
+        assert new_owner is not None and new_owner != owner
+    finally:
+        paused.server.proc.send_signal(signal.SIGCONT)
+    try:
+        # The paused node finds its lease taken: its client in the room is closed 1012 (the SDK
+        # rejoins and lands on the live owner), and the room is held once.
+        await wait_until(g.client.closed.wait, timeout=30, message="the paused node's client closed")
+        await wait_until(p.client.closed.wait, timeout=30, message="Pat's socket closed")
+        assert g.client.close_code == p.client.close_code == 1012
+        await wait_until(lambda: "now belongs to another node; closing its connections" in paused.server.log_text(),
+                         timeout=30, message="the paused node's log")
+        health = await paused.call("GET", "/healthz", None)
+        assert health[1]["rooms"] == 0 and health[1]["connections"] == 0, health
+        assert await _owner(redis, room) == new_owner
+        p2, joined = await _rejoin(paused.server.ws_url, paused.tokens, room, Role.PATIENT, "Pat",
+                                   time.monotonic() + 30)
+        assert joined["session_id"] == room and [c["name"] for c in joined["connections"]] == ["Doc"]
+        await p2.close()
+    finally:
+        await p.close()
+        await g.close()
+        if d is not None:
+            await d.close()
