@@ -118,8 +118,9 @@ class RoomLease:
     room: str
     node: NodeId
     token: int
-    #: The node that held the room before without releasing it (it failed), if any.
-    previous: Holder | None = None
+    #: The node that held the room before without releasing it (it failed), if any; only the
+    #: claim that took the room over carries it (not part of the lease's identity).
+    previous: Holder | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

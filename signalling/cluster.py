@@ -316,12 +316,12 @@ class RedisDirectory:
         owner_id = NodeId(_text(owner))
         if owner_id != self.node_id or not token:
             raise RoomOwnedElsewhere(room, owner_id)
-        held = self.leases.get(room)
-        if held is not None and held.token == int(token):
-            return held
         previous = parse_holder(prev)
         if previous is not None and previous.node == self.node_id:
             previous = None  # this node's own lease lapsed (Redis was away): it did not fail
+        held = self.leases.get(room)
+        if held is not None and held.token == int(token) and (previous is None or held.previous is not None):
+            return held  # claimed again (two claims racing: the one that took the room carries previous)
         if previous is not None:
             logger.warning("cluster: node %s claimed room %s, which node %s held without releasing it (last "
                            "renewed %d ms ago): that node failed", self.node_id, room, previous.node,

@@ -128,6 +128,8 @@ class Hub:
         #: session's end releases it.
         self.directory: RoomDirectory = LocalDirectory()
         self.leases: dict[str, RoomLease] = {}
+        #: Claims in progress, by room (joins racing for a room new here share one).
+        self.claiming: dict[str, asyncio.Future[SessionId]] = {}
         #: The node drains (``signalling.failover``): a join for a room not held here is refused.
         self.draining = False
         #: Client reports (client.event, client.stats, beacons) per connection.
@@ -200,9 +202,11 @@ class Hub:
                                    "join through another node")
             # A room new here: own it in the cluster first, so it lives on one node only
             # (RoomOwnedElsewhere: the edge relays the join to the owner; DirectoryUnavailable).
-            lease = self.leases[claims.room] = await self.directory.claim(claims.room, planned)
-            if lease.previous is not None:
-                await self._node_failed(lease)
+            pending = self.claiming.get(claims.room)
+            if pending is None:
+                pending = self.claiming[claims.room] = asyncio.ensure_future(self._claim(claims.room, planned))
+                pending.add_done_callback(self._claimed)
+            planned = await asyncio.shield(pending)
         session, created = self.registry.session_for_room(claims.room, planned)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
@@ -523,6 +527,20 @@ class Hub:
             await self.directory.release(lease)
         except RoomsError as exc:
             logger.warning("room %s: lease not released (%s); it expires by itself", room, exc)
+
+    def _claimed(self, done: asyncio.Future[SessionId]) -> None:
+        for room, pending in list(self.claiming.items()):
+            if pending is done:
+                del self.claiming[room]
+
+    async def _claim(self, room: str, session_id: SessionId) -> SessionId:
+        """Own ``room`` for ``session_id`` in the cluster and, if its previous node failed, log
+        that first; the session id to run the room under. Joins racing for a room new here share
+        one such claim, so the failure is logged once and before any of them."""
+        lease = self.leases[room] = await self.directory.claim(room, session_id)
+        if lease.previous is not None:
+            await self._node_failed(lease)
+        return self.registry.by_room.get(room) or session_id
 
     async def _node_failed(self, lease: RoomLease) -> None:
         """This node took over a room another node held without releasing it: log the failure and

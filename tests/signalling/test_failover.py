@@ -3,13 +3,26 @@ session's log, and the entries the node that takes the room over writes."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from media.router import Router
+from metrics.eventlog import EventLog
 from metrics.events import EventKind
-from rooms.directory import Holder, NodeId
+from metrics.recorder import Recorder
+from rooms.directory import Holder, NodeId, NodeLoad, RoomOwnedElsewhere
+from rooms.model import DisconnectReason, Role
+from signalling.auth import TokenAuthority
+from signalling.cluster import RedisDirectory
 from signalling.failover import DrainStep, LeftOpen, drain_step, failure_entries, left_open
+from signalling.hub import Client, Hub
+from tests.redis_server import RedisServer, redis_srv
+
+__all__ = ["redis_srv"]
 
 
 @pytest.mark.parametrize(("rooms", "connections", "now", "step"), [
@@ -62,3 +75,69 @@ def test_failure_entries_name_the_lost_node_and_close_what_it_left_open() -> Non
     # Nothing left open (e.g. SQLite per node, the log is elsewhere): the failure is still logged.
     assert [k for k, _, _ in failure_entries("s_1", Holder(NodeId("n")), NodeId("m"), LeftOpen({}, {}))] == [
         EventKind.NODE_FAILURE]
+
+
+# --- a node takes over the room of a node that died: real hubs, real Redis, one shared event log ---
+
+SECRET = "failover-test-secret-0123456789abcdef"
+
+
+@pytest.mark.redis
+async def test_the_node_taking_over_logs_the_failure_once_before_the_rejoins(
+        tmp_path: Path, redis_srv: RedisServer) -> None:
+    """Node A holds a consultation's room with Pat and Doc and dies (stops renewing, never
+    releases). Both rejoin through node B at once: B logs one ``nodeFailure`` entry naming A,
+    closes A's two connections as ``nodeFailure``, then the rejoins, under the same session id."""
+    ns = f"t{uuid.uuid4().hex[:8]}:"
+    tokens = TokenAuthority("HS256", SECRET, SECRET, leeway_s=30)
+    eventlog = EventLog(tmp_path / "events.sqlite3")  # shared by both nodes, as PostgreSQL would be
+    dir_a = RedisDirectory(redis_srv.url, node_id=NodeId("node-a"), lease_s=1.0, namespace=ns)
+    dir_b = RedisDirectory(redis_srv.url, node_id=NodeId("node-b"), lease_s=1.0, namespace=ns)
+    router_a, router_b = Router(), Router()
+    hub_a = Hub(tokens, router_a, Recorder(eventlog))
+    hub_b = Hub(tokens, router_b, Recorder(eventlog))
+    hub_a.directory, hub_b.directory = dir_a, dir_b
+    room = "c-takeover"
+    try:
+        await dir_a.start(lambda n: None)
+        await dir_b.start(lambda n: None)
+        first = [Client(lambda m: None) for _ in range(2)]
+        for client, (role, name) in zip(first, ((Role.PATIENT, "Pat"), (Role.CLINICIAN, "Doc"))):
+            await hub_a.join(client, tokens.mint(room, role, name, consultation=room), None, None)
+        await dir_a.heartbeat(NodeLoad(rooms=1, calls=1))  # renews the holder record
+        # A dies here. Both rejoin through B, racing for the room once A's lease expired.
+        again = [Client(lambda m: None) for _ in range(2)]
+
+        async def rejoin(client: Client, role: Role, name: str) -> dict[str, Any]:
+            token = tokens.mint(room, role, name, consultation=room)
+            while True:
+                try:
+                    return await hub_b.join(client, token, None, None)
+                except RoomOwnedElsewhere:
+                    await asyncio.sleep(0.05)
+
+        joined = await asyncio.wait_for(asyncio.gather(rejoin(again[0], Role.PATIENT, "Pat"),
+                                                       rejoin(again[1], Role.CLINICIAN, "Doc")), timeout=10)
+        assert [j["session_id"] for j in joined] == [room, room]
+        await eventlog.flush(timeout=5)
+        events = await eventlog.events(room, kinds=[str(k) for k in EventKind])
+        failures = [e for e in events if e["kind"] == EventKind.NODE_FAILURE]
+        assert len(failures) == 1, failures
+        assert (failures[0]["payload"]["node"], failures[0]["payload"]["by_node"]) == ("node-a", "node-b")
+        old = {c.connection.connection_id for c in first if c.connection is not None}
+        assert set(failures[0]["payload"]["connections"]) == old
+        closed = [e for e in events if e["kind"] == EventKind.DISCONNECT]
+        assert {e["connection_id"] for e in closed} == old and len(closed) == 2
+        assert {e["payload"]["reason"] for e in closed} == {"nodeFailure"}
+        new = {j["connection_id"] for j in joined}
+        connects = [i for i, e in enumerate(events)
+                    if e["kind"] == EventKind.SERVER_DETECTED_CONNECT and e["connection_id"] in new]
+        assert len(connects) == 2 and min(connects) > max(events.index(e) for e in (*failures, *closed))
+    finally:
+        for client in again if "again" in locals() else []:
+            await hub_b.disconnect(client, DisconnectReason.CLIENT_DISCONNECTED)
+        await dir_b.close()
+        await dir_a.close()  # the room is B's by now: A's release changes nothing
+        await router_a.close()
+        await router_b.close()
+        await eventlog.aclose()
