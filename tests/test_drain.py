@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from loadtest.client import RequestFailed, SignallingClient
@@ -90,3 +91,33 @@ async def test_without_drain_sigterm_stops_at_once(tmp_path: Path) -> None:
         assert pat.close_code == 1001 and "drain:" not in server.log_path.read_text()
     finally:
         await pat.close()
+
+
+async def test_the_admin_api_drains_checks_its_input_and_is_idempotent(tmp_path: Path) -> None:
+    server = start_server(tmp_path)  # no --drain: the API drains all the same
+    tokens = authority(server.data_dir)
+    admin = tokens.mint("ops", Role.ADMIN, "ops")
+    pat = SignallingClient(server.ws_url)
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as http:
+            for bad in (0, -1, 86_401, "600", True, [600]):
+                async with http.post(server.url + "/api/admin/drain", json={"deadline_s": bad}) as response:
+                    body = await response.json()
+                    assert response.status == 400 and body["error"]["code"] == "invalid_message", (bad, body)
+                    assert '"deadline_s"' in body["error"]["message"]
+            await pat.connect()
+            await pat.join(tokens.mint("room-live", Role.PATIENT, "Pat"))
+            async with http.post(server.url + "/api/admin/drain", json={"deadline_s": 600}) as response:
+                first = await response.json()
+                assert response.status == 202, first
+            assert first["draining"] and first["deadline_s"] == 600 and (first["rooms"], first["connections"]) == (1, 1)
+            async with http.post(server.url + "/api/admin/drain") as response:  # no body: the same drain
+                again = await response.json()
+                assert response.status == 202 and again["started_ms"] == first["started_ms"], again
+        await pat.request("leave")
+        await wait_until(lambda: server.proc.poll() is not None, timeout=30, message="the drained node exits")
+        assert server.proc.returncode == 0
+        assert "(POST /api/admin/drain by ops)" in server.log_text()
+    finally:
+        await pat.close()
+        server.stop()
