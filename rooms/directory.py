@@ -188,6 +188,10 @@ class RoomDirectory(Protocol):
         """Count one event for ``key`` in a 60 s sliding window shared by the cluster: None if
         allowed, else the seconds until the next would be."""
 
+    async def mark_once(self, key: str, ttl_s: float) -> bool:
+        """True for the first node to mark ``key`` within ``ttl_s`` seconds, False for every later
+        mark: something the cluster must do once (log a failed node's connection as closed)."""
+
     def job_lock(self, name: str, ttl_s: float, *, release: bool = True) -> AbstractAsyncContextManager[int | None]:
         """Hold the cluster-wide lock of job ``name`` for at most ``ttl_s``: yields its fencing
         token (larger at every take), or None when another node holds it (skip this run). With
@@ -210,6 +214,7 @@ class LocalDirectory:
         self._tokens = itertools.count(1)
         self._seen: dict[str, collections.deque[float]] = {}
         self._jobs: dict[str, tuple[int, float]] = {}  # name -> (token, held until)
+        self._marks: dict[str, float] = {}  # key -> marked until
 
     async def start(self, deliver: Callable[[Notice], None]) -> None:
         return None
@@ -267,6 +272,16 @@ class LocalDirectory:
             return max(0.0, times[0] + self.WINDOW_S - now)
         times.append(now)
         return None
+
+    async def mark_once(self, key: str, ttl_s: float) -> bool:
+        now = self.clock()
+        if len(self._marks) >= self.max_keys:
+            for k in [k for k, until in self._marks.items() if until <= now]:
+                del self._marks[k]
+        if self._marks.get(key, 0.0) > now:
+            return False
+        self._marks[key] = now + ttl_s
+        return True
 
     def job_lock(self, name: str, ttl_s: float, *, release: bool = True) -> AbstractAsyncContextManager[int | None]:
         return self._job_lock(name, ttl_s, release)

@@ -250,7 +250,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         directory = LocalDirectory(lease_s=config.cluster.lease_s)
     sinks: list[Callable[[Notice], None]] = []
     app[NOTICE_SINKS_KEY] = sinks
-    door, server = RelayDoor(hub.recorder), RelayServer(app)
+    door, server = RelayDoor(hub.recorder, directory), RelayServer(app)
     app[RELAY_DOOR_KEY], app[RELAY_SERVER_KEY] = door, server
 
     def deliver(notice: Notice) -> None:

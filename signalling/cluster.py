@@ -14,6 +14,8 @@ namespace (``openconsult:`` by default):
   lease's ``previous`` (that node stopped holding the room without releasing it).
 * ``rate:<key>`` — a sorted set of event times (a 60 s sliding window, Lua check-and-add).
 * ``job:<name>`` / ``jobfence:<name>`` — a scheduled job's lock and fencing counter.
+* ``once:<key>`` — ``SET NX PX``: the first node to mark ``key`` does the thing once for the
+  cluster (``once:nodefailure:<connection>``: one ``nodeFailure`` disconnect per connection).
 * channel ``notices`` — pub/sub of :class:`~rooms.directory.Notice` (JSON); each node skips its
   own (it delivered them locally before publishing). Channel ``inbox:<node>`` — notices for
   one node (relayed signalling).
@@ -379,6 +381,12 @@ class RedisDirectory:
         except (RedisError, OSError) as exc:
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
         return None if int(wait_ms) < 0 else int(wait_ms) / 1000
+
+    async def mark_once(self, key: str, ttl_s: float) -> bool:
+        try:
+            return bool(await self._redis.set(self._key("once", key), self.node_id, nx=True, px=int(ttl_s * 1000)))
+        except (RedisError, OSError) as exc:
+            raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
 
     def job_lock(self, name: str, ttl_s: float, *, release: bool = True) -> AbstractAsyncContextManager[int | None]:
         return self._job_lock(name, ttl_s, release)

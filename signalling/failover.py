@@ -88,6 +88,17 @@ def left_open(entries: Iterable[Mapping[str, Any]]) -> LeftOpen:
     return LeftOpen(connections, {s: c for s, c in streams.items() if c in connections})
 
 
+#: How long the cluster remembers that a connection was logged closed (``mark_once``).
+CLOSED_MARK_S: Final = 24 * 3600.0
+
+
+def closed_mark(connection_id: str) -> str:
+    """The ``mark_once`` key that makes one node of the cluster log ``connection_id``'s
+    ``nodeFailure`` disconnect (the door of a relayed connection and the node taking the room
+    over may both see it open)."""
+    return f"nodefailure:{connection_id}"
+
+
 #: The kinds :func:`left_open` reads.
 LEFT_OPEN_KINDS: Final = [str(k) for k in (EventKind.SERVER_DETECTED_CONNECT, EventKind.DISCONNECT,
                                            EventKind.STREAM_CREATED, EventKind.STREAM_DESTROYED)]
@@ -106,7 +117,7 @@ def failure_entries(session_id: str, previous: Holder, by_node: NodeId, found: L
          "connections": sorted(found.connections)})]
     reason = str(StreamDestroyedReason.NODE_FAILURE)
     for stream, cid in sorted(found.streams.items()):
-        out.append((EventKind.STREAM_DESTROYED, f"Stream destroyed: {found.connections[cid]}. Reason: {reason}",
+        out.append((EventKind.STREAM_DESTROYED, f"Stream destroyed: {found.connections.get(cid, cid)}. Reason: {reason}",
                     {"connection_id": cid, "stream_id": stream, "reason": reason, "detail": why}))
     for cid, name in sorted(found.connections.items()):
         out.append((EventKind.DISCONNECT,

@@ -556,11 +556,22 @@ class Hub:
                            session_id, previous.node, exc)
             entries = []
         found = failover.left_open(entries)
+        # The door of a relayed connection may have logged it closed already (one of the two does).
+        mine = {cid: name for cid, name in found.connections.items() if await self._mark_closed(cid)}
+        found = failover.LeftOpen(mine, found.streams)
         for kind, text, fields in failover.failure_entries(session_id, previous, lease.node, found):
             cid, stream = fields.pop("connection_id", None), fields.pop("stream_id", None)
             self.log(session_id, kind, text, connection_id=cid, stream_id=stream, **fields)
         logger.warning("room %s: node %s failed holding session %s; %d connections it left open logged as "
                        "nodeFailure", lease.room, previous.node, session_id, len(found.connections))
+
+    async def _mark_closed(self, connection_id: str) -> bool:
+        """Whether this node logs ``connection_id``'s ``nodeFailure`` disconnect (first in the
+        cluster to mark it; with Redis away, yes: a duplicate beats a connection never closed)."""
+        try:
+            return await self.directory.mark_once(failover.closed_mark(connection_id), failover.CLOSED_MARK_S)
+        except RoomsError:
+            return True
 
     async def lose_room(self, room: str) -> None:
         """Another node claimed ``room`` while this one was cut off or paused: close its clients

@@ -37,6 +37,7 @@ from metrics.recorder import Recorder
 from rooms.directory import NodeId, Notice, RoomDirectory, RoomOwnedElsewhere
 from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
+from signalling import failover
 from signalling.audit import join_sign_in
 from signalling.codec import SUBPROTOCOLS, Codec, error_response, response_error, response_ok, scrubbed
 from signalling.errors import (
@@ -519,9 +520,10 @@ class RelayDoor:
     """Door side: this node's sockets relayed to another node, by relay key. ``recorder``: where a
     relayed connection whose node was lost is logged as disconnected (``nodeFailure``)."""
 
-    def __init__(self, recorder: Recorder | None = None) -> None:
+    def __init__(self, recorder: Recorder | None = None, directory: RoomDirectory | None = None) -> None:
         self.links: dict[str, _DoorLink] = {}
         self.recorder = recorder
+        self.directory = directory
 
     def on_notice(self, notice: Notice) -> None:
         link = self.links.get(str(notice.data.get("conn", "")))
@@ -546,19 +548,18 @@ class RelayDoor:
                 self.links.pop(link.key, None)
                 link.end(CLOSE_NODE_LOST, "node lost")
 
-    @staticmethod
-    async def _log_lost(recorder: Recorder, link: _DoorLink) -> None:
+    async def _log_lost(self, recorder: Recorder, link: _DoorLink) -> None:
         """Log the relayed connection's disconnect (``nodeFailure``) unless the node that took the
-        room over logged it already (a shared event log)."""
-        try:
-            entries = await recorder.eventlog.events(link.session_id, kinds=[str(EventKind.DISCONNECT)])
-        except Exception as exc:  # logged anyway: a duplicate beats a connection never closed
-            logger.warning("relay: could not read session %s: %s", link.session_id, exc)
-            entries = []
+        room over did (one of the two does: ``mark_once``)."""
         logger.warning("relay: node %s lost; connection %s of session %s closed (1012)", link.node,
                        link.connection_id, link.session_id)
-        if any(e.get("connection_id") == link.connection_id for e in entries):
-            return
+        if self.directory is not None:
+            try:
+                if not await self.directory.mark_once(failover.closed_mark(link.connection_id),
+                                                      failover.CLOSED_MARK_S):
+                    return
+            except RoomsError:
+                pass  # logged anyway: a duplicate beats a connection never closed
         reason = DisconnectReason.NODE_FAILURE
         recorder.log(link.session_id, EventKind.DISCONNECT,
                      f"Server detected disconnect: {link.name}. Reason: {reason} (node {link.node} stopped)",

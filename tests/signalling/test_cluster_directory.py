@@ -175,6 +175,19 @@ async def test_a_draining_node_is_not_placed_and_a_lone_draining_node_refuses(
         await local.place()
 
 
+async def test_mark_once_is_true_for_one_node_only(pair: tuple[RedisDirectory, RedisDirectory, list[Notice]]) -> None:
+    a, b, _ = pair
+    results = await asyncio.gather(*(d.mark_once("nodefailure:c_1", 60) for d in (a, b, a, b)))
+    assert sorted(results) == [False, False, False, True]
+    assert await b.mark_once("nodefailure:c_2", 60) and not await a.mark_once("nodefailure:c_2", 60)
+    clock = [0.0]
+    local = LocalDirectory(NodeId("solo"), clock=lambda: clock[0], max_keys=2)
+    assert await local.mark_once("k", 10) and not await local.mark_once("k", 10)
+    clock[0] = 10.0
+    assert await local.mark_once("k", 10)  # the mark lapsed
+    assert await local.mark_once("j", 10) and await local.mark_once("i", 10)  # bounded: lapsed ones go
+
+
 async def _pttl_below(d: RedisDirectory, key: str, ms: int) -> bool:
     return 0 < int(await d._redis.pttl(key)) < ms
 
