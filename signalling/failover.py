@@ -13,7 +13,8 @@ expired: that node was killed, crashed or paused) logs, under the room's previou
 ``nodeFailure`` entry naming the lost node and a ``disconnect`` (reason ``nodeFailure``) for each
 connection the log still shows open there (:func:`left_open`). With a shared event log
 (PostgreSQL) that is every connection the lost node held; with SQLite per node, those this node
-logged.
+logged. The door of a relayed connection logs it too when it finds the owner lost; whichever of
+the two marks it first in the cluster (:func:`closed_mark`) logs it, so it is closed once.
 """
 
 from __future__ import annotations

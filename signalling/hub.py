@@ -17,6 +17,11 @@ A guest (role ``guest``: a relative or an interpreter the clinician added) joins
 consultation's room, so the consultation's session id; at join the workflow's ``guest_check``
 says whether that link still works (not removed, the consultation not over). ``kick`` removes a
 connection from its call (``forceDisconnected``), e.g. a guest the clinician removed.
+
+Cluster (``signalling.failover``): a draining node refuses a join for a room new here
+(``draining``); a claim that takes a room over from a failed node logs that failure before any
+join it serves; a room another node claimed meanwhile is given up (``lose_room``: its clients
+here are closed 1012, reason ``nodeFailure``).
 """
 
 from __future__ import annotations
