@@ -201,16 +201,16 @@ class Hub:
         if claims.role is Role.GUEST:
             await self._check_guest(client, claims)
         planned = self._planned_session(claims)
-        if claims.room not in self.leases:
+        pending = self.claiming.get(claims.room)
+        if pending is None and claims.room not in self.leases:
             if self.draining:
                 raise NodeDraining("this node is draining: it finishes its calls and takes no new room; "
                                    "join through another node")
             # A room new here: own it in the cluster first, so it lives on one node only
             # (RoomOwnedElsewhere: the edge relays the join to the owner; DirectoryUnavailable).
-            pending = self.claiming.get(claims.room)
-            if pending is None:
-                pending = self.claiming[claims.room] = asyncio.ensure_future(self._claim(claims.room, planned))
-                pending.add_done_callback(self._claimed)
+            pending = self.claiming[claims.room] = asyncio.ensure_future(self._claim(claims.room, planned))
+            pending.add_done_callback(self._claimed)
+        if pending is not None:  # a claim in progress (ours or a racing join's): wait for it
             planned = await asyncio.shield(pending)
         session, created = self.registry.session_for_room(claims.room, planned)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
@@ -562,7 +562,8 @@ class Hub:
             entries = []
         found = failover.left_open(entries)
         # The door of a relayed connection may have logged it closed already (one of the two does).
-        mine = {cid: name for cid, name in found.connections.items() if await self._mark_closed(cid)}
+        mine = {cid: name for cid, name in found.connections.items()
+                if cid not in self.clients and await self._mark_closed(cid)}
         found = failover.LeftOpen(mine, found.streams)
         for kind, text, fields in failover.failure_entries(session_id, previous, lease.node, found):
             cid, stream = fields.pop("connection_id", None), fields.pop("stream_id", None)

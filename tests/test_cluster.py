@@ -389,6 +389,7 @@ async def test_drain_a_node_new_rooms_go_elsewhere_its_call_ends_then_it_exits_0
         before = len(sub.received.frames)
         await wait_until(lambda: len(sub.received.frames) > before + 30, timeout=30, message="the held call goes on")
         await d.close()
+        await p.client.wait_event("connectionDestroyed", connection__name="Doc")  # the server saw it go
         d = Participant(drained.server.ws_url, "Doc")
         await d.client.connect()
         rejoined = await d.client.join(drained.tokens.mint("c-held", Role.CLINICIAN, "Doc", consultation="c-held"))

@@ -86,8 +86,9 @@ SECRET = "failover-test-secret-0123456789abcdef"
 async def test_the_node_taking_over_logs_the_failure_once_before_the_rejoins(
         tmp_path: Path, redis_srv: RedisServer) -> None:
     """Node A holds a consultation's room with Pat and Doc and dies (stops renewing, never
-    releases). Both rejoin through node B at once: B logs one ``nodeFailure`` entry naming A,
-    closes A's two connections as ``nodeFailure``, then the rejoins, under the same session id."""
+    releases). Both rejoin through node B at once, and Gus joins while B logs the takeover: B logs
+    one ``nodeFailure`` entry naming A and closes A's two connections as ``nodeFailure`` before any
+    of the three joins, all under the same session id."""
     ns = f"t{uuid.uuid4().hex[:8]}:"
     tokens = TokenAuthority("HS256", SECRET, SECRET, leeway_s=30)
     eventlog = EventLog(tmp_path / "events.sqlite3")  # shared by both nodes, as PostgreSQL would be
@@ -116,9 +117,15 @@ async def test_the_node_taking_over_logs_the_failure_once_before_the_rejoins(
                 except RoomOwnedElsewhere:
                     await asyncio.sleep(0.05)
 
-        joined = await asyncio.wait_for(asyncio.gather(rejoin(again[0], Role.PATIENT, "Pat"),
-                                                       rejoin(again[1], Role.CLINICIAN, "Doc")), timeout=10)
-        assert [j["session_id"] for j in joined] == [room, room]
+        racing = asyncio.gather(rejoin(again[0], Role.PATIENT, "Pat"), rejoin(again[1], Role.CLINICIAN, "Doc"))
+        # A third joins while B, having claimed the room, is still logging the failure.
+        while not (room in hub_b.leases and room in hub_b.claiming):
+            await asyncio.sleep(0)
+        again.append(Client(lambda m: None))
+        late = rejoin(again[2], Role.CLINICIAN, "Gus")
+        joined = await asyncio.wait_for(asyncio.gather(racing, late), timeout=10)
+        joined = [*joined[0], joined[1]]
+        assert [j["session_id"] for j in joined] == [room, room, room]
         await eventlog.flush(timeout=5)
         events = await eventlog.events(room, kinds=[str(k) for k in EventKind])
         failures = [e for e in events if e["kind"] == EventKind.NODE_FAILURE]
@@ -132,7 +139,7 @@ async def test_the_node_taking_over_logs_the_failure_once_before_the_rejoins(
         new = {j["connection_id"] for j in joined}
         connects = [i for i, e in enumerate(events)
                     if e["kind"] == EventKind.SERVER_DETECTED_CONNECT and e["connection_id"] in new]
-        assert len(connects) == 2 and min(connects) > max(events.index(e) for e in (*failures, *closed))
+        assert len(connects) == 3 and min(connects) > max(events.index(e) for e in (*failures, *closed))
     finally:
         for client in again if "again" in locals() else []:
             await hub_b.disconnect(client, DisconnectReason.CLIENT_DISCONNECTED)
