@@ -56,6 +56,7 @@ class FindingType(StrEnum):
     HUNG_UP = "hung_up"
     NETWORK_LOST = "network_lost"
     SERVER_SHUTDOWN = "server_shutdown"
+    NODE_FAILURE = "node_failure"
     PHONE_FALLBACK = "phone_fallback"
     ABANDONED = "abandoned"
     TRANSFERRED = "transferred"
@@ -483,6 +484,57 @@ def endings(view: SessionView) -> list[Finding]:
     return found
 
 
+def node_failure(view: SessionView) -> list[Finding]:
+    """A server node holding the call stopped (``nodeFailure`` entries and disconnects): who was
+    cut off, and whether and how soon each rejoined (through another node, same user)."""
+    lost: dict[str, dict[str, Any]] = {}  # node -> {"stop": ms, "cids": [...], "seqs": [...]}
+
+    def record(node: str, at: int, seq: int, cids: Iterable[str]) -> None:
+        item = lost.setdefault(node, {"stop": at, "cids": [], "seqs": []})
+        item["stop"] = min(item["stop"], at)
+        item["cids"].extend(c for c in cids if c not in item["cids"])
+        item["seqs"].append(seq)
+
+    for e in view.by_kind(EventKind.NODE_FAILURE):
+        p = _payload(e)
+        seen = _num(p.get("last_seen_ms"))
+        cids = [str(c) for c in p.get("connections") or () if isinstance(c, str)]
+        record(str(p.get("node") or "?"), int(seen) if seen and seen > 0 else _t(e), _seq(e), cids)
+    for e in view.by_kind(EventKind.DISCONNECT):
+        p = _payload(e)
+        if p.get("reason") == "nodeFailure":
+            record(str(p.get("node") or "?"), _t(e), _seq(e), [str(e.get("connection_id") or "")])
+    found = []
+    for node, item in lost.items():
+        stop = int(item["stop"])
+        came_back: list[tuple[str, int | None]] = []
+        missing: list[tuple[str, int | None]] = []
+        for cid in item["cids"]:
+            gone = view.participants.get(cid)
+            who = (gone.user or gone.name) if gone is not None else ""
+            again = sorted((q.joined_ms for q in view.participants.values()
+                            if who and q.connection_id != cid and (q.user or q.name) == who
+                            and q.joined_ms is not None and q.joined_ms >= stop))
+            (came_back if again else missing).append((view.name(cid), again[0] if again else None))
+        if not came_back and not missing:
+            continue
+        names = [n for n, _ in came_back]
+        who_back = ("both participants" if len(names) == 2 and not missing
+                    else "all participants" if len(names) > 2 and not missing else " and ".join(names))
+        cause = f"The server node holding this call ({node}) stopped"
+        until = max([stop, *(t for _, t in came_back if t is not None)])
+        if came_back:
+            cause += f"; {who_back} rejoined through another node after {_duration(until - stop)}"
+        if missing:
+            cause += f"; {' and '.join(n for n, _ in missing)} did not rejoin"
+        found.append(Finding(
+            FindingType.NODE_FAILURE, Severity.PROBLEM if missing else Severity.WARNING, cause + ".",
+            (f"Call {' and '.join(n for n, _ in missing)} back; their link still works. " if missing else "")
+            + f"Check why node {node} stopped (its logs and host at that time).",
+            from_ms=stop, until_ms=until, entries=sorted(item["seqs"])))
+    return found
+
+
 def workflow_outcomes(view: SessionView) -> list[Finding]:
     found = []
     for e in view.entries:
@@ -556,7 +608,8 @@ def _reconnect_finding(view: SessionView, cid: str, name: str, n: int, seqs: lis
 #: Every rule, in the order its findings are listed within one severity.
 RULES: Final[Sequence[Callable[[SessionView], list[Finding]]]] = (
     never_opened_link, link_refused, never_joined, devices, ice_failed, never_published, one_way_media,
-    audio_only, low_bitrate, network_impairments, frozen_video, endings, workflow_outcomes, reconnected,
+    audio_only, low_bitrate, network_impairments, frozen_video, endings, node_failure, workflow_outcomes,
+    reconnected,
 )
 
 

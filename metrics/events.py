@@ -27,6 +27,9 @@ class EventKind(StrEnum):
     SUCCESSFULLY_JOINED = "successfullyJoined"
     TOKEN_REJECTED = "tokenRejected"
     DISCONNECT = "disconnect"  # payload: {"reason": DisconnectReason}
+    # The server node holding the call stopped without releasing it; logged by the node that took
+    # the room over. payload: {"node", "last_seen_ms", "by_node", "connections"}
+    NODE_FAILURE = "nodeFailure"
     # Publishing
     PUBLISH_ATTEMPT = "publishAttempt"
     PUBLISH_SUCCESS = "publishSuccess"

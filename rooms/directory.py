@@ -14,7 +14,13 @@ The model:
   gets a fencing token, strictly increasing per room, so a node that lost its lease (paused, cut
   off) and comes back cannot act on a newer owner's room: renew and release check the token.
 * **Placement.** A new room goes to a lightly loaded node: :func:`pick_node` draws two live nodes
-  at random and takes the less loaded (the power of two choices).
+  at random and takes the less loaded (the power of two choices). A *draining* node (its heartbeat
+  says so) takes no new room: placement skips it, and a join for a new room it receives is relayed
+  to the node placement picks (or refused with :class:`NodeDraining` when no other node lives).
+* **Holders.** A claim also records the room's *holder* (node, session id, last renewal), kept
+  until the room is released. A claim that finds a holder but no lease knows the previous node
+  stopped holding the room without releasing it (killed, crashed, paused past its lease): the
+  lease carries that :class:`Holder` as ``previous`` so the new owner can log the node failure.
 * **Notices.** What a node must tell clients it may not hold (queue updates, positions, admitted,
   chat, announcements) is a :class:`Notice`: the node delivers it to the sockets it holds, then
   publishes it to the other nodes, which do the same (so one node alone behaves as before).
@@ -55,6 +61,12 @@ class DirectoryUnavailable(RoomsError):
     code: ClassVar[str] = "cluster_unavailable"
 
 
+class NodeDraining(RoomsError):
+    """This node is draining (it takes no new room) and no other node can take the room."""
+
+    code: ClassVar[str] = "draining"
+
+
 class RoomOwnedElsewhere(RoomsError):
     """The room is held by another live node."""
 
@@ -73,17 +85,30 @@ class NodeLoad:
     rooms: int = 0
     calls: int = 0
     cpu: float = 0.0  # share of one core used by this process since the last beat, 0..n
+    #: The node is draining: it finishes its calls and takes no new room.
+    draining: bool = False
 
     def weight(self) -> float:
         """One number to compare nodes by: calls weigh most, then rooms, then CPU."""
         return self.calls * 4 + self.rooms + self.cpu * 10
 
     def to_json(self) -> dict[str, Any]:
-        return {"rooms": self.rooms, "calls": self.calls, "cpu": self.cpu}
+        return {"rooms": self.rooms, "calls": self.calls, "cpu": self.cpu, "draining": self.draining}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> NodeLoad:
-        return cls(int(data.get("rooms", 0)), int(data.get("calls", 0)), float(data.get("cpu", 0.0)))
+        return cls(int(data.get("rooms", 0)), int(data.get("calls", 0)), float(data.get("cpu", 0.0)),
+                   data.get("draining") is True)
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who held a room last: ``node``, the room's ``session`` id there (empty if not known yet)
+    and when the node last renewed the lease (UTC ms)."""
+
+    node: NodeId
+    session: str = ""
+    renewed_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +118,9 @@ class RoomLease:
     room: str
     node: NodeId
     token: int
+    #: The node that held the room before without releasing it (it failed), if any; only the
+    #: claim that took the room over carries it (not part of the lease's identity).
+    previous: Holder | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +134,11 @@ class Notice:
 
 
 def pick_node(loads: Mapping[NodeId, NodeLoad], rng: random.Random | None = None) -> NodeId | None:
-    """Two random choices, least loaded wins (ties: the smaller id). None without a node."""
-    if not loads:
+    """Two random choices among the nodes not draining, least loaded wins (ties: the smaller id).
+    None without such a node."""
+    nodes = sorted(n for n, load in loads.items() if not load.draining)
+    if not nodes:
         return None
-    nodes = sorted(loads)
     r = rng or random
     a, b = (nodes[0], nodes[0]) if len(nodes) == 1 else tuple(r.sample(nodes, 2))
     return min((a, b), key=lambda n: (loads[n].weight(), n))
@@ -132,8 +161,9 @@ class RoomDirectory(Protocol):
     async def nodes(self) -> dict[NodeId, NodeLoad]:
         """Live nodes and their last load."""
 
-    async def claim(self, room: str) -> RoomLease:
-        """Own ``room`` (or keep owning it): the lease, or :class:`RoomOwnedElsewhere`."""
+    async def claim(self, room: str, session: str = "") -> RoomLease:
+        """Own ``room`` (or keep owning it) for session ``session``: the lease (with the failed
+        previous holder, if any), or :class:`RoomOwnedElsewhere`."""
 
     def held(self) -> set[str]:
         """The rooms whose lease this node holds (as of its last heartbeat)."""
@@ -145,7 +175,8 @@ class RoomDirectory(Protocol):
         """Give the room up; False if the lease was no longer ours (expired, claimed since)."""
 
     async def place(self) -> NodeId:
-        """The node a new room should go to (two random choices over live nodes)."""
+        """The node a new room should go to (two random choices over live nodes not draining);
+        :class:`NodeDraining` if that is none but this node, and this node drains."""
 
     async def publish(self, notice: Notice) -> None:
         """Send ``notice`` to every other node (the caller delivered it here)."""
@@ -156,6 +187,10 @@ class RoomDirectory(Protocol):
     async def rate_limit(self, key: str, per_minute: int) -> float | None:
         """Count one event for ``key`` in a 60 s sliding window shared by the cluster: None if
         allowed, else the seconds until the next would be."""
+
+    async def mark_once(self, key: str, ttl_s: float) -> bool:
+        """True for the first node to mark ``key`` within ``ttl_s`` seconds, False for every later
+        mark: something the cluster must do once (log a failed node's connection as closed)."""
 
     def job_lock(self, name: str, ttl_s: float, *, release: bool = True) -> AbstractAsyncContextManager[int | None]:
         """Hold the cluster-wide lock of job ``name`` for at most ``ttl_s``: yields its fencing
@@ -179,6 +214,7 @@ class LocalDirectory:
         self._tokens = itertools.count(1)
         self._seen: dict[str, collections.deque[float]] = {}
         self._jobs: dict[str, tuple[int, float]] = {}  # name -> (token, held until)
+        self._marks: dict[str, float] = {}  # key -> marked until
 
     async def start(self, deliver: Callable[[Notice], None]) -> None:
         return None
@@ -192,7 +228,7 @@ class LocalDirectory:
     async def nodes(self) -> dict[NodeId, NodeLoad]:
         return {self.node_id: self.load}
 
-    async def claim(self, room: str) -> RoomLease:
+    async def claim(self, room: str, session: str = "") -> RoomLease:
         lease = self.leases.get(room)
         if lease is None:
             lease = self.leases[room] = RoomLease(room, self.node_id, next(self._tokens))
@@ -211,6 +247,9 @@ class LocalDirectory:
         return True
 
     async def place(self) -> NodeId:
+        if self.load.draining:
+            raise NodeDraining("this node is draining (it finishes its calls and takes no new room) and there is "
+                               "no other node (no redis_url)")
         return self.node_id
 
     async def publish(self, notice: Notice) -> None:
@@ -233,6 +272,16 @@ class LocalDirectory:
             return max(0.0, times[0] + self.WINDOW_S - now)
         times.append(now)
         return None
+
+    async def mark_once(self, key: str, ttl_s: float) -> bool:
+        now = self.clock()
+        if len(self._marks) >= self.max_keys:
+            for k in [k for k, until in self._marks.items() if until <= now]:
+                del self._marks[k]
+        if self._marks.get(key, 0.0) > now:
+            return False
+        self._marks[key] = now + ttl_s
+        return True
 
     def job_lock(self, name: str, ttl_s: float, *, release: bool = True) -> AbstractAsyncContextManager[int | None]:
         return self._job_lock(name, ttl_s, release)

@@ -44,6 +44,9 @@ class DisconnectReason(StrEnum):
     #: The client did not read what the server sent it (a write waited past
     #: ``server.write_timeout_s`` or its send queue overflowed).
     SLOW_CONSUMER = "slowConsumer"
+    #: The server node holding the call stopped (killed, crashed, paused past its lease) or lost
+    #: the room to another node: logged by a node that saw it happen, never by the node itself.
+    NODE_FAILURE = "nodeFailure"
 
 
 class StreamDestroyedReason(StrEnum):
@@ -54,6 +57,7 @@ class StreamDestroyedReason(StrEnum):
     FORCE_DISCONNECTED = "forceDisconnected"
     SERVER_SHUTDOWN = "serverShutdown"
     SLOW_CONSUMER = "slowConsumer"
+    NODE_FAILURE = "nodeFailure"
     MEDIA_STOPPED = "mediaStopped"
     FORCE_UNPUBLISHED = "forceUnpublished"
 

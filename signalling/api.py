@@ -1,4 +1,4 @@
-"""HTTP endpoints: health, the inspector API (support/admin tokens), the demo
+"""HTTP endpoints: health, draining a node (POST /api/admin/drain, admin tokens), the inspector API (support/admin tokens), the demo
 token endpoint, the pre-call test's token (POST /api/precall/token) and page (/test), the tab-closed beacon (POST /api/client-events), Prometheus metrics and the
 static pages."""
 
@@ -25,6 +25,7 @@ from signalling import __version__
 from signalling.audit import CLAIMS_KEY, TOKEN_DIGEST_KEY, audit_lookup, token_digest
 from signalling.auth import ROOM_PATTERN, Claims
 from signalling.client_reports import BEACON_MAX_BYTES, ReportLimiter, validate_beacon
+from signalling.failover import DRAIN_KEY
 from signalling.errors import (
     Forbidden,
     InvalidMessage,
@@ -55,7 +56,7 @@ STATUS = {
     "invalid_message": 400, "invalid_input": 400, "unauthorized": 401, "token_expired": 401,
     "token_not_yet_valid": 401, "room_mismatch": 403, "forbidden": 403, "not_found": 404, "invalid_state": 409,
     "conflict": 409, "too_early": 409, "too_late": 409, "message_too_large": 413, "rate_limited": 429,
-    "over_capacity": 503, "codec_not_supported": 415, "cluster_unavailable": 503,
+    "over_capacity": 503, "codec_not_supported": 415, "cluster_unavailable": 503, "draining": 503,
 }
 
 
@@ -102,10 +103,12 @@ def inspector_claims(request: web.Request) -> Claims:
 
 
 def node_health(app: web.Application) -> dict[str, Any]:
-    """This process's /healthz body."""
+    """This process's /healthz body: ``status`` ok, or draining while the node drains."""
     hub = app[HUB_KEY]
+    drain = app.get(DRAIN_KEY)
+    draining = drain is not None and drain.active
     return {
-        "status": "ok", "version": __version__,
+        "status": "draining" if draining else "ok", "version": __version__,
         "uptime_s": round(time.monotonic() - app[STARTED_KEY], 1),
         # len() of the hub's joined clients: O(1), where summing over sessions cost a few ms at 10k sockets.
         "rooms": len(hub.registry.sessions), "connections": len(hub.clients),
@@ -113,10 +116,32 @@ def node_health(app: web.Application) -> dict[str, Any]:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 ``ok``; 503 ``draining`` while the node drains (a load balancer sends it no new client)."""
     worker = request.app.get(WORKER_KEY)
     if worker is not None:  # serve --workers: every worker of the host (signalling/worker.py)
         return web.json_response(await worker.host_health())
-    return web.json_response(node_health(request.app))
+    body = node_health(request.app)
+    return web.json_response(body, status=503 if body["status"] == "draining" else 200)
+
+
+#: Who may drain a node: it is an operator's act, not a clinical one.
+DRAIN_ROLES = (Role.ADMIN,)
+#: Bounds of a drain's ``deadline_s`` (seconds).
+DRAIN_DEADLINE_MAX_S = 86_400
+
+
+async def admin_drain(request: web.Request) -> web.Response:
+    """Start draining this node (as SIGTERM does under ``serve --drain``): 202 with its status;
+    again while draining: the same drain's status."""
+    claims = bearer_claims(request, DRAIN_ROLES)
+    body = await json_body(request) if request.can_read_body else {}
+    deadline = body.get("deadline_s")
+    if deadline is not None and (isinstance(deadline, bool) or not isinstance(deadline, (int, float))
+                                 or not 1 <= deadline <= DRAIN_DEADLINE_MAX_S):
+        raise InvalidMessage(f'"deadline_s" must be a number of seconds, 1-{DRAIN_DEADLINE_MAX_S}')
+    status = request.app[DRAIN_KEY].start(f"POST /api/admin/drain by {claims.sub}",
+                                          None if deadline is None else float(deadline))
+    return web.json_response(status, status=202)
 
 
 async def session_events(request: web.Request) -> web.Response:
@@ -378,6 +403,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/inspector", inspector)
     app.router.add_get("/healthz", healthz)
+    app.router.add_post("/api/admin/drain", admin_drain)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/sessions", sessions)
     app.router.add_get("/api/sessions/{session_id}/events", session_events)

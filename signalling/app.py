@@ -33,6 +33,7 @@ from signalling.auth import TokenAuthority
 from signalling.backoffice_api import add_backoffice_routes
 from signalling.cluster import DIRECTORY_KEY, NOTICE_SINKS_KEY, RedisDirectory
 from signalling.config import Config, ConfigError
+from signalling.failover import DRAIN_KEY, Drain
 from signalling.hub import Hub
 from signalling.keys import (
     CONFIG_KEY,
@@ -241,7 +242,8 @@ async def _media_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def _node_load(hub: Hub, cpu: float) -> NodeLoad:
     sessions = list(hub.registry.sessions.values())
-    return NodeLoad(rooms=len(sessions), calls=sum(1 for s in sessions if len(s.connections) >= 2), cpu=round(cpu, 3))
+    return NodeLoad(rooms=len(sessions), calls=sum(1 for s in sessions if len(s.connections) >= 2), cpu=round(cpu, 3),
+                    draining=hub.draining)
 
 
 def _export_cluster(hub: Hub, directory: RoomDirectory | None, door: RelayDoor, server: RelayServer,
@@ -272,7 +274,7 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
         directory = LocalDirectory(lease_s=config.cluster.lease_s)
     sinks: list[Callable[[Notice], None]] = []
     app[NOTICE_SINKS_KEY] = sinks
-    door, server = RelayDoor(), RelayServer(app)
+    door, server = RelayDoor(hub.recorder, directory), RelayServer(app)
     app[RELAY_DOOR_KEY], app[RELAY_SERVER_KEY] = door, server
 
     def deliver(notice: Notice) -> None:
@@ -291,6 +293,21 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     logger.info("cluster: node %s (%s)", directory.node_id,
                 "Redis directory" if config.redis_url else "one node, no Redis")
     stop = asyncio.Event()
+    beats: set[asyncio.Task[None]] = set()
+
+    def announce_drain() -> None:
+        """Refuse new rooms now, and tell the cluster now rather than at the next beat."""
+        hub.draining = True
+        if isinstance(directory, LocalDirectory):
+            directory.load = _node_load(hub, 0.0)
+            return
+        task = asyncio.get_running_loop().create_task(_beat_once(directory, _node_load(hub, 0.0)))
+        beats.add(task)
+        task.add_done_callback(beats.discard)
+
+    drain = Drain(directory.node_id, lambda: (len(hub.registry.sessions), len(hub.clients) + len(door.links)),
+                  announce_drain, config.cluster.drain_timeout_s)
+    app[DRAIN_KEY] = drain
 
     async def beat() -> None:
         wall, cpu = time.monotonic(), time.process_time()
@@ -305,10 +322,12 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
             try:
                 await directory.heartbeat(_node_load(hub, share))
                 for room in set(hub.leases) - directory.held():
-                    # Claimed by another node while this one was cut off: new joins and publishes
-                    # for it go to that node from now on.
+                    # Claimed by another node while this one was cut off or paused: its clients
+                    # here are closed (1012) and rejoin on that node, so the room is held once.
                     hub.leases.pop(room, None)
-                    logger.warning("cluster: room %s now belongs to another node", room)
+                    logger.warning("cluster: room %s now belongs to another node; closing its connections here "
+                                   "(1012)", room)
+                    await hub.lose_room(room)
                 live = set(await directory.nodes())
                 prom.CLUSTER_NODES.set(len(live))
                 if door.links or server.conns:
@@ -323,8 +342,17 @@ async def _cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         stop.set()
         await task
+        await drain.close()
+        await asyncio.gather(*beats, return_exceptions=True)
         await directory.close()
         _export_cluster(hub, None, door, server, bool(config.redis_url))
+
+
+async def _beat_once(directory: RoomDirectory, load: NodeLoad) -> None:
+    try:
+        await directory.heartbeat(load)
+    except DirectoryUnavailable:
+        pass  # the heartbeat loop retries
 
 
 async def _workflow_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='run N worker processes (or "auto": one per core) behind one port, each a node of '
                             "the cluster in redis_url (required); without it: one process (see docs/operations.md)")
     serve.add_argument("--worker-spec", type=_worker_spec, help=argparse.SUPPRESS)  # set by the supervisor
+    serve.add_argument("--drain", action="store_true",
+                       help="SIGTERM drains the node (no new rooms; exit once its calls end, at most "
+                            "cluster.drain_timeout_s) instead of stopping it; a second SIGTERM stops it")
     token = sub.add_parser("token", help="print a signed join token")
     token.add_argument("--room", required=True)
     token.add_argument("--role", required=True, choices=[r.value for r in Role])
@@ -138,6 +141,9 @@ def _supervise(args: argparse.Namespace, config: Any) -> int:
             print(f"openconsult: {message}", file=sys.stderr)
         return 2
 
+    if args.drain:
+        return refuse("--drain is for one node; with --workers, drain the host by stopping the supervisor "
+                      "after its load balancer stopped sending it clients (see docs/operations.md)")
     try:
         check_worker_config(config, args.workers)
         # The generated secret (if any) is written once here, not raced by the workers.
@@ -204,6 +210,10 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
         else:
             print(f"openconsult: {who}{exc}", file=sys.stderr)
         return 2
+    if args.drain:
+        from signalling.failover import drain_on_sigterm
+
+        drain_on_sigterm(app)
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
     if json_logs:  # every line a log collector reads is a JSON object

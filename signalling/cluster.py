@@ -8,9 +8,14 @@ namespace (``openconsult:`` by default):
 * ``room:<room>`` — ``<node>|<token>``, the room's lease: claimed with ``SET NX PX`` (atomic:
   one winner), renewed and released only by a caller that presents the same value (Lua compare
   then act), so a node that lost its lease cannot touch the next owner's. ``fence:<room>`` is
-  the room's fencing counter (``INCR``: every claim gets a larger token).
+  the room's fencing counter (``INCR``: every claim gets a larger token). ``holder:<room>`` —
+  ``<node>|<token>|<renewed ms>|<session>``, who holds the room, written at claim and renewal and
+  deleted at release (it lives a day): a claim that finds it with no lease returns it as the
+  lease's ``previous`` (that node stopped holding the room without releasing it).
 * ``rate:<key>`` — a sorted set of event times (a 60 s sliding window, Lua check-and-add).
 * ``job:<name>`` / ``jobfence:<name>`` — a scheduled job's lock and fencing counter.
+* ``once:<key>`` — ``SET NX PX``: the first node to mark ``key`` does the thing once for the
+  cluster (``once:nodefailure:<connection>``: one ``nodeFailure`` disconnect per connection).
 * channel ``notices`` — pub/sub of :class:`~rooms.directory.Notice` (JSON); each node skips its
   own (it delivered them locally before publishing). Channel ``inbox:<node>`` — notices for
   one node (relayed signalling).
@@ -38,6 +43,8 @@ from redis.exceptions import RedisError
 from metrics import prometheus as prom
 from rooms.directory import (
     DirectoryUnavailable,
+    Holder,
+    NodeDraining,
     NodeId,
     NodeLoad,
     Notice,
@@ -50,37 +57,57 @@ from rooms.directory import (
 
 logger = logging.getLogger(__name__)
 
-#: Claim: SET NX PX with a fresh fencing token; if the room is already ours, renew it.
-#: Returns {owner, token} (token 0 when another node holds it).
+#: Claim: SET NX PX with a fresh fencing token and record the holder; if the room is already
+#: ours, renew it. Returns {owner, token, previous holder} (token 0 when another node holds it;
+#: previous holder '' unless the room was vacant but its last holder never released it).
 _CLAIM_LUA: Final = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local node, tok = string.match(cur, '^(.*)|(%d+)$')
   if node == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {node, tonumber(tok)}
+    return {node, tonumber(tok), ''}
   end
-  return {node or '', 0}
+  return {node or '', 0, ''}
 end
+local prev = redis.call('GET', KEYS[3]) or ''
 local tok = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. tok, 'NX', 'PX', ARGV[2])
-return {ARGV[1], tok}
+redis.call('SET', KEYS[3], ARGV[1] .. '|' .. tok .. '|' .. ARGV[3] .. '|' .. ARGV[4], 'PX', ARGV[5])
+return {ARGV[1], tok, prev}
 """
 
 #: Renew (or re-assert after an outage) a lease only if it is still exactly ours or vacant and
-#: our token is still the latest: 1 renewed, 0 lost.
+#: our token is still the latest, and refresh its holder record: 1 renewed, 0 lost.
 _RENEW_LUA: Final = """
 local cur = redis.call('GET', KEYS[1])
 if cur == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not cur and tonumber(redis.call('GET', KEYS[2]) or '0') <= tonumber(ARGV[3]) then
+elseif not cur and tonumber(redis.call('GET', KEYS[2]) or '0') <= tonumber(ARGV[3]) then
   redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
-  return 1
+else
+  return 0
+end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+return 1
+"""
+
+#: Release a room: delete its lease if it holds the caller's value, and its holder record if it
+#: is the caller's (even once the lease expired: the room was given up, not lost).
+_RELEASE_ROOM_LUA: Final = """
+local h = redis.call('GET', KEYS[2])
+if h and string.sub(h, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+  redis.call('DEL', KEYS[2])
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+
+#: How long a holder record outlives its last renewal: a room nobody rejoins within it is
+#: forgotten without a node-failure entry.
+HOLDER_TTL_MS: Final = 24 * 3600 * 1000
 
 #: Delete a key only if it holds the caller's value.
 _RELEASE_LUA: Final = """
@@ -107,6 +134,15 @@ return -1
 
 WINDOW_MS: Final = 60_000
 
+
+def parse_holder(raw: object) -> Holder | None:
+    """A holder record (``<node>|<token>|<renewed ms>|<session>``), None if empty or malformed."""
+    text = _text(raw) if raw else ""
+    node, token, renewed, session = (text.split("|", 3) + ["", "", "", ""])[:4]
+    if not node or not token.isdigit() or not renewed.isdigit():
+        return None
+    return Holder(NodeId(node), session, int(renewed))
+
 #: The room directory: ``LocalDirectory`` for one node, :class:`RedisDirectory` with ``redis_url``.
 DIRECTORY_KEY: Final = web.AppKey("directory", RoomDirectory)
 #: Who hears other nodes' notices (the workflow and the relay add themselves).
@@ -132,11 +168,16 @@ class RedisDirectory:
         self._claim = self._redis.register_script(_CLAIM_LUA)
         self._renew = self._redis.register_script(_RENEW_LUA)
         self._release = self._redis.register_script(_RELEASE_LUA)
+        self._release_room = self._redis.register_script(_RELEASE_ROOM_LUA)
         self._rate = self._redis.register_script(_RATE_LUA)
         #: Leases this node holds, by room.
         self.leases: dict[str, RoomLease] = {}
         #: Rooms whose lease this node found taken by another at renewal (newest last, bounded).
         self.lost: list[str] = []
+        #: The session id each held room runs under here (for its holder record).
+        self.sessions: dict[str, str] = {}
+        #: This node's last heartbeat said it drains.
+        self.draining = False
         self._deliver: Callable[[Notice], None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._closed = False
@@ -226,16 +267,22 @@ class RedisDirectory:
         """Register with ``load`` and renew (or re-assert) every lease; a lease found taken by
         another node is dropped (recorded in :attr:`lost`)."""
         body = json.dumps({**load.to_json(), "address": self.address, "at": time.time()})
+        self.draining = load.draining
+        now_ms = int(time.time() * 1000)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(self._key("node", self.node_id), body, px=self._lease_ms)
                 pipe.sadd(self._key("nodes"), self.node_id)
                 await pipe.execute()
             for room, lease in list(self.leases.items()):
-                ok = await self._renew(keys=[self._key("room", room), self._key("fence", room)],
-                                       args=[f"{lease.node}|{lease.token}", self._lease_ms, lease.token])
+                holder = f"{lease.node}|{lease.token}|{now_ms}|{self.sessions.get(room, '')}"
+                ok = await self._renew(keys=[self._key("room", room), self._key("fence", room),
+                                             self._key("holder", room)],
+                                       args=[f"{lease.node}|{lease.token}", self._lease_ms, lease.token, holder,
+                                             HOLDER_TTL_MS])
                 if not ok and self.leases.get(room) == lease:
                     del self.leases[room]
+                    self.sessions.pop(room, None)
                     self.lost = [*self.lost[-99:], room]
                     prom.CLUSTER_LEASES_LOST.inc()
                     logger.warning("cluster: node %s lost the lease of room %s (token %d)", self.node_id, room,
@@ -266,10 +313,11 @@ class RedisDirectory:
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
         return {NodeId(i): NodeLoad.from_json(json.loads(b)) for i, b in zip(ids, bodies) if b is not None}
 
-    async def claim(self, room: str) -> RoomLease:
+    async def claim(self, room: str, session: str = "") -> RoomLease:
         try:
-            owner, token = await self._claim(keys=[self._key("room", room), self._key("fence", room)],
-                                             args=[self.node_id, self._lease_ms])
+            owner, token, prev = await self._claim(
+                keys=[self._key("room", room), self._key("fence", room), self._key("holder", room)],
+                args=[self.node_id, self._lease_ms, int(time.time() * 1000), session, HOLDER_TTL_MS])
         except (RedisError, OSError) as exc:
             prom.CLUSTER_CLAIMS.labels(result=prom.ClaimResult.ERROR).inc()
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
@@ -277,7 +325,18 @@ class RedisDirectory:
         if owner_id != self.node_id or not token:
             prom.CLUSTER_CLAIMS.labels(result=prom.ClaimResult.ELSEWHERE).inc()
             raise RoomOwnedElsewhere(room, owner_id)
-        lease = self.leases[room] = RoomLease(room, self.node_id, int(token))
+        previous = parse_holder(prev)
+        if previous is not None and previous.node == self.node_id:
+            previous = None  # this node's own lease lapsed (Redis was away): it did not fail
+        held = self.leases.get(room)
+        if held is not None and held.token == int(token) and (previous is None or held.previous is not None):
+            return held  # claimed again (two claims racing: the one that took the room carries previous)
+        if previous is not None:
+            logger.warning("cluster: node %s claimed room %s, which node %s held without releasing it (last "
+                           "renewed %d ms ago): that node failed", self.node_id, room, previous.node,
+                           int(time.time() * 1000) - previous.renewed_ms)
+        self.sessions[room] = session
+        lease = self.leases[room] = RoomLease(room, self.node_id, int(token), previous)
         prom.CLUSTER_CLAIMS.labels(result=prom.ClaimResult.WON).inc()
         return lease
 
@@ -294,14 +353,19 @@ class RedisDirectory:
     async def release(self, lease: RoomLease) -> bool:
         if self.leases.get(lease.room) == lease:
             del self.leases[lease.room]
+            self.sessions.pop(lease.room, None)
         try:
-            return bool(await self._release(keys=[self._key("room", lease.room)],
-                                            args=[f"{lease.node}|{lease.token}"]))
+            return bool(await self._release_room(keys=[self._key("room", lease.room), self._key("holder", lease.room)],
+                                                 args=[f"{lease.node}|{lease.token}"]))
         except (RedisError, OSError) as exc:
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
 
     async def place(self) -> NodeId:
-        return pick_node(await self.nodes()) or self.node_id
+        picked = pick_node(await self.nodes())
+        if picked is None and self.draining:
+            raise NodeDraining("this node is draining (it finishes its calls and takes no new room) and no other "
+                               "node is live to take the room")
+        return picked or self.node_id
 
     async def publish(self, notice: Notice) -> None:
         body = json.dumps({"kind": notice.kind, "data": notice.data, "origin": self.node_id})
@@ -325,6 +389,12 @@ class RedisDirectory:
         except (RedisError, OSError) as exc:
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
         return None if int(wait_ms) < 0 else int(wait_ms) / 1000
+
+    async def mark_once(self, key: str, ttl_s: float) -> bool:
+        try:
+            return bool(await self._redis.set(self._key("once", key), self.node_id, nx=True, px=int(ttl_s * 1000)))
+        except (RedisError, OSError) as exc:
+            raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
 
     def job_lock(self, name: str, ttl_s: float, *, release: bool = True) -> AbstractAsyncContextManager[int | None]:
         return self._job_lock(name, ttl_s, release)

@@ -209,6 +209,9 @@ class ClusterSettings:
     lease_s: float = 10.0
     #: Keys in Redis start with this (put it in a hash tag, ``{openconsult}:``, for Redis Cluster).
     namespace: str = "openconsult:"
+    #: Seconds a draining node waits for its calls to end before it stops anyway (closing what
+    #: is left with 1001, as a plain SIGTERM does).
+    drain_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,8 @@ class Config:
             raise ConfigError(f'redis_url must start with redis://, rediss:// or unix://, got "{self.redis_url}"')
         if not 1.0 <= self.cluster.lease_s <= 300.0:
             raise ConfigError(f"cluster.lease_s must be 1-300 seconds, got {self.cluster.lease_s}")
+        if not 1.0 <= self.cluster.drain_timeout_s <= 86_400.0:
+            raise ConfigError(f"cluster.drain_timeout_s must be 1-86400 seconds, got {self.cluster.drain_timeout_s}")
         if not self.cluster.namespace or len(self.cluster.namespace) > 64:
             raise ConfigError("cluster.namespace must be 1-64 characters")
         return self

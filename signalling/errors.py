@@ -37,6 +37,7 @@ class ErrorCode(StrEnum):
     OVER_CAPACITY = "over_capacity"
     CODEC_NOT_SUPPORTED = "codec_not_supported"
     CLUSTER_UNAVAILABLE = "cluster_unavailable"
+    DRAINING = "draining"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -180,6 +181,13 @@ class ClusterUnavailable(OpenConsultError):
     code: ClassVar[ErrorCode] = ErrorCode.CLUSTER_UNAVAILABLE
 
 
+class Draining(OpenConsultError):
+    """A join for a room this node does not hold reached it while it drains, and no other node
+    can take the room: join through another node."""
+
+    code: ClassVar[ErrorCode] = ErrorCode.DRAINING
+
+
 class InternalError(OpenConsultError):
     """A bug on our side; the handler logs the trace and sends this without details."""
 
@@ -208,6 +216,7 @@ ERRORS_BY_CODE: Final[dict[ErrorCode, type[OpenConsultError]]] = {
         OverCapacity,
         CodecNotSupported,
         ClusterUnavailable,
+        Draining,
         InternalError,
     )
 }

@@ -17,6 +17,11 @@ A guest (role ``guest``: a relative or an interpreter the clinician added) joins
 consultation's room, so the consultation's session id; at join the workflow's ``guest_check``
 says whether that link still works (not removed, the consultation not over). ``kick`` removes a
 connection from its call (``forceDisconnected``), e.g. a guest the clinician removed.
+
+Cluster (``signalling.failover``): a draining node refuses a join for a room new here
+(``draining``); a claim that takes a room over from a failed node logs that failure before any
+join it serves; a room another node claimed meanwhile is given up (``lose_room``: its clients
+here are closed 1012, reason ``nodeFailure``).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from rooms.live import (
     LiveStream,
     LiveSubscription,
 )
-from rooms.directory import LocalDirectory, RoomDirectory, RoomLease
+from rooms.directory import LocalDirectory, NodeDraining, RoomDirectory, RoomLease
 from rooms.errors import RoomsError
 from rooms.model import (
     ConnectionId,
@@ -65,7 +70,7 @@ from rooms.model import (
     SubscriptionId,
     new_id,
 )
-from signalling import logs, turn
+from signalling import failover, logs, turn
 from signalling.auth import Claims, TokenAuthority, unverified_consultation, unverified_room
 from signalling.client_reports import ReportLimiter, event_entry, stats_entries
 from signalling.config import Config
@@ -102,6 +107,9 @@ class Client:
         self.left = False
         #: Set by the WebSocket edge: close this client's socket (after it was kicked).
         self.close_socket: Callable[[], None] | None = None
+        #: Set by the WebSocket edge: close this client's socket with 1012 (its room moved to another
+        #: node; the SDK rejoins and lands on the room's owner).
+        self.close_moved: Callable[[], None] | None = None
         #: Set by the WebSocket edge for a client relayed to the node holding its room: whether
         #: that node accepted its join (it is joined there, not here).
         self.relayed: Callable[[], bool] = lambda: False
@@ -125,6 +133,10 @@ class Hub:
         #: session's end releases it.
         self.directory: RoomDirectory = LocalDirectory()
         self.leases: dict[str, RoomLease] = {}
+        #: Claims in progress, by room (joins racing for a room new here share one).
+        self.claiming: dict[str, asyncio.Future[SessionId]] = {}
+        #: The node drains (``signalling.failover``): a join for a room not held here is refused.
+        self.draining = False
         #: Client reports (client.event, client.stats, beacons) per connection.
         self.report_limiter = ReportLimiter(self.config.server.client_reports_per_min)
         #: connection id -> (session id, token sub, room) of connections that joined lately.
@@ -149,12 +161,16 @@ class Hub:
             if client is not None:
                 client.send(message)
 
-    def _session_for(self, claims: Claims) -> tuple[LiveSession, bool]:
-        """The live session for the token's room. A consultation's room runs under the
-        consultation's own session id, so its workflow and media entries share one log (the id
-        support staff paste); any other room gets a fresh session id per instance."""
+    def _planned_session(self, claims: Claims) -> SessionId:
+        """The session id the token's room runs under here: its live session's, else a new one. A
+        consultation's room runs under the consultation's own session id, so its workflow and
+        media entries share one log (the id support staff paste); any other room gets a fresh
+        session id per instance."""
         room = claims.room
-        return self.registry.session_for_room(room, SessionId(room) if claims.consultation == room else None)
+        current = self.registry.by_room.get(room)
+        if current is not None:
+            return current
+        return SessionId(room) if claims.consultation == room else SessionId(new_id("s"))
 
     def _peer_count(self, connection_id: str, publish: bool) -> int:
         """Peer connections of a connection, negotiating ones included."""
@@ -184,11 +200,19 @@ class Hub:
             raise Forbidden("a walk-in link cannot join a room; the page first starts a walk-in with it")
         if claims.role is Role.GUEST:
             await self._check_guest(client, claims)
-        if claims.room not in self.leases:
+        planned = self._planned_session(claims)
+        pending = self.claiming.get(claims.room)
+        if pending is None and claims.room not in self.leases:
+            if self.draining:
+                raise NodeDraining("this node is draining: it finishes its calls and takes no new room; "
+                                   "join through another node")
             # A room new here: own it in the cluster first, so it lives on one node only
             # (RoomOwnedElsewhere: the edge relays the join to the owner; DirectoryUnavailable).
-            self.leases[claims.room] = await self.directory.claim(claims.room)
-        session, created = self._session_for(claims)
+            pending = self.claiming[claims.room] = asyncio.ensure_future(self._claim(claims.room, planned))
+            pending.add_done_callback(self._claimed)
+        if pending is not None:  # a claim in progress (ours or a racing join's): wait for it
+            planned = await asyncio.shield(pending)
+        session, created = self.registry.session_for_room(claims.room, planned)
         connection = LiveConnection(ConnectionId(new_id("c")), claims.name, claims.role, claims.sub,
                                     user_agent=user_agent or client.user_agent, ip=client.remote_ip)
         sid = session.session_id
@@ -248,7 +272,7 @@ class Hub:
             raise InvalidState(f"this connection already publishes {self.max_publishes} streams, the most allowed")
         if session.room not in self.leases:
             # The lease was lost (e.g. Redis came back with another owner): claim it again or fail.
-            self.leases[session.room] = await self.directory.claim(session.room)
+            self.leases[session.room] = await self.directory.claim(session.room, session.session_id)
         stream_id = StreamId(new_id("st"))
         sid = session.session_id
         self.log(sid, EventKind.PUBLISH_ATTEMPT, f"Publish attempt: {connection.name}",
@@ -513,6 +537,67 @@ class Hub:
             await self.directory.release(lease)
         except RoomsError as exc:
             logger.warning("room %s: lease not released (%s); it expires by itself", room, exc)
+
+    def _claimed(self, done: asyncio.Future[SessionId]) -> None:
+        for room, pending in list(self.claiming.items()):
+            if pending is done:
+                del self.claiming[room]
+
+    async def _claim(self, room: str, session_id: SessionId) -> SessionId:
+        """Own ``room`` for ``session_id`` in the cluster and, if its previous node failed, log
+        that first; the session id to run the room under. Joins racing for a room new here share
+        one such claim, so the failure is logged once and before any of them."""
+        lease = self.leases[room] = await self.directory.claim(room, session_id)
+        if lease.previous is not None:
+            await self._node_failed(lease)
+        return self.registry.by_room.get(room) or session_id
+
+    async def _node_failed(self, lease: RoomLease) -> None:
+        """This node took over a room another node held without releasing it: log the failure and
+        close what the log shows that node left open, under the session it ran there."""
+        previous = lease.previous
+        assert previous is not None
+        session_id = previous.session or lease.room
+        try:
+            await self.recorder.eventlog.flush(timeout=5)
+            entries = await self.recorder.eventlog.events(session_id, kinds=failover.LEFT_OPEN_KINDS)
+        except Exception as exc:  # the failure is still logged, without the connections
+            logger.warning("room %s: could not read session %s to close what node %s left open: %s", lease.room,
+                           session_id, previous.node, exc)
+            entries = []
+        found = failover.left_open(entries)
+        # The door of a relayed connection may have logged it closed already (one of the two does).
+        mine = {cid: name for cid, name in found.connections.items()
+                if cid not in self.clients and await self._mark_closed(cid)}
+        found = failover.LeftOpen(mine, found.streams)
+        for kind, text, fields in failover.failure_entries(session_id, previous, lease.node, found):
+            cid, stream = fields.pop("connection_id", None), fields.pop("stream_id", None)
+            self.log(session_id, kind, text, connection_id=cid, stream_id=stream, **fields)
+        logger.warning("room %s: node %s failed holding session %s; %d connections it left open logged as "
+                       "nodeFailure", lease.room, previous.node, session_id, len(found.connections))
+
+    async def _mark_closed(self, connection_id: str) -> bool:
+        """Whether this node logs ``connection_id``'s ``nodeFailure`` disconnect (first in the
+        cluster to mark it; with Redis away, yes: a duplicate beats a connection never closed)."""
+        try:
+            return await self.directory.mark_once(failover.closed_mark(connection_id), failover.CLOSED_MARK_S)
+        except RoomsError:
+            return True
+
+    async def lose_room(self, room: str) -> None:
+        """Another node claimed ``room`` while this one was cut off or paused: close its clients
+        here (1012: the SDK rejoins and lands on the room's owner), so the room is held once."""
+        session_id = self.registry.by_room.get(room)
+        session = self.registry.sessions.get(session_id) if session_id is not None else None
+        if session is None:
+            return
+        for connection_id in list(session.connections):
+            client = self.clients.get(connection_id)
+            if client is None:
+                continue
+            await self.disconnect(client, DisconnectReason.NODE_FAILURE, "the room moved to another node")
+            if client.close_moved is not None:
+                client.close_moved()
 
     async def shutdown(self) -> None:
         for client in list(self.clients.values()):

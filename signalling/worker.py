@@ -88,7 +88,8 @@ def worker_row(index: int, answer: Mapping[str, Any] | None) -> dict[str, Any]:
         node_id = answer.get("node_id")
         if (answer.get("index") == index and pid is not None and rooms is not None and connections is not None
                 and isinstance(node_id, str)):
-            return {"index": index, "pid": pid, "node_id": node_id, "status": "ok", "rooms": rooms,
+            status = "draining" if answer.get("status") == "draining" else "ok"
+            return {"index": index, "pid": pid, "node_id": node_id, "status": status, "rooms": rooms,
                     "connections": connections}
     return {"index": index, "pid": None, "node_id": None, "status": "unreachable", "rooms": None, "connections": None}
 
@@ -96,10 +97,12 @@ def worker_row(index: int, answer: Mapping[str, Any] | None) -> dict[str, Any]:
 def host_health(answering: Mapping[str, Any], answers: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
     """The host's ``/healthz``: the one-process fields (``version`` and ``uptime_s`` of the worker
     that answered; ``rooms`` and ``connections`` summed over the workers that answered),
-    ``status`` ok when every worker answered else degraded, and ``workers`` one row each."""
+    ``status`` ok when every worker answered (draining if one of them drains) else degraded, and
+    ``workers`` one row each."""
     rows = [worker_row(index, answer) for index, answer in enumerate(answers)]
-    live = [r for r in rows if r["status"] == "ok"]
-    return {"status": "ok" if len(live) == len(rows) else "degraded", "version": answering["version"],
+    live = [r for r in rows if r["status"] != "unreachable"]
+    status = "degraded" if len(live) < len(rows) else "draining" if any(r["status"] == "draining" for r in live) else "ok"
+    return {"status": status, "version": answering["version"],
             "uptime_s": answering["uptime_s"], "rooms": sum(r["rooms"] for r in live),
             "connections": sum(r["connections"] for r in live), "workers": rows}
 

@@ -32,9 +32,12 @@ from aiohttp.base_protocol import BaseProtocol
 
 from metrics import prometheus as prom
 from metrics.eventlog import EventStore
+from metrics.events import EventKind
+from metrics.recorder import Recorder
 from rooms.directory import NodeId, Notice, RoomDirectory, RoomOwnedElsewhere
 from rooms.errors import RoomsError
 from rooms.model import DisconnectReason
+from signalling import failover
 from signalling.audit import join_sign_in
 from signalling.codec import SUBPROTOCOLS, Codec, error_response, response_error, response_ok, scrubbed
 from signalling.errors import (
@@ -200,6 +203,15 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         task.add_done_callback(_CLOSING.discard)
 
     client.close_socket = close_kicked
+
+    def close_moved() -> None:
+        """The room moved to another node (this one lost its lease): flush, then close 1012."""
+        task = asyncio.get_running_loop().create_task(
+            _close_after(outbox, writer, ws, transport, CLOSE_NODE_LOST, b"room moved to another node", write_timeout))
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+
+    client.close_moved = close_moved
     clustered = bool(config.redis_url)
     directory = request.app[DIRECTORY_KEY]
     door = request.app[RELAY_DOOR_KEY]
@@ -505,10 +517,13 @@ CLOSE_NODE_LOST: Final = 1012
 
 
 class RelayDoor:
-    """Door side: this node's sockets relayed to another node, by relay key."""
+    """Door side: this node's sockets relayed to another node, by relay key. ``recorder``: where a
+    relayed connection whose node was lost is logged as disconnected (``nodeFailure``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recorder: Recorder | None = None, directory: RoomDirectory | None = None) -> None:
         self.links: dict[str, _DoorLink] = {}
+        self.recorder = recorder
+        self.directory = directory
 
     def on_notice(self, notice: Notice) -> None:
         link = self.links.get(str(notice.data.get("conn", "")))
@@ -522,10 +537,34 @@ class RelayDoor:
             link.end(int(notice.data.get("code") or CLOSE_POLICY), str(notice.data.get("why") or ""))
 
     def lost(self, live: set[NodeId]) -> None:
-        """Close the sockets whose room's node is gone (the SDK rejoins through a live node)."""
+        """Close the sockets whose room's node is gone (the SDK rejoins through a live node). The
+        lost node never logs their disconnect: this node does, reason ``nodeFailure``."""
         for link in list(self.links.values()):
             if link.node not in live:
+                if link.joined and self.recorder is not None:
+                    task = asyncio.get_running_loop().create_task(self._log_lost(self.recorder, link))
+                    _CLOSING.add(task)
+                    task.add_done_callback(_CLOSING.discard)
+                self.links.pop(link.key, None)
                 link.end(CLOSE_NODE_LOST, "node lost")
+
+    async def _log_lost(self, recorder: Recorder, link: _DoorLink) -> None:
+        """Log the relayed connection's disconnect (``nodeFailure``) unless the node that took the
+        room over did (one of the two does: ``mark_once``)."""
+        logger.warning("relay: node %s lost; connection %s of session %s closed (1012)", link.node,
+                       link.connection_id, link.session_id)
+        if self.directory is not None:
+            try:
+                if not await self.directory.mark_once(failover.closed_mark(link.connection_id),
+                                                      failover.CLOSED_MARK_S):
+                    return
+            except RoomsError:
+                pass  # logged anyway: a duplicate beats a connection never closed
+        reason = DisconnectReason.NODE_FAILURE
+        recorder.log(link.session_id, EventKind.DISCONNECT,
+                     f"Server detected disconnect: {link.name}. Reason: {reason} (node {link.node} stopped)",
+                     connection_id=link.connection_id, reason=str(reason), detail=f"node {link.node} stopped",
+                     node=link.node)
 
 
 #: This node's sockets relayed to the node holding their room.
@@ -542,12 +581,18 @@ class _DoorLink:
         self.close = close
         self.joined = False
         self.answered = False
+        self.session_id = ""
+        self.connection_id = ""
+        self.name = ""
 
     def deliver(self, message: dict[str, Any]) -> None:
         self.answered = True
-        if (message.get("type") == "response" and message.get("ok") and isinstance(message.get("data"), dict)
-                and "connection_id" in message["data"] and "session_id" in message["data"]):
+        data = message.get("data")
+        if (message.get("type") == "response" and message.get("ok") and isinstance(data, dict)
+                and "connection_id" in data and "session_id" in data):
             self.joined = True
+            self.session_id, self.connection_id = str(data["session_id"]), str(data["connection_id"])
+            self.name = str(data.get("name") or self.connection_id)
         self.outbox.push(message)
 
     def end(self, code: int, why: str) -> None:
@@ -627,6 +672,7 @@ class _Relayed:
         self.tasks: list[asyncio.Task[None]] = []
         client.send = self._send
         client.close_socket = lambda: self._end(CLOSE_POLICY, "removed from the call")
+        client.close_moved = lambda: self._end(CLOSE_NODE_LOST, "room moved to another node")
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 from pathlib import Path
 
@@ -21,12 +22,15 @@ from loadtest.client import RequestFailed, SignallingClient
 from rooms.model import Role
 from signalling.auth import TokenAuthority
 from tests.call_helpers import Participant
+from tests.postgres_server import PostgresServer, pg_srv
 from tests.redis_server import RedisServer, redis_server, require_redis_server
 from tests.server import ServerProcess, start_server
 from tests.helpers import free_port, wait_until
 from tests.workflow.helpers import Clinic, now_ms, wait_event
 
 SECRET = "cluster-test-secret-0123456789abcdef"
+
+__all__ = ["pg_srv"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -37,12 +41,12 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
-@pytest.fixture
-async def nodes(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[Clinic]]:
+@asynccontextmanager
+async def _cluster(tmp_path: Path, redis: RedisServer, extra: str = "") -> AsyncIterator[list[Clinic]]:
     ns = f"oc{tmp_path.name[-12:]}:".replace("-", "")
     config = (f'[auth]\nsecret = "{SECRET}"\n'
               f'[cluster]\nlease_s = 3.0\nnamespace = "{ns}"\n'
-              '[workflow]\nwalk_in_per_link_per_min = 3\n')
+              '[workflow]\nwalk_in_per_link_per_min = 3\n' + extra)
     servers: list[ServerProcess] = []
     try:
         for name in "abc":
@@ -56,7 +60,23 @@ async def nodes(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[Clinic
             await c.close()
     finally:
         for s in servers:
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGCONT)  # a test may have paused one
             s.stop()
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, redis: RedisServer) -> AsyncIterator[list[Clinic]]:
+    async with _cluster(tmp_path, redis) as clinics:
+        yield clinics
+
+
+@pytest.fixture
+async def pg_nodes(tmp_path: Path, redis: RedisServer, pg_srv: PostgresServer) -> AsyncIterator[list[Clinic]]:
+    """Three nodes sharing one Redis and one PostgreSQL event log (a session written from several
+    nodes reads complete from any)."""
+    async with _cluster(tmp_path, redis, f'[eventlog]\nurl = "{pg_srv.new_database()}"\n') as clinics:
+        yield clinics
 
 
 def _admin(c: Clinic) -> str:
@@ -204,7 +224,8 @@ async def _rejoin(url: str, tokens: TokenAuthority, room: str, role: Role, name:
 
 
 async def test_kill_the_owner_mid_call_and_both_rejoin_through_live_nodes(
-        nodes: list[Clinic], redis: RedisServer) -> None:
+        pg_nodes: list[Clinic], redis: RedisServer) -> None:
+    nodes = pg_nodes
     room = "c-kill"
     by_port = {c.server.port: c for c in nodes}
     a, b, _ = nodes
@@ -213,7 +234,7 @@ async def test_kill_the_owner_mid_call_and_both_rejoin_through_live_nodes(
     await p.client.connect()
     await d.client.connect()
     first = await p.client.join(a.tokens.mint(room, Role.PATIENT, "Pat", consultation=room))
-    await d.client.join(b.tokens.mint(room, Role.CLINICIAN, "Doc", consultation=room))
+    first_d = await d.client.join(b.tokens.mint(room, Role.CLINICIAN, "Doc", consultation=room))
     assert first["session_id"] == room
     stream_p, stream_d = await p.publish(), await d.publish()
     await d.client.wait_event("streamCreated", stream__stream_id=stream_p)
@@ -248,6 +269,33 @@ async def test_kill_the_owner_mid_call_and_both_rejoin_through_live_nodes(
         assert new_owner is not None and new_owner != owner
         assert any(f"cluster: node {new_owner} " in c.server.log_text() for c in live)
         assert by_port[dead.server.port].server.proc.returncode == -signal.SIGKILL
+        # The event log (one PostgreSQL for the three nodes), read through any live node: the
+        # failure, the connections the dead node left open closed as nodeFailure, and the call
+        # resumed under the same session id.
+        support = live[0].tokens.mint("support", Role.SUPPORT, "Sue")
+        old_conns = {first["connection_id"], first_d["connection_id"]}
+
+        async def failure_logged() -> bool:
+            events = (await live[1].ok("GET", f"/api/sessions/{room}/events", support))["events"]
+            closed = {e["connection_id"] for e in events
+                      if e["kind"] == "disconnect" and e["payload"].get("reason") == "nodeFailure"}
+            return closed == old_conns
+
+        await wait_until(failure_logged, timeout=30, message="nodeFailure disconnects of both connections")
+        events = (await live[0].ok("GET", f"/api/sessions/{room}/events", support))["events"]
+        failures = [e for e in events if e["kind"] == "nodeFailure"]
+        assert len(failures) == 1 and failures[0]["payload"]["node"] == owner, failures
+        assert failures[0]["payload"]["by_node"] == new_owner
+        gone = [e for e in events if e["kind"] == "disconnect" and e["connection_id"] in old_conns]
+        assert len(gone) == 2 and {e["payload"]["reason"] for e in gone} == {"nodeFailure"}, gone
+        rejoined = [e for e in events if e["kind"] == "serverDetectedConnect"
+                    and e["connection_id"] in (joined_p["connection_id"], joined_d["connection_id"])]
+        assert len(rejoined) == 2 and min(events.index(e) for e in rejoined) > events.index(failures[0])
+        diagnosis = await live[1].ok("GET", f"/api/sessions/{room}/diagnosis", support)
+        node_failure = [f for f in diagnosis["findings"] if f["type"] == "node_failure"]
+        assert len(node_failure) == 1, diagnosis
+        assert node_failure[0]["cause"].startswith(f"The server node holding this call ({owner}) stopped; both "
+                                                   "participants rejoined through another node after "), node_failure
     finally:
         await p2.close()
         await d2.close()
@@ -303,3 +351,105 @@ async def test_redis_stopped_mid_call_media_flows_new_joins_fail_then_work(tmp_p
             node.stop()
         redis_proc.kill()
         redis_proc.wait()
+
+
+async def _call(url_p: str, url_d: str, tokens: TokenAuthority, room: str) -> tuple[Participant, Participant, Any]:
+    """Pat and Doc in ``room`` (joined through the given nodes), Doc receiving Pat's video."""
+    p, d = Participant(url_p, "Pat"), Participant(url_d, "Doc")
+    await p.client.connect()
+    await d.client.connect()
+    await p.client.join(tokens.mint(room, Role.PATIENT, "Pat", consultation=room))
+    await d.client.join(tokens.mint(room, Role.CLINICIAN, "Doc", consultation=room))
+    stream = await p.publish()
+    await d.client.wait_event("streamCreated", stream__stream_id=stream)
+    sub = await d.subscribe(stream)
+    await wait_until(lambda: len(sub.received.frames) > 5, timeout=60, message=f"video in {room}")
+    return p, d, sub
+
+
+async def test_drain_a_node_new_rooms_go_elsewhere_its_call_ends_then_it_exits_0(
+        nodes: list[Clinic], redis: RedisServer) -> None:
+    a = nodes[0]
+    p, d, sub = await _call(a.server.ws_url, a.server.ws_url, a.tokens, "c-held")
+    owner = await _owner(redis, "c-held")
+    drained = next(c for c in nodes if f"cluster: node {owner} " in c.server.log_text())
+    n1: Participant | None = None
+    n2: Participant | None = None
+    try:
+        admin = drained.tokens.mint("ops", Role.ADMIN, "ops")
+        status, body = await drained.call("POST", "/api/admin/drain", admin, {"deadline_s": 600})
+        assert status == 202 and body["draining"] and body["node"] == owner and body["rooms"] == 1, body
+        assert (await drained.call("GET", "/healthz", None))[0] == 503
+        # A new room joined through the draining node lands on another one, and decodes (the media
+        # goes to the owner's candidates; the signalling is relayed).
+        n1, n2, sub_new = await _call(drained.server.ws_url, drained.server.ws_url, drained.tokens, "c-new")
+        new_owner = await _owner(redis, "c-new")
+        assert new_owner is not None and new_owner != owner
+        # The drained node's call keeps decoding, and its clinician can rejoin it there.
+        before = len(sub.received.frames)
+        await wait_until(lambda: len(sub.received.frames) > before + 30, timeout=30, message="the held call goes on")
+        await d.close()
+        await p.client.wait_event("connectionDestroyed", connection__name="Doc")  # the server saw it go
+        d = Participant(drained.server.ws_url, "Doc")
+        await d.client.connect()
+        rejoined = await d.client.join(drained.tokens.mint("c-held", Role.CLINICIAN, "Doc", consultation="c-held"))
+        assert rejoined["session_id"] == "c-held" and [c["name"] for c in rejoined["connections"]] == ["Pat"]
+        assert await _owner(redis, "c-held") == owner
+        assert drained.server.proc.poll() is None
+        # The calls end (the new room's sockets were relayed through the drained node): it exits 0.
+        for left in (p, d, n1, n2):
+            assert left is not None
+            await left.client.request("leave")
+        await wait_until(lambda: drained.server.proc.poll() is not None, timeout=30, message="the drained node exits")
+        assert drained.server.proc.returncode == 0
+        assert "holds no more rooms or connections; exiting" in drained.server.log_text()
+        assert len(sub_new.received.frames) > 5
+    finally:
+        for end in (p, d, n1, n2):
+            if end is not None:
+                await end.close()
+
+
+async def test_a_paused_owner_whose_room_was_claimed_closes_its_clients_1012(
+        nodes: list[Clinic], redis: RedisServer) -> None:
+    a = nodes[0]
+    room = "c-pause"
+    p = Participant(a.server.ws_url, "Pat")
+    await p.client.connect()
+    await p.client.join(a.tokens.mint(room, Role.PATIENT, "Pat", consultation=room))
+    owner = await _owner(redis, room)
+    paused = next(c for c in nodes if f"cluster: node {owner} " in c.server.log_text())
+    other = next(c for c in nodes if c is not paused)
+    # A guest connected to the owner itself (Pat's socket may be relayed through another node).
+    g = Participant(paused.server.ws_url, "Gus")
+    await g.client.connect()
+    await g.client.join(paused.tokens.mint(room, Role.PATIENT, "Gus", consultation=room))
+    d: Participant | None = None
+    paused.server.proc.send_signal(signal.SIGSTOP)
+    try:
+        # Past the lease, a join through another node claims the room there.
+        d, _ = await _rejoin(other.server.ws_url, other.tokens, room, Role.CLINICIAN, "Doc", time.monotonic() + 30)
+        new_owner = await _owner(redis, room)
+        assert new_owner is not None and new_owner != owner
+    finally:
+        paused.server.proc.send_signal(signal.SIGCONT)
+    try:
+        # The paused node finds its lease taken: its client in the room is closed 1012 (the SDK
+        # rejoins and lands on the live owner), and the room is held once.
+        await wait_until(g.client.closed.wait, timeout=30, message="the paused node's client closed")
+        await wait_until(p.client.closed.wait, timeout=30, message="Pat's socket closed")
+        assert g.client.close_code == p.client.close_code == 1012
+        await wait_until(lambda: "now belongs to another node; closing its connections" in paused.server.log_text(),
+                         timeout=30, message="the paused node's log")
+        health = await paused.call("GET", "/healthz", None)
+        assert health[1]["rooms"] == 0 and health[1]["connections"] == 0, health
+        assert await _owner(redis, room) == new_owner
+        p2, joined = await _rejoin(paused.server.ws_url, paused.tokens, room, Role.PATIENT, "Pat",
+                                   time.monotonic() + 30)
+        assert joined["session_id"] == room and [c["name"] for c in joined["connections"]] == ["Doc"]
+        await p2.close()
+    finally:
+        await p.close()
+        await g.close()
+        if d is not None:
+            await d.close()

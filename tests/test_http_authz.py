@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -28,10 +30,10 @@ import yaml
 
 from loadtest.client import RequestFailed, SignallingClient
 from rooms.model import Role
-from signalling.auth import TokenAuthority
+from signalling.auth import TokenAuthority, load_or_create_secret
 from signalling.config import load_config
 from tests.call_helpers import authority
-from tests.helpers import free_port, wait_until_sync
+from tests.helpers import free_port, wait_until, wait_until_sync
 from tests.server import REPO_ROOT, ServerProcess, start_server
 from tests.workflow.helpers import now_ms
 
@@ -177,6 +179,25 @@ def example_body(op: dict[str, Any]) -> Any:
     return content.get("example")
 
 
+async def ends_node(w: World, method: str, path: str, token: str | None, body: Any) -> tuple[int, Any]:
+    """An operation that makes its node exit (``x-ends-node``, e.g. a drain), allowed for this
+    caller: sent to a node of its own that shares the module server's secret, which must exit 0."""
+    secret = load_or_create_secret(w.server.data_dir, create=False)
+    workdir = Path(tempfile.mkdtemp(prefix="oc-ends-node-"))
+    node = start_server(workdir, f'[auth]\nsecret = "{secret}"\n')
+    try:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        async with w.http.request(method, node.url + path, json=body, headers=headers) as response:
+            data = await response.json() if response.content_type == "application/json" else await response.text()
+            status = response.status
+        await wait_until(lambda: node.proc.poll() is not None, timeout=30, message=f"{method} {path}: the node exits")
+        assert node.proc.returncode == 0, node.log_tail()
+        return status, data
+    finally:
+        node.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 async def test_every_operation_refuses_whom_the_yaml_says(world: World) -> None:
     await populate(world)
     ops = operations()
@@ -190,7 +211,12 @@ async def test_every_operation_refuses_whom_the_yaml_says(world: World) -> None:
         allowed_somewhere[name] = 0
         for caller in world.callers:
             expected = refusal(op, caller)
-            status, data, _ = await world.call(method.upper(), concrete(world, path), caller.token, example_body(op))
+            if expected is None and op.get("x-ends-node"):
+                status, data = await ends_node(world, method.upper(), concrete(world, path), caller.token,
+                                               example_body(op))
+            else:
+                status, data, _ = await world.call(method.upper(), concrete(world, path), caller.token,
+                                                   example_body(op))
             if expected is None:
                 allowed_somewhere[name] += 1
                 got = "allowed" if status not in (401, 403) and status < 500 else f"{status} {data}"

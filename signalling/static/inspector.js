@@ -783,7 +783,7 @@
 
   const MARKER_KINDS = new Set(['serverDetectedConnect', 'disconnect', 'streamCreated', 'streamDestroyed',
                                 'publishFailure', 'subscribeFailure', 'tokenRejected', 'qualityAlert', 'clientEvent',
-                                'Consultation', 'Queue']);
+                                'Consultation', 'Queue', 'nodeFailure']);
 
   function isMarker(ev) {
     if (MARKER_KINDS.has(ev.kind)) return true;
@@ -948,7 +948,7 @@
 
   // ---- event log ---------------------------------------------------------------------------
 
-  const BAD_KINDS = new Set(['publishFailure', 'subscribeFailure', 'tokenRejected', 'qualityAlert']);
+  const BAD_KINDS = new Set(['publishFailure', 'subscribeFailure', 'tokenRejected', 'qualityAlert', 'nodeFailure']);
   const BAD_CLIENT_EVENTS = new Set(['getUserMediaFailed', 'iceFailed', 'connectionFailed', 'reconnecting']);
   let eventRows = [];
 

@@ -104,7 +104,9 @@
   // Close codes after which rejoining cannot help: a refused join or abusive input.
   const FINAL_CLOSE_CODES = [1008, 1009, 4001];
   // Join failures worth another try; any other error code from the server refuses the token.
-  const RETRYABLE_CODES = ['connection_failed', 'connection_closed', 'timeout', 'internal_error', 'rate_limited'];
+  // (`draining`: the node reached is draining and no other node could take the room, yet.)
+  const RETRYABLE_CODES = ['connection_failed', 'connection_closed', 'timeout', 'internal_error', 'rate_limited',
+    'draining'];
   // How often one stream's peer connection is rebuilt after it failed (ICE broke) or timed out.
   const MAX_MEDIA_RESTARTS = 3;
   // A peer connection not connected (ICE and DTLS) by then has failed (connect option mediaConnectTimeout).

@@ -295,6 +295,51 @@ def test_how_a_participant_left(reason: str, kind: FindingType, severity: str) -
     assert f["severity"] == severity and f["participant"]["name"] == "Anna"
 
 
+def _node_failed(log: Log, *, door_logged: bool) -> int:
+    """The node holding ``call()`` stops 4 s after the last entry: the door of the relayed doctor
+    logs their disconnect (``door_logged``), the new owner logs the failure and the patient."""
+    lost_at = log.t + 500
+    if door_logged:
+        log.add(EventKind.DISCONNECT, "", "c_doc", dt=7_000, reason="nodeFailure", detail="node node_a stopped",
+                node="node_a")
+    log.add(EventKind.NODE_FAILURE, "", dt=1_000, node="node_a", last_seen_ms=lost_at, by_node="node_b",
+            connections=["c_pat"] if door_logged else ["c_pat", "c_doc"])
+    log.add(EventKind.DISCONNECT, "", "c_pat", dt=0, reason="nodeFailure", node="node_a")
+    if not door_logged:
+        log.add(EventKind.DISCONNECT, "", "c_doc", dt=0, reason="nodeFailure", node="node_a")
+    return lost_at
+
+
+@pytest.mark.parametrize("door_logged", [True, False])
+def test_a_node_failure_both_rejoined(door_logged: bool) -> None:
+    log = call()
+    lost_at = _node_failed(log, door_logged=door_logged)
+    log.join("c_pat2", "Anna", "patient")
+    log.join("c_doc2", "Dr Who", "clinician")
+    findings = found(finish(log))
+    f = one(findings, FindingType.NODE_FAILURE)
+    assert f["severity"] == "warning", f
+    back = next(e["time_ms"] for e in log.entries if e["connection_id"] == "c_doc2"
+                and e["kind"] == EventKind.CONNECT_ATTEMPT)
+    rejoined_s = round((back - lost_at) / 1000)
+    assert f["cause"] == ("The server node holding this call (node_a) stopped; both participants rejoined through "
+                          f"another node after {rejoined_s} seconds."), f
+    assert "node_a" in f["next_step"] and f["from_ms"] == lost_at
+    # Not also "lost the network" or "the server shut down".
+    assert {FindingType.NETWORK_LOST, FindingType.SERVER_SHUTDOWN} & set(types(findings)) == set()
+    assert FindingType.RECONNECTED not in types(findings)
+
+
+def test_a_node_failure_someone_did_not_rejoin() -> None:
+    log = call()
+    _node_failed(log, door_logged=False)
+    log.join("c_doc2", "Dr Who", "clinician")
+    f = one(found(log), FindingType.NODE_FAILURE)
+    assert f["severity"] == "problem"
+    assert f["cause"].endswith("Dr Who rejoined through another node after 2 seconds; Anna did not rejoin."), f
+    assert f["next_step"].startswith("Call Anna back")
+
+
 @pytest.mark.parametrize(("attempted", "severity", "words"), [
     (True, "warning", "after a video call was tried"), (False, "info", "without a video call")])
 def test_phone_fallback(attempted: bool, severity: str, words: str) -> None:

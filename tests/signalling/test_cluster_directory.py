@@ -17,6 +17,7 @@ import pytest
 from rooms.directory import (
     DirectoryUnavailable,
     LocalDirectory,
+    NodeDraining,
     NodeId,
     NodeLoad,
     Notice,
@@ -63,6 +64,9 @@ def test_pick_node_takes_the_less_loaded_of_two() -> None:
     assert NodeId("a") not in picks
     assert {NodeId("b"), NodeId("c")} == set(picks)
     assert pick_node({}) is None
+    assert pick_node({NodeId("x"): NodeLoad(draining=True)}) is None
+    draining = {NodeId("busy"): NodeLoad(calls=90), NodeId("idle"): NodeLoad(draining=True)}
+    assert {pick_node(draining, rng) for _ in range(20)} == {"busy"}
     assert pick_node({NodeId("x"): NodeLoad()}) == "x"
 
 
@@ -131,6 +135,57 @@ async def test_a_dead_nodes_lease_expires_and_a_live_node_claims_it(
     await a.heartbeat(NodeLoad())
     assert "room-2" not in a.leases and a.lost == ["room-2"]
     assert await a.owner("room-2") == b.node_id
+
+
+async def test_a_claim_after_expiry_names_the_failed_holder_and_a_release_leaves_none(
+        pair: tuple[RedisDirectory, RedisDirectory, list[Notice]]) -> None:
+    a, b, _ = pair
+    first = await a.claim("room-h", "s_one")
+    assert first.previous is None
+    await a.heartbeat(NodeLoad())  # renews the holder record with the time of this beat
+    # a dies holding the room: b's claim after the expiry names a, its session and last renewal.
+    await wait_until(lambda: _claims(b, "room-h"), timeout=5, interval=0.1, message="lease expiry")
+    taken = b.leases["room-h"]
+    assert taken.previous is not None and (taken.previous.node, taken.previous.session) == ("node-a", "s_one")
+    assert taken.previous.renewed_ms > 0
+    assert await b.claim("room-h") == taken  # claiming again: the same lease
+    # b releases the room properly: the next claim (by a) finds no failed holder.
+    assert await b.release(taken)
+    again = await a.claim("room-h", "s_two")
+    assert again.previous is None and again.token > taken.token
+    # A node's own lapsed lease (Redis was away) is not a failure of another node.
+    await a._redis.delete(a._key("room", "room-h"))
+    a.leases.clear()
+    assert (await a.claim("room-h")).previous is None
+
+
+async def test_a_draining_node_is_not_placed_and_a_lone_draining_node_refuses(
+        pair: tuple[RedisDirectory, RedisDirectory, list[Notice]]) -> None:
+    a, b, _ = pair
+    await a.heartbeat(NodeLoad(draining=True))
+    await b.heartbeat(NodeLoad(rooms=50, calls=50))
+    assert (await a.nodes())[NodeId("node-a")].draining
+    assert {await a.place() for _ in range(10)} == {"node-b"}  # busier, but not draining
+    await b.heartbeat(NodeLoad(draining=True))
+    with pytest.raises(NodeDraining):
+        await a.place()
+    local = LocalDirectory(NodeId("solo"))
+    await local.heartbeat(NodeLoad(draining=True))
+    with pytest.raises(NodeDraining):
+        await local.place()
+
+
+async def test_mark_once_is_true_for_one_node_only(pair: tuple[RedisDirectory, RedisDirectory, list[Notice]]) -> None:
+    a, b, _ = pair
+    results = await asyncio.gather(*(d.mark_once("nodefailure:c_1", 60) for d in (a, b, a, b)))
+    assert sorted(results) == [False, False, False, True]
+    assert await b.mark_once("nodefailure:c_2", 60) and not await a.mark_once("nodefailure:c_2", 60)
+    clock = [0.0]
+    local = LocalDirectory(NodeId("solo"), clock=lambda: clock[0], max_keys=2)
+    assert await local.mark_once("k", 10) and not await local.mark_once("k", 10)
+    clock[0] = 10.0
+    assert await local.mark_once("k", 10)  # the mark lapsed
+    assert await local.mark_once("j", 10) and await local.mark_once("i", 10)  # bounded: lapsed ones go
 
 
 async def _pttl_below(d: RedisDirectory, key: str, ms: int) -> bool:

@@ -142,6 +142,15 @@ def test_host_health_sums_the_workers_and_is_degraded_when_one_is_unreachable() 
                                       "rooms": None, "connections": None}
 
 
+def test_a_draining_worker_is_shown_and_makes_the_host_draining_unless_one_is_unreachable() -> None:
+    answering = _answer(0)
+    draining = {**_answer(1), "status": "draining"}
+    body = host_health(answering, [answering, draining])
+    assert body["status"] == "draining" and body["workers"][1]["status"] == "draining"
+    assert body["rooms"] == 2
+    assert host_health(answering, [None, draining])["status"] == "degraded"
+
+
 @pytest.mark.parametrize("answer", [
     {**_answer(1), "index": 0},  # another worker answered on that port
     {**_answer(1), "pid": "101"},
