@@ -75,8 +75,8 @@ async def test_operations_listing_503_answer_it_while_redis_is_away(tmp_path: Pa
                 for path, item in OPENAPI["paths"].items():
                     for method in METHODS:
                         op = item.get(method)
-                        if op is None:
-                            continue
+                        if op is None or op.get("x-ends-node"):
+                            continue  # an operation that ends its node (a drain) is not for this node
                         token = caller_token(tokens, op)
                         headers = {"Authorization": f"Bearer {token}"} if token else {}
                         async with http.request(method.upper(), server.url + concrete(path), headers=headers,
@@ -84,7 +84,7 @@ async def test_operations_listing_503_answer_it_while_redis_is_away(tmp_path: Pa
                             status = response.status
                             data = await response.json() if response.content_type == "application/json" else None
                         name = f"{method.upper()} {path}"
-                        if "503" in op["responses"]:
+                        if "ClusterUnavailable" in str(op["responses"].get("503", "")):
                             listed += 1
                             assert status == 503 and isinstance(data, dict), (name, status, data)
                             assert data["error"]["code"] == "cluster_unavailable", (name, data)
