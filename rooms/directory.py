@@ -14,7 +14,8 @@ The model:
   gets a fencing token, strictly increasing per room, so a node that lost its lease (paused, cut
   off) and comes back cannot act on a newer owner's room: renew and release check the token.
 * **Placement.** A new room goes to a lightly loaded node: :func:`pick_node` draws two live nodes
-  at random and takes the less loaded (the power of two choices). A *draining* node (its heartbeat
+  at random and takes the less loaded (the power of two choices), counting the rooms placed on
+  each since its last heartbeat (its load does not show them yet). A *draining* node (its heartbeat
   says so) takes no new room: placement skips it, and a join for a new room it receives is relayed
   to the node placement picks (or refused with :class:`NodeDraining` when no other node lives).
 * **Holders.** A claim also records the room's *holder* (node, session id, last renewal), kept
@@ -133,15 +134,23 @@ class Notice:
     origin: NodeId = NodeId("")
 
 
-def pick_node(loads: Mapping[NodeId, NodeLoad], rng: random.Random | None = None) -> NodeId | None:
+#: What a room placed on a node since its last heartbeat weighs (as a call: it is about to be one).
+PENDING_WEIGHT = 4
+
+
+def pick_node(loads: Mapping[NodeId, NodeLoad], rng: random.Random | None = None,
+              pending: Mapping[NodeId, int] | None = None) -> NodeId | None:
     """Two random choices among the nodes not draining, least loaded wins (ties: the smaller id).
-    None without such a node."""
+    ``pending``: rooms placed on each node since its last heartbeat, which its load does not show
+    yet (without them, every room placed within one heartbeat would go to the same node). None
+    without such a node."""
     nodes = sorted(n for n, load in loads.items() if not load.draining)
     if not nodes:
         return None
     r = rng or random
+    extra = pending or {}
     a, b = (nodes[0], nodes[0]) if len(nodes) == 1 else tuple(r.sample(nodes, 2))
-    return min((a, b), key=lambda n: (loads[n].weight(), n))
+    return min((a, b), key=lambda n: (loads[n].weight() + PENDING_WEIGHT * extra.get(n, 0), n))
 
 
 class RoomDirectory(Protocol):

@@ -12,6 +12,9 @@ namespace (``openconsult:`` by default):
   ``<node>|<token>|<renewed ms>|<session>``, who holds the room, written at claim and renewal and
   deleted at release (it lives a day): a claim that finds it with no lease returns it as the
   lease's ``previous`` (that node stopped holding the room without releasing it).
+* ``placed:<node>`` — rooms placed on a node since its last heartbeat (``INCR`` by the placing
+  node, deleted by the node's heartbeat, expiring after ``lease_s``): placement counts them, so
+  rooms created within one heartbeat spread instead of all going to the node that looked idle.
 * ``rate:<key>`` — a sorted set of event times (a 60 s sliding window, Lua check-and-add).
 * ``job:<name>`` / ``jobfence:<name>`` — a scheduled job's lock and fencing counter.
 * ``once:<key>`` — ``SET NX PX``: the first node to mark ``key`` does the thing once for the
@@ -273,6 +276,8 @@ class RedisDirectory:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(self._key("node", self.node_id), body, px=self._lease_ms)
                 pipe.sadd(self._key("nodes"), self.node_id)
+                # The rooms placed here so far are in ``load`` now.
+                pipe.delete(self._key("placed", self.node_id))
                 await pipe.execute()
             for room, lease in list(self.leases.items()):
                 holder = f"{lease.node}|{lease.token}|{now_ms}|{self.sessions.get(room, '')}"
@@ -361,7 +366,23 @@ class RedisDirectory:
             raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
 
     async def place(self) -> NodeId:
-        picked = pick_node(await self.nodes())
+        loads = await self.nodes()
+        ids = sorted(loads)
+        try:
+            counts = await self._redis.mget([self._key("placed", i) for i in ids]) if ids else []
+        except (RedisError, OSError) as exc:
+            raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
+        pending = {NodeId(i): int(c) for i, c in zip(ids, counts) if c is not None}
+        picked = pick_node(loads, pending=pending)
+        if picked is not None:
+            # Counted until the node's next heartbeat (which carries the room in its load).
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.incr(self._key("placed", picked))
+                    pipe.pexpire(self._key("placed", picked), self._lease_ms)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                raise DirectoryUnavailable(f"Redis does not answer: {exc}") from None
         if picked is None and self.draining:
             raise NodeDraining("this node is draining (it finishes its calls and takes no new room) and no other "
                                "node is live to take the room")

@@ -68,6 +68,23 @@ def test_pick_node_takes_the_less_loaded_of_two() -> None:
     draining = {NodeId("busy"): NodeLoad(calls=90), NodeId("idle"): NodeLoad(draining=True)}
     assert {pick_node(draining, rng) for _ in range(20)} == {"busy"}
     assert pick_node({NodeId("x"): NodeLoad()}) == "x"
+    # Rooms placed since the last heartbeat count: an idle node with three pending is busier.
+    even = {NodeId("a"): NodeLoad(), NodeId("b"): NodeLoad(calls=1)}
+    assert pick_node(even, rng) == "a"
+    assert pick_node(even, rng, pending={NodeId("a"): 2}) == "b"
+
+
+async def test_rooms_placed_within_one_heartbeat_spread_over_the_nodes(
+        pair: tuple[RedisDirectory, RedisDirectory, list[Notice]]) -> None:
+    a, b, _ = pair
+    await a.heartbeat(NodeLoad())
+    await b.heartbeat(NodeLoad())
+    picks = [await (a if i % 2 else b).place() for i in range(10)]
+    assert picks.count(NodeId("node-a")) == picks.count(NodeId("node-b")) == 5, picks
+    # A heartbeat carries the placed rooms in its load and clears the node's pending count.
+    await a.heartbeat(NodeLoad(rooms=5, calls=5))
+    await b.heartbeat(NodeLoad())
+    assert {await a.place() for _ in range(3)} == {"node-b"}
 
 
 async def test_local_directory_owns_every_room_and_limits_in_a_window() -> None:
