@@ -17,7 +17,7 @@ from pathlib import Path
 import aioice.ice
 import aioice.turn
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
-from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtcrtpreceiver import NackGenerator
@@ -174,9 +174,13 @@ async def test_sender_starts_replaceable_tasks() -> None:
 
 
 async def test_peer_connection_certificate_internals() -> None:
-    # use_certificate replaces the one certificate RTCPeerConnection made; its DTLS transports
-    # take it from there, build their SSL context from it at start, and fingerprint it per SDP.
-    assert "self.__certificates = [RTCCertificate.generateCertificate()]" in inspect.getsource(RTCPeerConnection)
+    # new_peer_connection hands the certificate in where RTCPeerConnection makes its one; its
+    # DTLS transports take it from there, build their SSL context from it at start, and
+    # fingerprint it per SDP.
+    import aiortc.rtcpeerconnection
+    init = inspect.getsource(RTCPeerConnection.__init__)
+    assert "self.__certificates = [RTCCertificate.generateCertificate()]" in init
+    assert aiortc.rtcpeerconnection.RTCCertificate is aiortc_internals._CertificateSource
     assert "RTCDtlsTransport(iceTransport, self.__certificates)" in inspect.getsource(RTCPeerConnection)
     start = inspect.getsource(RTCDtlsTransport.start)
     assert "self.__local_certificate._create_ssl_context(" in start and "srtp_profiles=self._srtp_profiles" in start
@@ -184,12 +188,50 @@ async def test_peer_connection_certificate_internals() -> None:
     rotation = aiortc_internals.CertificateRotation(rotate_after_s=10)
     certificate = rotation.current(0.0)
     assert rotation.current(9.9) is certificate and rotation.current(10.0) is not certificate
-    pc = RTCPeerConnection()
+    generated = 0
+    original = RTCCertificate.generateCertificate.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[RTCCertificate]) -> RTCCertificate:
+        nonlocal generated
+        generated += 1
+        made: RTCCertificate = original(cls)
+        return made
+
+    RTCCertificate.generateCertificate = classmethod(counting)  # type: ignore[method-assign, assignment]
     try:
-        aiortc_internals.use_certificate(pc, certificate)
+        pc = aiortc_internals.new_peer_connection(RTCConfiguration(iceServers=[]), certificate)
+        other = RTCPeerConnection()  # any other peer connection still makes its own
+    finally:
+        RTCCertificate.generateCertificate = classmethod(original)  # type: ignore[method-assign, assignment]
+    try:
+        assert generated == 1
+        assert pc._RTCPeerConnection__certificates == [certificate]  # type: ignore[attr-defined]
+        assert other._RTCPeerConnection__certificates[0] is not certificate  # type: ignore[attr-defined]
         transceiver = pc.addTransceiver("audio")
         parameters = transceiver.sender.transport.getLocalParameters()
         assert parameters.fingerprints == certificate.getFingerprints()
+        assert other.addTransceiver("audio").sender.transport.getLocalParameters().fingerprints \
+            != certificate.getFingerprints()
+    finally:
+        await pc.close()
+        await other.close()
+
+
+async def test_add_transceiver_builds_no_remote_bitrate_estimator() -> None:
+    # The receiver's estimator is made in __init__ through the module name add_transceiver swaps.
+    import aiortc.rtcrtpreceiver
+    assert "self.__remote_bitrate_estimator = RemoteBitrateEstimator()" in inspect.getsource(RTCRtpReceiver.__init__)
+    assert aiortc.rtcrtpreceiver.RemoteBitrateEstimator is aiortc_internals._remote_bitrate_estimator
+    assert "receiver=RTCRtpReceiver(kind, dtlsTransport)" in inspect.getsource(RTCPeerConnection)
+    pc = RTCPeerConnection()
+    try:
+        for direction in ("recvonly", "sendonly"):
+            receiver = aiortc_internals.add_transceiver(pc, "video", direction=direction).receiver
+            assert receiver._RTCRtpReceiver__remote_bitrate_estimator is None  # type: ignore[attr-defined]
+            assert receiver._RTCRtpReceiver__jitter_buffer.capacity == 1  # type: ignore[attr-defined]
+        # Outside add_transceiver, aiortc's own behaviour (a client's receiver sends REMB from it).
+        receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        assert receiver._RTCRtpReceiver__remote_bitrate_estimator is not None  # type: ignore[attr-defined]
     finally:
         await pc.close()
 
