@@ -111,12 +111,23 @@ async def test_receiver_buffers_the_sfu_releases_are_only_used_by_the_rtp_handle
         # Set in __init__, read only in the handler.
         assert source.count(f"self.{name}") == init.count(f"self.{name}") + handler.count(f"self.{name}"), name
         assert guarded in handler
+    # The decoder's queue and error flag: set in __init__, read by receive() (the thread it
+    # starts), the handler, and __stop_decoder only when there is a thread.
+    receive = inspect.getsource(RTCRtpReceiver.receive)
+    stop_decoder = inspect.getsource(RTCRtpReceiver._RTCRtpReceiver__stop_decoder)  # type: ignore[attr-defined]
+    for name in ("__decoder_queue", "__decoder_error"):
+        uses = [inspect.getsource(RTCRtpReceiver.__init__), receive, handler, stop_decoder]
+        assert source.count(f"self.{name}") == sum(u.count(f"self.{name}") for u in uses), name
+        assert f"self.{name}," in receive
+    assert stop_decoder.split("if self.__decoder_thread:")[0].count("__decoder_") == 0
     pc = RTCPeerConnection()
     try:
         receiver = pc.addTransceiver("video", direction="recvonly").receiver
         assert receiver._RTCRtpReceiver__remote_bitrate_estimator is not None  # type: ignore[attr-defined]
         aiortc_internals.release_receiver_buffers(receiver)
         assert receiver._RTCRtpReceiver__remote_bitrate_estimator is None  # type: ignore[attr-defined]
+        assert receiver._RTCRtpReceiver__decoder_queue is None  # type: ignore[attr-defined]
+        await receiver.stop()  # no thread: the released parts are not touched
     finally:
         await pc.close()
 
@@ -163,6 +174,14 @@ async def test_sender_starts_replaceable_tasks() -> None:
     assert "self._run_rtp(parameters.codecs[0])" in send and "self._run_rtcp()" in send
     stop = inspect.getsource(RTCRtpSender.stop)
     assert "__rtp_started" in stop and "__rtcp_exited" in stop
+    # The tasks and events hook_sender replaces are used by send, stop and the two runs alone.
+    source = inspect.getsource(RTCRtpSender)
+    for name in ("__rtp_task", "__rtcp_task", "__rtp_started", "__rtp_exited", "__rtcp_started", "__rtcp_exited"):
+        uses = [inspect.getsource(m) for m in (RTCRtpSender.__init__, RTCRtpSender.send, RTCRtpSender.stop,
+                                               RTCRtpSender._run_rtp, RTCRtpSender._run_rtcp)]
+        assert source.count(f"self.{name}") == sum(u.count(f"self.{name}") for u in uses), name
+    assert "self.__rtp_task = asyncio.ensure_future(self._run_rtp(" in send
+    assert "self.__rtcp_task = asyncio.ensure_future(self._run_rtcp())" in send
     pc = RTCPeerConnection()
     try:
         sender = pc.addTransceiver("video", direction="sendonly").sender
@@ -384,3 +403,30 @@ async def test_udp_mux_carries_a_bundled_peer_connection() -> None:
         await asyncio.gather(server.close(), client.close())
         mux.close()
     assert mux.route_counts() == (0, 0)
+
+
+async def test_hooked_sender_starts_and_stops_without_tasks() -> None:
+    aiortc_internals.configure_ice_addresses(("127.0.0.1",))
+    sender_pc, receiver_pc = RTCPeerConnection(), RTCPeerConnection()
+    started: list[object] = []
+
+    async def no_rtcp(packet: object) -> None:
+        pass
+
+    try:
+        sender = sender_pc.addTransceiver("video", direction="sendonly").sender
+        aiortc_internals.hook_sender(sender, started.append, no_rtcp)
+        await sender_pc.setLocalDescription(await sender_pc.createOffer())
+        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
+        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
+        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
+        await wait_until(lambda: bool(started), timeout=30)
+        assert sender._RTCRtpSender__rtp_task.done()  # type: ignore[attr-defined]
+        assert sender._RTCRtpSender__rtcp_task.done()  # type: ignore[attr-defined]
+        running = {task.get_coro().__qualname__ for task in asyncio.all_tasks()}  # type: ignore[union-attr]
+        assert not {"RTCRtpSender._run_rtp", "RTCRtpSender._run_rtcp"} & running
+        await asyncio.wait_for(sender_pc.close(), 10)  # stop() waits on the events: they are set
+    finally:
+        aiortc_internals.configure_ice_addresses(())
+        await sender_pc.close()
+        await receiver_pc.close()
