@@ -6,7 +6,11 @@ A call is one room where each of the two participants publishes pre-encoded VP8
 decoding): two publishes and two subscriptions on the server, as in a consultation.
 For each N: a fresh server, its idle RSS (``VmRSS``) and thread count, then the same
 once every subscriber receives audio and video and ``--settle`` seconds have passed;
-the per-call figures are the difference divided by N.
+the per-call figures are the difference divided by N. "setup s" runs from starting the
+client processes until every subscriber receives audio and video; "server CPU s" and
+"clients CPU s" are the CPU seconds (user + system, /proc) the server and the client
+processes used meanwhile (the clients' include their start-up and media loading), to tell
+which of the two set the pace on a shared host.
 
     .venv/bin/python benchmarks/call_memory.py [--calls 8,16] [--calls-per-process 8]
 
@@ -43,6 +47,17 @@ def process_status(pid: int) -> tuple[float, int]:
             elif line.startswith("Threads:"):
                 threads = int(line.split()[1])
     return rss, threads
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, from /proc/<pid>/stat (0 once
+    it has been reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Worker:
@@ -86,13 +101,14 @@ class Worker:
 
 
 async def measure(calls: int, media_file: Path, workdir: Path, calls_per_process: int, settle_s: float,
-                  connect_timeout: float = 180.0) -> dict[str, float]:
+                  media_connect_timeout_s: float = 15.0, connect_timeout: float = 180.0) -> dict[str, float]:
     from rooms.model import Role
     from signalling.auth import TokenAuthority, load_or_create_secret
     from tests.server import start_server
 
     server = await asyncio.to_thread(start_server, workdir / f"server-{calls}",
-                                     f"max_peer_connections = {4 * calls + 8}\n")
+                                     f"max_peer_connections = {4 * calls + 8}\n"
+                                     f"connect_timeout_s = {media_connect_timeout_s}\n")
     workers: list[Worker] = []
     try:
         await asyncio.sleep(settle_s)
@@ -102,20 +118,32 @@ async def measure(calls: int, media_file: Path, workdir: Path, calls_per_process
         rooms = [f"call-{uuid.uuid4().hex[:8]}" for _ in range(calls)]
         processes = max(1, math.ceil(calls / calls_per_process))
         started = time.monotonic()
+        server_cpu = cpu_seconds(server.proc.pid)
         for p in range(processes):
             mine = [room for i, room in enumerate(rooms) if i % processes == p]
             workers.append(await Worker.start({
                 "ws_url": server.ws_url, "media_file": str(media_file),
                 "calls": [{name: tokens.mint(room, Role.PATIENT, name) for name in ("a", "a-view", "b", "b-view")}
                           for room in mine]}))
-        for worker in workers:
-            await worker.reply(connect_timeout)
+        try:
+            for worker in workers:
+                await worker.reply(connect_timeout)
+        except RuntimeError as exc:
+            # A call failed (on a starved host: a peer connection not connected within
+            # media.connect_timeout_s). Say when, and who had used the CPU until then.
+            raise RuntimeError(
+                f"{exc} after {time.monotonic() - started:.1f} s; CPU s so far: server "
+                f"{cpu_seconds(server.proc.pid) - server_cpu:.1f}, clients "
+                f"{sum(cpu_seconds(w.proc.pid) for w in workers):.1f}") from None
         setup_s = time.monotonic() - started
+        setup_server_cpu = cpu_seconds(server.proc.pid) - server_cpu
+        setup_clients_cpu = sum(cpu_seconds(w.proc.pid) for w in workers)
         await asyncio.sleep(settle_s)
         rss, threads = process_status(server.proc.pid)
         return {"calls": calls, "idle_rss_mib": idle_rss, "idle_threads": idle_threads, "rss_mib": rss,
                 "threads": threads, "rss_per_call_mib": (rss - idle_rss) / calls,
-                "threads_per_call": (threads - idle_threads) / calls, "setup_s": setup_s}
+                "threads_per_call": (threads - idle_threads) / calls, "setup_s": setup_s,
+                "setup_server_cpu_s": setup_server_cpu, "setup_clients_cpu_s": setup_clients_cpu}
     finally:
         await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
         await asyncio.to_thread(server.stop)
@@ -173,12 +201,13 @@ async def main_async(args: argparse.Namespace) -> int:
         media_file = Path(tmp) / "media.bin"
         save_media(encode_media(args.media_seconds), media_file)
         print(f"{'calls':>5} {'idle RSS MiB':>12} {'idle threads':>12} {'RSS MiB':>8} {'threads':>7} "
-              f"{'RSS/call MiB':>12} {'threads/call':>12} {'setup s':>7}")
+              f"{'RSS/call MiB':>12} {'threads/call':>12} {'setup s':>7} {'server CPU s':>12} {'clients CPU s':>13}")
         for calls in (int(c) for c in args.calls.split(",")):
-            r = await measure(calls, media_file, Path(tmp), args.calls_per_process, args.settle)
+            r = await measure(calls, media_file, Path(tmp), args.calls_per_process, args.settle,
+                              args.media_connect_timeout_s)
             print(f"{calls:>5} {r['idle_rss_mib']:>12.1f} {r['idle_threads']:>12.0f} {r['rss_mib']:>8.1f} "
                   f"{r['threads']:>7.0f} {r['rss_per_call_mib']:>12.2f} {r['threads_per_call']:>12.2f} "
-                  f"{r['setup_s']:>7.1f}", flush=True)
+                  f"{r['setup_s']:>7.1f} {r['setup_server_cpu_s']:>12.1f} {r['setup_clients_cpu_s']:>13.1f}", flush=True)
     return 0
 
 
@@ -192,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", default="8,16", help="comma-separated numbers of concurrent 1:1 calls")
     parser.add_argument("--calls-per-process", type=int, default=8, help="calls per client process")
     parser.add_argument("--settle", type=float, default=5.0, help="seconds before each RSS reading")
+    parser.add_argument("--media-connect-timeout-s", type=float, default=15.0,
+                        help="the server's media.connect_timeout_s (default 15, the server's default)")
     parser.add_argument("--media-seconds", type=float, default=5.0, help="seconds of media encoded once and looped")
     return asyncio.run(main_async(parser.parse_args(argv)))
 

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from aiortc import RTCConfiguration, RTCIceCandidate, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceCandidate, RTCRtpReceiver, RTCSessionDescription
 from aiortc.rtcrtpparameters import RTCRtpSendParameters
 from aiortc.rtp import (
     RTCP_PSFB_APP,
@@ -469,8 +469,8 @@ class Peer:
         self.router = router
         self.peer_id = peer_id
         self.stream_id = stream_id
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        internals.use_certificate(self.pc, router.certificates.current(time.monotonic()))
+        self.pc = internals.new_peer_connection(RTCConfiguration(iceServers=[]),
+                                                router.certificates.current(time.monotonic()))
         self.closed = False
         self.created = time.monotonic()
         #: ICE and DTLS are up (connectionState "connected" was reached once).
@@ -603,7 +603,7 @@ class PublishPeer(Peer):
     async def negotiate(self, offer_sdp: str) -> str:
         chosen = _offer_codecs(offer_sdp)
         for kind, codec in chosen.items():
-            transceiver = self.pc.addTransceiver(kind, direction="recvonly")
+            transceiver = internals.add_transceiver(self.pc, kind, direction="recvonly")
             transceiver.setCodecPreferences(codecs.preferences(codec, with_rtx=True))
             track = PublishedTrack(self.router, self, kind, transceiver.receiver,
                                    internals.local_ssrc(transceiver.sender), codec)
@@ -637,10 +637,9 @@ class SubscribePeer(Peer):
 
     async def make_offer(self) -> str:
         for kind, track in self.publish.tracks.items():
-            transceiver = self.pc.addTransceiver(kind, direction="sendonly")
+            transceiver = internals.add_transceiver(self.pc, kind, direction="sendonly")  # its receiver never runs
             # The publisher's codec with its fmtp (H264: profile-level-id, packetization-mode).
             transceiver.setCodecPreferences(codecs.preferences(track.codec, with_rtx=False))
-            internals.release_receiver_buffers(transceiver.receiver)  # sendonly: its receiver never runs
             fwd = ForwardingSender(self, track, transceiver.sender)
             internals.hook_sender(transceiver.sender, fwd.start, fwd.on_rtcp)
             self.senders.append(fwd)

@@ -17,7 +17,7 @@ from pathlib import Path
 import aioice.ice
 import aioice.turn
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
-from aiortc.rtcdtlstransport import RTCDtlsTransport
+from aiortc.rtcdtlstransport import RTCCertificate, RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters, RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.rtcrtpreceiver import NackGenerator
@@ -111,12 +111,23 @@ async def test_receiver_buffers_the_sfu_releases_are_only_used_by_the_rtp_handle
         # Set in __init__, read only in the handler.
         assert source.count(f"self.{name}") == init.count(f"self.{name}") + handler.count(f"self.{name}"), name
         assert guarded in handler
+    # The decoder's queue and error flag: set in __init__, read by receive() (the thread it
+    # starts), the handler, and __stop_decoder only when there is a thread.
+    receive = inspect.getsource(RTCRtpReceiver.receive)
+    stop_decoder = inspect.getsource(RTCRtpReceiver._RTCRtpReceiver__stop_decoder)  # type: ignore[attr-defined]
+    for name in ("__decoder_queue", "__decoder_error"):
+        uses = [inspect.getsource(RTCRtpReceiver.__init__), receive, handler, stop_decoder]
+        assert source.count(f"self.{name}") == sum(u.count(f"self.{name}") for u in uses), name
+        assert f"self.{name}," in receive
+    assert stop_decoder.split("if self.__decoder_thread:")[0].count("__decoder_") == 0
     pc = RTCPeerConnection()
     try:
         receiver = pc.addTransceiver("video", direction="recvonly").receiver
         assert receiver._RTCRtpReceiver__remote_bitrate_estimator is not None  # type: ignore[attr-defined]
         aiortc_internals.release_receiver_buffers(receiver)
         assert receiver._RTCRtpReceiver__remote_bitrate_estimator is None  # type: ignore[attr-defined]
+        assert receiver._RTCRtpReceiver__decoder_queue is None  # type: ignore[attr-defined]
+        await receiver.stop()  # no thread: the released parts are not touched
     finally:
         await pc.close()
 
@@ -163,6 +174,14 @@ async def test_sender_starts_replaceable_tasks() -> None:
     assert "self._run_rtp(parameters.codecs[0])" in send and "self._run_rtcp()" in send
     stop = inspect.getsource(RTCRtpSender.stop)
     assert "__rtp_started" in stop and "__rtcp_exited" in stop
+    # The tasks and events hook_sender replaces are used by send, stop and the two runs alone.
+    source = inspect.getsource(RTCRtpSender)
+    for name in ("__rtp_task", "__rtcp_task", "__rtp_started", "__rtp_exited", "__rtcp_started", "__rtcp_exited"):
+        uses = [inspect.getsource(m) for m in (RTCRtpSender.__init__, RTCRtpSender.send, RTCRtpSender.stop,
+                                               RTCRtpSender._run_rtp, RTCRtpSender._run_rtcp)]
+        assert source.count(f"self.{name}") == sum(u.count(f"self.{name}") for u in uses), name
+    assert "self.__rtp_task = asyncio.ensure_future(self._run_rtp(" in send
+    assert "self.__rtcp_task = asyncio.ensure_future(self._run_rtcp())" in send
     pc = RTCPeerConnection()
     try:
         sender = pc.addTransceiver("video", direction="sendonly").sender
@@ -174,9 +193,13 @@ async def test_sender_starts_replaceable_tasks() -> None:
 
 
 async def test_peer_connection_certificate_internals() -> None:
-    # use_certificate replaces the one certificate RTCPeerConnection made; its DTLS transports
-    # take it from there, build their SSL context from it at start, and fingerprint it per SDP.
-    assert "self.__certificates = [RTCCertificate.generateCertificate()]" in inspect.getsource(RTCPeerConnection)
+    # new_peer_connection hands the certificate in where RTCPeerConnection makes its one; its
+    # DTLS transports take it from there, build their SSL context from it at start, and
+    # fingerprint it per SDP.
+    import aiortc.rtcpeerconnection
+    init = inspect.getsource(RTCPeerConnection.__init__)
+    assert "self.__certificates = [RTCCertificate.generateCertificate()]" in init
+    assert aiortc.rtcpeerconnection.RTCCertificate is aiortc_internals._CertificateSource
     assert "RTCDtlsTransport(iceTransport, self.__certificates)" in inspect.getsource(RTCPeerConnection)
     start = inspect.getsource(RTCDtlsTransport.start)
     assert "self.__local_certificate._create_ssl_context(" in start and "srtp_profiles=self._srtp_profiles" in start
@@ -184,12 +207,50 @@ async def test_peer_connection_certificate_internals() -> None:
     rotation = aiortc_internals.CertificateRotation(rotate_after_s=10)
     certificate = rotation.current(0.0)
     assert rotation.current(9.9) is certificate and rotation.current(10.0) is not certificate
-    pc = RTCPeerConnection()
+    generated = 0
+    original = RTCCertificate.generateCertificate.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[RTCCertificate]) -> RTCCertificate:
+        nonlocal generated
+        generated += 1
+        made: RTCCertificate = original(cls)
+        return made
+
+    RTCCertificate.generateCertificate = classmethod(counting)  # type: ignore[method-assign, assignment]
     try:
-        aiortc_internals.use_certificate(pc, certificate)
+        pc = aiortc_internals.new_peer_connection(RTCConfiguration(iceServers=[]), certificate)
+        other = RTCPeerConnection()  # any other peer connection still makes its own
+    finally:
+        RTCCertificate.generateCertificate = classmethod(original)  # type: ignore[method-assign, assignment]
+    try:
+        assert generated == 1
+        assert pc._RTCPeerConnection__certificates == [certificate]  # type: ignore[attr-defined]
+        assert other._RTCPeerConnection__certificates[0] is not certificate  # type: ignore[attr-defined]
         transceiver = pc.addTransceiver("audio")
         parameters = transceiver.sender.transport.getLocalParameters()
         assert parameters.fingerprints == certificate.getFingerprints()
+        assert other.addTransceiver("audio").sender.transport.getLocalParameters().fingerprints \
+            != certificate.getFingerprints()
+    finally:
+        await pc.close()
+        await other.close()
+
+
+async def test_add_transceiver_builds_no_remote_bitrate_estimator() -> None:
+    # The receiver's estimator is made in __init__ through the module name add_transceiver swaps.
+    import aiortc.rtcrtpreceiver
+    assert "self.__remote_bitrate_estimator = RemoteBitrateEstimator()" in inspect.getsource(RTCRtpReceiver.__init__)
+    assert aiortc.rtcrtpreceiver.RemoteBitrateEstimator is aiortc_internals._remote_bitrate_estimator
+    assert "receiver=RTCRtpReceiver(kind, dtlsTransport)" in inspect.getsource(RTCPeerConnection)
+    pc = RTCPeerConnection()
+    try:
+        for direction in ("recvonly", "sendonly"):
+            receiver = aiortc_internals.add_transceiver(pc, "video", direction=direction).receiver
+            assert receiver._RTCRtpReceiver__remote_bitrate_estimator is None  # type: ignore[attr-defined]
+            assert receiver._RTCRtpReceiver__jitter_buffer.capacity == 1  # type: ignore[attr-defined]
+        # Outside add_transceiver, aiortc's own behaviour (a client's receiver sends REMB from it).
+        receiver = pc.addTransceiver("video", direction="recvonly").receiver
+        assert receiver._RTCRtpReceiver__remote_bitrate_estimator is not None  # type: ignore[attr-defined]
     finally:
         await pc.close()
 
@@ -342,3 +403,30 @@ async def test_udp_mux_carries_a_bundled_peer_connection() -> None:
         await asyncio.gather(server.close(), client.close())
         mux.close()
     assert mux.route_counts() == (0, 0)
+
+
+async def test_hooked_sender_starts_and_stops_without_tasks() -> None:
+    aiortc_internals.configure_ice_addresses(("127.0.0.1",))
+    sender_pc, receiver_pc = RTCPeerConnection(), RTCPeerConnection()
+    started: list[object] = []
+
+    async def no_rtcp(packet: object) -> None:
+        pass
+
+    try:
+        sender = sender_pc.addTransceiver("video", direction="sendonly").sender
+        aiortc_internals.hook_sender(sender, started.append, no_rtcp)
+        await sender_pc.setLocalDescription(await sender_pc.createOffer())
+        await receiver_pc.setRemoteDescription(sender_pc.localDescription)
+        await receiver_pc.setLocalDescription(await receiver_pc.createAnswer())
+        await sender_pc.setRemoteDescription(receiver_pc.localDescription)
+        await wait_until(lambda: bool(started), timeout=30)
+        assert sender._RTCRtpSender__rtp_task.done()  # type: ignore[attr-defined]
+        assert sender._RTCRtpSender__rtcp_task.done()  # type: ignore[attr-defined]
+        running = {task.get_coro().__qualname__ for task in asyncio.all_tasks()}  # type: ignore[union-attr]
+        assert not {"RTCRtpSender._run_rtp", "RTCRtpSender._run_rtcp"} & running
+        await asyncio.wait_for(sender_pc.close(), 10)  # stop() waits on the events: they are set
+    finally:
+        aiortc_internals.configure_ice_addresses(())
+        await sender_pc.close()
+        await receiver_pc.close()
