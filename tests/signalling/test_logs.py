@@ -25,20 +25,11 @@ SECRET = "json-logs-test-secret-0123456789abcdef"
 
 @pytest.fixture
 def captured() -> Iterator[io.StringIO]:
-    """The root logger sent to a buffer as JSON; the previous handlers and level come back after."""
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
+    """The root logger sent to a buffer as JSON (tests/conftest.py's ``root_logger_restored``
+    puts the previous handlers and level back after)."""
     stream = io.StringIO()
     logs.configure("json", logging.DEBUG, stream)
-    try:
-        yield stream
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
-        logging.captureWarnings(False)
+    yield stream
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -113,18 +104,8 @@ def test_process_ids_on_every_line(captured: io.StringIO) -> None:
 
 def test_text_format_is_unchanged_and_unknown_formats_refused() -> None:
     stream = io.StringIO()
-    root = logging.getLogger()
-    saved_handlers, saved_level = list(root.handlers), root.level
-    try:
-        logs.configure("text", logging.INFO, stream)
-        logging.getLogger("signalling.hub").info("plain %s", "line")
-    finally:
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved_handlers:
-            root.addHandler(handler)
-        root.setLevel(saved_level)
-        logging.captureWarnings(False)
+    logs.configure("text", logging.INFO, stream)
+    logging.getLogger("signalling.hub").info("plain %s", "line")
     assert stream.getvalue().rstrip().endswith("INFO signalling.hub: plain line")
     with pytest.raises(ValueError, match="log format"):
         logs.configure("xml")
