@@ -75,6 +75,22 @@ DEFAULT_QUERY_LIMIT: Final = 10_000
 DEFAULT_ANALYSIS_LIMIT: Final = 200_000
 #: The resolutions the quality timeline's roll-ups are served at, finest first (ms).
 RESOLUTIONS_MS: Final = (10_000, 60_000, 300_000, 900_000, 3_600_000)
+
+
+def fit_resolution(resolution_ms: int, spans: Iterable[tuple[int, int]] | None = None,
+                   max_points: int | None = None) -> int:
+    """The timeline's resolution: ``resolution_ms`` rounded down to one of :data:`RESOLUTIONS_MS`,
+    then, with ``max_points``, coarsened until the tracks' ``spans`` ((first, last) ms, as from
+    ``rollup_tracks``) give no more points than that."""
+    resolution = max([r for r in RESOLUTIONS_MS if r <= resolution_ms] or [RESOLUTIONS_MS[0]])
+    if max_points is None or spans is None:
+        return resolution
+    spans = list(spans)
+    for candidate in (r for r in RESOLUTIONS_MS if r >= resolution):
+        resolution = candidate
+        if sum(last // candidate - first // candidate + 1 for first, last in spans) <= max_points:
+            break
+    return resolution
 _WARNING_INTERVAL_S: Final = 10.0
 
 _SCHEMA: Final = """
@@ -1153,17 +1169,14 @@ class EventLog(EventStore):
         window's sums, means, minima and maxima. With ``max_points``, the resolution is first
         coarsened until the points fit (counted from the tracks' spans, without reading the
         buckets). Returns (resolution, points)."""
-        resolution_ms = max([r for r in RESOLUTIONS_MS if r <= resolution_ms] or [RESOLUTIONS_MS[0]])
+        resolution_ms = fit_resolution(resolution_ms)
         since = 0 if since_ms is None else since_ms
         conn = self._read_connection()
         try:
             if max_points is not None:
                 spans = conn.execute("SELECT MAX(first_ms, ?), last_ms FROM rollup_tracks WHERE session_id = ?"
                                      " AND last_ms >= ?", (since, session_id, since)).fetchall()
-                for candidate in (r for r in RESOLUTIONS_MS if r >= resolution_ms):
-                    resolution_ms = candidate
-                    if sum(last // candidate - first // candidate + 1 for first, last in spans) <= max_points:
-                        break
+                resolution_ms = fit_resolution(resolution_ms, spans, max_points)
             # The finest stored width that divides the resolution; coarser ones are summed up here.
             span = max(w for w in rollup.SPANS_MS if resolution_ms % w == 0)
             start = since - since % resolution_ms

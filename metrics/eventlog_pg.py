@@ -67,7 +67,7 @@ from metrics.eventlog import (
     DEFAULT_MAX_QUEUE,
     DEFAULT_QUERY_LIMIT,
     POSTGRES_DIALECT,
-    RESOLUTIONS_MS,
+    fit_resolution,
     Analysis,
     EventStore,
     _bucket_row,
@@ -381,7 +381,7 @@ class PgEventLog(EventStore):
     def quality_points_sync(self, session_id: str, resolution_ms: int, since_ms: int | None = None,
                             max_points: int | None = None) -> tuple[int, list[dict[str, Any]]]:
         """As :meth:`metrics.eventlog.EventLog.quality_points_sync`."""
-        resolution_ms = max([r for r in RESOLUTIONS_MS if r <= resolution_ms] or [RESOLUTIONS_MS[0]])
+        resolution_ms = fit_resolution(resolution_ms)
         since = 0 if since_ms is None else since_ms
         with self._connect() as conn:
             conn.read_only = True
@@ -390,10 +390,7 @@ class PgEventLog(EventStore):
                 if max_points is not None:
                     spans = conn.execute("SELECT GREATEST(first_ms, %s), last_ms FROM rollup_tracks"
                                          " WHERE session_id = %s AND last_ms >= %s", (since, session_id, since)).fetchall()
-                    for candidate in (r for r in RESOLUTIONS_MS if r >= resolution_ms):
-                        resolution_ms = candidate
-                        if sum(last // candidate - first // candidate + 1 for first, last in spans) <= max_points:
-                            break
+                    resolution_ms = fit_resolution(resolution_ms, spans, max_points)
                 span = max(w for w in rollup.SPANS_MS if resolution_ms % w == 0)
                 start = since - since % resolution_ms
                 if span == resolution_ms:
