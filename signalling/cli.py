@@ -122,6 +122,16 @@ def _token(args: argparse.Namespace, config: Any) -> int:
     return 0
 
 
+def _refuse(message: str, json_logs: bool, log: logging.Logger) -> int:
+    """Say why ``serve`` cannot start (a log line when logs are JSON: every line a log collector
+    reads is a JSON object) and return its exit code, 2."""
+    if json_logs:
+        log.error("openconsult: %s", message)
+    else:
+        print(f"openconsult: {message}", file=sys.stderr)
+    return 2
+
+
 def _supervise(args: argparse.Namespace, config: Any) -> int:
     """``serve --workers N``: the supervisor (signalling/supervisor.py) runs N workers, each this
     command with the same options and its ``--worker-spec``."""
@@ -135,11 +145,7 @@ def _supervise(args: argparse.Namespace, config: Any) -> int:
     log = logging.getLogger("openconsult.supervisor")
 
     def refuse(message: str) -> int:
-        if json_logs:  # every line a log collector reads is a JSON object
-            log.error("openconsult: %s", message)
-        else:
-            print(f"openconsult: {message}", file=sys.stderr)
-        return 2
+        return _refuse(message, json_logs, log)
 
     if args.drain:
         return refuse("--drain is for one node; with --workers, drain the host by stopping the supervisor "
@@ -205,11 +211,8 @@ def _serve(args: argparse.Namespace, config: Any) -> int:
     try:
         app = create_app(config, worker=spec)
     except (ConfigError, OSError) as exc:
-        if json_logs:
-            logging.error("openconsult: %s", exc)
-        else:
-            print(f"openconsult: {who}{exc}", file=sys.stderr)
-        return 2
+        # JSON lines carry the worker as a field; text lines name it.
+        return _refuse(str(exc) if json_logs else f"{who}{exc}", json_logs, logging.getLogger())
     if args.drain:
         from signalling.failover import drain_on_sigterm
 
